@@ -1,0 +1,679 @@
+//! Configuration: one TOML file plus `VYORA_ROUTER_<SECTION>__<KEY>` overrides, read into
+//! raw serde structs and then validated into typed settings, all before a port is bound.
+//!
+//! Every error names the key and the value it refused, so an operator can fix a config
+//! without reading our source.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::routing::EventSelector;
+use crate::signature::Secret;
+
+/// Where `serve` and `check-config` look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/router.toml";
+/// The commented example config, built into the binary so that a bare `serve` runs.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/router.toml");
+/// Prefix of environment overrides: `VYORA_ROUTER_SERVER__LISTEN` sets `server.listen`.
+pub const ENV_PREFIX: &str = "VYORA_ROUTER_";
+/// Webhook secrets from the environment (comma-separated), used when the file has none.
+pub const SECRET_ENV: &str = "VYORA_WEBHOOK_SECRET";
+const REDACTED: &str = "<redacted>";
+
+/// Where the config text comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// The built-in default, used when the default path does not exist.
+    Embedded,
+}
+
+impl ConfigSource {
+    /// `--config PATH` if given; else the default path if it exists; else the built-in copy.
+    pub fn resolve(explicit: Option<PathBuf>) -> ConfigSource {
+        match explicit {
+            Some(path) => ConfigSource::File(path),
+            None if Path::new(DEFAULT_PATH).exists() => ConfigSource::File(DEFAULT_PATH.into()),
+            None => ConfigSource::Embedded,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Syntax(FigmentReport),
+    #[error("`{key}` = {value:?}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "no webhook secret is configured: set `webhook.secrets` in the config file, or the \
+         {SECRET_ENV} environment variable (comma-separated to rotate), to the secret shown \
+         in Vyora's Settings -> Integrations"
+    )]
+    MissingSecret,
+}
+
+/// A figment error rendered as `key: problem (source)`, without figment's profile prefix.
+#[derive(Debug)]
+pub struct FigmentReport(Box<figment::Error>);
+
+impl fmt::Display for FigmentReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.clone().into_iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            if e.path.is_empty() {
+                write!(f, "{}", e.kind)?;
+            } else {
+                write!(f, "`{}`: {}", e.path.join("."), e.kind)?;
+            }
+            if let Some(meta) = &e.metadata {
+                match &meta.source {
+                    Some(source) => write!(f, " (in {} {source})", meta.name)?,
+                    None => write!(f, " (in {})", meta.name)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(
+    key: impl Into<String>,
+    value: impl fmt::Display,
+    reason: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw structs: exactly what the file may say, with defaults, and nothing else.
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    server: RawServer,
+    webhook: RawWebhook,
+    store: RawStore,
+    delivery: RawDelivery,
+    log: RawLog,
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    webhook_path: String,
+    max_body_bytes: u64,
+    header_read_timeout: String,
+    ack_timeout: String,
+    max_connections: u64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            webhook_path: "/webhook".into(),
+            max_body_bytes: 1024 * 1024,
+            header_read_timeout: "10s".into(),
+            ack_timeout: "4s".into(),
+            max_connections: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWebhook {
+    secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    path: String,
+    synchronous: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            path: "data/router.db".into(),
+            synchronous: "full".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDelivery {
+    max_attempts: u64,
+    backoff_initial: String,
+    backoff_max: String,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        RawDelivery {
+            max_attempts: 12,
+            backoff_initial: "1s".into(),
+            backoff_max: "5m".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+    format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum RawSink {
+    File(RawFileSink),
+}
+
+fn all_events() -> Vec<String> {
+    vec![EventSelector::ALL.to_owned()]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileSink {
+    name: String,
+    #[serde(default = "all_events")]
+    events: Vec<String>,
+    path: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Validated settings: what the rest of the program uses.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub webhook: WebhookConfig,
+    pub store: StoreConfig,
+    pub delivery: DeliveryConfig,
+    pub log: LogConfig,
+    pub sinks: Vec<SinkConfig>,
+    /// The effective settings as TOML with every secret replaced, for `check-config`.
+    redacted: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub webhook_path: String,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub secrets: Vec<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `synchronous` pragma: `Full` fsyncs every commit, so a power loss keeps every
+/// acknowledged event; `Normal` may lose the last commits on power loss (not on a crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub name: String,
+    pub events: EventSelector,
+    pub kind: SinkKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    File { path: PathBuf },
+}
+
+impl Config {
+    /// Reads, merges the environment, and validates.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        let toml = match source {
+            ConfigSource::File(path) => {
+                // figment treats a missing file as empty; a missing config is an error.
+                std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Toml::file_exact(path)
+            }
+            ConfigSource::Embedded => Toml::string(EMBEDDED_DEFAULT),
+        };
+        let env_secrets = std::env::var(SECRET_ENV).ok();
+        Config::from_figment(
+            Figment::new()
+                .merge(toml)
+                .merge(Env::prefixed(ENV_PREFIX).split("__")),
+            env_secrets,
+        )
+    }
+
+    /// Parses a TOML string alone, without the environment (tests and tools).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::new().merge(Toml::string(text)), None)
+    }
+
+    fn from_figment(figment: Figment, env_secrets: Option<String>) -> Result<Config, ConfigError> {
+        let mut raw: RawConfig = figment
+            .extract()
+            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))?;
+        if raw.webhook.secrets.is_empty() {
+            raw.webhook.secrets = env_secrets
+                .iter()
+                .flat_map(|v| v.split(','))
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        raw.validate()
+    }
+
+    /// The effective configuration as TOML, secrets replaced by `<redacted>`.
+    pub fn redacted_toml(&self) -> &str {
+        &self.redacted
+    }
+}
+
+fn duration(key: &str, value: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(value).map_err(|e| {
+        invalid(
+            key,
+            value,
+            format!("not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\", \"7d\""),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(invalid(key, value, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+fn positive(key: &str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, value, "must be at least 1"));
+    }
+    Ok(value)
+}
+
+fn to_usize(key: &str, value: u64) -> Result<usize, ConfigError> {
+    usize::try_from(positive(key, value)?).map_err(|_| invalid(key, value, "is too large"))
+}
+
+/// Sink names appear in the database, logs and metrics labels, so keep them plain.
+fn sink_name(key: &str, name: &str) -> Result<String, ConfigError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if !ok {
+        return Err(invalid(
+            key,
+            name,
+            "must be 1 to 64 letters, digits, `_` or `-`",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let s = &self.server;
+        let listen = s.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "server.listen",
+                &s.listen,
+                "not an IP address and port such as \"127.0.0.1:8080\"",
+            )
+        })?;
+        if !s.webhook_path.starts_with('/') {
+            return Err(invalid(
+                "server.webhook_path",
+                &s.webhook_path,
+                "must start with `/`",
+            ));
+        }
+        if s.webhook_path == crate::server::HEALTH_PATH {
+            return Err(invalid(
+                "server.webhook_path",
+                &s.webhook_path,
+                "is reserved for the health check",
+            ));
+        }
+        let server = ServerConfig {
+            listen,
+            webhook_path: s.webhook_path.clone(),
+            max_body_bytes: to_usize("server.max_body_bytes", s.max_body_bytes)?,
+            header_read_timeout: duration("server.header_read_timeout", &s.header_read_timeout)?,
+            ack_timeout: duration("server.ack_timeout", &s.ack_timeout)?,
+            max_connections: to_usize("server.max_connections", s.max_connections)?,
+        };
+
+        if self.webhook.secrets.is_empty() {
+            return Err(ConfigError::MissingSecret);
+        }
+        let secrets = self
+            .webhook
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Secret::new(s.as_bytes())
+                    .map_err(|e| invalid(format!("webhook.secrets[{i}]"), "", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        if self.store.path.is_empty() {
+            return Err(invalid("store.path", &self.store.path, "must name a file"));
+        }
+        let synchronous = match self.store.synchronous.as_str() {
+            "full" => Synchronous::Full,
+            "normal" => Synchronous::Normal,
+            other => {
+                return Err(invalid(
+                    "store.synchronous",
+                    other,
+                    "must be \"full\" or \"normal\"",
+                ));
+            }
+        };
+
+        let d = &self.delivery;
+        let max_attempts = u32::try_from(positive("delivery.max_attempts", d.max_attempts)?)
+            .map_err(|_| invalid("delivery.max_attempts", d.max_attempts, "is too large"))?;
+        let backoff_initial = duration("delivery.backoff_initial", &d.backoff_initial)?;
+        let backoff_max = duration("delivery.backoff_max", &d.backoff_max)?;
+        if backoff_max < backoff_initial {
+            return Err(invalid(
+                "delivery.backoff_max",
+                &d.backoff_max,
+                format!(
+                    "must not be shorter than delivery.backoff_initial ({})",
+                    d.backoff_initial
+                ),
+            ));
+        }
+
+        let format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => return Err(invalid("log.format", other, "must be \"text\" or \"json\"")),
+        };
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                "not a level or filter such as \"info\" or \"vyora_router=debug\"",
+            ));
+        }
+
+        let mut sinks: Vec<SinkConfig> = Vec::with_capacity(self.sinks.len());
+        for (i, raw) in self.sinks.iter().enumerate() {
+            let sink = raw.validate(i)?;
+            if sinks.iter().any(|other| other.name == sink.name) {
+                return Err(invalid(
+                    format!("sinks[{i}].name"),
+                    &sink.name,
+                    "is used by another sink",
+                ));
+            }
+            sinks.push(sink);
+        }
+
+        let redacted = self.redacted_toml();
+        Ok(Config {
+            server,
+            webhook: WebhookConfig { secrets },
+            store: StoreConfig {
+                path: PathBuf::from(&self.store.path),
+                synchronous,
+            },
+            delivery: DeliveryConfig {
+                max_attempts,
+                backoff_initial,
+                backoff_max,
+            },
+            log: LogConfig {
+                level: self.log.level.clone(),
+                format,
+            },
+            sinks,
+            redacted,
+        })
+    }
+
+    fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for secret in &mut shown.webhook.secrets {
+            *secret = REDACTED.to_owned();
+        }
+        // Serializing plain strings, numbers and tables cannot fail; an empty rendering
+        // would only make `check-config` print less.
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+}
+
+impl RawSink {
+    fn validate(&self, i: usize) -> Result<SinkConfig, ConfigError> {
+        match self {
+            RawSink::File(f) => {
+                if f.path.is_empty() {
+                    return Err(invalid(
+                        format!("sinks[{i}].path"),
+                        &f.path,
+                        "must name a file",
+                    ));
+                }
+                Ok(SinkConfig {
+                    name: sink_name(&format!("sinks[{i}].name"), &f.name)?,
+                    events: EventSelector::parse(&format!("sinks[{i}].events"), &f.events)?,
+                    kind: SinkKind::File {
+                        path: PathBuf::from(&f.path),
+                    },
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[webhook]\nsecrets = [\"s3cret-value\"]\n";
+
+    fn error_of(text: &str) -> String {
+        match Config::from_toml(text) {
+            Ok(_) => panic!("config unexpectedly valid:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid_once_a_secret_is_given() {
+        let figment = Figment::new().merge(Toml::string(EMBEDDED_DEFAULT));
+        let config = Config::from_figment(figment, Some("a, b".into())).expect("valid default");
+        assert_eq!(config.webhook.secrets.len(), 2);
+        assert_eq!(
+            config.server.listen,
+            "127.0.0.1:8080".parse().expect("address")
+        );
+        assert_eq!(config.sinks.len(), 1);
+    }
+
+    #[test]
+    fn defaults_fill_every_key_left_out() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.webhook_path, "/webhook");
+        assert_eq!(c.server.max_body_bytes, 1_048_576);
+        assert_eq!(c.server.ack_timeout, Duration::from_secs(4));
+        assert_eq!(c.store.synchronous, Synchronous::Full);
+        assert_eq!(c.delivery.max_attempts, 12);
+        assert_eq!(c.delivery.backoff_max, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_missing_secret_says_how_to_set_one() {
+        let e = error_of("");
+        assert!(
+            e.contains("webhook.secrets") && e.contains(SECRET_ENV),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_value() {
+        let cases = [
+            (
+                "[server]\nlisten = \"localhost\"\n",
+                "server.listen",
+                "localhost",
+            ),
+            (
+                "[server]\nack_timeout = \"4 parsecs\"\n",
+                "server.ack_timeout",
+                "4 parsecs",
+            ),
+            (
+                "[server]\nmax_body_bytes = 0\n",
+                "server.max_body_bytes",
+                "0",
+            ),
+            (
+                "[server]\nwebhook_path = \"hook\"\n",
+                "server.webhook_path",
+                "hook",
+            ),
+            (
+                "[server]\nlisten_on = \"x\"\n",
+                "server.listen_on",
+                "listen_on",
+            ),
+            (
+                "[store]\nsynchronous = \"sometimes\"\n",
+                "store.synchronous",
+                "sometimes",
+            ),
+            (
+                "[delivery]\nmax_attempts = -3\n",
+                "delivery.max_attempts",
+                "-3",
+            ),
+            (
+                "[delivery]\nbackoff_max = \"10ms\"\n",
+                "delivery.backoff_max",
+                "10ms",
+            ),
+            ("[log]\nformat = \"xml\"\n", "log.format", "xml"),
+            (
+                "[[sinks]]\ntype = \"kafka\"\nname = \"k\"\n",
+                "sinks.0.type",
+                "kafka",
+            ),
+            (
+                "[[sinks]]\ntype = \"file\"\nname = \"f\"\npth = \"x\"\n",
+                "sinks.0",
+                "pth",
+            ),
+            (
+                "[[sinks]]\ntype = \"file\"\nname = \"a b\"\npath = \"x\"\n",
+                "sinks[0].name",
+                "a b",
+            ),
+            (
+                "[[sinks]]\ntype = \"file\"\nname = \"f\"\npath = \"x\"\nevents = [\"call ended\"]\n",
+                "sinks[0].events",
+                "call ended",
+            ),
+            (
+                "[[sinks]]\ntype = \"file\"\nname = \"f\"\npath = \"x\"\n[[sinks]]\ntype = \"file\"\nname = \"f\"\npath = \"y\"\n",
+                "sinks[1].name",
+                "f",
+            ),
+        ];
+        for (text, key, value) in cases {
+            let e = error_of(&format!("{MINIMAL}{text}"));
+            assert!(
+                e.contains(key) && e.contains(value),
+                "error {e:?} should name {key} and {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_redacted_rendering_never_shows_a_secret() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        let shown = c.redacted_toml();
+        assert!(!shown.contains("s3cret-value"), "{shown}");
+        assert!(shown.contains(REDACTED), "{shown}");
+        assert!(!format!("{c:?}").contains("s3cret-value"));
+    }
+}

@@ -1,0 +1,395 @@
+//! Outbox dispatchers: one per sink, claiming due rows, delivering them, and recording the
+//! outcome; failures retry with exponential backoff and full jitter until the row goes dead.
+//!
+//! The dispatcher holds at most `batch_size * concurrency` rows in memory, whatever the
+//! backlog: a sink that is down for hours leaves its rows in SQLite, not here.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DeliveryConfig;
+use crate::sinks::{Sink, SinkError};
+use crate::store::{self, Delivery, Reader, Settlement, Store, StoreError};
+
+/// Payload bytes fetched for one batch at most (at least one row is always taken).
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// A dispatcher re-checks the outbox at least this often, in case a wake-up was missed
+/// (rows written by another process, such as an operator's replay).
+const POLL_FALLBACK: Duration = Duration::from_secs(5);
+/// Pause after the store itself failed, so a broken disk is not hammered in a loop.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+const SETTLE_TRIES: u32 = 3;
+
+/// When to try again after a failure.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl From<&DeliveryConfig> for RetryPolicy {
+    fn from(c: &DeliveryConfig) -> Self {
+        RetryPolicy {
+            max_attempts: c.max_attempts,
+            initial: c.backoff_initial,
+            max: c.backoff_max,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Upper bound of the wait after the `failures`-th failure: `initial * 2^(failures-1)`,
+    /// capped at `max`.
+    pub fn ceiling(&self, failures: u32) -> Duration {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// Full jitter: uniform in `[0, ceiling]`, so many rows failing together (a sink that
+    /// went down) do not all come back at the same instant.
+    pub fn delay(&self, failures: u32) -> Duration {
+        self.ceiling(failures).mul_f64(fastrand::f64())
+    }
+
+    /// What to record for a delivery that was attempted for the `attempts + 1`-th time.
+    fn settle(&self, d: &Delivery, result: Result<(), SinkError>, sink: &str) -> Settlement {
+        let failures = d.attempts.saturating_add(1);
+        match result {
+            Ok(()) => Settlement::Delivered { id: d.id },
+            Err(e) if e.is_permanent() => {
+                tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed permanently; dead");
+                Settlement::Dead {
+                    id: d.id,
+                    error: e.to_string(),
+                }
+            }
+            Err(e) if failures >= self.max_attempts => {
+                tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed; attempts exhausted, dead");
+                Settlement::Dead {
+                    id: d.id,
+                    error: format!("gave up after {failures} attempts: {e}"),
+                }
+            }
+            Err(e) => {
+                let asked = e.retry_after().map(|d| d.min(self.max)).unwrap_or_default();
+                let wait = self.delay(failures).max(asked);
+                tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, retry_in = ?wait, reason = %e, "delivery failed; will retry");
+                Settlement::Retry {
+                    id: d.id,
+                    at: store::now() + wait,
+                    error: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+pub struct Dispatcher {
+    sink: Arc<dyn Sink>,
+    store: Store,
+    reader: Reader,
+    policy: RetryPolicy,
+}
+
+impl Dispatcher {
+    pub fn new(
+        sink: Arc<dyn Sink>,
+        store: Store,
+        policy: RetryPolicy,
+    ) -> Result<Dispatcher, StoreError> {
+        let reader = store.reader()?;
+        Ok(Dispatcher {
+            sink,
+            store,
+            reader,
+            policy,
+        })
+    }
+
+    /// Runs until `stop` is cancelled, then gives in-flight deliveries up to `drain` to
+    /// finish. Whatever is still unfinished stays pending and is delivered after restart.
+    pub async fn run(self, stop: CancellationToken, drain: Duration) {
+        let name = self.sink.name().to_owned();
+        let waker = self.store.waker(&name);
+        let slots = self.sink.concurrency().max(1);
+        let mut in_flight: JoinSet<Vec<i64>> = JoinSet::new();
+        let mut busy: HashSet<i64> = HashSet::new();
+        loop {
+            // Armed before looking, so a row committed while we look still wakes us.
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+
+            let mut store_failed = false;
+            while in_flight.len() < slots {
+                match self
+                    .reader
+                    .due(
+                        &name,
+                        self.sink.batch_size().max(1),
+                        MAX_BATCH_BYTES,
+                        busy.iter().copied().collect(),
+                    )
+                    .await
+                {
+                    Ok(batch) if batch.is_empty() => break,
+                    Ok(batch) => {
+                        busy.extend(batch.iter().map(|d| d.id));
+                        in_flight.spawn(attempt(
+                            Arc::clone(&self.sink),
+                            self.store.clone(),
+                            self.policy.clone(),
+                            batch,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(sink = %name, error = %e, "cannot read the outbox");
+                        store_failed = true;
+                        break;
+                    }
+                }
+            }
+            let wait = if store_failed {
+                STORE_RETRY
+            } else {
+                self.until_next_due(&name).await
+            };
+
+            tokio::select! {
+                () = stop.cancelled() => break,
+                Some(done) = in_flight.join_next() => match done {
+                    Ok(ids) => ids.iter().for_each(|id| { busy.remove(id); }),
+                    Err(e) => {
+                        // Only a panic in a sink gets here; its rows stay pending and are
+                        // retried when the fallback poll finds them no longer busy.
+                        tracing::error!(sink = %name, error = %e, "a delivery task failed");
+                        busy.clear();
+                    }
+                },
+                () = &mut notified => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        if tokio::time::timeout(drain, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(sink = %name, unfinished = in_flight.len(), "deliveries still running at shutdown were abandoned; they stay pending");
+            in_flight.abort_all();
+        }
+    }
+
+    /// How long until a pending row that is not due yet becomes due (rows due now are either
+    /// being delivered or wait for a free slot, and a finishing task wakes us for those).
+    async fn until_next_due(&self, name: &str) -> Duration {
+        match self.reader.next_due_after(name, store::now()).await {
+            Ok(Some(at)) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .min(POLL_FALLBACK),
+            Ok(None) => POLL_FALLBACK,
+            Err(e) => {
+                tracing::error!(sink = %name, error = %e, "cannot read the outbox");
+                STORE_RETRY
+            }
+        }
+    }
+}
+
+/// Delivers one batch and records the outcome; returns the row ids it handled.
+async fn attempt(
+    sink: Arc<dyn Sink>,
+    store: Store,
+    policy: RetryPolicy,
+    batch: Vec<Delivery>,
+) -> Vec<i64> {
+    let results = sink.deliver(&batch).await;
+    // Rows a sink did not answer for (there should be none) get no settlement: they stay
+    // pending and are tried again.
+    let settlements: Vec<Settlement> = batch
+        .iter()
+        .zip(results)
+        .map(|(d, result)| policy.settle(d, result, sink.name()))
+        .collect();
+    for tries in 1..=SETTLE_TRIES {
+        match store.settle(settlements.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                // Unrecorded outcomes leave the rows pending: they are sent again later,
+                // which at-least-once allows and the sinks' ids make harmless.
+                tracing::error!(sink = sink.name(), error = %e, tries, "cannot record delivery outcomes");
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+        }
+    }
+    batch.iter().map(|d| d.id).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::config::{StoreConfig, Synchronous};
+    use crate::event::Event;
+    use crate::sinks::BoxFuture;
+
+    /// Fails the first `failures` deliveries, then records what it delivered.
+    struct Flaky {
+        failures: usize,
+        calls: AtomicUsize,
+        delivered: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Sink for Flaky {
+        fn name(&self) -> &str {
+            "flaky"
+        }
+
+        fn deliver<'a>(
+            &'a self,
+            batch: &'a [Delivery],
+        ) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+            Box::pin(async move {
+                let call = self.calls.fetch_add(1, Ordering::SeqCst);
+                batch
+                    .iter()
+                    .map(|d| {
+                        if call < self.failures {
+                            Err(SinkError::FileIo {
+                                path: "flaky".into(),
+                                source: Arc::new(std::io::Error::other("down")),
+                            })
+                        } else {
+                            self.delivered
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push(d.dedup_key.clone());
+                            Ok(())
+                        }
+                    })
+                    .collect()
+            })
+        }
+    }
+
+    fn policy(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(40),
+        }
+    }
+
+    async fn setup(
+        failures: usize,
+        max_attempts: u32,
+    ) -> (tempfile::TempDir, Store, Arc<Flaky>, CancellationToken) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = Store::open(&StoreConfig {
+            path: dir.path().join("router.db"),
+            synchronous: Synchronous::Normal,
+        })
+        .expect("store");
+        let sink = Arc::new(Flaky {
+            failures,
+            calls: AtomicUsize::new(0),
+            delivered: std::sync::Mutex::new(Vec::new()),
+        });
+        let stop = CancellationToken::new();
+        let dispatcher =
+            Dispatcher::new(sink.clone(), store.clone(), policy(max_attempts)).expect("dispatcher");
+        tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));
+        let event = Event::from_webhook(
+            None,
+            Bytes::from_static(br#"{"event":"call_completed","call_id":"c1"}"#),
+        )
+        .expect("event");
+        store
+            .ingest(event, vec![Arc::from("flaky")])
+            .await
+            .expect("stored");
+        (dir, store, sink, stop)
+    }
+
+    fn row(dir: &tempfile::TempDir) -> (String, u32, Option<String>) {
+        Connection::open(dir.path().join("router.db"))
+            .expect("open")
+            .query_row("SELECT status, attempts, last_error FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("one row")
+    }
+
+    async fn wait_for_status(
+        dir: &tempfile::TempDir,
+        status: &str,
+    ) -> (String, u32, Option<String>) {
+        for _ in 0..500 {
+            let r = row(dir);
+            if r.0 == status {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("row never became {status}: {:?}", row(dir));
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_fails_twice_is_retried_and_delivers_once() {
+        let (dir, _store, sink, stop) = setup(2, 12).await;
+        let (_, attempts, error) = wait_for_status(&dir, "delivered").await;
+        assert_eq!(attempts, 3);
+        assert_eq!(error, None);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            *sink.delivered.lock().expect("lock"),
+            vec!["c1:call_completed".to_owned()]
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_row_that_keeps_failing_goes_dead_after_max_attempts() {
+        let (dir, _store, sink, stop) = setup(usize::MAX, 3).await;
+        let (_, attempts, error) = wait_for_status(&dir, "dead").await;
+        assert_eq!(attempts, 3);
+        assert!(
+            error
+                .unwrap_or_default()
+                .contains("gave up after 3 attempts")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            sink.calls.load(Ordering::SeqCst),
+            3,
+            "no attempt after dead"
+        );
+        stop.cancel();
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_jitter_stays_below_the_ceiling() {
+        let p = RetryPolicy {
+            max_attempts: 12,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        };
+        assert_eq!(p.ceiling(1), Duration::from_secs(1));
+        assert_eq!(p.ceiling(4), Duration::from_secs(8));
+        assert_eq!(p.ceiling(40), Duration::from_secs(300));
+        for failures in 1..20 {
+            assert!(p.delay(failures) <= p.ceiling(failures));
+        }
+    }
+}

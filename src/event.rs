@@ -1,0 +1,245 @@
+//! The Vyora event model: what we read from a verified body, and its deduplication key.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use sha2::{Digest, Sha256};
+
+/// Where an event came from: Vyora's webhook, or our own poll of its REST API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Webhook,
+    Poll,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Webhook => "webhook",
+            Source::Poll => "poll",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "webhook" => Some(Source::Webhook),
+            "poll" => Some(Source::Poll),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A verified event, ready to be stored. `payload` is the exact body Vyora signed.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub name: String,
+    pub call_id: Option<String>,
+    pub dedup_key: String,
+    pub source: Source,
+    pub payload: Bytes,
+}
+
+/// Why a verified body is not an event we can route. Each message is shown to the sender.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("the body is not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("the body is not a JSON object")]
+    NotObject,
+    #[error("no event name: send the X-Vyora-Event header or an `event` field")]
+    MissingName,
+    #[error("the event name {0:?} is not 1 to {MAX_NAME_LEN} letters, digits, `_`, `-` or `.`")]
+    BadName(String),
+    #[error("the X-Vyora-Event header {header:?} contradicts the signed body's event {body:?}")]
+    NameMismatch { header: String, body: String },
+    #[error("`call_id` must be a non-empty string or a number")]
+    BadCallId,
+}
+
+const MAX_NAME_LEN: usize = 64;
+const MAX_CALL_ID_LEN: usize = 256;
+
+/// The few fields routing needs; the rest of the document is still checked to be JSON.
+/// A key given twice is an error (serde refuses duplicate fields), so a body cannot carry
+/// one event name for us and another for a downstream parser.
+#[derive(Deserialize)]
+struct Head {
+    event: Option<serde_json::Value>,
+    call_id: Option<serde_json::Value>,
+}
+
+impl Event {
+    /// Reads the event from a body whose signature has already been verified.
+    ///
+    /// The event name comes from the body's `event` field when present, because the body
+    /// is signed and the header is not: trusting the header over the body would let anyone
+    /// replay a genuine body under another event name and slip past deduplication. The
+    /// header is used when the body names no event, and must agree when both do.
+    pub fn from_webhook(header_event: Option<&[u8]>, payload: Bytes) -> Result<Event, EventError> {
+        // A struct would also deserialize from a JSON array; only an object is an event.
+        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return match serde_json::from_slice::<IgnoredAny>(&payload) {
+                Err(e) => Err(EventError::NotJson(e)),
+                Ok(_) => Err(EventError::NotObject),
+            };
+        }
+        let head: Head = serde_json::from_slice(&payload).map_err(EventError::NotJson)?;
+        let body_name = match head.event {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(other) => return Err(EventError::BadName(other.to_string())),
+        };
+        let header_name = header_event
+            .map(|h| String::from_utf8_lossy(h).trim().to_owned())
+            .filter(|h| !h.is_empty());
+        let name = match (header_name, body_name) {
+            (Some(header), Some(body)) if header != body => {
+                return Err(EventError::NameMismatch { header, body });
+            }
+            (_, Some(body)) => body,
+            (Some(header), None) => header,
+            (None, None) => return Err(EventError::MissingName),
+        };
+        if !valid_name(&name) {
+            return Err(EventError::BadName(name));
+        }
+        let call_id = match head.call_id {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_CALL_ID_LEN => {
+                Some(s)
+            }
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            Some(_) => return Err(EventError::BadCallId),
+        };
+        let dedup_key = dedup_key(call_id.as_deref(), &name, &payload);
+        Ok(Event {
+            name,
+            call_id,
+            dedup_key,
+            source: Source::Webhook,
+            payload,
+        })
+    }
+}
+
+/// `<call_id>:<event>`: Vyora sends each event of a call once, so a second copy (a retry
+/// after a lost answer) is the same event. Without a call id the only identity left is the
+/// exact signed body, so the key is its SHA-256.
+pub fn dedup_key(call_id: Option<&str>, event: &str, payload: &[u8]) -> String {
+    match call_id {
+        Some(id) => format!("{id}:{event}"),
+        None => format!("sha256:{}", hex::encode(Sha256::digest(payload))),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_LEN).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(header: Option<&str>, body: &str) -> Result<Event, EventError> {
+        Event::from_webhook(
+            header.map(str::as_bytes),
+            Bytes::copy_from_slice(body.as_bytes()),
+        )
+    }
+
+    #[test]
+    fn the_dedup_key_is_call_id_and_event() {
+        let e = parse(
+            Some("call_completed"),
+            r#"{"event":"call_completed","call_id":"abc123xyz","status":"completed"}"#,
+        )
+        .expect("valid event");
+        assert_eq!(e.name, "call_completed");
+        assert_eq!(e.call_id.as_deref(), Some("abc123xyz"));
+        assert_eq!(e.dedup_key, "abc123xyz:call_completed");
+    }
+
+    #[test]
+    fn the_header_names_the_event_when_the_body_does_not() {
+        let e = parse(Some("call_started"), r#"{"call_id":"c1"}"#).expect("valid event");
+        assert_eq!(e.dedup_key, "c1:call_started");
+    }
+
+    #[test]
+    fn a_header_that_contradicts_the_signed_body_is_refused() {
+        let err = parse(
+            Some("call_started"),
+            r#"{"event":"call_completed","call_id":"c1"}"#,
+        );
+        assert!(
+            matches!(err, Err(EventError::NameMismatch { .. })),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_event_without_call_id_is_keyed_by_the_hash_of_its_body() {
+        let body = r#"{"event":"call_started"}"#;
+        let e = parse(None, body).expect("valid event");
+        assert_eq!(e.call_id, None);
+        assert_eq!(
+            e.dedup_key,
+            format!("sha256:{}", hex::encode(Sha256::digest(body.as_bytes())))
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_routable_events_are_refused_with_a_reason() {
+        assert!(matches!(
+            parse(Some("x"), "not json"),
+            Err(EventError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(Some("x"), "[1,2]"),
+            Err(EventError::NotObject)
+        ));
+        assert!(matches!(
+            parse(Some("x"), "\"s\""),
+            Err(EventError::NotObject)
+        ));
+        assert!(matches!(
+            parse(Some("x"), "{\"a\":1} x"),
+            Err(EventError::NotJson(_))
+        ));
+        assert!(matches!(
+            parse(None, "{\"call_id\":\"c\"}"),
+            Err(EventError::MissingName)
+        ));
+        assert!(matches!(
+            parse(Some(""), "{}"),
+            Err(EventError::MissingName)
+        ));
+        assert!(matches!(
+            parse(None, "{\"event\":5}"),
+            Err(EventError::BadName(_))
+        ));
+        assert!(matches!(
+            parse(Some("a b"), "{}"),
+            Err(EventError::BadName(_))
+        ));
+        assert!(matches!(
+            parse(Some("x"), "{\"call_id\":{\"a\":1}}"),
+            Err(EventError::BadCallId)
+        ));
+        assert!(matches!(
+            parse(Some("x"), "{\"call_id\":\"\"}"),
+            Err(EventError::BadCallId)
+        ));
+    }
+}

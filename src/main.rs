@@ -1,0 +1,121 @@
+//! The `vyora-router` binary: parses the command line, sets up logging, and runs.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+use vyora_router::cli::{Cli, Command};
+use vyora_router::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig(arg) => {
+            let config = arg.load()?;
+            print!("{}", config.redacted_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(arg) => {
+            let config = arg.load()?;
+            let _log = init_logging(&config)?;
+            runtime()?.block_on(serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck(arg) => {
+            let config = arg.load()?;
+            let addr = loopback_for(config.server.listen);
+            let status = runtime()?
+                .block_on(vyora_router::server::check_health(addr))
+                .with_context(|| format!("health check of {addr}"))?;
+            if status.is_success() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("health check of {addr}: {status}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    vyora_router::run(config, listener, shutdown_signal()?).await?;
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down; a second signal exits at once");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    })
+}
+
+/// `RUST_LOG` overrides `log.level`. Lines go through a background writer so a slow
+/// stdout never holds up an acknowledgement.
+fn init_logging(config: &Config) -> anyhow::Result<tracing_appender::non_blocking::WorkerGuard> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::try_new(&v)
+            .with_context(|| format!("RUST_LOG={v:?} is not a valid filter"))?,
+        _ => EnvFilter::try_new(&config.log.level)
+            .with_context(|| format!("log.level = {:?}", config.log.level))?,
+    };
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(guard)
+}
+
+/// The address to probe for a listen address: an unspecified one is reached on loopback.
+fn loopback_for(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port())
+        }
+        _ => listen,
+    }
+}

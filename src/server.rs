@@ -1,0 +1,369 @@
+//! The HTTP front: accept loop, limits, routing of requests, and the one place where
+//! outcomes become status codes.
+//!
+//! A webhook is answered 200 only after its event and outbox rows are committed; the
+//! request never waits on a sink.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::event::{Event, EventError};
+use crate::routing::Router;
+use crate::signature::{self, Secret, SignatureError};
+use crate::store::{Ingested, Quarantined, Store, StoreError};
+
+pub const HEALTH_PATH: &str = "/healthz";
+pub const SIGNATURE_HEADER: &str = "x-vyora-signature";
+pub const EVENT_HEADER: &str = "x-vyora-event";
+/// Seconds a sender should wait after a 503.
+const RETRY_AFTER_SECS: &str = "5";
+/// How long open connections get to finish once shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the request path needs, shared by every connection.
+pub struct State {
+    webhook_path: String,
+    max_body_bytes: usize,
+    body_timeout: Duration,
+    ack_timeout: Duration,
+    secrets: Vec<Secret>,
+    router: Router,
+    store: Store,
+}
+
+impl State {
+    pub fn new(config: &Config, store: Store) -> State {
+        State {
+            webhook_path: config.server.webhook_path.clone(),
+            max_body_bytes: config.server.max_body_bytes,
+            body_timeout: config.server.header_read_timeout,
+            ack_timeout: config.server.ack_timeout,
+            secrets: config.webhook.secrets.clone(),
+            router: Router::new(&config.sinks),
+            store,
+        }
+    }
+}
+
+/// Why a request was not accepted. Each variant maps to one status in [`respond`].
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the body could not be read: {0}")]
+    BodyRead(Box<dyn std::error::Error + Send + Sync>),
+    #[error("the body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("invalid signature")]
+    Signature(SignatureError),
+    #[error("{0}")]
+    Event(EventError),
+    #[error("the event could not be stored: {0}")]
+    Store(StoreError),
+    #[error("the event could not be stored within {0:?}")]
+    StoreTimeout(Duration),
+}
+
+impl Rejection {
+    /// The outcome label in logs (and, later, metrics).
+    fn outcome(&self) -> &'static str {
+        match self {
+            Rejection::NotFound | Rejection::MethodNotAllowed { .. } => "not_routed",
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::BodyRead(_) | Rejection::BodyTimeout(_) | Rejection::Event(_) => {
+                "bad_request"
+            }
+            Rejection::Signature(_) => "invalid_signature",
+            Rejection::Store(_) | Rejection::StoreTimeout(_) => "unavailable",
+        }
+    }
+}
+
+enum Accepted {
+    Healthy,
+    Event(Ingested),
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, body: serde_json::Value) -> Reply {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Every status code the server sends is decided here.
+fn respond(result: Result<Accepted, Rejection>) -> Reply {
+    let rejection = match result {
+        Ok(Accepted::Healthy) => return json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        Ok(Accepted::Event(Ingested::Stored { .. })) => {
+            return json(StatusCode::OK, serde_json::json!({"received": true}));
+        }
+        Ok(Accepted::Event(Ingested::Duplicate)) => {
+            return json(
+                StatusCode::OK,
+                serde_json::json!({"received": true, "duplicate": true}),
+            );
+        }
+        Err(r) => r,
+    };
+    let status = match &rejection {
+        Rejection::NotFound => StatusCode::NOT_FOUND,
+        Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+        Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        Rejection::BodyRead(_) | Rejection::Event(_) => StatusCode::BAD_REQUEST,
+        Rejection::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+        Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
+        Rejection::Store(_) | Rejection::StoreTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    // Store failures are detailed in our log, not to the sender.
+    let message = match &rejection {
+        Rejection::Store(_) | Rejection::StoreTimeout(_) => {
+            "temporarily unable to store the event; retry later".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let mut response = json(status, serde_json::json!({ "error": message }));
+    match rejection {
+        Rejection::MethodNotAllowed { allow } => {
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        Rejection::Store(_) | Rejection::StoreTimeout(_) => {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        _ => {}
+    }
+    response
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+    let path = req.uri().path();
+    let result = if path == state.webhook_path {
+        if req.method() == Method::POST {
+            return Ok(webhook(&state, req).await);
+        }
+        Err(Rejection::MethodNotAllowed { allow: "POST" })
+    } else if path == HEALTH_PATH {
+        if req.method() == Method::GET || req.method() == Method::HEAD {
+            Ok(Accepted::Healthy)
+        } else {
+            Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
+        }
+    } else {
+        Err(Rejection::NotFound)
+    };
+    Ok(respond(result))
+}
+
+/// Facts about one webhook for its log line.
+#[derive(Default)]
+struct Seen {
+    event: Option<String>,
+    call_id: Option<String>,
+}
+
+async fn webhook(state: &State, req: Request<Incoming>) -> Reply {
+    let started = Instant::now();
+    let mut seen = Seen::default();
+    let result = receive(state, req, &mut seen).await;
+    let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let event = seen.event.as_deref().unwrap_or("-");
+    let call_id = seen.call_id.as_deref().unwrap_or("-");
+    match &result {
+        Ok(Accepted::Event(Ingested::Duplicate)) => {
+            tracing::info!(event, call_id, outcome = "duplicate", latency_us, "webhook");
+        }
+        Ok(_) => tracing::info!(event, call_id, outcome = "accepted", latency_us, "webhook"),
+        Err(r @ (Rejection::Store(_) | Rejection::StoreTimeout(_))) => {
+            tracing::error!(event, call_id, outcome = r.outcome(), latency_us, reason = %r, "webhook");
+        }
+        Err(r) => {
+            tracing::warn!(event, call_id, outcome = r.outcome(), latency_us, reason = %r, "webhook")
+        }
+    }
+    respond(result)
+}
+
+/// The webhook pipeline: size, signature, event, store. The order is the security model:
+/// nothing is parsed before the signature has been checked over the raw bytes.
+async fn receive(
+    state: &State,
+    req: Request<Incoming>,
+    seen: &mut Seen,
+) -> Result<Accepted, Rejection> {
+    let limit = state.max_body_bytes;
+    // An honest Content-Length over the limit is refused before reading a byte.
+    if req.body().size_hint().lower() > limit as u64 {
+        return Err(Rejection::TooLarge { limit });
+    }
+    let mut signatures = req.headers().get_all(SIGNATURE_HEADER).iter();
+    let signature = signatures
+        .next()
+        .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+    if signatures.next().is_some() {
+        return Err(Rejection::Signature(SignatureError::Repeated));
+    }
+    let event_header = req
+        .headers()
+        .get(EVENT_HEADER)
+        .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+
+    // Chunked bodies (no length up front) are cut off as soon as they pass the limit.
+    let body = match tokio::time::timeout(
+        state.body_timeout,
+        Limited::new(req.into_body(), limit).collect(),
+    )
+    .await
+    {
+        Err(_) => return Err(Rejection::BodyTimeout(state.body_timeout)),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(Rejection::TooLarge { limit }),
+        Ok(Err(e)) => return Err(Rejection::BodyRead(e)),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+
+    signature::verify(&state.secrets, signature.as_deref(), &body).map_err(Rejection::Signature)?;
+
+    let event = match Event::from_webhook(event_header.as_deref(), body.clone()) {
+        Ok(event) => event,
+        Err(e) => {
+            seen.event = event_header
+                .as_deref()
+                .map(|h| String::from_utf8_lossy(h).into_owned());
+            let entry = Quarantined {
+                reason: e.to_string(),
+                event_header: seen.event.clone(),
+                body,
+            };
+            // The body is genuine, so it is kept; if even that cannot be stored, 503 makes
+            // Vyora send it again rather than lose it.
+            store_within(state.ack_timeout, state.store.quarantine(entry)).await?;
+            return Err(Rejection::Event(e));
+        }
+    };
+    seen.event = Some(event.name.clone());
+    seen.call_id = event.call_id.clone();
+    let sinks = state.router.sinks_for(&event);
+    let ingested = store_within(state.ack_timeout, state.store.ingest(event, sinks)).await?;
+    Ok(Accepted::Event(ingested))
+}
+
+async fn store_within<T>(
+    deadline: Duration,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, Rejection> {
+    match tokio::time::timeout(deadline, op).await {
+        Err(_) => Err(Rejection::StoreTimeout(deadline)),
+        Ok(Err(e)) => Err(Rejection::Store(e)),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+/// Accepts connections until `shutdown` completes, then lets open connections finish
+/// their current request (up to a deadline) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    max_connections: usize,
+    header_read_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = http1::Builder::new();
+    // Without a timer hyper silently ignores the header timeout.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    // A permit per connection: past the limit we stop accepting instead of growing.
+    let permits = Arc::new(Semaphore::new(max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, _peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let state = Arc::clone(&state);
+        let service = service_fn(move |req| handle(Arc::clone(&state), req));
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// `GET /healthz` against a running router; the container's health check (no curl needed).
+pub async fn check_health(addr: SocketAddr) -> Result<StatusCode, HealthError> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get(HEALTH_PATH)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Full::new(Bytes::new()))?;
+    Ok(sender.send_request(request).await?.status())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] std::io::Error),
+    #[error("HTTP error: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("cannot build the request: {0}")]
+    Request(#[from] hyper::http::Error),
+}

@@ -1,0 +1,77 @@
+//! Sinks: where events go. One [`Sink`] trait, one file per kind; the dispatcher drives them.
+
+pub mod file;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{SinkConfig, SinkKind};
+use crate::store::Delivery;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A destination for events.
+///
+/// The dispatcher hands a sink batches of up to [`Sink::batch_size`] deliveries and keeps
+/// up to [`Sink::concurrency`] batches in flight, so each kind can pick what suits it (the
+/// file sink appends a whole batch with one fsync; a network sink may prefer many small
+/// batches in parallel). Memory is bounded by the product of the two.
+pub trait Sink: Send + Sync + 'static {
+    fn name(&self) -> &str;
+
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    fn concurrency(&self) -> usize {
+        1
+    }
+
+    /// Delivers `batch` and returns one result per delivery, in the same order. `Ok` means
+    /// the destination has durably taken the event: the row is then never sent again.
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+}
+
+/// Why a delivery failed, and whether trying again can help.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot append to {path}: {source}")]
+    FileIo {
+        path: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    #[error("the payload is not JSON, so it cannot be written as a JSON line: {0}")]
+    NotJson(Arc<serde_json::Error>),
+}
+
+impl SinkError {
+    /// A permanent failure goes dead at once: retrying the same bytes cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SinkError::NotJson(_))
+    }
+
+    /// A wait the destination asked for, which the retry honours.
+    pub fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// Why a sink could not be set up from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("sink {name:?}: cannot open {path}: {source}")]
+    File {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, BuildError> {
+    match &config.kind {
+        SinkKind::File { path } => Ok(Arc::new(file::FileSink::open(&config.name, path)?)),
+    }
+}

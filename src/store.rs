@@ -1,0 +1,755 @@
+//! The durable store: SQLite in WAL mode holding events, their outbox rows (one per event
+//! and sink) and the quarantine of signed bodies we could not route.
+//!
+//! Every write goes through one writer thread that commits in groups: it takes whatever
+//! is queued (up to [`MAX_GROUP`] operations), applies it in one transaction, commits with a
+//! single fsync, and only then answers each waiting caller. Under load many requests share
+//! one fsync, which is what lets `synchronous = FULL` keep up. Reads (the dispatchers'
+//! queries) use their own connections and never wait for the writer, thanks to WAL.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::{StoreConfig, Synchronous};
+use crate::event::{Event, Source};
+
+/// Most operations committed in one transaction.
+const MAX_GROUP: usize = 512;
+/// Operations waiting for the writer; callers beyond this wait for room (and time out).
+const QUEUE_DEPTH: usize = 1024;
+/// How long a statement waits for a lock held by another process (an operator command)
+/// before failing; the caller's own deadline is usually shorter.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY,
+    dedup_key   TEXT    NOT NULL UNIQUE,
+    event       TEXT    NOT NULL,
+    call_id     TEXT,
+    source      TEXT    NOT NULL,
+    received_at INTEGER NOT NULL,   -- milliseconds since the Unix epoch
+    payload     BLOB    NOT NULL    -- the exact bytes that were signed
+);
+CREATE INDEX events_by_call ON events (call_id);
+
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY,
+    event_id        INTEGER NOT NULL REFERENCES events (id),
+    sink            TEXT    NOT NULL,
+    status          TEXT    NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    updated_at      INTEGER NOT NULL
+);
+-- Only pending rows are ever searched by due time; delivered ones stay out of the index.
+CREATE INDEX outbox_due ON outbox (sink, next_attempt_at) WHERE status = 'pending';
+CREATE INDEX outbox_by_event ON outbox (event_id);
+
+CREATE TABLE quarantine (
+    id           INTEGER PRIMARY KEY,
+    received_at  INTEGER NOT NULL,
+    reason       TEXT    NOT NULL,
+    event_header TEXT,
+    body         BLOB    NOT NULL
+);
+"#];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot migrate the store {path} to schema version {version}: {source}")]
+    Migrate {
+        path: PathBuf,
+        version: usize,
+        source: rusqlite::Error,
+    },
+    #[error("the store {path} has schema version {found}, newer than this build knows ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    #[error("a store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What storing an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// New: stored with one outbox row per matching sink.
+    Stored { deliveries: usize },
+    /// Its dedup key was already stored; nothing new was written.
+    Duplicate,
+}
+
+/// A signed body that is not a routable event, kept so nothing the provider sent is lost.
+#[derive(Debug)]
+pub struct Quarantined {
+    pub reason: String,
+    pub event_header: Option<String>,
+    pub body: Bytes,
+}
+
+/// One outbox row with its event, as a sink receives it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: i64,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub event: String,
+    pub call_id: Option<String>,
+    pub dedup_key: String,
+    pub source: Source,
+    pub received_at: SystemTime,
+    pub payload: Bytes,
+}
+
+/// The result of one delivery attempt, as the dispatcher records it.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    Delivered {
+        id: i64,
+    },
+    Retry {
+        id: i64,
+        at: SystemTime,
+        error: String,
+    },
+    Dead {
+        id: i64,
+        error: String,
+    },
+}
+
+enum Op {
+    Ingest {
+        event: Event,
+        sinks: Vec<Arc<str>>,
+        /// Set by `apply`; answered only once the transaction that set it has committed.
+        outcome: Ingested,
+        reply: oneshot::Sender<Result<Ingested, StoreError>>,
+    },
+    Quarantine {
+        entry: Quarantined,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Settle {
+        settlements: Vec<Settlement>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// Per-sink wake-ups: the writer signals a sink's dispatcher after committing rows for it.
+#[derive(Default)]
+struct Wakers(Mutex<HashMap<String, Arc<Notify>>>);
+
+impl Wakers {
+    fn get(&self, sink: &str) -> Arc<Notify> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(map.entry(sink.to_owned()).or_default())
+    }
+
+    fn wake(&self, sinks: &HashSet<Arc<str>>) {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for sink in sinks {
+            if let Some(n) = map.get(&**sink) {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+/// A handle to the store; cheap to clone. The writer thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Store {
+    tx: mpsc::Sender<Op>,
+    path: PathBuf,
+    wakers: Arc<Wakers>,
+}
+
+/// The writer thread; [`Writer::join`] waits until it has committed everything queued.
+pub struct Writer(JoinHandle<()>);
+
+impl Writer {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the store writer thread panicked");
+        }
+    }
+}
+
+pub fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(path = %path.display(), mode, "the store could not switch to WAL mode");
+    }
+    let sync = match synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let applied = usize::try_from(version).unwrap_or(0);
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let migrate_err = |source| StoreError::Migrate {
+            path: path.to_owned(),
+            version: i + 1,
+            source,
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(migrate_err)?;
+        tx.execute_batch(sql).map_err(migrate_err)?;
+        let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        tx.pragma_update(None, "user_version", version)
+            .map_err(migrate_err)?;
+        tx.commit().map_err(migrate_err)?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating and migrating as needed) the database and starts its writer.
+    pub fn open(config: &StoreConfig) -> Result<(Store, Writer), StoreError> {
+        let path = config.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let mut conn = connect(&path, config.synchronous)?;
+        migrate(&mut conn, &path)?;
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let wakers = Arc::new(Wakers::default());
+        let writer_wakers = Arc::clone(&wakers);
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(conn, rx, &writer_wakers))
+            .map_err(|source| StoreError::CreateDir {
+                path: path.clone(),
+                source,
+            })?;
+        Ok((Store { tx, path, wakers }, Writer(handle)))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The notification a sink's dispatcher waits on for new rows.
+    pub fn waker(&self, sink: &str) -> Arc<Notify> {
+        self.wakers.get(sink)
+    }
+
+    async fn submit<T>(
+        &self,
+        op: Op,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Stores `event` with one outbox row per sink in `sinks`, unless its dedup key is
+    /// already stored. Returns after the commit is durable.
+    ///
+    /// A caller that stops waiting (its deadline passed) before the writer reaches this
+    /// operation withdraws it: what we answered 503 for is then not stored either.
+    pub async fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> Result<Ingested, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Ingest {
+            event,
+            sinks,
+            outcome: Ingested::Duplicate,
+            reply,
+        };
+        self.submit(op, rx).await
+    }
+
+    pub async fn quarantine(&self, entry: Quarantined) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Op::Quarantine { entry, reply }, rx).await
+    }
+
+    /// Records the outcome of delivery attempts.
+    pub async fn settle(&self, settlements: Vec<Settlement>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Op::Settle { settlements, reply }, rx).await
+    }
+
+    /// A read connection of its own, for a dispatcher or a command.
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        let conn = Connection::open(&self.path).map_err(|source| StoreError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(Reader(Arc::new(Mutex::new(conn))))
+    }
+}
+
+impl Op {
+    /// The caller has stopped waiting for the answer.
+    fn withdrawn(&self) -> bool {
+        match self {
+            Op::Ingest { reply, .. } => reply.is_closed(),
+            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    fn apply(&mut self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+        match self {
+            Op::Ingest {
+                event,
+                sinks,
+                outcome,
+                ..
+            } => {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (dedup_key) DO NOTHING",
+                    )?
+                    .execute(params![
+                        event.dedup_key,
+                        event.name,
+                        event.call_id,
+                        event.source.as_str(),
+                        now,
+                        &event.payload[..]
+                    ])?;
+                if inserted == 0 {
+                    *outcome = Ingested::Duplicate;
+                    return Ok(());
+                }
+                let event_id = tx.last_insert_rowid();
+                let mut row = tx.prepare_cached(
+                    "INSERT INTO outbox (event_id, sink, status, next_attempt_at, updated_at)
+                     VALUES (?1, ?2, 'pending', ?3, ?3)",
+                )?;
+                for sink in sinks.iter() {
+                    row.execute(params![event_id, &**sink, now])?;
+                }
+                *outcome = Ingested::Stored {
+                    deliveries: sinks.len(),
+                };
+                Ok(())
+            }
+            Op::Quarantine { entry, .. } => {
+                tx.prepare_cached(
+                    "INSERT INTO quarantine (received_at, reason, event_header, body) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![now, entry.reason, entry.event_header, &entry.body[..]])?;
+                Ok(())
+            }
+            Op::Settle { settlements, .. } => {
+                for s in settlements.iter() {
+                    match s {
+                        Settlement::Delivered { id } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1,
+                                 last_error = NULL, updated_at = ?2 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id, now])?,
+                        Settlement::Retry { id, at, error } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2,
+                                 last_error = ?3, updated_at = ?4 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id, to_millis(*at), error, now])?,
+                        Settlement::Dead { id, error } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET status = 'dead', attempts = attempts + 1,
+                                 last_error = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id, error, now])?,
+                    };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Answers the caller after the commit (or its failure). A caller that has gone away no
+    /// longer needs the answer, so a failed send is ignored.
+    fn answer(self, result: Result<(), StoreError>, woken: &mut HashSet<Arc<str>>) {
+        match self {
+            Op::Ingest {
+                sinks,
+                outcome,
+                reply,
+                ..
+            } => {
+                if result.is_ok() && outcome != Ingested::Duplicate {
+                    woken.extend(sinks);
+                }
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, ops: &mut [Op]) -> rusqlite::Result<()> {
+    let now = to_millis(now());
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for op in ops.iter_mut() {
+        op.apply(&tx, now)?;
+    }
+    tx.commit()
+}
+
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers) {
+    let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
+    let mut woken = HashSet::new();
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        group.retain(|op| !op.withdrawn());
+        if group.is_empty() {
+            continue;
+        }
+        match commit(&mut conn, &mut group) {
+            Ok(()) => {
+                for op in group.drain(..) {
+                    op.answer(Ok(()), &mut woken);
+                }
+            }
+            Err(e) if group.len() > 1 => {
+                // One operation's failure must not fail its neighbours: retry each alone.
+                tracing::warn!(error = %e, ops = group.len(), "group commit failed; retrying one by one");
+                for mut op in group.drain(..) {
+                    let result = commit(&mut conn, std::slice::from_mut(&mut op));
+                    op.answer(result.map_err(StoreError::from), &mut woken);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store commit failed");
+                if let Some(op) = group.pop() {
+                    op.answer(Err(e.into()), &mut woken);
+                }
+            }
+        }
+        wakers.wake(&woken);
+        woken.clear();
+    }
+}
+
+/// A read-only view for queries, with a connection of its own.
+#[derive(Clone)]
+pub struct Reader(Arc<Mutex<Connection>>);
+
+impl Reader {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = Arc::clone(&self.0);
+        Ok(tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&conn)
+        })
+        .await??)
+    }
+
+    /// Pending rows of `sink` that are due, oldest first, skipping `busy` (rows already
+    /// being delivered). Stops at `limit` rows or once `max_bytes` of payload are taken,
+    /// so a batch's memory is bounded whatever the payload sizes.
+    pub async fn due(
+        &self,
+        sink: &str,
+        limit: usize,
+        max_bytes: usize,
+        busy: Vec<i64>,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let sink = sink.to_owned();
+        let now = to_millis(now());
+        self.with(move |conn| {
+            let busy: HashSet<i64> = busy.into_iter().collect();
+            let mut stmt = conn.prepare_cached(
+                "SELECT o.id, o.attempts, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.payload
+                 FROM outbox o JOIN events e ON e.id = o.event_id
+                 WHERE o.sink = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
+                 ORDER BY o.next_attempt_at, o.id LIMIT ?3",
+            )?;
+            let fetch = i64::try_from(limit + busy.len()).unwrap_or(i64::MAX);
+            let mut rows = stmt.query(params![sink, now, fetch])?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                if busy.contains(&id) {
+                    continue;
+                }
+                let payload: Vec<u8> = row.get(7)?;
+                bytes += payload.len();
+                let source: String = row.get(5)?;
+                out.push(Delivery {
+                    id,
+                    attempts: row.get(1)?,
+                    event: row.get(2)?,
+                    call_id: row.get(3)?,
+                    dedup_key: row.get(4)?,
+                    source: Source::parse(&source).unwrap_or(Source::Webhook),
+                    received_at: from_millis(row.get(6)?),
+                    payload: Bytes::from(payload),
+                });
+                if out.len() >= limit || bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// When the earliest pending row of `sink` that is not yet due at `after` becomes due.
+    pub async fn next_due_after(
+        &self,
+        sink: &str,
+        after: SystemTime,
+    ) -> Result<Option<SystemTime>, StoreError> {
+        let sink = sink.to_owned();
+        let after = to_millis(after);
+        self.with(move |conn| {
+            conn.prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM outbox
+                 WHERE sink = ?1 AND status = 'pending' AND next_attempt_at > ?2",
+            )?
+            .query_row(params![sink, after], |r| r.get::<_, Option<i64>>(0))
+            .optional()
+            .map(|v| v.flatten().map(from_millis))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn open(dir: &Path) -> (Store, Writer) {
+        Store::open(&StoreConfig {
+            path: dir.join("router.db"),
+            synchronous: Synchronous::Full,
+        })
+        .expect("store opens")
+    }
+
+    fn event(call: &str, name: &str) -> Event {
+        let body = format!(r#"{{"event":"{name}","call_id":"{call}"}}"#);
+        Event::from_webhook(None, Bytes::from(body)).expect("valid event")
+    }
+
+    fn sinks(names: &[&str]) -> Vec<Arc<str>> {
+        names.iter().map(|n| Arc::from(*n)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = open(dir.path());
+        let got = store
+            .ingest(event("c1", "call_completed"), sinks(&["a", "b"]))
+            .await;
+        assert_eq!(got.expect("stored"), Ingested::Stored { deliveries: 2 });
+        let reader = store.reader().expect("reader");
+        assert_eq!(
+            reader
+                .due("a", 10, usize::MAX, vec![])
+                .await
+                .expect("due")
+                .len(),
+            1
+        );
+        assert_eq!(
+            reader
+                .due("b", 10, usize::MAX, vec![])
+                .await
+                .expect("due")
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_copies_of_one_event_store_exactly_one_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = open(dir.path());
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .ingest(event("c1", "call_completed"), sinks(&["a"]))
+                        .await
+                })
+            })
+            .collect();
+        let mut stored = 0;
+        for t in tasks {
+            if t.await.expect("task").expect("ingest") != Ingested::Duplicate {
+                stored += 1;
+            }
+        }
+        assert_eq!(stored, 1);
+        let reader = store.reader().expect("reader");
+        assert_eq!(
+            reader
+                .due("a", 100, usize::MAX, vec![])
+                .await
+                .expect("due")
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = open(dir.path());
+        for call in ["c1", "c2", "c3"] {
+            store
+                .ingest(event(call, "call_started"), sinks(&["a"]))
+                .await
+                .expect("stored");
+        }
+        let reader = store.reader().expect("reader");
+        let rows = reader.due("a", 10, usize::MAX, vec![]).await.expect("due");
+        let later = now() + Duration::from_secs(3600);
+        store
+            .settle(vec![
+                Settlement::Delivered { id: rows[0].id },
+                Settlement::Retry {
+                    id: rows[1].id,
+                    at: later,
+                    error: "boom".into(),
+                },
+                Settlement::Dead {
+                    id: rows[2].id,
+                    error: "gone".into(),
+                },
+            ])
+            .await
+            .expect("settled");
+        assert!(
+            reader
+                .due("a", 10, usize::MAX, vec![])
+                .await
+                .expect("due")
+                .is_empty()
+        );
+        let next = reader
+            .next_due_after("a", now())
+            .await
+            .expect("next due")
+            .expect("one pending");
+        assert_eq!(to_millis(next), to_millis(later));
+    }
+
+    #[tokio::test]
+    async fn busy_rows_are_skipped_and_batches_stop_at_the_byte_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = open(dir.path());
+        for call in ["c1", "c2", "c3", "c4"] {
+            store
+                .ingest(event(call, "call_started"), sinks(&["a"]))
+                .await
+                .expect("stored");
+        }
+        let reader = store.reader().expect("reader");
+        let all = reader.due("a", 10, usize::MAX, vec![]).await.expect("due");
+        let rest = reader
+            .due("a", 10, usize::MAX, vec![all[0].id])
+            .await
+            .expect("due");
+        assert_eq!(rest.len(), 3);
+        assert!(rest.iter().all(|d| d.id != all[0].id));
+        let one = reader.due("a", 10, 1, vec![]).await.expect("due");
+        assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn reopening_keeps_the_schema_and_the_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        {
+            let (store, writer) = open(dir.path());
+            rt.block_on(store.ingest(event("c1", "call_started"), sinks(&["a"])))
+                .expect("stored");
+            drop(store);
+            writer.join();
+        }
+        let (store, _writer) = open(dir.path());
+        let again = rt.block_on(store.ingest(event("c1", "call_started"), sinks(&["a"])));
+        assert_eq!(again.expect("answered"), Ingested::Duplicate);
+    }
+}
