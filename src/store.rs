@@ -453,7 +453,9 @@ impl Op {
 fn commit(conn: &mut Connection, ops: &mut [Op]) -> rusqlite::Result<()> {
     let now = to_millis(now());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for op in ops.iter_mut() {
+    // Checked once the write lock is ours, which can take a while when another process
+    // holds it: a caller that has since answered 503 must not see its event stored.
+    for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
         op.apply(&tx, now)?;
     }
     tx.commit()

@@ -1,0 +1,262 @@
+//! Test harness: a real router on port 0 over a temp dir, a small HTTP client, and
+//! readers for what the router wrote.
+#![allow(dead_code)] // each test binary uses its own subset of these helpers
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use vyora_router::config::Config;
+use vyora_router::signature::{self, Secret};
+
+pub const SECRET: &str = "whsec_test_secret";
+
+pub fn secret() -> Secret {
+    Secret::new(SECRET.as_bytes()).expect("non-empty secret")
+}
+
+pub fn sign(body: &[u8]) -> String {
+    signature::sign(&secret(), body)
+}
+
+/// A realistic `call_completed`-shaped payload of about 1.5 KB, like Vyora's example.
+pub fn payload(call_id: &str, event: &str) -> String {
+    serde_json::json!({
+        "event": event,
+        "call_id": call_id,
+        "phone_number": "+919876543210",
+        "contact_name": "Rahul Sharma",
+        "agent_id": "def456-7890-agent",
+        "agent_name": "Home Loan Agent",
+        "status": "completed",
+        "direction": "outbound",
+        "duration_seconds": 47,
+        "recording_url": format!("https://cdn.vyora.ai/recordings/{call_id}.mp3"),
+        "transcript": [
+            {"bot": "Hi Rahul, I'm calling about your home loan inquiry. Is this a good time to talk about the options we have for you?"},
+            {"user": "Yes, I was interested in learning more about the interest rates and the EMI options you offer."},
+            {"bot": "Of course. For a loan of fifty lakhs over twenty years, the EMI starts at about forty-three thousand per month."},
+            {"user": "That sounds reasonable. Can you send me the details on WhatsApp so I can discuss with my family?"},
+            {"bot": "Certainly, I will share the details right away. Is there anything else I can help you with today?"},
+            {"user": "No, that's all for now. Thank you for calling."}
+        ],
+        "analysis": {
+            "summary": "Lead expressed strong interest, asked about EMI options and requested details on WhatsApp.",
+            "classification": "Interested"
+        },
+        "campaign_id": "campaign_456",
+        "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
+        "called_at": "2026-05-24T10:30:00Z",
+        "timestamp": "2026-05-24T10:31:15Z"
+    })
+    .to_string()
+}
+
+/// A router running in this process on 127.0.0.1:0 with its own temp dir.
+pub struct TestRouter {
+    pub addr: SocketAddr,
+    /// Shared so a restarted router can reuse it; removed when the last holder drops it.
+    pub dir: Arc<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The config every test starts from: one file sink `archive` receiving everything.
+pub fn base_config(dir: &Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+header_read_timeout = "1s"
+
+[webhook]
+secrets = ["{SECRET}"]
+
+[store]
+path = "{db}"
+
+[delivery]
+backoff_initial = "50ms"
+backoff_max = "200ms"
+
+[[sinks]]
+name = "archive"
+type = "file"
+path = "{file}"
+"#,
+        db = dir.join("router.db").display(),
+        file = dir.join("events.jsonl").display(),
+    )
+}
+
+impl TestRouter {
+    pub async fn start() -> TestRouter {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config = base_config(dir.path());
+        TestRouter::start_with(dir, &config).await
+    }
+
+    /// Starts on `dir` with the given config text (which should point into `dir`).
+    pub async fn start_with(dir: Arc<tempfile::TempDir>, config: &str) -> TestRouter {
+        let config = Config::from_toml(config).expect("test config is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            vyora_router::run(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("router runs");
+        });
+        let router = TestRouter {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        // The listener queues connections from the start; the answer comes once the store
+        // and sinks are open and the accept loop runs.
+        let health = Request::get("/healthz")
+            .header("host", "router")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        assert_eq!(send(addr, health).await.status, 200);
+        router
+    }
+
+    /// Stops gracefully and waits until everything is closed.
+    pub async fn stop(mut self) -> Arc<tempfile::TempDir> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("router task");
+        }
+        Arc::clone(&self.dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn events_file(&self) -> PathBuf {
+        self.path().join("events.jsonl")
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path().join("router.db")).expect("open db")
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db()
+            .query_row(sql, [], |r| r.get(0))
+            .expect("count query")
+    }
+
+    pub async fn post_signed(&self, body: &str) -> Answer {
+        post_signed(self.addr, body).await
+    }
+}
+
+impl Drop for TestRouter {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).expect("answer is JSON")
+    }
+}
+
+/// Sends one request on a fresh connection.
+pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub fn webhook_request(body: &str, signature: Option<&str>) -> Request<Full<Bytes>> {
+    let mut builder = Request::post("/webhook")
+        .header("host", "router")
+        .header("content-type", "application/json")
+        .header("user-agent", "Vyora-Webhooks/1.0");
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(body)
+        && let Some(event) = v.get("event").and_then(|e| e.as_str())
+    {
+        builder = builder.header("x-vyora-event", event);
+    }
+    if let Some(sig) = signature {
+        builder = builder.header("x-vyora-signature", sig);
+    }
+    builder
+        .body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .expect("request")
+}
+
+pub async fn post_signed(addr: SocketAddr, body: &str) -> Answer {
+    send(addr, webhook_request(body, Some(&sign(body.as_bytes())))).await
+}
+
+/// The parsed lines of a JSON Lines file (empty if it does not exist yet).
+pub fn read_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line is not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits until the file holds at least `n` lines, or panics after `within`.
+pub async fn wait_for_lines(path: &Path, n: usize, within: Duration) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let lines = read_lines(path);
+        if lines.len() >= n {
+            return lines;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "expected {n} lines in {}, found {}",
+                path.display(),
+                lines.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
