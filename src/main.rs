@@ -1,5 +1,6 @@
 //! The `vyora-router` binary: parses the command line, sets up logging, and runs.
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 
@@ -97,9 +98,11 @@ fn init_logging(config: &Config) -> anyhow::Result<tracing_appender::non_blockin
             .with_context(|| format!("log.level = {:?}", config.log.level))?,
     };
     let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // Colours only for a person at a terminal, never into a log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .with_ansi(std::io::stdout().is_terminal());
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -39,7 +39,6 @@ CREATE TABLE events (
     received_at INTEGER NOT NULL,   -- milliseconds since the Unix epoch
     payload     BLOB    NOT NULL    -- the exact bytes that were signed
 );
-CREATE INDEX events_by_call ON events (call_id);
 
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY,
@@ -53,7 +52,6 @@ CREATE TABLE outbox (
 );
 -- Only pending rows are ever searched by due time; delivered ones stay out of the index.
 CREATE INDEX outbox_due ON outbox (sink, next_attempt_at) WHERE status = 'pending';
-CREATE INDEX outbox_by_event ON outbox (event_id);
 
 CREATE TABLE quarantine (
     id           INTEGER PRIMARY KEY,

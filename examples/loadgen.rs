@@ -1,0 +1,232 @@
+//! Load generator: sends realistic, uniquely keyed, correctly signed (or deliberately
+//! mis-signed) Vyora webhooks at a fixed concurrency, optionally at a fixed rate, and
+//! prints throughput and acknowledgement latency as one JSON line.
+//!
+//! `cargo run --release --example loadgen -- --url http://127.0.0.1:8080/webhook --secret S`
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use vyora_router::signature::{self, Secret};
+
+#[derive(Parser)]
+struct Args {
+    /// The router's webhook URL (http only).
+    #[arg(long, default_value = "http://127.0.0.1:8080/webhook")]
+    url: hyper::Uri,
+    /// The webhook secret to sign with.
+    #[arg(long, env = "VYORA_WEBHOOK_SECRET")]
+    secret: String,
+    /// Connections, each sending one request at a time.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// How long to send for.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Total requests per second across all connections; as fast as possible if absent.
+    /// Latency is measured from each request's scheduled time, so a stalled server
+    /// cannot hide its stalls (no coordinated omission).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Sign with the wrong secret: the baseline of requests refused before the store.
+    #[arg(long)]
+    bad_signature: bool,
+    /// Distinguishes this run's call ids from earlier runs against the same store.
+    #[arg(long, default_value_t = fastrand::u64(..))]
+    run_id: u64,
+    /// A label copied into the output line.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u64>,
+    statuses: BTreeMap<u16, u64>,
+    errors: u64,
+}
+
+fn body(run: u64, worker: usize, n: u64) -> String {
+    let call_id = format!("load-{run:x}-{worker}-{n}");
+    serde_json::json!({
+        "event": "call_completed",
+        "call_id": call_id,
+        "phone_number": "+919876543210",
+        "contact_name": "Rahul Sharma",
+        "agent_id": "def456-7890-agent",
+        "agent_name": "Home Loan Agent",
+        "status": "completed",
+        "direction": "outbound",
+        "duration_seconds": 47,
+        "recording_url": format!("https://cdn.vyora.ai/recordings/{call_id}.mp3"),
+        "transcript": [
+            {"bot": "Hi Rahul, I'm calling about your home loan inquiry. Is this a good time to talk about the options we have for you?"},
+            {"user": "Yes, I was interested in learning more about the interest rates and the EMI options you offer."},
+            {"bot": "Of course. For a loan of fifty lakhs over twenty years, the EMI starts at about forty-three thousand per month."},
+            {"user": "That sounds reasonable. Can you send me the details on WhatsApp so I can discuss with my family?"},
+            {"bot": "Certainly, I will share the details right away. Is there anything else I can help you with today?"},
+            {"user": "No, that's all for now. Thank you for calling."}
+        ],
+        "analysis": {
+            "summary": "Lead expressed strong interest, asked about EMI options and requested details on WhatsApp.",
+            "classification": "Interested"
+        },
+        "campaign_id": "campaign_456",
+        "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
+        "called_at": "2026-05-24T10:30:00Z",
+        "timestamp": "2026-05-24T10:31:15Z"
+    })
+    .to_string()
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn worker(args: &Args, addr: SocketAddr, secret: Secret, id: usize, until: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let mut sender: Option<Sender> = None;
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.connections as f64 / r));
+    // Spread the workers' schedules over one interval so they do not fire in lockstep.
+    let mut scheduled = Instant::now()
+        + interval
+            .map(|i| i.mul_f64(id as f64 / args.connections as f64))
+            .unwrap_or_default();
+    let path = args.url.path().to_owned();
+    for n in 0.. {
+        let due = match interval {
+            Some(every) => {
+                tokio::time::sleep_until(scheduled).await;
+                let due = scheduled;
+                scheduled += every;
+                due
+            }
+            None => Instant::now(),
+        };
+        if due >= until {
+            break;
+        }
+        let body = body(args.run_id, id, n);
+        let sig = if args.bad_signature {
+            signature::sign(&secret, b"not this body")
+        } else {
+            signature::sign(&secret, body.as_bytes())
+        };
+        let request = Request::post(path.as_str())
+            .header("host", "router")
+            .header("content-type", "application/json")
+            .header("x-vyora-event", "call_completed")
+            .header("x-vyora-signature", sig)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a request built from fixed parts is valid");
+        let conn = match sender.as_mut() {
+            Some(s) => s,
+            None => match connect(addr).await {
+                Ok(s) => sender.insert(s),
+                Err(_) => {
+                    tally.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        match conn.send_request(request).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                if response.into_body().collect().await.is_err() {
+                    tally.errors += 1;
+                    sender = None;
+                    continue;
+                }
+                tally
+                    .latencies_us
+                    .push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
+                *tally.statuses.entry(status).or_default() += 1;
+            }
+            Err(_) => {
+                tally.errors += 1;
+                sender = None;
+            }
+        }
+    }
+    tally
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.url.scheme_str() != Some("http") {
+        bail!("--url must be an http:// URL");
+    }
+    let authority = args
+        .url
+        .authority()
+        .context("--url needs a host and port")?;
+    let addr: SocketAddr = tokio::net::lookup_host(authority.as_str())
+        .await?
+        .next()
+        .context("--url host does not resolve")?;
+    let secret = Secret::new(args.secret.as_bytes())?;
+    let args = std::sync::Arc::new(args);
+    let started = Instant::now();
+    let until = started + args.duration;
+    let tasks: Vec<_> = (0..args.connections)
+        .map(|id| {
+            let args = std::sync::Arc::clone(&args);
+            let secret = secret.clone();
+            tokio::spawn(async move { worker(&args, addr, secret, id, until).await })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for t in tasks {
+        let t = t.await?;
+        total.latencies_us.extend(t.latencies_us);
+        total.errors += t.errors;
+        for (s, c) in t.statuses {
+            *total.statuses.entry(s).or_default() += c;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    total.latencies_us.sort_unstable();
+    let answered = total.latencies_us.len();
+    let line = serde_json::json!({
+        "label": args.label,
+        "mode": if args.bad_signature { "bad_signature" } else { "valid" },
+        "connections": args.connections,
+        "target_rps": args.rate,
+        "seconds": (seconds * 100.0).round() / 100.0,
+        "answered": answered,
+        "statuses": total.statuses,
+        "errors": total.errors,
+        "rps": (answered as f64 / seconds).round(),
+        "p50_ms": percentile(&total.latencies_us, 50.0),
+        "p99_ms": percentile(&total.latencies_us, 99.0),
+        "max_ms": percentile(&total.latencies_us, 100.0),
+    });
+    println!("{line}");
+    Ok(())
+}
