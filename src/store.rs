@@ -88,6 +88,8 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(std::io::Error),
     #[error("the store's writer has stopped")]
     WriterGone,
     #[error("a store task failed: {0}")]
@@ -281,10 +283,7 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(conn, rx, &writer_wakers))
-            .map_err(|source| StoreError::CreateDir {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(StoreError::Thread)?;
         Ok((Store { tx, path, wakers }, Writer(handle)))
     }
 
