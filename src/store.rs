@@ -27,6 +27,10 @@ const QUEUE_DEPTH: usize = 1024;
 /// How long a statement waits for a lock held by another process (an operator command)
 /// before failing; the caller's own deadline is usually shorter.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the background checkpointer copies committed WAL frames into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// WAL size at which the writer resets the log itself (see [`checkpoint_loop`]).
+const WAL_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[r#"
@@ -277,12 +281,25 @@ impl Store {
         }
         let mut conn = connect(&path, config.synchronous)?;
         migrate(&mut conn, &path)?;
+        // Checkpoints run on their own thread, not inside a commit that requests wait for.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = connect(&path, config.synchronous)?;
+        let (writer_alive, writer_gone) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer, &writer_gone))
+            .map_err(StoreError::Thread)?;
+
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let wakers = Arc::new(Wakers::default());
         let writer_wakers = Arc::clone(&wakers);
+        let wal = wal_path(&path);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(conn, rx, &writer_wakers))
+            .spawn(move || {
+                write_loop(conn, rx, &writer_wakers, &wal);
+                drop(writer_alive);
+            })
             .map_err(StoreError::Thread)?;
         Ok((Store { tx, path, wakers }, Writer(handle)))
     }
@@ -458,7 +475,46 @@ fn commit(conn: &mut Connection, ops: &mut [Op]) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers) {
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Copies committed WAL frames into the database file every [`CHECKPOINT_INTERVAL`],
+/// concurrently with the writer, until the writer thread ends.
+///
+/// Checkpointing inside a commit (SQLite's default) stalls every request waiting on that
+/// commit for as long as the random page writes and the database fsync take: tens of
+/// milliseconds on a large store. Here the writer only ever finishes the job: a PASSIVE
+/// checkpoint cannot reset the log while commits keep arriving, so once the WAL passes
+/// [`WAL_LIMIT_BYTES`] the writer truncates it, copying only the few frames this thread
+/// has not copied yet.
+fn checkpoint_loop(conn: &Connection, writer_gone: &std::sync::mpsc::Receiver<()>) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        writer_gone.recv_timeout(CHECKPOINT_INTERVAL)
+    {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "background checkpoint failed");
+        }
+    }
+}
+
+/// Resets the WAL once it has grown past `limit` bytes, keeping its disk use bounded.
+fn limit_wal(conn: &Connection, wal: &Path, limit: u64) {
+    if std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) <= limit {
+        return;
+    }
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => tracing::debug!("WAL truncated"),
+        Ok(_) => tracing::debug!("WAL truncation postponed: readers are still using it"),
+        Err(e) => tracing::warn!(error = %e, "WAL truncation failed"),
+    }
+}
+
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers, wal: &Path) {
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
     while let Some(first) = rx.blocking_recv() {
@@ -496,6 +552,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers)
         }
         wakers.wake(&woken);
         woken.clear();
+        limit_wal(&conn, wal, WAL_LIMIT_BYTES);
     }
 }
 
@@ -732,6 +789,36 @@ mod tests {
         assert!(rest.iter().all(|d| d.id != all[0].id));
         let one = reader.due("a", 10, 1, vec![]).await.expect("due");
         assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn a_wal_past_its_limit_is_truncated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal.db");
+        let conn = connect(&path, Synchronous::Normal).expect("connect");
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .expect("pragma");
+        conn.execute_batch("CREATE TABLE t (b BLOB)")
+            .expect("table");
+        for _ in 0..100 {
+            conn.execute("INSERT INTO t VALUES (zeroblob(10000))", [])
+                .expect("insert");
+        }
+        let wal = wal_path(&path);
+        let before = std::fs::metadata(&wal).expect("wal").len();
+        assert!(before > 1_000_000, "{before}");
+        limit_wal(&conn, &wal, 2 * before);
+        assert_eq!(
+            std::fs::metadata(&wal).expect("wal").len(),
+            before,
+            "under the limit: untouched"
+        );
+        limit_wal(&conn, &wal, 1_000_000);
+        assert_eq!(std::fs::metadata(&wal).expect("wal").len(), 0);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(rows, 100);
     }
 
     #[test]
