@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{ConfigError, ConfigSource};
+use crate::admin::Status;
+use crate::config::{Config, ConfigError, ConfigSource};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +26,69 @@ pub enum Command {
     CheckConfig(ConfigArg),
     /// Exit 0 if the router configured here answers its health check (for containers).
     Healthcheck(ConfigArg),
+    /// Inspect deliveries and send them again (works while the server runs).
+    #[command(subcommand)]
+    Deliveries(DeliveriesCommand),
+    /// Inspect stored events.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List deliveries, newest first.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        sink: Option<String>,
+        #[arg(long, value_enum)]
+        status: Option<Status>,
+        #[arg(long)]
+        call_id: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put deliveries of a sink back to pending, attempts reset; the server delivers them.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        sink: String,
+        #[command(flatten)]
+        which: ReplayWhich,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ReplayWhich {
+    /// Every dead delivery of the sink.
+    #[arg(long)]
+    pub dead: bool,
+    /// Every delivery of this call to the sink.
+    #[arg(long)]
+    pub call_id: Option<String>,
+    /// One delivery, by id.
+    #[arg(long)]
+    pub id: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// The stored events of a call and their delivery status per sink.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        call_id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -35,7 +99,16 @@ pub struct ConfigArg {
 }
 
 impl ConfigArg {
-    pub fn load(&self) -> Result<crate::config::Config, ConfigError> {
-        crate::config::Config::load(&ConfigSource::resolve(self.config.clone()))
+    fn source(&self) -> ConfigSource {
+        ConfigSource::resolve(self.config.clone())
+    }
+
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.source())
+    }
+
+    /// The store's path, for commands that need nothing else (and so no secret).
+    pub fn store_path(&self) -> Result<PathBuf, ConfigError> {
+        Config::store_path(&self.source())
     }
 }

@@ -4,6 +4,7 @@
 //! Every error names the key and the value it refused, so an operator can fix a config
 //! without reading our source.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::routing::EventSelector;
+use crate::redact::Redaction;
+use crate::routing::{EventSelector, Filter};
 use crate::signature::Secret;
 
 /// Where `serve` and `check-config` look when no `--config` is given.
@@ -54,6 +56,12 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Syntax(FigmentReport),
+    #[error("`sinks[{index}]` ({name}): {report}")]
+    Sink {
+        index: usize,
+        name: String,
+        report: FigmentReport,
+    },
     #[error("`{key}` = {value:?}: {reason}")]
     Invalid {
         key: String,
@@ -200,24 +208,67 @@ impl Default for RawLog {
     }
 }
 
+/// A `[[sinks]]` table: the keys every sink has, and the rest for its type to check.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum RawSink {
-    File(RawFileSink),
+struct RawSink {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default = "all_events")]
+    events: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    filter: BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    redact: Vec<String>,
+    #[serde(flatten)]
+    options: figment::value::Dict,
 }
+
+const COMMON_SINK_KEYS: &str = "name, type, events, filter, redact";
 
 fn all_events() -> Vec<String> {
     vec![EventSelector::ALL.to_owned()]
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFileSink {
-    name: String,
-    #[serde(default = "all_events")]
-    events: Vec<String>,
+struct FileOptions {
     path: String,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpOptions {
+    url: String,
+    secret: Option<String>,
+    #[serde(default = "default_http_timeout")]
+    timeout: String,
+    #[serde(default = "default_http_concurrency")]
+    concurrency: u64,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+fn default_http_timeout() -> String {
+    "10s".into()
+}
+
+fn default_http_concurrency() -> u64 {
+    8
+}
+
+/// Headers the HTTP sink sets itself; a static header may not replace them.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "user-agent",
+    "idempotency-key",
+    "x-vyora-event",
+    "x-vyora-source",
+    "x-vyora-signature",
+];
 
 // ---------------------------------------------------------------------------------------
 // Validated settings: what the rest of the program uses.
@@ -286,17 +337,45 @@ pub enum LogFormat {
 pub struct SinkConfig {
     pub name: String,
     pub events: EventSelector,
+    pub filter: Filter,
+    pub redact: Redaction,
     pub kind: SinkKind,
 }
 
 #[derive(Debug, Clone)]
 pub enum SinkKind {
     File { path: PathBuf },
+    Http(Box<HttpSinkConfig>),
+}
+
+#[derive(Clone)]
+pub struct HttpSinkConfig {
+    pub url: reqwest::Url,
+    /// Re-signs what is forwarded, so the receiver can verify it as Vyora's.
+    pub secret: Option<Secret>,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    /// Static headers; every value is marked sensitive, so `Debug` never shows it.
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl Config {
     /// Reads, merges the environment, and validates.
     pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        let env_secrets = std::env::var(SECRET_ENV).ok();
+        Config::from_figment(Config::figment(source)?, env_secrets)
+    }
+
+    /// Only `store.path`, for operator commands: the file must still parse, but no secret
+    /// is needed to look at the store.
+    pub fn store_path(source: &ConfigSource) -> Result<PathBuf, ConfigError> {
+        let raw: RawConfig = Config::figment(source)?
+            .extract()
+            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))?;
+        Ok(PathBuf::from(raw.store.path))
+    }
+
+    fn figment(source: &ConfigSource) -> Result<Figment, ConfigError> {
         let toml = match source {
             ConfigSource::File(path) => {
                 // figment treats a missing file as empty; a missing config is an error.
@@ -308,13 +387,9 @@ impl Config {
             }
             ConfigSource::Embedded => Toml::string(EMBEDDED_DEFAULT),
         };
-        let env_secrets = std::env::var(SECRET_ENV).ok();
-        Config::from_figment(
-            Figment::new()
-                .merge(toml)
-                .merge(Env::prefixed(ENV_PREFIX).split("__")),
-            env_secrets,
-        )
+        Ok(Figment::new()
+            .merge(toml)
+            .merge(Env::prefixed(ENV_PREFIX).split("__")))
     }
 
     /// Parses a TOML string alone, without the environment (tests and tools).
@@ -515,30 +590,157 @@ impl RawConfig {
         for secret in &mut shown.webhook.secrets {
             *secret = REDACTED.to_owned();
         }
+        for sink in &mut shown.sinks {
+            sink.redact_secrets();
+        }
         // Serializing plain strings, numbers and tables cannot fail; an empty rendering
         // would only make `check-config` print less.
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }
 
+impl fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &redact_url_password(self.url.as_str()))
+            .field("secret", &self.secret)
+            .field("timeout", &self.timeout)
+            .field("concurrency", &self.concurrency)
+            .field("headers", &self.headers)
+            .finish()
+    }
+}
+
+/// `scheme://user:password@host` with the password replaced; other text as it is.
+fn redact_url_password(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Only fails for URLs that cannot have a password, which this one has.
+            let _ = parsed.set_password(Some(REDACTED));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 impl RawSink {
+    fn key(&self, i: usize, field: &str) -> String {
+        format!("sinks[{i}].{field}")
+    }
+
+    /// The type's own keys, checked by `T` with every unknown key an error.
+    fn options<T: serde::de::DeserializeOwned>(
+        &self,
+        i: usize,
+        own_keys: &str,
+    ) -> Result<T, ConfigError> {
+        let value = figment::value::Value::Dict(figment::value::Tag::Default, self.options.clone());
+        value.deserialize::<T>().map_err(|e| match &e.kind {
+            figment::error::Kind::UnknownField(field, _) => invalid(
+                self.key(i, field),
+                field,
+                format!(
+                    "is not a key of a {} sink; its keys are {COMMON_SINK_KEYS}, {own_keys}",
+                    self.kind
+                ),
+            ),
+            _ => ConfigError::Sink {
+                index: i,
+                name: self.name.clone(),
+                report: FigmentReport(Box::new(e)),
+            },
+        })
+    }
+
     fn validate(&self, i: usize) -> Result<SinkConfig, ConfigError> {
-        match self {
-            RawSink::File(f) => {
-                if f.path.is_empty() {
-                    return Err(invalid(
-                        format!("sinks[{i}].path"),
-                        &f.path,
-                        "must name a file",
-                    ));
+        let kind = match self.kind.as_str() {
+            "file" => {
+                let o: FileOptions = self.options(i, "path")?;
+                if o.path.is_empty() {
+                    return Err(invalid(self.key(i, "path"), &o.path, "must name a file"));
                 }
-                Ok(SinkConfig {
-                    name: sink_name(&format!("sinks[{i}].name"), &f.name)?,
-                    events: EventSelector::parse(&format!("sinks[{i}].events"), &f.events)?,
-                    kind: SinkKind::File {
-                        path: PathBuf::from(&f.path),
-                    },
-                })
+                SinkKind::File {
+                    path: PathBuf::from(&o.path),
+                }
+            }
+            "http" => {
+                let options = self.options(i, "url, secret, timeout, concurrency, headers")?;
+                SinkKind::Http(Box::new(self.http(i, options)?))
+            }
+            other => {
+                return Err(invalid(
+                    self.key(i, "type"),
+                    other,
+                    "is not a sink type; use \"file\" or \"http\"",
+                ));
+            }
+        };
+        Ok(SinkConfig {
+            name: sink_name(&self.key(i, "name"), &self.name)?,
+            events: EventSelector::parse(&self.key(i, "events"), &self.events)?,
+            filter: Filter::parse(&self.key(i, "filter"), &self.filter)?,
+            redact: Redaction::parse(&self.key(i, "redact"), &self.redact)?,
+            kind,
+        })
+    }
+
+    fn http(&self, i: usize, o: HttpOptions) -> Result<HttpSinkConfig, ConfigError> {
+        let url = reqwest::Url::parse(&o.url).map_err(|e| {
+            invalid(
+                self.key(i, "url"),
+                redact_url_password(&o.url),
+                format!("not a URL ({e})"),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                self.key(i, "url"),
+                redact_url_password(&o.url),
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        let secret = match &o.secret {
+            None => None,
+            Some(s) => Some(
+                Secret::new(s.as_bytes())
+                    .map_err(|e| invalid(self.key(i, "secret"), "", e.to_string()))?,
+            ),
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in &o.headers {
+            let key = self.key(i, &format!("headers.{name}"));
+            let header = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| invalid(&key, name, "is not a valid header name"))?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(invalid(&key, name, "is set by the router itself"));
+            }
+            let mut value = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|_| invalid(&key, REDACTED, "is not a valid header value"))?;
+            value.set_sensitive(true);
+            headers.insert(header, value);
+        }
+        Ok(HttpSinkConfig {
+            url,
+            secret,
+            timeout: duration(&self.key(i, "timeout"), &o.timeout)?,
+            concurrency: to_usize(&self.key(i, "concurrency"), o.concurrency)?,
+            headers,
+        })
+    }
+
+    /// Replaces what must never be shown: secrets, header values, URL passwords.
+    fn redact_secrets(&mut self) {
+        use figment::value::{Tag, Value};
+        for (key, value) in &mut self.options {
+            match (key.as_str(), value) {
+                ("secret", v) => *v = Value::String(Tag::Default, REDACTED.to_owned()),
+                ("headers", Value::Dict(_, headers)) => {
+                    for v in headers.values_mut() {
+                        *v = Value::String(Tag::Default, REDACTED.to_owned());
+                    }
+                }
+                ("url", Value::String(_, url)) => *url = redact_url_password(url),
+                _ => {}
             }
         }
     }
@@ -635,12 +837,12 @@ mod tests {
             ("[log]\nformat = \"xml\"\n", "log.format", "xml"),
             (
                 "[[sinks]]\ntype = \"kafka\"\nname = \"k\"\n",
-                "sinks.0.type",
+                "sinks[0].type",
                 "kafka",
             ),
             (
                 "[[sinks]]\ntype = \"file\"\nname = \"f\"\npth = \"x\"\n",
-                "sinks.0",
+                "sinks[0].pth",
                 "pth",
             ),
             (
@@ -668,12 +870,99 @@ mod tests {
         }
     }
 
+    const HTTP_SINK: &str = r#"
+[[sinks]]
+name = "crm"
+type = "http"
+url = "https://user:url-password@crm.internal/hooks/vyora"
+secret = "sink-secret-value"
+timeout = "3s"
+concurrency = 4
+headers = { "Authorization" = "Bearer header-secret-value" }
+events = ["call_completed"]
+filter = { agent_name = ["Home Loan Agent"], classification = ["Interested"] }
+redact = ["transcript", "phone_number"]
+"#;
+
     #[test]
     fn the_redacted_rendering_never_shows_a_secret() {
-        let c = Config::from_toml(MINIMAL).expect("valid");
+        let c = Config::from_toml(&format!("{MINIMAL}{HTTP_SINK}")).expect("valid");
         let shown = c.redacted_toml();
-        assert!(!shown.contains("s3cret-value"), "{shown}");
+        for secret in [
+            "s3cret-value",
+            "sink-secret-value",
+            "header-secret-value",
+            "url-password",
+        ] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+            assert!(
+                !format!("{c:?}").contains(secret),
+                "{secret} in Debug output"
+            );
+        }
         assert!(shown.contains(REDACTED), "{shown}");
-        assert!(!format!("{c:?}").contains("s3cret-value"));
+        assert!(shown.contains("crm.internal/hooks/vyora"), "{shown}");
+    }
+
+    #[test]
+    fn an_http_sink_is_read_with_its_filter_and_redaction() {
+        let c = Config::from_toml(&format!("{MINIMAL}{HTTP_SINK}")).expect("valid");
+        let sink = &c.sinks[0];
+        assert!(!sink.redact.is_empty());
+        assert!(sink.events.matches("call_completed") && !sink.events.matches("call_started"));
+        let SinkKind::Http(http) = &sink.kind else {
+            panic!("an http sink: {sink:?}");
+        };
+        assert_eq!(http.timeout, Duration::from_secs(3));
+        assert_eq!(http.concurrency, 4);
+        assert!(http.secret.is_some());
+        assert_eq!(http.headers.len(), 1);
+    }
+
+    #[test]
+    fn http_sink_errors_name_the_key_and_the_value() {
+        let sink =
+            |extra: &str| format!("{MINIMAL}[[sinks]]\nname = \"crm\"\ntype = \"http\"\n{extra}");
+        let cases = [
+            ("url = \"ftp://x/y\"\n", "sinks[0].url", "ftp://x/y"),
+            ("url = \"not a url\"\n", "sinks[0].url", "not a url"),
+            (
+                "url = \"http://x\"\nconcurrency = 0\n",
+                "sinks[0].concurrency",
+                "0",
+            ),
+            (
+                "url = \"http://x\"\ntimeout = \"never\"\n",
+                "sinks[0].timeout",
+                "never",
+            ),
+            (
+                "url = \"http://x\"\nheaders = { \"X-Vyora-Signature\" = \"v\" }\n",
+                "sinks[0].headers.X-Vyora-Signature",
+                "X-Vyora-Signature",
+            ),
+            (
+                "url = \"http://x\"\nfilter = { agent = [\"a\"] }\n",
+                "sinks[0].filter.agent",
+                "agent",
+            ),
+            (
+                "url = \"http://x\"\nredact = [\"email\"]\n",
+                "sinks[0].redact",
+                "email",
+            ),
+            (
+                "url = \"http://x\"\npath = \"p\"\n",
+                "sinks[0].path",
+                "path",
+            ),
+        ];
+        for (extra, key, value) in cases {
+            let e = error_of(&sink(extra));
+            assert!(
+                e.contains(key) && e.contains(value),
+                "error {e:?} should name {key} and {value}"
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliveryConfig;
+use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
 use crate::store::{self, Delivery, Reader, Settlement, Store, StoreError};
 
@@ -20,7 +21,7 @@ use crate::store::{self, Delivery, Reader, Settlement, Store, StoreError};
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// A dispatcher re-checks the outbox at least this often, in case a wake-up was missed
 /// (rows written by another process, such as an operator's replay).
-const POLL_FALLBACK: Duration = Duration::from_secs(5);
+const POLL_FALLBACK: Duration = Duration::from_secs(2);
 /// Under load, a dispatcher fetches at most once per this interval (unless it is draining
 /// a backlog of full batches): a sink then gets fewer, larger batches, which saves an
 /// fsync, a query and a store write per batch. An event arriving at a quiet time is
@@ -96,10 +97,16 @@ impl RetryPolicy {
 }
 
 pub struct Dispatcher {
+    shared: Arc<Shared>,
+    reader: Reader,
+}
+
+/// What every delivery task of one sink needs.
+struct Shared {
     sink: Arc<dyn Sink>,
     store: Store,
-    reader: Reader,
     policy: RetryPolicy,
+    redaction: Redaction,
 }
 
 impl Dispatcher {
@@ -107,25 +114,29 @@ impl Dispatcher {
         sink: Arc<dyn Sink>,
         store: Store,
         policy: RetryPolicy,
+        redaction: Redaction,
     ) -> Result<Dispatcher, StoreError> {
         let reader = store.reader()?;
         Ok(Dispatcher {
-            sink,
-            store,
+            shared: Arc::new(Shared {
+                sink,
+                store,
+                policy,
+                redaction,
+            }),
             reader,
-            policy,
         })
     }
 
     /// Runs until `stop` is cancelled, then gives in-flight deliveries up to `drain` to
     /// finish. Whatever is still unfinished stays pending and is delivered after restart.
     pub async fn run(self, stop: CancellationToken, drain: Duration) {
-        let name = self.sink.name().to_owned();
-        let waker = self.store.waker(&name);
-        let slots = self.sink.concurrency().max(1);
+        let name = self.shared.sink.name().to_owned();
+        let waker = self.shared.store.waker(&name);
+        let slots = self.shared.sink.concurrency().max(1);
         let mut in_flight: JoinSet<Vec<i64>> = JoinSet::new();
         let mut busy: HashSet<i64> = HashSet::new();
-        let batch_size = self.sink.batch_size().max(1);
+        let batch_size = self.shared.sink.batch_size().max(1);
         let mut last_fetch: Option<Instant> = None;
         let mut backlog = false;
         loop {
@@ -154,12 +165,7 @@ impl Dispatcher {
                     Ok(batch) => {
                         backlog = batch.len() == batch_size;
                         busy.extend(batch.iter().map(|d| d.id));
-                        in_flight.spawn(attempt(
-                            Arc::clone(&self.sink),
-                            self.store.clone(),
-                            self.policy.clone(),
-                            batch,
-                        ));
+                        in_flight.spawn(attempt(Arc::clone(&self.shared), batch));
                     }
                     Err(e) => {
                         tracing::error!(sink = %name, error = %e, "cannot read the outbox");
@@ -220,20 +226,43 @@ impl Dispatcher {
 }
 
 /// Delivers one batch and records the outcome; returns the row ids it handled.
-async fn attempt(
-    sink: Arc<dyn Sink>,
-    store: Store,
-    policy: RetryPolicy,
-    batch: Vec<Delivery>,
-) -> Vec<i64> {
-    let results = sink.deliver(&batch).await;
+async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
+    let Shared {
+        sink,
+        store,
+        policy,
+        redaction,
+    } = &*shared;
+    let ids = batch.iter().map(|d| d.id).collect();
+    let mut settlements = Vec::with_capacity(batch.len());
+    let mut ready = Vec::with_capacity(batch.len());
+    for mut d in batch {
+        // Redacted per sink at delivery time: the stored original stays whole, and what
+        // this sink gets (and any signature over it) is the redacted form.
+        if !redaction.is_empty() {
+            match redaction.apply(&d.payload) {
+                Ok(redacted) => d.payload = redacted,
+                Err(e) => {
+                    settlements.push(policy.settle(
+                        &d,
+                        Err(SinkError::NotJson(Arc::new(e))),
+                        sink.name(),
+                    ));
+                    continue;
+                }
+            }
+        }
+        ready.push(d);
+    }
+    let results = sink.deliver(&ready).await;
     // Rows a sink did not answer for (there should be none) get no settlement: they stay
     // pending and are tried again.
-    let settlements: Vec<Settlement> = batch
-        .iter()
-        .zip(results)
-        .map(|(d, result)| policy.settle(d, result, sink.name()))
-        .collect();
+    settlements.extend(
+        ready
+            .iter()
+            .zip(results)
+            .map(|(d, result)| policy.settle(d, result, sink.name())),
+    );
     for tries in 1..=SETTLE_TRIES {
         match store.settle(settlements.clone()).await {
             Ok(()) => break,
@@ -245,7 +274,7 @@ async fn attempt(
             }
         }
     }
-    batch.iter().map(|d| d.id).collect()
+    ids
 }
 
 #[cfg(test)]
@@ -323,8 +352,13 @@ mod tests {
             delivered: std::sync::Mutex::new(Vec::new()),
         });
         let stop = CancellationToken::new();
-        let dispatcher =
-            Dispatcher::new(sink.clone(), store.clone(), policy(max_attempts)).expect("dispatcher");
+        let dispatcher = Dispatcher::new(
+            sink.clone(),
+            store.clone(),
+            policy(max_attempts),
+            Redaction::default(),
+        )
+        .expect("dispatcher");
         tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));
         let event = Event::from_webhook(
             None,

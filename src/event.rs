@@ -44,7 +44,19 @@ pub struct Event {
     pub call_id: Option<String>,
     pub dedup_key: String,
     pub source: Source,
+    pub attributes: Attributes,
     pub payload: Bytes,
+}
+
+/// What routing filters can match on, read from the payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
+    pub agent_id: Option<String>,
+    pub agent_name: Option<String>,
+    pub campaign_id: Option<String>,
+    pub direction: Option<String>,
+    /// `analysis.classification`
+    pub classification: Option<String>,
 }
 
 /// Why a verified body is not an event we can route. Each message is shown to the sender.
@@ -74,6 +86,21 @@ const MAX_CALL_ID_LEN: usize = 256;
 struct Head {
     event: Option<serde_json::Value>,
     call_id: Option<serde_json::Value>,
+    agent_id: Option<serde_json::Value>,
+    agent_name: Option<serde_json::Value>,
+    campaign_id: Option<serde_json::Value>,
+    direction: Option<serde_json::Value>,
+    analysis: Option<serde_json::Value>,
+}
+
+/// A scalar as text; anything else (null, objects, arrays) is absent.
+fn text(value: Option<serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 impl Event {
@@ -120,11 +147,22 @@ impl Event {
             Some(_) => return Err(EventError::BadCallId),
         };
         let dedup_key = dedup_key(call_id.as_deref(), &name, &payload);
+        let attributes = Attributes {
+            agent_id: text(head.agent_id),
+            agent_name: text(head.agent_name),
+            campaign_id: text(head.campaign_id),
+            direction: text(head.direction),
+            classification: text(
+                head.analysis
+                    .and_then(|mut a| a.get_mut("classification").map(serde_json::Value::take)),
+            ),
+        };
         Ok(Event {
             name,
             call_id,
             dedup_key,
             source: Source::Webhook,
+            attributes,
             payload,
         })
     }
@@ -168,6 +206,25 @@ mod tests {
         assert_eq!(e.name, "call_completed");
         assert_eq!(e.call_id.as_deref(), Some("abc123xyz"));
         assert_eq!(e.dedup_key, "abc123xyz:call_completed");
+    }
+
+    #[test]
+    fn routing_attributes_are_read_from_the_payload() {
+        let e = parse(
+            None,
+            r#"{"event":"all_processing_completed","call_id":"c1","agent_id":"a-1","agent_name":"Home Loan Agent","campaign_id":"campaign_456","direction":"outbound","analysis":{"summary":"s","classification":"Interested"}}"#,
+        )
+        .expect("valid event");
+        assert_eq!(
+            e.attributes,
+            Attributes {
+                agent_id: Some("a-1".into()),
+                agent_name: Some("Home Loan Agent".into()),
+                campaign_id: Some("campaign_456".into()),
+                direction: Some("outbound".into()),
+                classification: Some("Interested".into()),
+            }
+        );
     }
 
     #[test]

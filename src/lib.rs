@@ -12,10 +12,12 @@
 //! - [`sinks`]: the destinations behind one trait (a JSON Lines file, for now).
 //! - [`config`] and [`cli`]: the TOML file, environment overrides and commands.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
 pub mod event;
+pub mod redact;
 pub mod routing;
 pub mod server;
 pub mod signature;
@@ -59,7 +61,12 @@ pub async fn run(
     let mut dispatchers = JoinSet::new();
     for sink_config in &config.sinks {
         let sink = sinks::build(sink_config)?;
-        let dispatcher = Dispatcher::new(sink, store.clone(), policy.clone())?;
+        let dispatcher = Dispatcher::new(
+            sink,
+            store.clone(),
+            policy.clone(),
+            sink_config.redact.clone(),
+        )?;
         dispatchers.spawn(dispatcher.run(stop_dispatch.clone(), DISPATCH_DRAIN));
     }
 

@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
-use vyora_router::cli::{Cli, Command};
+use vyora_router::admin;
+use vyora_router::cli::{Cli, Command, DeliveriesCommand, EventsCommand};
 use vyora_router::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
@@ -33,6 +34,70 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = arg.load()?;
             let _log = init_logging(&config)?;
             runtime()?.block_on(serve(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deliveries(DeliveriesCommand::List {
+            config,
+            sink,
+            status,
+            call_id,
+            limit,
+            json,
+        }) => {
+            let conn = admin::open(&config.store_path()?)?;
+            let filter = admin::ListFilter {
+                sink,
+                status,
+                call_id,
+                limit,
+            };
+            let rows = admin::list(&conn, &filter)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{}", admin::render_deliveries(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deliveries(DeliveriesCommand::Replay {
+            config,
+            sink,
+            which,
+            json,
+        }) => {
+            let conn = admin::open(&config.store_path()?)?;
+            let which = match (which.dead, which.call_id, which.id) {
+                (_, Some(call), _) => admin::Replay::CallId(call),
+                (_, _, Some(id)) => admin::Replay::Id(id),
+                _ => admin::Replay::Dead,
+            };
+            let replayed = admin::replay(&conn, &sink, &which)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "sink": sink, "replayed": replayed })
+                );
+            } else {
+                println!(
+                    "{replayed} deliveries to {sink} are pending again; the running server sends them shortly"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events(EventsCommand::Show {
+            config,
+            call_id,
+            json,
+        }) => {
+            let conn = admin::open(&config.store_path()?)?;
+            let events = admin::show_events(&conn, &call_id)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else if events.is_empty() {
+                println!("no stored events for call {call_id}");
+            } else {
+                println!("{}", admin::render_events(&events));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Healthcheck(arg) => {

@@ -1,11 +1,11 @@
 //! Routing: which sinks receive which event. Decided once, when the event is stored, so
 //! the outbox rows record it and a later config change never rewrites history.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::config::{ConfigError, SinkConfig};
-use crate::event::Event;
+use crate::event::{Attributes, Event};
 
 /// The event names a sink receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +53,80 @@ impl EventSelector {
     }
 }
 
+/// A payload attribute a filter can test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attribute {
+    AgentId,
+    AgentName,
+    CampaignId,
+    Direction,
+    Classification,
+}
+
+impl Attribute {
+    const KEYS: [(&'static str, Attribute); 5] = [
+        ("agent_id", Attribute::AgentId),
+        ("agent_name", Attribute::AgentName),
+        ("campaign_id", Attribute::CampaignId),
+        ("direction", Attribute::Direction),
+        ("classification", Attribute::Classification),
+    ];
+
+    fn of(self, a: &Attributes) -> Option<&str> {
+        match self {
+            Attribute::AgentId => a.agent_id.as_deref(),
+            Attribute::AgentName => a.agent_name.as_deref(),
+            Attribute::CampaignId => a.campaign_id.as_deref(),
+            Attribute::Direction => a.direction.as_deref(),
+            Attribute::Classification => a.classification.as_deref(),
+        }
+    }
+}
+
+/// Conditions on what an event says: every key must match, any of a key's values will do.
+/// An event that lacks a filtered attribute does not match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter(Vec<(Attribute, BTreeSet<String>)>);
+
+impl Filter {
+    pub fn parse(key: &str, raw: &BTreeMap<String, Vec<String>>) -> Result<Filter, ConfigError> {
+        let mut conditions = Vec::with_capacity(raw.len());
+        for (name, values) in raw {
+            let attribute = Attribute::KEYS
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, a)| *a)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: format!("{key}.{name}"),
+                    value: name.clone(),
+                    reason: format!(
+                        "is not a filterable field; use {}",
+                        Attribute::KEYS.map(|(k, _)| k).join(", ")
+                    ),
+                })?;
+            if values.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: format!("{key}.{name}"),
+                    value: "[]".into(),
+                    reason: "lists no value, so nothing could match".into(),
+                });
+            }
+            conditions.push((attribute, values.iter().cloned().collect()));
+        }
+        Ok(Filter(conditions))
+    }
+
+    pub fn matches(&self, attributes: &Attributes) -> bool {
+        self.0
+            .iter()
+            .all(|(attribute, values)| attribute.of(attributes).is_some_and(|v| values.contains(v)))
+    }
+}
+
 /// The routing table built from the configured sinks.
 #[derive(Debug, Clone)]
 pub struct Router {
-    routes: Vec<(Arc<str>, EventSelector)>,
+    routes: Vec<(Arc<str>, EventSelector, Filter)>,
 }
 
 impl Router {
@@ -64,7 +134,13 @@ impl Router {
         Router {
             routes: sinks
                 .iter()
-                .map(|s| (Arc::from(s.name.as_str()), s.events.clone()))
+                .map(|s| {
+                    (
+                        Arc::from(s.name.as_str()),
+                        s.events.clone(),
+                        s.filter.clone(),
+                    )
+                })
                 .collect(),
         }
     }
@@ -73,8 +149,10 @@ impl Router {
     pub fn sinks_for(&self, event: &Event) -> Vec<Arc<str>> {
         self.routes
             .iter()
-            .filter(|(_, selector)| selector.matches(&event.name))
-            .map(|(name, _)| Arc::clone(name))
+            .filter(|(_, selector, filter)| {
+                selector.matches(&event.name) && filter.matches(&event.attributes)
+            })
+            .map(|(name, _, _)| Arc::clone(name))
             .collect()
     }
 }
@@ -99,6 +177,43 @@ mod tests {
             .expect("valid");
         assert!(s.matches("call_completed"));
         assert!(!s.matches("call_started"));
+    }
+
+    fn filter(pairs: &[(&str, &[&str])]) -> Result<Filter, ConfigError> {
+        let raw = pairs
+            .iter()
+            .map(|(k, vs)| ((*k).to_owned(), names(vs)))
+            .collect();
+        Filter::parse("sinks[0].filter", &raw)
+    }
+
+    #[test]
+    fn a_filter_needs_every_key_to_match_and_any_of_its_values() {
+        let f = filter(&[
+            ("agent_name", &["Home Loan Agent", "Admission Enquiry"]),
+            ("classification", &["Interested"]),
+        ])
+        .expect("valid");
+        let mut a = Attributes {
+            agent_name: Some("Admission Enquiry".into()),
+            classification: Some("Interested".into()),
+            ..Attributes::default()
+        };
+        assert!(f.matches(&a));
+        a.classification = Some("Not Interested".into());
+        assert!(!f.matches(&a));
+        a.classification = None;
+        assert!(!f.matches(&a), "a missing attribute does not match");
+        assert!(
+            Filter::default().matches(&a),
+            "no filter matches everything"
+        );
+    }
+
+    #[test]
+    fn a_filter_on_an_unknown_key_is_a_config_error_naming_it() {
+        let err = filter(&[("agent", &["x"])]).expect_err("invalid");
+        assert!(err.to_string().contains("sinks[0].filter.agent"), "{err}");
     }
 
     #[test]

@@ -43,11 +43,13 @@ CREATE TABLE events (
     received_at INTEGER NOT NULL,   -- milliseconds since the Unix epoch
     payload     BLOB    NOT NULL    -- the exact bytes that were signed
 );
+CREATE INDEX events_by_call ON events (call_id);
 
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY,
     event_id        INTEGER NOT NULL REFERENCES events (id),
     sink            TEXT    NOT NULL,
+    call_id         TEXT,   -- copied from the event: per-call ordering is decided here
     status          TEXT    NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
@@ -56,6 +58,7 @@ CREATE TABLE outbox (
 );
 -- Only pending rows are ever searched by due time; delivered ones stay out of the index.
 CREATE INDEX outbox_due ON outbox (sink, next_attempt_at) WHERE status = 'pending';
+CREATE INDEX outbox_pending_by_call ON outbox (sink, call_id, id) WHERE status = 'pending';
 
 CREATE TABLE quarantine (
     id           INTEGER PRIMARY KEY,
@@ -396,11 +399,11 @@ impl Op {
                 }
                 let event_id = tx.last_insert_rowid();
                 let mut row = tx.prepare_cached(
-                    "INSERT INTO outbox (event_id, sink, status, next_attempt_at, updated_at)
-                     VALUES (?1, ?2, 'pending', ?3, ?3)",
+                    "INSERT INTO outbox (event_id, sink, call_id, status, next_attempt_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4)",
                 )?;
                 for sink in sinks.iter() {
-                    row.execute(params![event_id, &**sink, now])?;
+                    row.execute(params![event_id, &**sink, event.call_id, now])?;
                 }
                 *outcome = Ingested::Stored {
                     deliveries: sinks.len(),
@@ -574,7 +577,9 @@ impl Reader {
     }
 
     /// Pending rows of `sink` that are due, oldest first, skipping `busy` (rows already
-    /// being delivered). Stops at `limit` rows or once `max_bytes` of payload are taken,
+    /// being delivered) and rows whose call has an earlier row still pending on this sink:
+    /// a call's events reach a sink in the order they were stored, while other calls go
+    /// on. A dead row no longer holds its call's later rows back. Stops at `limit` rows or once `max_bytes` of payload are taken,
     /// so a batch's memory is bounded whatever the payload sizes.
     pub async fn due(
         &self,
@@ -591,6 +596,10 @@ impl Reader {
                 "SELECT o.id, o.attempts, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.payload
                  FROM outbox o JOIN events e ON e.id = o.event_id
                  WHERE o.sink = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
+                   AND NOT EXISTS (
+                       SELECT 1 FROM outbox earlier
+                       WHERE earlier.sink = o.sink AND earlier.call_id = o.call_id
+                         AND earlier.status = 'pending' AND earlier.id < o.id)
                  ORDER BY o.next_attempt_at, o.id LIMIT ?3",
             )?;
             let fetch = i64::try_from(limit + busy.len()).unwrap_or(i64::MAX);
@@ -819,6 +828,57 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
             .expect("count");
         assert_eq!(rows, 100);
+    }
+
+    #[tokio::test]
+    async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = open(dir.path());
+        store
+            .ingest(event("c1", "call_completed"), sinks(&["a"]))
+            .await
+            .expect("stored");
+        store
+            .ingest(event("c1", "all_processing_completed"), sinks(&["a"]))
+            .await
+            .expect("stored");
+        store
+            .ingest(event("c2", "call_completed"), sinks(&["a"]))
+            .await
+            .expect("stored");
+        let reader = store.reader().expect("reader");
+        let due = reader.due("a", 10, usize::MAX, vec![]).await.expect("due");
+        let keys: Vec<_> = due.iter().map(|d| d.dedup_key.as_str()).collect();
+        assert_eq!(keys, ["c1:call_completed", "c2:call_completed"]);
+
+        // Retrying still holds the later event back...
+        let first = due[0].id;
+        let retry = Settlement::Retry {
+            id: first,
+            at: now(),
+            error: "down".into(),
+        };
+        store.settle(vec![retry]).await.expect("settled");
+        let due = reader
+            .due("a", 10, usize::MAX, vec![first])
+            .await
+            .expect("due");
+        assert!(
+            due.iter()
+                .all(|d| d.dedup_key != "c1:all_processing_completed")
+        );
+
+        // ...a dead one no longer does.
+        let dead = Settlement::Dead {
+            id: first,
+            error: "gone".into(),
+        };
+        store.settle(vec![dead]).await.expect("settled");
+        let due = reader.due("a", 10, usize::MAX, vec![]).await.expect("due");
+        assert!(
+            due.iter()
+                .any(|d| d.dedup_key == "c1:all_processing_completed")
+        );
     }
 
     #[test]

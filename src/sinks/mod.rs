@@ -1,6 +1,7 @@
 //! Sinks: where events go. One [`Sink`] trait, one file per kind; the dispatcher drives them.
 
 pub mod file;
+pub mod http;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -43,19 +44,35 @@ pub enum SinkError {
         path: PathBuf,
         source: Arc<std::io::Error>,
     },
-    #[error("the payload is not JSON, so it cannot be written as a JSON line: {0}")]
+    #[error("the payload is not JSON: {0}")]
     NotJson(Arc<serde_json::Error>),
+    #[error("request failed: {0}")]
+    HttpTransport(Arc<reqwest::Error>),
+    #[error("answered {status}: {snippet:?}")]
+    HttpStatus {
+        status: u16,
+        snippet: String,
+        permanent: bool,
+        retry_after: Option<Duration>,
+    },
 }
 
 impl SinkError {
     /// A permanent failure goes dead at once: retrying the same bytes cannot succeed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, SinkError::NotJson(_))
+        match self {
+            SinkError::NotJson(_) => true,
+            SinkError::HttpStatus { permanent, .. } => *permanent,
+            SinkError::FileIo { .. } | SinkError::HttpTransport(_) => false,
+        }
     }
 
     /// A wait the destination asked for, which the retry honours.
     pub fn retry_after(&self) -> Option<Duration> {
-        None
+        match self {
+            SinkError::HttpStatus { retry_after, .. } => *retry_after,
+            _ => None,
+        }
     }
 }
 
@@ -68,10 +85,16 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("sink {name:?}: cannot set up the HTTP client: {source}")]
+    Http {
+        name: String,
+        source: reqwest::Error,
+    },
 }
 
 pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, BuildError> {
     match &config.kind {
         SinkKind::File { path } => Ok(Arc::new(file::FileSink::open(&config.name, path)?)),
+        SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http)?)),
     }
 }

@@ -1,0 +1,275 @@
+//! Operator commands on the store: list deliveries, replay them, show a call's events.
+//!
+//! They work on the same database while the server runs: reads never block it (WAL), and
+//! a replay is one short write transaction that the running dispatchers pick up on their
+//! next look at the outbox.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use comfy_table::Table;
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+use rusqlite::{Connection, OpenFlags, params};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Status {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+/// Which rows `deliveries list` shows.
+#[derive(Debug, Default)]
+pub struct ListFilter {
+    pub sink: Option<String>,
+    pub status: Option<Status>,
+    pub call_id: Option<String>,
+    pub limit: usize,
+}
+
+/// Which rows of a sink `deliveries replay` puts back to pending.
+#[derive(Debug)]
+pub enum Replay {
+    Dead,
+    CallId(String),
+    Id(i64),
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub call_id: Option<String>,
+    pub event: String,
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    /// RFC 3339, for pending rows only.
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventRow {
+    pub id: String,
+    pub event: String,
+    pub source: String,
+    pub received_at: String,
+    pub deliveries: Vec<SinkStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SinkStatus {
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+fn rfc3339(ms: i64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// Opens an existing store; a wrong path is an error, not a new empty database.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+pub fn list(conn: &Connection, filter: &ListFilter) -> Result<Vec<DeliveryRow>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT o.id, e.call_id, e.event, o.sink, o.status, o.attempts, o.next_attempt_at, o.last_error
+         FROM outbox o JOIN events e ON e.id = o.event_id
+         WHERE (?1 IS NULL OR o.sink = ?1) AND (?2 IS NULL OR o.status = ?2) AND (?3 IS NULL OR e.call_id = ?3)
+         ORDER BY o.id DESC LIMIT ?4",
+    )?;
+    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(
+        params![
+            filter.sink,
+            filter.status.map(Status::as_str),
+            filter.call_id,
+            limit
+        ],
+        |r| {
+            let status: String = r.get(4)?;
+            let next: i64 = r.get(6)?;
+            Ok(DeliveryRow {
+                id: r.get(0)?,
+                call_id: r.get(1)?,
+                event: r.get(2)?,
+                sink: r.get(3)?,
+                next_attempt_at: (status == "pending").then(|| rfc3339(next)),
+                status,
+                attempts: r.get(5)?,
+                last_error: r.get(7)?,
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Puts the chosen rows of `sink` back to pending with their attempts reset; returns how
+/// many. Rows already pending are left as they are.
+pub fn replay(conn: &Connection, sink: &str, which: &Replay) -> Result<usize, StoreError> {
+    let now = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(i64::MAX);
+    let reset = "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2,
+                 last_error = NULL, updated_at = ?2
+                 WHERE sink = ?1 AND status != 'pending'";
+    let changed = match which {
+        Replay::Dead => {
+            conn.execute(&format!("{reset} AND status = 'dead'"), params![sink, now])?
+        }
+        Replay::CallId(call) => conn.execute(
+            &format!("{reset} AND call_id = ?3"),
+            params![sink, now, call],
+        )?,
+        Replay::Id(id) => conn.execute(&format!("{reset} AND id = ?3"), params![sink, now, id])?,
+    };
+    Ok(changed)
+}
+
+pub fn show_events(conn: &Connection, call_id: &str) -> Result<Vec<EventRow>, StoreError> {
+    let mut events = conn.prepare(
+        "SELECT id, dedup_key, event, source, received_at FROM events WHERE call_id = ?1 ORDER BY id",
+    )?;
+    let mut deliveries = conn.prepare(
+        "SELECT sink, status, attempts, last_error FROM outbox WHERE event_id = ?1 ORDER BY id",
+    )?;
+    let found = events
+        .query_map(params![call_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(found.len());
+    for (event_id, id, event, source, received_at) in found {
+        let sinks = deliveries
+            .query_map(params![event_id], |r| {
+                Ok(SinkStatus {
+                    sink: r.get(0)?,
+                    status: r.get(1)?,
+                    attempts: r.get(2)?,
+                    last_error: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(EventRow {
+            id,
+            event,
+            source,
+            received_at: rfc3339(received_at),
+            deliveries: sinks,
+        });
+    }
+    Ok(out)
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
+    t
+}
+
+fn or_dash(v: Option<&str>) -> &str {
+    v.unwrap_or("-")
+}
+
+pub fn render_deliveries(rows: &[DeliveryRow]) -> String {
+    let mut t = table(&[
+        "id",
+        "call_id",
+        "event",
+        "sink",
+        "status",
+        "attempts",
+        "next attempt",
+        "last error",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            r.id.to_string(),
+            or_dash(r.call_id.as_deref()).to_owned(),
+            r.event.clone(),
+            r.sink.clone(),
+            r.status.clone(),
+            r.attempts.to_string(),
+            or_dash(r.next_attempt_at.as_deref()).to_owned(),
+            or_dash(r.last_error.as_deref()).to_owned(),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn render_events(rows: &[EventRow]) -> String {
+    let mut t = table(&[
+        "id",
+        "event",
+        "source",
+        "received at",
+        "sink",
+        "status",
+        "attempts",
+        "last error",
+    ]);
+    for e in rows {
+        if e.deliveries.is_empty() {
+            t.add_row(vec![
+                e.id.clone(),
+                e.event.clone(),
+                e.source.clone(),
+                e.received_at.clone(),
+                "-".into(),
+                "no sink matched".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+        }
+        for d in &e.deliveries {
+            t.add_row(vec![
+                e.id.clone(),
+                e.event.clone(),
+                e.source.clone(),
+                e.received_at.clone(),
+                d.sink.clone(),
+                d.status.clone(),
+                d.attempts.to_string(),
+                or_dash(d.last_error.as_deref()).to_owned(),
+            ]);
+        }
+    }
+    t.to_string()
+}

@@ -1,0 +1,157 @@
+//! Per-sink redaction: removes personal data a downstream must not receive from what that
+//! sink is sent. The stored original is never changed.
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::config::ConfigError;
+
+/// A payload field that can be redacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Transcript,
+    PhoneNumber,
+    ContactName,
+    RecordingUrl,
+    CustomArgs,
+}
+
+impl Field {
+    const ALL: [(&'static str, Field); 5] = [
+        ("transcript", Field::Transcript),
+        ("phone_number", Field::PhoneNumber),
+        ("contact_name", Field::ContactName),
+        ("recording_url", Field::RecordingUrl),
+        ("custom_args", Field::CustomArgs),
+    ];
+
+    fn key(self) -> &'static str {
+        Field::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map_or("", |(k, _)| k)
+    }
+}
+
+/// The fields one sink must not receive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redaction(Vec<Field>);
+
+/// How many trailing digits of a phone number a redacted payload keeps.
+const PHONE_DIGITS_KEPT: usize = 4;
+
+impl Redaction {
+    pub fn parse(key: &str, names: &[String]) -> Result<Redaction, ConfigError> {
+        let mut fields = Vec::with_capacity(names.len());
+        for name in names {
+            let field = Field::ALL
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, f)| *f)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: key.to_owned(),
+                    value: name.clone(),
+                    reason: format!(
+                        "is not a redactable field; use {}",
+                        Field::ALL.map(|(k, _)| k).join(", ")
+                    ),
+                })?;
+            if !fields.contains(&field) {
+                fields.push(field);
+            }
+        }
+        Ok(Redaction(fields))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The payload without the redacted fields; `phone_number` keeps its last 4 digits,
+    /// the others are removed. Key order and number text are preserved.
+    pub fn apply(&self, payload: &[u8]) -> Result<Bytes, serde_json::Error> {
+        let mut doc: Value = serde_json::from_slice(payload)?;
+        if let Some(object) = doc.as_object_mut() {
+            for field in &self.0 {
+                match field {
+                    Field::PhoneNumber => {
+                        if let Some(Value::String(number)) = object.get_mut(field.key()) {
+                            *number = mask_phone(number);
+                        } else {
+                            object.remove(field.key());
+                        }
+                    }
+                    other => {
+                        object.remove(other.key());
+                    }
+                }
+            }
+        }
+        serde_json::to_vec(&doc).map(Bytes::from)
+    }
+}
+
+/// `+919876543210` -> `+********3210`: every digit but the last four becomes `*`.
+fn mask_phone(number: &str) -> String {
+    let digits = number.chars().filter(char::is_ascii_digit).count();
+    let mut to_hide = digits.saturating_sub(PHONE_DIGITS_KEPT);
+    number
+        .chars()
+        .map(|c| {
+            if c.is_ascii_digit() && to_hide > 0 {
+                to_hide -= 1;
+                '*'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redaction(names: &[&str]) -> Redaction {
+        let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+        Redaction::parse("sinks[0].redact", &names).expect("valid")
+    }
+
+    #[test]
+    fn redacted_fields_are_removed_and_the_phone_keeps_its_last_four_digits() {
+        let payload = br#"{"event":"call_completed","call_id":"c1","phone_number":"+919876543210","contact_name":"Rahul","transcript":[{"bot":"hi"}],"recording_url":"https://x/y.mp3","custom_args":{"a":1},"duration_seconds":47.50}"#;
+        let all = redaction(&[
+            "transcript",
+            "phone_number",
+            "contact_name",
+            "recording_url",
+            "custom_args",
+        ]);
+        let out = all.apply(payload).expect("json");
+        let text = std::str::from_utf8(&out).expect("utf-8");
+        assert_eq!(
+            text,
+            r#"{"event":"call_completed","call_id":"c1","phone_number":"+********3210","duration_seconds":47.50}"#
+        );
+    }
+
+    #[test]
+    fn fields_not_listed_are_kept() {
+        let out = redaction(&["transcript"])
+            .apply(br#"{"transcript":[],"contact_name":"Rahul"}"#)
+            .expect("json");
+        assert_eq!(&out[..], br#"{"contact_name":"Rahul"}"#);
+    }
+
+    #[test]
+    fn an_unknown_field_is_a_config_error_naming_it() {
+        let err = Redaction::parse("sinks[0].redact", &["email".to_owned()]).expect_err("invalid");
+        assert!(err.to_string().contains("email") && err.to_string().contains("sinks[0].redact"));
+    }
+
+    #[test]
+    fn short_numbers_are_left_as_they_are() {
+        assert_eq!(mask_phone("1234"), "1234");
+        assert_eq!(mask_phone("98-76-54"), "**-76-54");
+    }
+}

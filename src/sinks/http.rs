@@ -1,0 +1,163 @@
+//! The HTTP sink: POSTs each event to a downstream service, optionally re-signed.
+//!
+//! Only a 2xx counts as delivered. 408, 429, 5xx, 3xx (redirects are not followed),
+//! timeouts and connection errors are retried, honouring `Retry-After`; any other 4xx
+//! is permanent: retrying the same request cannot succeed.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+
+use super::{BoxFuture, BuildError, Sink, SinkError};
+use crate::config::HttpSinkConfig;
+use crate::signature::{self, Secret};
+use crate::store::Delivery;
+
+/// Bytes of a refusing answer kept for the dead row's last error.
+const SNIPPET_BYTES: usize = 512;
+const USER_AGENT: &str = concat!("vyora-router/", env!("CARGO_PKG_VERSION"));
+
+pub struct HttpSink {
+    name: String,
+    url: reqwest::Url,
+    secret: Option<Secret>,
+    concurrency: usize,
+    headers: HeaderMap,
+    client: reqwest::Client,
+}
+
+/// Installs ring as rustls' crypto provider (once per process; a second call does nothing).
+pub(crate) fn install_tls_provider() {
+    // An error means a provider is already installed, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl HttpSink {
+    pub fn new(name: &str, config: &HttpSinkConfig) -> Result<HttpSink, BuildError> {
+        install_tls_provider();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(config.concurrency)
+            .user_agent(USER_AGENT)
+            .build()
+            .map_err(|source| BuildError::Http {
+                name: name.to_owned(),
+                source,
+            })?;
+        Ok(HttpSink {
+            name: name.to_owned(),
+            url: config.url.clone(),
+            secret: config.secret.clone(),
+            concurrency: config.concurrency,
+            headers: config.headers.clone(),
+            client,
+        })
+    }
+
+    async fn post(&self, d: &Delivery) -> Result<(), SinkError> {
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("x-vyora-event", &d.event)
+            .header("idempotency-key", &d.dedup_key)
+            .header("x-vyora-source", d.source.as_str());
+        if let Some(secret) = &self.secret {
+            // Over the exact bytes sent, so the receiver verifies with Vyora's own recipe.
+            request = request.header("x-vyora-signature", signature::sign(secret, &d.payload));
+        }
+        let response = request
+            .body(d.payload.clone())
+            .send()
+            .await
+            .map_err(|e| SinkError::HttpTransport(std::sync::Arc::new(e.without_url())))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(parse_retry_after);
+        let snippet = snippet(response).await;
+        let retryable = status.is_redirection()
+            || status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        Err(SinkError::HttpStatus {
+            status: status.as_u16(),
+            snippet,
+            permanent: !retryable,
+            retry_after,
+        })
+    }
+}
+
+/// The start of the answer body, read no further than [`SNIPPET_BYTES`].
+async fn snippet(mut response: reqwest::Response) -> String {
+    let mut kept = Vec::new();
+    while kept.len() < SNIPPET_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                kept.extend_from_slice(&chunk[..chunk.len().min(SNIPPET_BYTES - kept.len())])
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(batch.len());
+            for d in batch {
+                results.push(self.post(d).await);
+            }
+            results
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("2")),
+            Some(Duration::from_secs(2))
+        );
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let date = HeaderValue::from_str(&httpdate::fmt_http_date(later)).expect("header");
+        let wait = parse_retry_after(&date).expect("a date");
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+}
