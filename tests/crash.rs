@@ -5,82 +5,18 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::process::{spawn_router, write_config};
 use common::{payload, read_lines, sign};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 const CONNECTIONS: usize = 16;
 const KILLS: usize = 3;
-
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("router.toml");
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[webhook]
-secrets = ["{secret}"]
-
-[store]
-path = "{db}"
-
-[log]
-level = "vyora_router=info"
-format = "json"
-
-[[sinks]]
-name = "archive"
-type = "file"
-path = "{file}"
-"#,
-        secret = common::SECRET,
-        db = dir.join("router.db").display(),
-        file = dir.join("events.jsonl").display(),
-    );
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
-/// Starts the binary and returns it with the address it reports listening on.
-async fn spawn_router(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vyora-router"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn router");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let Ok(log) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if log["fields"]["message"] == "listening" {
-                return log["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-    .expect("the router reports its address");
-    // Keep draining the log so the router never waits on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
-}
 
 /// Sends unique events on one keep-alive connection until the connection fails; records
 /// the ids that were acknowledged with 200.
@@ -121,7 +57,7 @@ async fn load(addr: SocketAddr, worker: usize, round: usize, acked: Arc<Mutex<Ha
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_survives_kill_9_mid_load() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = write_config(dir.path());
+    let config = write_config(dir.path(), "");
     let acked = Arc::new(Mutex::new(HashSet::new()));
 
     for round in 0..KILLS {

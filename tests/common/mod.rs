@@ -2,6 +2,9 @@
 //! readers for what the router wrote.
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
+pub mod downstream;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

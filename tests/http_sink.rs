@@ -1,0 +1,372 @@
+//! The HTTP sink against a real downstream server: re-signing, retries, Retry-After,
+//! redirects, dead letters and replay, filters, redaction, per-call ordering, memory.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::downstream::{Downstream, Reply};
+use common::process;
+use common::*;
+use vyora_router::admin;
+use vyora_router::signature::{self, Secret};
+
+const WAIT: Duration = Duration::from_secs(15);
+const SINK_SECRET: &str = "downstream-secret";
+
+async fn router_with_http_sink(downstream: &Downstream, extra: &str) -> TestRouter {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\nsecret = \"{SINK_SECRET}\"\ntimeout = \"2s\"\nconcurrency = 4\nheaders = {{ \"Authorization\" = \"Bearer t0ken\" }}\n{extra}\n",
+        base_config(dir.path()),
+        downstream.url("/hooks/vyora"),
+    );
+    TestRouter::start_with(dir, &config).await
+}
+
+fn status_of(router: &TestRouter, key: &str) -> (String, u32, Option<String>) {
+    router
+        .db()
+        .query_row(
+            "SELECT o.status, o.attempts, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id
+             WHERE o.sink = 'crm' AND e.dedup_key = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("an outbox row")
+}
+
+async fn wait_status(
+    router: &TestRouter,
+    key: &str,
+    status: &str,
+) -> (String, u32, Option<String>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let row = status_of(router, key);
+        if row.0 == status {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never became {status}: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_forwarded_body_is_byte_identical_and_re_signed_with_the_sinks_secret() {
+    let downstream = Downstream::start(|_, _| Reply::Status(200)).await;
+    let router = router_with_http_sink(&downstream, "").await;
+    let body = payload("call-h1", "call_completed");
+    assert_eq!(router.post_signed(&body).await.status, 200);
+
+    let got = downstream.wait_for(1, WAIT).await;
+    let r = &got[0];
+    assert_eq!(r.path, "/hooks/vyora");
+    assert_eq!(&r.body[..], body.as_bytes(), "byte-identical");
+    let sink_secret = Secret::new(SINK_SECRET.as_bytes()).expect("secret");
+    let sig = r.header("x-vyora-signature").expect("signed").as_bytes();
+    assert_eq!(signature::verify(&[sink_secret], Some(sig), &r.body), Ok(0));
+    assert_eq!(r.header("x-vyora-event"), Some("call_completed"));
+    assert_eq!(r.header("idempotency-key"), Some("call-h1:call_completed"));
+    assert_eq!(r.header("x-vyora-source"), Some("webhook"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("authorization"), Some("Bearer t0ken"));
+    assert!(
+        r.header("user-agent")
+            .is_some_and(|ua| ua.starts_with("vyora-router/"))
+    );
+    wait_status(&router, "call-h1:call_completed", "delivered").await;
+}
+
+#[tokio::test]
+async fn a_500_twice_then_200_is_delivered_exactly_once() {
+    let downstream = Downstream::start(|_, i| Reply::Status(if i < 2 { 500 } else { 200 })).await;
+    let router = router_with_http_sink(&downstream, "").await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h2", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let (_, attempts, error) = wait_status(&router, "call-h2:call_completed", "delivered").await;
+    assert_eq!(attempts, 3);
+    assert_eq!(error, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(downstream.received().len(), 3, "no request after the 200");
+}
+
+#[tokio::test]
+async fn retry_after_from_the_downstream_is_honoured() {
+    // Our own first backoff is at most 50 ms; the downstream asks for 2 s.
+    let downstream = Downstream::start(|_, i| {
+        if i == 0 {
+            Reply::StatusWith(503, vec![("retry-after", "2".into())])
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\n",
+        base_config(dir.path()).replace("backoff_max = \"200ms\"", "backoff_max = \"10s\""),
+        downstream.url("/hooks/vyora"),
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h3", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let got = downstream.wait_for(2, WAIT).await;
+    let gap = got[1].at - got[0].at;
+    assert!(gap >= Duration::from_millis(1950), "retried after {gap:?}");
+    wait_status(&router, "call-h3:call_completed", "delivered").await;
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_counts_as_a_failure() {
+    let downstream = Downstream::start(|r, _| {
+        if r.path == "/hooks/vyora" && r.headers.get("x-test-moved").is_none() {
+            Reply::StatusWith(302, vec![("location", "/elsewhere".into())])
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let router = router_with_http_sink(&downstream, "").await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h4", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let got = downstream.wait_for(2, WAIT).await;
+    assert!(
+        got.iter().all(|r| r.path == "/hooks/vyora"),
+        "the redirect was followed"
+    );
+    let (status, attempts, error) = status_of(&router, "call-h4:call_completed");
+    assert_eq!(status, "pending");
+    assert!(attempts >= 1);
+    assert!(error.unwrap_or_default().contains("302"));
+}
+
+#[tokio::test]
+async fn a_400_goes_dead_at_once_and_replay_delivers_it_once_fixed() {
+    let downstream = Downstream::start(|_, _| Reply::Status(400)).await;
+    let router = router_with_http_sink(&downstream, "").await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h5", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let (_, attempts, error) = wait_status(&router, "call-h5:call_completed", "dead").await;
+    assert_eq!(attempts, 1, "no retry of a permanent failure");
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("400") && error.contains("downstream answered 400"),
+        "{error}"
+    );
+
+    downstream.set_script(|_, _| Reply::Status(200));
+    let conn = admin::open(&router.path().join("router.db")).expect("open");
+    assert_eq!(
+        admin::replay(&conn, "crm", &admin::Replay::Dead).expect("replay"),
+        1
+    );
+    wait_status(&router, "call-h5:call_completed", "delivered").await;
+    assert_eq!(downstream.received().len(), 2);
+}
+
+#[tokio::test]
+async fn a_timeout_is_retried() {
+    let downstream = Downstream::start(|_, i| {
+        if i == 0 {
+            Reply::Slow(Duration::from_secs(3))
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let router = router_with_http_sink(&downstream, "").await; // timeout = "2s"
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h6", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let (_, attempts, _) = wait_status(&router, "call-h6:call_completed", "delivered").await;
+    assert_eq!(attempts, 2);
+}
+
+#[tokio::test]
+async fn a_filter_selects_events_and_redaction_hides_fields_from_the_sink_only() {
+    let downstream = Downstream::start(|_, _| Reply::Status(200)).await;
+    let extra = "filter = { classification = [\"Interested\"] }\nredact = [\"transcript\", \"phone_number\"]";
+    let router = router_with_http_sink(&downstream, extra).await;
+
+    let interested = payload("call-h7", "all_processing_completed");
+    let not_interested = interested
+        .replace("call-h7", "call-h8")
+        .replace("\"Interested\"", "\"Not Interested\"");
+    assert_eq!(router.post_signed(&interested).await.status, 200);
+    assert_eq!(router.post_signed(&not_interested).await.status, 200);
+
+    let got = downstream.wait_for(1, WAIT).await;
+    wait_for_lines(&router.events_file(), 2, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        downstream.received().len(),
+        1,
+        "the filter let only one through"
+    );
+    let sent = got[0].json();
+    assert_eq!(sent["call_id"], "call-h7");
+    assert!(sent.get("transcript").is_none());
+    assert_eq!(sent["phone_number"], "+********3210");
+    assert_eq!(
+        sent["contact_name"], "Rahul Sharma",
+        "fields not listed stay"
+    );
+    let sink_secret = Secret::new(SINK_SECRET.as_bytes()).expect("secret");
+    let sig = got[0]
+        .header("x-vyora-signature")
+        .expect("signed")
+        .as_bytes();
+    assert_eq!(
+        signature::verify(&[sink_secret], Some(sig), &got[0].body),
+        Ok(0),
+        "signed over the redacted bytes"
+    );
+
+    let stored: Vec<u8> = router
+        .db()
+        .query_row(
+            "SELECT payload FROM events WHERE dedup_key = 'call-h7:all_processing_completed'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("stored");
+    assert_eq!(
+        stored,
+        interested.as_bytes(),
+        "the store keeps the original"
+    );
+}
+
+#[tokio::test]
+async fn a_calls_later_event_waits_for_its_earlier_one_while_other_calls_go_on() {
+    // The first call's first event fails three times; everything else succeeds.
+    let downstream = Downstream::start(|_, _| Reply::Status(200)).await;
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let f = Arc::clone(&failures);
+    downstream.set_script(move |r, _| {
+        let first_of_c1 = r.header("idempotency-key") == Some("call-o1:call_completed");
+        if first_of_c1 && f.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3 {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let router = router_with_http_sink(&downstream, "").await;
+    for (call, event) in [
+        ("call-o1", "call_completed"),
+        ("call-o1", "all_processing_completed"),
+        ("call-o2", "call_completed"),
+    ] {
+        assert_eq!(router.post_signed(&payload(call, event)).await.status, 200);
+    }
+    wait_status(&router, "call-o1:all_processing_completed", "delivered").await;
+    let keys: Vec<String> = downstream
+        .received()
+        .iter()
+        .filter_map(|r| r.header("idempotency-key").map(str::to_owned))
+        .collect();
+    let pos = |k: &str, nth: usize| {
+        keys.iter()
+            .enumerate()
+            .filter(|(_, x)| *x == k)
+            .nth(nth)
+            .map(|(i, _)| i)
+            .expect("requested")
+    };
+    // The second call was not held up by the first one's retries.
+    assert!(
+        pos("call-o2:call_completed", 0) < pos("call-o1:call_completed", 3),
+        "{keys:?}"
+    );
+    // The first call's analysis went out only after its call_completed succeeded.
+    assert!(
+        pos("call-o1:all_processing_completed", 0) > pos("call-o1:call_completed", 3),
+        "{keys:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_failing_throughout_keeps_memory_flat_while_ten_thousand_events_are_accepted() {
+    let downstream = Downstream::start(|_, _| Reply::Status(500)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra = format!(
+        "[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\nconcurrency = 4\n",
+        downstream.url("/hooks/vyora")
+    );
+    let config = process::write_config(dir.path(), &extra);
+    let (child, addr) = process::spawn_router(&config).await;
+    let pid = child.id().expect("pid");
+    // Warm up: the same paths once, so allocator pools exist before the first reading.
+    for i in 0..200 {
+        post_signed(addr, &payload(&format!("warm-{i}"), "call_completed")).await;
+    }
+    let before = process::rss_kb(pid);
+    let senders: Vec<_> = (0..16)
+        .map(|w| {
+            tokio::spawn(async move {
+                for n in 0..625 {
+                    let answer =
+                        post_signed(addr, &payload(&format!("mem-{w}-{n}"), "call_completed"))
+                            .await;
+                    assert_eq!(answer.status, 200);
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let after = process::rss_kb(pid);
+    let pending: i64 = rusqlite::Connection::open(dir.path().join("router.db"))
+        .expect("db")
+        .query_row(
+            "SELECT COUNT(*) FROM outbox WHERE sink = 'crm' AND status = 'pending'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    eprintln!(
+        "router RSS before {before} kB, after 10,000 more events with the sink failing {after} kB; {pending} pending"
+    );
+    assert!(pending >= 10_000, "the backlog is in the store: {pending}");
+    assert!(
+        downstream.max_in_flight() <= 4,
+        "concurrency bounded: {}",
+        downstream.max_in_flight()
+    );
+    // 10,000 payloads are 15 MB; holding the backlog in memory would show.
+    assert!(
+        after.saturating_sub(before) < 8 * 1024,
+        "RSS grew by {} kB",
+        after.saturating_sub(before)
+    );
+}

@@ -1,0 +1,148 @@
+//! Operator commands of the built binary against the store of a running router.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::downstream::{Downstream, Reply};
+use common::*;
+
+fn run(config: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("VYORA_WEBHOOK_SECRET")
+        .output()
+        .expect("run");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn dead_deliveries_can_be_listed_shown_and_replayed_while_the_router_runs() {
+    let downstream = Downstream::start(|_, _| Reply::Status(422)).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config_text = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\n",
+        base_config(dir.path()),
+        downstream.url("/in")
+    );
+    let router = TestRouter::start_with(Arc::clone(&dir), &config_text).await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-op", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    downstream.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The operator's config names the same store and no secret at all.
+    let config = dir.path().join("operator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = \"{}\"\n",
+            dir.path().join("router.db").display()
+        ),
+    )
+    .expect("write");
+
+    let (ok, table) = run(
+        &config,
+        &["deliveries", "list", "--status", "dead", "--sink", "crm"],
+    );
+    assert!(ok, "{table}");
+    assert!(
+        table.contains("call-op") && table.contains("dead") && table.contains("422"),
+        "{table}"
+    );
+
+    let (ok, json) = run(
+        &config,
+        &["deliveries", "list", "--call-id", "call-op", "--json"],
+    );
+    assert!(ok, "{json}");
+    let rows: serde_json::Value = serde_json::from_str(&json).expect("JSON output");
+    let rows = rows.as_array().expect("an array");
+    assert_eq!(rows.len(), 2, "one row per sink: {rows:?}");
+
+    let (ok, shown) = run(&config, &["events", "show", "call-op"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("call_completed") && shown.contains("archive") && shown.contains("crm"),
+        "{shown}"
+    );
+
+    downstream.set_script(|_, _| Reply::Status(200));
+    let (ok, replayed) = run(
+        &config,
+        &["deliveries", "replay", "--sink", "crm", "--dead", "--json"],
+    );
+    assert!(ok, "{replayed}");
+    let replayed: serde_json::Value = serde_json::from_str(&replayed).expect("JSON output");
+    assert_eq!(replayed["replayed"], 1);
+
+    // The running router picks the replayed row up by itself.
+    downstream.wait_for(2, Duration::from_secs(10)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: String = router
+            .db()
+            .query_row("SELECT status FROM outbox WHERE sink = 'crm'", [], |r| {
+                r.get(0)
+            })
+            .expect("row");
+        if status == "delivered" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn a_store_path_that_does_not_exist_is_an_error_not_a_new_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("operator.toml");
+    let missing = dir.path().join("nope.db");
+    std::fs::write(
+        &config,
+        format!("[store]\npath = \"{}\"\n", missing.display()),
+    )
+    .expect("write");
+    let (ok, text) = run(&config, &["deliveries", "list"]);
+    assert!(!ok);
+    assert!(text.contains("nope.db"), "{text}");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn replay_needs_exactly_one_selection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, "").expect("write");
+    let (ok, text) = run(&config, &["deliveries", "replay", "--sink", "crm"]);
+    assert!(!ok && text.contains("--dead"), "{text}");
+    let (ok, _) = run(
+        &config,
+        &[
+            "deliveries",
+            "replay",
+            "--sink",
+            "crm",
+            "--dead",
+            "--id",
+            "3",
+        ],
+    );
+    assert!(!ok);
+}
