@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::redact::Redaction;
 use crate::routing::{EventSelector, Filter};
 use crate::signature::Secret;
+use crate::sinks::amqp::RoutingKey;
 
 /// Where `serve` and `check-config` look when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/router.toml";
@@ -249,6 +250,45 @@ struct HttpOptions {
     headers: BTreeMap<String, String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AmqpOptions {
+    url: String,
+    exchange: String,
+    #[serde(default = "default_exchange_type")]
+    exchange_type: String,
+    #[serde(default = "yes")]
+    declare: bool,
+    #[serde(default = "default_routing_key")]
+    routing_key: String,
+    #[serde(default = "yes")]
+    mandatory: bool,
+    #[serde(default = "default_confirm_timeout")]
+    confirm_timeout: String,
+    #[serde(default = "default_max_in_flight")]
+    max_in_flight: u64,
+}
+
+fn default_exchange_type() -> String {
+    "topic".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_routing_key() -> String {
+    "vyora.{event}".into()
+}
+
+fn default_confirm_timeout() -> String {
+    "30s".into()
+}
+
+fn default_max_in_flight() -> u64 {
+    256
+}
+
 fn default_http_timeout() -> String {
     "10s".into()
 }
@@ -346,6 +386,38 @@ pub struct SinkConfig {
 pub enum SinkKind {
     File { path: PathBuf },
     Http(Box<HttpSinkConfig>),
+    Amqp(Box<AmqpSinkConfig>),
+}
+
+#[derive(Clone)]
+pub struct AmqpSinkConfig {
+    /// `amqp://` or `amqps://`, checked at start; may hold a password.
+    pub url: String,
+    pub exchange: String,
+    pub exchange_kind: lapin::ExchangeKind,
+    /// Declare the exchange (durable) on every connect.
+    pub declare: bool,
+    pub routing_key: RoutingKey,
+    /// Unroutable messages come back and are not counted as delivered.
+    pub mandatory: bool,
+    pub confirm_timeout: Duration,
+    /// Messages published and not yet confirmed, at most.
+    pub max_in_flight: usize,
+}
+
+impl fmt::Debug for AmqpSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSinkConfig")
+            .field("url", &redact_url_password(&self.url))
+            .field("exchange", &self.exchange)
+            .field("exchange_kind", &self.exchange_kind)
+            .field("declare", &self.declare)
+            .field("routing_key", &self.routing_key)
+            .field("mandatory", &self.mandatory)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 #[derive(Clone)]
@@ -667,11 +739,18 @@ impl RawSink {
                 let options = self.options(i, "url, secret, timeout, concurrency, headers")?;
                 SinkKind::Http(Box::new(self.http(i, options)?))
             }
+            "amqp" => {
+                let options = self.options(
+                    i,
+                    "url, exchange, exchange_type, declare, routing_key, mandatory, confirm_timeout, max_in_flight",
+                )?;
+                SinkKind::Amqp(Box::new(self.amqp(i, options)?))
+            }
             other => {
                 return Err(invalid(
                     self.key(i, "type"),
                     other,
-                    "is not a sink type; use \"file\" or \"http\"",
+                    "is not a sink type; use \"file\", \"http\" or \"amqp\"",
                 ));
             }
         };
@@ -725,6 +804,49 @@ impl RawSink {
             timeout: duration(&self.key(i, "timeout"), &o.timeout)?,
             concurrency: to_usize(&self.key(i, "concurrency"), o.concurrency)?,
             headers,
+        })
+    }
+
+    fn amqp(&self, i: usize, o: AmqpOptions) -> Result<AmqpSinkConfig, ConfigError> {
+        let shown_url = redact_url_password(&o.url);
+        o.url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            invalid(
+                self.key(i, "url"),
+                &shown_url,
+                format!("not an amqp:// or amqps:// URL ({e})"),
+            )
+        })?;
+        let exchange_kind = match o.exchange_type.as_str() {
+            "direct" => lapin::ExchangeKind::Direct,
+            "fanout" => lapin::ExchangeKind::Fanout,
+            "topic" => lapin::ExchangeKind::Topic,
+            "headers" => lapin::ExchangeKind::Headers,
+            other => {
+                return Err(invalid(
+                    self.key(i, "exchange_type"),
+                    other,
+                    "must be \"direct\", \"fanout\", \"topic\" or \"headers\"",
+                ));
+            }
+        };
+        if o.declare && o.exchange.is_empty() {
+            return Err(invalid(
+                self.key(i, "exchange"),
+                "",
+                "the default exchange cannot be declared; name an exchange or set declare = false",
+            ));
+        }
+        let routing_key = RoutingKey::parse(&o.routing_key)
+            .map_err(|reason| invalid(self.key(i, "routing_key"), &o.routing_key, reason))?;
+        Ok(AmqpSinkConfig {
+            url: o.url,
+            exchange: o.exchange,
+            exchange_kind,
+            declare: o.declare,
+            routing_key,
+            mandatory: o.mandatory,
+            confirm_timeout: duration(&self.key(i, "confirm_timeout"), &o.confirm_timeout)?,
+            max_in_flight: to_usize(&self.key(i, "max_in_flight"), o.max_in_flight)?,
         })
     }
 

@@ -68,6 +68,15 @@ impl RetryPolicy {
         let failures = d.attempts.saturating_add(1);
         match result {
             Ok(()) => Settlement::Delivered { id: d.id },
+            Err(SinkError::Unavailable { reason, retry_in }) => {
+                // The destination is down, not this event: waiting costs no attempt, so
+                // an outage of any length drains once it ends instead of killing rows.
+                Settlement::Postpone {
+                    id: d.id,
+                    at: store::now() + retry_in,
+                    error: reason,
+                }
+            }
             Err(e) if e.is_permanent() => {
                 tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed permanently; dead");
                 Settlement::Dead {

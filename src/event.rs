@@ -77,7 +77,8 @@ pub enum EventError {
 }
 
 const MAX_NAME_LEN: usize = 64;
-const MAX_CALL_ID_LEN: usize = 256;
+/// Keeps `<call_id>:<event>` within the 255 bytes of an AMQP message id.
+const MAX_CALL_ID_LEN: usize = 128;
 
 /// The few fields routing needs; the rest of the document is still checked to be JSON.
 /// A key given twice is an error (serde refuses duplicate fields), so a body cannot carry

@@ -59,8 +59,10 @@ pub async fn run(
     let policy = RetryPolicy::from(&config.delivery);
     let stop_dispatch = CancellationToken::new();
     let mut dispatchers = JoinSet::new();
+    let mut built = Vec::with_capacity(config.sinks.len());
     for sink_config in &config.sinks {
         let sink = sinks::build(sink_config)?;
+        built.push(Arc::clone(&sink));
         let dispatcher = Dispatcher::new(
             sink,
             store.clone(),
@@ -70,7 +72,7 @@ pub async fn run(
         dispatchers.spawn(dispatcher.run(stop_dispatch.clone(), DISPATCH_DRAIN));
     }
 
-    let state = Arc::new(server::State::new(&config, store.clone()));
+    let state = Arc::new(server::State::new(&config, store.clone(), built.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, path = %config.server.webhook_path, sinks = config.sinks.len(), "listening");
     }
@@ -85,6 +87,9 @@ pub async fn run(
 
     stop_dispatch.cancel();
     while dispatchers.join_next().await.is_some() {}
+    for sink in &built {
+        sink.close().await;
+    }
     drop(store);
     // The writer finishes the operations still queued, then closes the database.
     if tokio::task::spawn_blocking(move || writer.join())

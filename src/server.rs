@@ -26,9 +26,11 @@ use crate::config::Config;
 use crate::event::{Event, EventError};
 use crate::routing::Router;
 use crate::signature::{self, Secret, SignatureError};
+use crate::sinks::Sink;
 use crate::store::{Ingested, Quarantined, Store, StoreError};
 
 pub const HEALTH_PATH: &str = "/healthz";
+pub const READY_PATH: &str = "/readyz";
 pub const SIGNATURE_HEADER: &str = "x-vyora-signature";
 pub const EVENT_HEADER: &str = "x-vyora-event";
 /// Seconds a sender should wait after a 503.
@@ -45,10 +47,11 @@ pub struct State {
     secrets: Vec<Secret>,
     router: Router,
     store: Store,
+    sinks: Vec<Arc<dyn Sink>>,
 }
 
 impl State {
-    pub fn new(config: &Config, store: Store) -> State {
+    pub fn new(config: &Config, store: Store, sinks: Vec<Arc<dyn Sink>>) -> State {
         State {
             webhook_path: config.server.webhook_path.clone(),
             max_body_bytes: config.server.max_body_bytes,
@@ -57,6 +60,7 @@ impl State {
             secrets: config.webhook.secrets.clone(),
             router: Router::new(&config.sinks),
             store,
+            sinks,
         }
     }
 }
@@ -82,6 +86,8 @@ enum Rejection {
     Store(StoreError),
     #[error("the event could not be stored within {0:?}")]
     StoreTimeout(Duration),
+    #[error("not ready")]
+    NotReady(serde_json::Map<String, serde_json::Value>),
 }
 
 impl Rejection {
@@ -94,13 +100,16 @@ impl Rejection {
                 "bad_request"
             }
             Rejection::Signature(_) => "invalid_signature",
-            Rejection::Store(_) | Rejection::StoreTimeout(_) => "unavailable",
+            Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
+                "unavailable"
+            }
         }
     }
 }
 
 enum Accepted {
     Healthy,
+    Ready,
     Event(Ingested),
 }
 
@@ -119,6 +128,13 @@ fn json(status: StatusCode, body: serde_json::Value) -> Reply {
 fn respond(result: Result<Accepted, Rejection>) -> Reply {
     let rejection = match result {
         Ok(Accepted::Healthy) => return json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        Ok(Accepted::Ready) => return json(StatusCode::OK, serde_json::json!({"status": "ready"})),
+        Err(Rejection::NotReady(problems)) => {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "not ready", "problems": problems}),
+            );
+        }
         Ok(Accepted::Event(Ingested::Stored { .. })) => {
             return json(StatusCode::OK, serde_json::json!({"received": true}));
         }
@@ -137,7 +153,9 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
         Rejection::BodyRead(_) | Rejection::Event(_) => StatusCode::BAD_REQUEST,
         Rejection::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
-        Rejection::Store(_) | Rejection::StoreTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     };
     // Store failures are detailed in our log, not to the sender.
     let message = match &rejection {
@@ -170,16 +188,39 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infa
             return Ok(webhook(&state, req).await);
         }
         Err(Rejection::MethodNotAllowed { allow: "POST" })
-    } else if path == HEALTH_PATH {
-        if req.method() == Method::GET || req.method() == Method::HEAD {
+    } else if path == HEALTH_PATH || path == READY_PATH {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
+        } else if path == HEALTH_PATH {
             Ok(Accepted::Healthy)
         } else {
-            Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
+            readiness(&state)
         }
     } else {
         Err(Rejection::NotFound)
     };
     Ok(respond(result))
+}
+
+/// Ready when the store accepts commits and every sink that needs a connection has one.
+fn readiness(state: &State) -> Result<Accepted, Rejection> {
+    let mut problems = serde_json::Map::new();
+    if !state.store.writable() {
+        problems.insert(
+            "store".into(),
+            "the last commit failed (disk full or locked?)".into(),
+        );
+    }
+    for sink in &state.sinks {
+        if let Some(reason) = sink.unready() {
+            problems.insert(format!("sink:{}", sink.name()), reason.into());
+        }
+    }
+    if problems.is_empty() {
+        Ok(Accepted::Ready)
+    } else {
+        Err(Rejection::NotReady(problems))
+    }
 }
 
 /// Facts about one webhook for its log line.

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -145,6 +146,12 @@ pub enum Settlement {
         at: SystemTime,
         error: String,
     },
+    /// Try again at `at` without counting an attempt (the sink was unavailable).
+    Postpone {
+        id: i64,
+        at: SystemTime,
+        error: String,
+    },
     Dead {
         id: i64,
         error: String,
@@ -195,6 +202,8 @@ pub struct Store {
     tx: mpsc::Sender<Op>,
     path: PathBuf,
     wakers: Arc<Wakers>,
+    /// Whether the writer's last commit succeeded (readiness).
+    writable: Arc<AtomicBool>,
 }
 
 /// The writer thread; [`Writer::join`] waits until it has committed everything queued.
@@ -297,18 +306,33 @@ impl Store {
         let wakers = Arc::new(Wakers::default());
         let writer_wakers = Arc::clone(&wakers);
         let wal = wal_path(&path);
+        let writable = Arc::new(AtomicBool::new(true));
+        let writer_writable = Arc::clone(&writable);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                write_loop(conn, rx, &writer_wakers, &wal);
+                write_loop(conn, rx, &writer_wakers, &wal, &writer_writable);
                 drop(writer_alive);
             })
             .map_err(StoreError::Thread)?;
-        Ok((Store { tx, path, wakers }, Writer(handle)))
+        Ok((
+            Store {
+                tx,
+                path,
+                wakers,
+                writable,
+            },
+            Writer(handle),
+        ))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the last commit succeeded; a full disk shows here before a restart would.
+    pub fn writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed)
     }
 
     /// The notification a sink's dispatcher waits on for new rows.
@@ -432,6 +456,12 @@ impl Op {
                                  last_error = ?3, updated_at = ?4 WHERE id = ?1 AND status = 'pending'",
                             )?
                             .execute(params![id, to_millis(*at), error, now])?,
+                        Settlement::Postpone { id, at, error } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3, updated_at = ?4
+                                 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id, to_millis(*at), error, now])?,
                         Settlement::Dead { id, error } => tx
                             .prepare_cached(
                                 "UPDATE outbox SET status = 'dead', attempts = attempts + 1,
@@ -517,7 +547,13 @@ fn limit_wal(conn: &Connection, wal: &Path, limit: u64) {
     }
 }
 
-fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers, wal: &Path) {
+fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    wakers: &Wakers,
+    wal: &Path,
+    writable: &AtomicBool,
+) {
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
     while let Some(first) = rx.blocking_recv() {
@@ -534,6 +570,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers,
         }
         match commit(&mut conn, &mut group) {
             Ok(()) => {
+                writable.store(true, Ordering::Relaxed);
                 for op in group.drain(..) {
                     op.answer(Ok(()), &mut woken);
                 }
@@ -541,13 +578,17 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, wakers: &Wakers,
             Err(e) if group.len() > 1 => {
                 // One operation's failure must not fail its neighbours: retry each alone.
                 tracing::warn!(error = %e, ops = group.len(), "group commit failed; retrying one by one");
+                let mut any = false;
                 for mut op in group.drain(..) {
                     let result = commit(&mut conn, std::slice::from_mut(&mut op));
+                    any |= result.is_ok();
                     op.answer(result.map_err(StoreError::from), &mut woken);
                 }
+                writable.store(any, Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "store commit failed");
+                writable.store(false, Ordering::Relaxed);
                 if let Some(op) = group.pop() {
                     op.answer(Err(e.into()), &mut woken);
                 }

@@ -1,5 +1,6 @@
 //! Sinks: where events go. One [`Sink`] trait, one file per kind; the dispatcher drives them.
 
+pub mod amqp;
 pub mod file;
 pub mod http;
 
@@ -34,6 +35,16 @@ pub trait Sink: Send + Sync + 'static {
     /// Delivers `batch` and returns one result per delivery, in the same order. `Ok` means
     /// the destination has durably taken the event: the row is then never sent again.
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>>;
+
+    /// Why the sink cannot deliver right now, if it cannot (reported by `/readyz`).
+    fn unready(&self) -> Option<String> {
+        None
+    }
+
+    /// Closes connections cleanly at shutdown.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Why a delivery failed, and whether trying again can help.
@@ -48,6 +59,11 @@ pub enum SinkError {
     NotJson(Arc<serde_json::Error>),
     #[error("request failed: {0}")]
     HttpTransport(Arc<reqwest::Error>),
+    #[error("{reason}")]
+    Amqp { reason: String, permanent: bool },
+    /// The destination as a whole cannot be reached; rows wait without using up attempts.
+    #[error("{reason}")]
+    Unavailable { reason: String, retry_in: Duration },
     #[error("answered {status}: {snippet:?}")]
     HttpStatus {
         status: u16,
@@ -62,8 +78,12 @@ impl SinkError {
     pub fn is_permanent(&self) -> bool {
         match self {
             SinkError::NotJson(_) => true,
-            SinkError::HttpStatus { permanent, .. } => *permanent,
-            SinkError::FileIo { .. } | SinkError::HttpTransport(_) => false,
+            SinkError::HttpStatus { permanent, .. } | SinkError::Amqp { permanent, .. } => {
+                *permanent
+            }
+            SinkError::FileIo { .. }
+            | SinkError::HttpTransport(_)
+            | SinkError::Unavailable { .. } => false,
         }
     }
 
@@ -96,5 +116,6 @@ pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, BuildError> {
     match &config.kind {
         SinkKind::File { path } => Ok(Arc::new(file::FileSink::open(&config.name, path)?)),
         SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http)?)),
+        SinkKind::Amqp(amqp) => Ok(amqp::AmqpSink::start(&config.name, amqp)),
     }
 }

@@ -1,0 +1,479 @@
+//! The RabbitMQ (AMQP 0-9-1) sink: persistent messages, publisher confirms, pipelined.
+//!
+//! A row counts as delivered only on a broker `Ack` for a message that was not returned.
+//! A returned (unroutable, `mandatory`) message, a `Nack`, a confirm timeout or a lost
+//! channel leaves the row pending. One connection and one confirm-mode channel per sink;
+//! on any error both are dropped and rebuilt with capped, jittered backoff, and the rows
+//! that were never confirmed are simply published again from the store (lapin does not
+//! republish; the store is the source of truth). Duplicates after a reconnect carry the
+//! same `message_id`.
+
+use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
+use std::time::{Duration, UNIX_EPOCH};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::{BoxFuture, Sink, SinkError};
+use crate::config::AmqpSinkConfig;
+use crate::store::Delivery;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// How often a sink without a connection tries to make one even when nothing is pending,
+/// so that readiness reflects the broker before the first event needs it.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+/// AMQP short strings (routing keys, message ids) hold at most 255 bytes.
+const SHORT_STRING_MAX: usize = 255;
+
+/// A routing key template: text with `{event}`, `{call_id}`, `{agent_id}`, `{source}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingKey(Vec<Part>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Event,
+    CallId,
+    AgentId,
+    Source,
+}
+
+impl RoutingKey {
+    /// Parses a template; the error names what is wrong with it.
+    pub fn parse(template: &str) -> Result<RoutingKey, String> {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| "has a `{` without its `}`".to_owned())?;
+            let part = match &rest[open + 1..open + close] {
+                "event" => Part::Event,
+                "call_id" => Part::CallId,
+                "agent_id" => Part::AgentId,
+                "source" => Part::Source,
+                other => {
+                    return Err(format!(
+                        "has an unknown placeholder {{{other}}}; use {{event}}, {{call_id}}, {{agent_id}} or {{source}}"
+                    ));
+                }
+            };
+            parts.push(part);
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err("has a `}` without its `{`".into());
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        Ok(RoutingKey(parts))
+    }
+
+    pub fn render(&self, d: &Delivery) -> String {
+        let mut key = String::new();
+        for part in &self.0 {
+            match part {
+                Part::Text(t) => key.push_str(t),
+                Part::Event => key.push_str(&d.event),
+                Part::CallId => key.push_str(d.call_id.as_deref().unwrap_or("none")),
+                Part::AgentId => {
+                    key.push_str(&agent_id(&d.payload).unwrap_or_else(|| "none".into()))
+                }
+                Part::Source => key.push_str(d.source.as_str()),
+            }
+        }
+        key
+    }
+}
+
+/// The payload's `agent_id`, read only when a routing key asks for it.
+fn agent_id(payload: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Agent {
+        agent_id: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Agent>(payload).ok()?.agent_id? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The open connection and its confirm-mode channel.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Link {
+    fn usable(&self) -> bool {
+        self.connection.status().connected() && self.channel.status().connected()
+    }
+}
+
+/// Connection state shared by deliveries and the watcher.
+struct State {
+    link: Option<Link>,
+    failures: u32,
+    next_attempt: Instant,
+}
+
+pub struct AmqpSink {
+    name: String,
+    config: AmqpSinkConfig,
+    state: Mutex<State>,
+    /// Why the sink cannot publish right now, for readiness; `None` when connected.
+    unready: StdMutex<Option<String>>,
+}
+
+impl AmqpSink {
+    /// Creates the sink and starts watching its connection. No connection is needed to
+    /// start: a broker that is down, or refuses us, is reported in logs and readiness.
+    pub fn start(name: &str, config: &AmqpSinkConfig) -> Arc<AmqpSink> {
+        crate::sinks::http::install_tls_provider();
+        let sink = Arc::new(AmqpSink {
+            name: name.to_owned(),
+            config: config.clone(),
+            state: Mutex::new(State {
+                link: None,
+                failures: 0,
+                next_attempt: Instant::now(),
+            }),
+            unready: StdMutex::new(Some("not connected yet".into())),
+        });
+        tokio::spawn(watch(Arc::downgrade(&sink)));
+        sink
+    }
+
+    fn set_unready(&self, reason: Option<String>) {
+        *self.unready.lock().unwrap_or_else(PoisonError::into_inner) = reason;
+    }
+
+    /// Makes sure `state.link` is usable, connecting if it is time to try; otherwise says
+    /// how long to wait.
+    async fn ensure_link(&self, state: &mut State) -> Result<(), SinkError> {
+        if state.link.as_ref().is_some_and(Link::usable) {
+            return Ok(());
+        }
+        state.link = None;
+        let now = Instant::now();
+        if now < state.next_attempt {
+            return Err(SinkError::Unavailable {
+                reason: "not connected to the broker".into(),
+                retry_in: state.next_attempt - now,
+            });
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+            Ok(Ok(link)) => {
+                if state.failures > 0 {
+                    tracing::info!(sink = %self.name, "connected to the broker again");
+                } else {
+                    tracing::info!(sink = %self.name, "connected to the broker");
+                }
+                state.failures = 0;
+                self.set_unready(None);
+                state.link = Some(link);
+                Ok(())
+            }
+            outcome => {
+                let reason = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {CONNECT_TIMEOUT:?}"),
+                };
+                state.failures = state.failures.saturating_add(1);
+                let ceiling = RECONNECT_MIN
+                    .saturating_mul(2u32.saturating_pow(state.failures.min(16)))
+                    .min(RECONNECT_MAX);
+                // Jitter keeps many routers from reconnecting to one broker in lockstep.
+                let wait = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
+                state.next_attempt = Instant::now() + wait;
+                tracing::warn!(sink = %self.name, failures = state.failures, retry_in = ?wait, reason, "cannot connect to the broker");
+                self.set_unready(Some(format!("broker unreachable: {reason}")));
+                Err(SinkError::Unavailable {
+                    reason: format!("cannot connect to the broker: {reason}"),
+                    retry_in: wait,
+                })
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Link, lapin::Error> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("vyora-router/{}", self.name)));
+        let connection = Connection::connect(&self.config.url, properties).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        if self.config.declare {
+            channel
+                .exchange_declare(
+                    ShortString::from(self.config.exchange.as_str()),
+                    self.config.exchange_kind.clone(),
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(Link {
+            connection,
+            channel,
+        })
+    }
+
+    fn properties(d: &Delivery) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-vyora-event".into(),
+            AMQPValue::LongString(d.event.as_str().into()),
+        );
+        if let Some(call_id) = &d.call_id {
+            headers.insert(
+                "x-vyora-call-id".into(),
+                AMQPValue::LongString(call_id.as_str().into()),
+            );
+        }
+        headers.insert(
+            "x-vyora-source".into(),
+            AMQPValue::LongString(d.source.as_str().into()),
+        );
+        let timestamp = d
+            .received_at
+            .duration_since(UNIX_EPOCH)
+            .map(|t| t.as_secs())
+            .unwrap_or_default();
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(d.dedup_key.as_str().into())
+            .with_type(d.event.as_str().into())
+            .with_timestamp(timestamp)
+            .with_app_id("vyora-router".into())
+            .with_headers(headers)
+    }
+
+    async fn publish(&self, batch: &[Delivery]) -> Vec<Result<(), SinkError>> {
+        let mut state = self.state.lock().await;
+        if let Err(e) = self.ensure_link(&mut state).await {
+            return batch.iter().map(|_| Err(e.clone())).collect();
+        }
+        let Some(link) = state.link.as_ref() else {
+            return Vec::new();
+        };
+        let options = BasicPublishOptions {
+            mandatory: self.config.mandatory,
+            ..BasicPublishOptions::default()
+        };
+        let exchange = ShortString::from(self.config.exchange.as_str());
+
+        // Publish the whole batch first, then collect the confirms: one round trip for
+        // the batch, not one per message.
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut broken = None;
+        for d in batch {
+            let key = self.config.routing_key.render(d);
+            if key.len() > SHORT_STRING_MAX {
+                pending.push(Err(SinkError::Amqp {
+                    reason: format!("the routing key is longer than {SHORT_STRING_MAX} bytes"),
+                    permanent: true,
+                }));
+                continue;
+            }
+            if broken.is_some() {
+                pending.push(Err(SinkError::Amqp {
+                    reason: "not published: the channel failed earlier in this batch".into(),
+                    permanent: false,
+                }));
+                continue;
+            }
+            match link
+                .channel
+                .basic_publish(
+                    exchange.clone(),
+                    key.into(),
+                    options,
+                    &d.payload,
+                    Self::properties(d),
+                )
+                .await
+            {
+                Ok(confirm) => pending.push(Ok(confirm)),
+                Err(e) => {
+                    let reason = format!("publish failed: {e}");
+                    pending.push(Err(SinkError::Amqp {
+                        reason: reason.clone(),
+                        permanent: false,
+                    }));
+                    broken = Some(reason);
+                }
+            }
+        }
+
+        let deadline = Instant::now() + self.config.confirm_timeout;
+        let mut results = Vec::with_capacity(batch.len());
+        for p in pending {
+            let confirm = match p {
+                Ok(confirm) => confirm,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let outcome = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(SinkError::Amqp {
+                    reason: format!(
+                        "returned by the broker: {} {} (no queue is bound for this routing key)",
+                        returned.reply_code, returned.reply_text
+                    ),
+                    permanent: false,
+                }),
+                Ok(Ok(Confirmation::Nack(_))) => Err(SinkError::Amqp {
+                    reason: "the broker refused the message (nack)".into(),
+                    permanent: false,
+                }),
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    // Confirm mode is selected on every channel we open; this is our bug.
+                    tracing::error!(sink = %self.name, "BUG: a publish was not confirmed because confirms were not enabled");
+                    broken.get_or_insert_with(|| "confirms were not enabled".to_owned());
+                    Err(SinkError::Amqp {
+                        reason: "confirms were not enabled on the channel".into(),
+                        permanent: false,
+                    })
+                }
+                Ok(Err(e)) => {
+                    let reason = format!("no confirm: {e}");
+                    broken.get_or_insert_with(|| reason.clone());
+                    Err(SinkError::Amqp {
+                        reason,
+                        permanent: false,
+                    })
+                }
+                Err(_) => {
+                    // Unconfirmed in time: the channel is suspect, start afresh.
+                    broken.get_or_insert_with(|| "confirm timeout".to_owned());
+                    Err(SinkError::Amqp {
+                        reason: format!("no confirm within {:?}", self.config.confirm_timeout),
+                        permanent: false,
+                    })
+                }
+            };
+            results.push(outcome);
+        }
+        if let Some(e) = broken {
+            tracing::warn!(sink = %self.name, error = %e, "dropping the broker connection; unconfirmed messages will be published again");
+            if let Some(link) = state.link.take() {
+                // Best effort: the connection is being abandoned either way.
+                let _ = link.connection.close(200, "reconnecting".into()).await;
+            }
+            self.set_unready(Some(format!("reconnecting after: {e}")));
+        }
+        results
+    }
+}
+
+/// Keeps trying to connect while the sink has no connection and nothing else does.
+async fn watch(sink: Weak<AmqpSink>) {
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let Some(sink) = sink.upgrade() else {
+            return;
+        };
+        // A delivery in progress is already using (or rebuilding) the connection.
+        if let Ok(mut state) = sink.state.try_lock() {
+            // Failures are logged and reported by `link` itself.
+            let _ = sink.ensure_link(&mut state).await;
+        }
+    }
+}
+
+impl Sink for AmqpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn batch_size(&self) -> usize {
+        self.config.max_in_flight
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(self.publish(batch))
+    }
+
+    fn unready(&self) -> Option<String> {
+        self.unready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            if let Some(link) = state.link.take()
+                && let Err(e) = link.connection.close(200, "shutting down".into()).await
+            {
+                tracing::debug!(sink = %self.name, error = %e, "closing the broker connection");
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::event::Source;
+
+    fn delivery() -> Delivery {
+        Delivery {
+            id: 1,
+            attempts: 0,
+            event: "call_completed".into(),
+            call_id: Some("abc".into()),
+            dedup_key: "abc:call_completed".into(),
+            source: Source::Poll,
+            received_at: UNIX_EPOCH,
+            payload: Bytes::from_static(br#"{"agent_id":"agent-7"}"#),
+        }
+    }
+
+    #[test]
+    fn a_routing_key_template_fills_every_placeholder() {
+        let key = RoutingKey::parse("vyora.{event}.{source}.{agent_id}.{call_id}").expect("valid");
+        assert_eq!(
+            key.render(&delivery()),
+            "vyora.call_completed.poll.agent-7.abc"
+        );
+        assert_eq!(
+            RoutingKey::parse("plain")
+                .expect("valid")
+                .render(&delivery()),
+            "plain"
+        );
+    }
+
+    #[test]
+    fn an_unknown_or_unbalanced_placeholder_is_refused() {
+        assert!(
+            RoutingKey::parse("vyora.{evnt}")
+                .expect_err("unknown")
+                .contains("{evnt}")
+        );
+        assert!(RoutingKey::parse("vyora.{event").is_err());
+        assert!(RoutingKey::parse("vyora.event}").is_err());
+    }
+}
