@@ -1,0 +1,412 @@
+//! The RabbitMQ sink against a real broker, with a TCP proxy in between to cut the
+//! connection or play a broker that is down.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinSet;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn broker_url() -> String {
+    std::env::var("VYORA_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn broker_addr() -> SocketAddr {
+    let url: lapin::uri::AMQPUri = broker_url().parse().expect("broker URL");
+    let host = if url.authority.host == "localhost" {
+        "127.0.0.1".to_owned()
+    } else {
+        url.authority.host.clone()
+    };
+    format!("{host}:{}", url.authority.port)
+        .parse()
+        .expect("broker address")
+}
+
+/// The same URL pointed at another address (the proxy).
+fn url_via(addr: SocketAddr) -> String {
+    let mut url = reqwest::Url::parse(&broker_url()).expect("URL");
+    url.set_ip_host(addr.ip()).expect("host");
+    url.set_port(Some(addr.port())).expect("port");
+    url.to_string()
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", fastrand::u64(..))
+}
+
+/// A consumer side: a queue bound to `exchange` with `#`.
+struct Consumer {
+    _connection: Connection,
+    channel: Channel,
+    queue: String,
+}
+
+impl Consumer {
+    async fn new() -> Consumer {
+        let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
+            .await
+            .expect("the test consumer connects to RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        let queue = unique("vyora-test-q");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        Consumer {
+            _connection: connection,
+            channel,
+            queue,
+        }
+    }
+
+    /// Binds the queue, declaring the exchange as the router does if it is not there yet.
+    async fn bind(&self, exchange: &str) {
+        self.channel
+            .exchange_declare(
+                exchange.into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange");
+        self.channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+    }
+
+    async fn get(&self) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+    }
+
+    /// Messages until `n` distinct message ids were seen or `within` passed.
+    async fn drain(
+        &self,
+        n: usize,
+        within: Duration,
+    ) -> (Vec<lapin::message::Delivery>, HashSet<String>) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut all = Vec::new();
+        let mut ids = HashSet::new();
+        while ids.len() < n && tokio::time::Instant::now() < deadline {
+            match self.get().await {
+                Some(m) => {
+                    if let Some(id) = m.delivery.properties.message_id() {
+                        ids.insert(id.to_string());
+                    }
+                    all.push(m.delivery);
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        (all, ids)
+    }
+}
+
+/// A TCP proxy to the broker that can refuse connections (a broker that is down) and cut
+/// the ones it carries (a network fault).
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    /// Connections carried to the broker so far.
+    carried: Arc<std::sync::atomic::AtomicUsize>,
+    links: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl Proxy {
+    async fn start(up: bool) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let up = Arc::new(AtomicBool::new(up));
+        let links = Arc::new(Mutex::new(JoinSet::new()));
+        let carried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (u, l, c) = (Arc::clone(&up), Arc::clone(&links), Arc::clone(&carried));
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !u.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+                l.lock().await.spawn(async move {
+                    if let Ok(mut broker) = TcpStream::connect(broker_addr()).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            carried,
+            links,
+        }
+    }
+
+    /// Closes every connection it carries.
+    async fn cut(&self) {
+        self.links.lock().await.abort_all();
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+    }
+}
+
+async fn router_with_amqp(broker: &str, exchange: &str, extra: &str) -> TestRouter {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"queue\"\ntype = \"amqp\"\nurl = \"{broker}\"\nexchange = \"{exchange}\"\nrouting_key = \"vyora.{{event}}.{{source}}\"\nconfirm_timeout = \"5s\"\n{extra}\n",
+        base_config(dir.path()),
+    );
+    TestRouter::start_with(dir, &config).await
+}
+
+async fn readyz(router: &TestRouter) -> u16 {
+    let request = hyper::Request::get("/readyz")
+        .header("host", "r")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    send(router.addr, request).await.status
+}
+
+async fn wait_ready(router: &TestRouter, status: u16) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while readyz(router).await != status {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers
+        .inner()
+        .get(&lapin::types::ShortString::from(name))?
+    {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn messages_carry_exact_properties_routing_key_and_body() {
+    let exchange = unique("vyora-test-x");
+    let router = router_with_amqp(&broker_url(), &exchange, "").await;
+    wait_ready(&router, 200).await; // connected, exchange declared
+    let consumer = Consumer::new().await;
+    consumer.bind(&exchange).await;
+
+    let body = payload("call-q1", "call_completed");
+    assert_eq!(router.post_signed(&body).await.status, 200);
+    let (got, _) = consumer.drain(1, WAIT).await;
+    let d = got.first().expect("a message");
+    assert_eq!(d.data, body.as_bytes(), "byte-identical");
+    assert_eq!(d.routing_key.as_str(), "vyora.call_completed.webhook");
+    let p = &d.properties;
+    assert_eq!(
+        p.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/json")
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(
+        p.message_id().as_ref().map(|s| s.as_str()),
+        Some("call-q1:call_completed")
+    );
+    assert_eq!(
+        p.kind().as_ref().map(|s| s.as_str()),
+        Some("call_completed")
+    );
+    assert_eq!(
+        p.app_id().as_ref().map(|s| s.as_str()),
+        Some("vyora-router")
+    );
+    assert!(p.timestamp().is_some_and(|t| t > 1_700_000_000));
+    assert_eq!(
+        header(d, "x-vyora-event").as_deref(),
+        Some("call_completed")
+    );
+    assert_eq!(header(d, "x-vyora-call-id").as_deref(), Some("call-q1"));
+    assert_eq!(header(d, "x-vyora-source").as_deref(), Some("webhook"));
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn an_unroutable_message_is_not_delivered_until_a_binding_exists() {
+    let exchange = unique("vyora-test-x");
+    let router = router_with_amqp(&broker_url(), &exchange, "").await;
+    wait_ready(&router, 200).await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-q2", "call_completed"))
+            .await
+            .status,
+        200
+    );
+
+    // No queue is bound: the broker returns the message and the row stays pending.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, error): (String, Option<String>) = router
+            .db()
+            .query_row(
+                "SELECT status, last_error FROM outbox WHERE sink = 'queue'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row");
+        assert_eq!(status, "pending");
+        if error.is_some_and(|e| e.contains("NO_ROUTE")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never returned as unroutable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let consumer = Consumer::new().await;
+    consumer.bind(&exchange).await;
+    let (_, ids) = consumer.drain(1, WAIT).await;
+    assert!(ids.contains("call-q2:call_completed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn cutting_the_connection_mid_stream_loses_none_of_2000_events() {
+    let exchange = unique("vyora-test-x");
+    let proxy = Proxy::start(true).await;
+    let router = router_with_amqp(&url_via(proxy.addr), &exchange, "max_in_flight = 64").await;
+    wait_ready(&router, 200).await;
+    let consumer = Consumer::new().await;
+    consumer.bind(&exchange).await;
+
+    let addr = router.addr;
+    let senders: Vec<_> = (0..8)
+        .map(|w| {
+            tokio::spawn(async move {
+                for n in 0..250 {
+                    let answer =
+                        post_signed(addr, &payload(&format!("cut-{w}-{n}"), "call_completed"))
+                            .await;
+                    assert_eq!(answer.status, 200, "acks stay fast and positive");
+                }
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.cut().await;
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let (all, ids) = consumer.drain(2000, Duration::from_secs(60)).await;
+    assert_eq!(
+        ids.len(),
+        2000,
+        "every acknowledged event reached the queue"
+    );
+    let connections = proxy.carried.load(Ordering::SeqCst);
+    assert!(
+        connections >= 2,
+        "the router reconnected after the cuts ({connections} connections)"
+    );
+    eprintln!(
+        "2000 events over {connections} connections: {} messages received ({} duplicates after reconnects)",
+        all.len(),
+        all.len() - 2000
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn a_broker_down_at_start_is_connected_to_when_it_comes_up() {
+    let exchange = unique("vyora-test-x");
+    let proxy = Proxy::start(false).await;
+    let router = router_with_amqp(&url_via(proxy.addr), &exchange, "").await;
+    wait_ready(&router, 503).await;
+    // Acks do not depend on the broker.
+    assert_eq!(
+        router
+            .post_signed(&payload("call-q4", "call_completed"))
+            .await
+            .status,
+        200
+    );
+
+    let consumer = Consumer::new().await;
+    consumer.bind(&exchange).await;
+    proxy.set_up(true);
+    wait_ready(&router, 200).await;
+    let (_, ids) = consumer.drain(1, WAIT).await;
+    assert!(ids.contains("call-q4:call_completed"));
+    let attempts: u32 = router
+        .db()
+        .query_row(
+            "SELECT attempts FROM outbox WHERE sink = 'queue'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("row");
+    assert!(
+        attempts <= 2,
+        "waiting for the broker used no attempts: {attempts}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn a_refused_login_is_reported_in_readiness_not_a_crash() {
+    let exchange = unique("vyora-test-x");
+    let mut url = reqwest::Url::parse(&broker_url()).expect("URL");
+    url.set_password(Some("wrong-password")).expect("password");
+    let router = router_with_amqp(url.as_str(), &exchange, "").await;
+    wait_ready(&router, 503).await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-q5", "call_completed"))
+            .await
+            .status,
+        200
+    );
+}
