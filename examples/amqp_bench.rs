@@ -150,7 +150,7 @@ max_in_flight = {window}
 "#,
         db = dir.path().join("bench.db").display()
     ))?;
-    let (store, writer) = Store::open(&config.store)?;
+    let (store, writer) = Store::open(&config.store, None)?;
     // Fill the outbox first, so the measurement is outbox -> confirmed publish only.
     let sink_name: Arc<str> = Arc::from("queue");
     let mut fills = tokio::task::JoinSet::new();

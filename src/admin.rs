@@ -197,6 +197,75 @@ pub fn show_events(conn: &Connection, call_id: &str) -> Result<Vec<EventRow>, St
     Ok(out)
 }
 
+#[derive(Debug, Serialize)]
+pub struct PollRow {
+    pub call_id: String,
+    pub status: String,
+    /// RFC 3339, for calls still waiting.
+    pub next_poll_at: Option<String>,
+    pub polls: u32,
+    pub first_seen_at: String,
+    pub last_result: Option<String>,
+}
+
+/// Tracked calls, waiting ones first (soonest first), then the most recently finished.
+pub fn poll_status(conn: &Connection, limit: usize) -> Result<Vec<PollRow>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT call_id, status, next_poll_at, polls, first_seen_at, last_result FROM polls
+         ORDER BY status != 'waiting', CASE WHEN status = 'waiting' THEN next_poll_at ELSE -updated_at END
+         LIMIT ?1",
+    )?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(params![limit], |r| {
+        let status: String = r.get(1)?;
+        let next: i64 = r.get(2)?;
+        Ok(PollRow {
+            call_id: r.get(0)?,
+            next_poll_at: (status == "waiting").then(|| rfc3339(next)),
+            status,
+            polls: r.get(3)?,
+            first_seen_at: rfc3339(r.get(4)?),
+            last_result: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn render_polls(rows: &[PollRow]) -> String {
+    let mut t = table(&[
+        "call_id",
+        "status",
+        "next poll",
+        "polls",
+        "first seen",
+        "why",
+    ]);
+    for r in rows {
+        t.add_row(vec![
+            r.call_id.clone(),
+            r.status.clone(),
+            or_dash(r.next_poll_at.as_deref()).to_owned(),
+            r.polls.to_string(),
+            r.first_seen_at.clone(),
+            or_dash(r.last_result.as_deref()).to_owned(),
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn render_agents(agents: &[crate::api::Agent]) -> String {
+    let mut t = table(&["id", "name", "language", "type"]);
+    for a in agents {
+        t.add_row(vec![
+            a.id.clone(),
+            a.name.clone(),
+            or_dash(a.language.as_deref()).to_owned(),
+            or_dash(a.agent_type.as_deref()).to_owned(),
+        ]);
+    }
+    t.to_string()
+}
+
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED)

@@ -32,6 +32,53 @@ pub enum Command {
     /// Inspect stored events.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Vyora calls, from the REST API.
+    #[command(subcommand)]
+    Calls(CallsCommand),
+    /// Vyora agents, from the REST API.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// The missed-analysis poller.
+    #[command(subcommand)]
+    Poller(PollerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CallsCommand {
+    /// Print a call's record (GET /v1/calls/:call_id) as pretty JSON.
+    Get {
+        #[command(flatten)]
+        config: ConfigArg,
+        call_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCommand {
+    /// The workspace's agents (GET /v1/agents).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        limit: Option<u64>,
+        #[arg(long)]
+        offset: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PollerCommand {
+    /// The calls being tracked, when each is next polled, and why.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +152,11 @@ impl ConfigArg {
 
     pub fn load(&self) -> Result<Config, ConfigError> {
         Config::load(&self.source())
+    }
+
+    /// The `[api]` settings, for the `calls` and `agents` commands.
+    pub fn api(&self) -> Result<crate::config::ApiConfig, ConfigError> {
+        Config::api(&self.source())
     }
 
     /// The store's path, for commands that need nothing else (and so no secret).

@@ -14,6 +14,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::api::ApiKey;
 use crate::redact::Redaction;
 use crate::routing::{EventSelector, Filter};
 use crate::signature::Secret;
@@ -27,6 +28,8 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../config/router.toml");
 pub const ENV_PREFIX: &str = "VYORA_ROUTER_";
 /// Webhook secrets from the environment (comma-separated), used when the file has none.
 pub const SECRET_ENV: &str = "VYORA_WEBHOOK_SECRET";
+/// The REST API key from the environment, used when the file has none.
+pub const API_KEY_ENV: &str = "VYORA_API_KEY";
 const REDACTED: &str = "<redacted>";
 
 /// Where the config text comes from.
@@ -125,8 +128,50 @@ pub struct RawConfig {
     webhook: RawWebhook,
     store: RawStore,
     delivery: RawDelivery,
+    api: RawApi,
+    poller: RawPoller,
     log: RawLog,
     sinks: Vec<RawSink>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawApi {
+    base_url: String,
+    api_key: String,
+    requests_per_minute: u64,
+    timeout: String,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi {
+            base_url: "https://api.vyora.ai".into(),
+            api_key: String::new(),
+            requests_per_minute: 60,
+            timeout: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPoller {
+    enabled: bool,
+    wait_for_analysis: String,
+    interval: String,
+    give_up_after: String,
+}
+
+impl Default for RawPoller {
+    fn default() -> Self {
+        RawPoller {
+            enabled: false,
+            wait_for_analysis: "5m".into(),
+            interval: "30s".into(),
+            give_up_after: "24h".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -319,10 +364,29 @@ pub struct Config {
     pub webhook: WebhookConfig,
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,
+    pub api: ApiConfig,
+    pub poller: PollerConfig,
     pub log: LogConfig,
     pub sinks: Vec<SinkConfig>,
     /// The effective settings as TOML with every secret replaced, for `check-config`.
     redacted: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub base_url: reqwest::Url,
+    /// `None` when neither `api.api_key` nor `VYORA_API_KEY` gives one.
+    pub api_key: Option<ApiKey>,
+    pub requests_per_minute: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PollerConfig {
+    pub enabled: bool,
+    pub wait_for_analysis: Duration,
+    pub interval: Duration,
+    pub give_up_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -434,17 +498,31 @@ pub struct HttpSinkConfig {
 impl Config {
     /// Reads, merges the environment, and validates.
     pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
-        let env_secrets = std::env::var(SECRET_ENV).ok();
-        Config::from_figment(Config::figment(source)?, env_secrets)
+        let mut raw = Config::raw(source)?;
+        raw.apply_env(
+            std::env::var(SECRET_ENV).ok(),
+            std::env::var(API_KEY_ENV).ok(),
+        );
+        raw.validate()
     }
 
     /// Only `store.path`, for operator commands: the file must still parse, but no secret
     /// is needed to look at the store.
     pub fn store_path(source: &ConfigSource) -> Result<PathBuf, ConfigError> {
-        let raw: RawConfig = Config::figment(source)?
+        Ok(PathBuf::from(Config::raw(source)?.store.path))
+    }
+
+    /// Only `[api]`, for the `calls` and `agents` commands.
+    pub fn api(source: &ConfigSource) -> Result<ApiConfig, ConfigError> {
+        let mut raw = Config::raw(source)?;
+        raw.apply_env(None, std::env::var(API_KEY_ENV).ok());
+        raw.api_config()
+    }
+
+    fn raw(source: &ConfigSource) -> Result<RawConfig, ConfigError> {
+        Config::figment(source)?
             .extract()
-            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))?;
-        Ok(PathBuf::from(raw.store.path))
+            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))
     }
 
     fn figment(source: &ConfigSource) -> Result<Figment, ConfigError> {
@@ -473,14 +551,7 @@ impl Config {
         let mut raw: RawConfig = figment
             .extract()
             .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))?;
-        if raw.webhook.secrets.is_empty() {
-            raw.webhook.secrets = env_secrets
-                .iter()
-                .flat_map(|v| v.split(','))
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect();
-        }
+        raw.apply_env(env_secrets, None);
         raw.validate()
     }
 
@@ -532,6 +603,67 @@ fn sink_name(key: &str, name: &str) -> Result<String, ConfigError> {
 }
 
 impl RawConfig {
+    /// Secrets from the environment fill what the file left empty.
+    fn apply_env(&mut self, webhook_secrets: Option<String>, api_key: Option<String>) {
+        if self.webhook.secrets.is_empty() {
+            self.webhook.secrets = webhook_secrets
+                .iter()
+                .flat_map(|v| v.split(','))
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if self.api.api_key.is_empty() {
+            self.api.api_key = api_key.unwrap_or_default().trim().to_owned();
+        }
+    }
+
+    fn api_config(&self) -> Result<ApiConfig, ConfigError> {
+        let a = &self.api;
+        let base_url = reqwest::Url::parse(&a.base_url)
+            .map_err(|e| invalid("api.base_url", &a.base_url, format!("not a URL ({e})")))?;
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.host_str().is_none() {
+            return Err(invalid(
+                "api.base_url",
+                &a.base_url,
+                "must be an http:// or https:// URL",
+            ));
+        }
+        let api_key =
+            if a.api_key.is_empty() {
+                None
+            } else {
+                Some(ApiKey::new(&a.api_key).ok_or_else(|| {
+                    invalid("api.api_key", REDACTED, "is not a valid header value")
+                })?)
+            };
+        Ok(ApiConfig {
+            base_url,
+            api_key,
+            requests_per_minute: to_usize("api.requests_per_minute", a.requests_per_minute)?,
+            timeout: duration("api.timeout", &a.timeout)?,
+        })
+    }
+
+    fn poller_config(&self, api: &ApiConfig) -> Result<PollerConfig, ConfigError> {
+        let p = &self.poller;
+        if p.enabled && api.api_key.is_none() {
+            return Err(invalid(
+                "poller.enabled",
+                "true",
+                format!(
+                    "needs an API key: set api.api_key or the {API_KEY_ENV} environment variable"
+                ),
+            ));
+        }
+        Ok(PollerConfig {
+            enabled: p.enabled,
+            wait_for_analysis: duration("poller.wait_for_analysis", &p.wait_for_analysis)?,
+            interval: duration("poller.interval", &p.interval)?,
+            give_up_after: duration("poller.give_up_after", &p.give_up_after)?,
+        })
+    }
+
     fn validate(self) -> Result<Config, ConfigError> {
         let s = &self.server;
         let listen = s.listen.parse::<SocketAddr>().map_err(|_| {
@@ -635,8 +767,12 @@ impl RawConfig {
             sinks.push(sink);
         }
 
+        let api = self.api_config()?;
+        let poller = self.poller_config(&api)?;
         let redacted = self.redacted_toml();
         Ok(Config {
+            api,
+            poller,
             server,
             webhook: WebhookConfig { secrets },
             store: StoreConfig {
@@ -661,6 +797,9 @@ impl RawConfig {
         let mut shown = self.clone();
         for secret in &mut shown.webhook.secrets {
             *secret = REDACTED.to_owned();
+        }
+        if !shown.api.api_key.is_empty() {
+            shown.api.api_key = REDACTED.to_owned();
         }
         for sink in &mut shown.sinks {
             sink.redact_secrets();

@@ -350,11 +350,11 @@ mod tests {
         max_attempts: u32,
     ) -> (tempfile::TempDir, Store, Arc<Flaky>, CancellationToken) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _writer) = Store::open(&StoreConfig {
+        let config = StoreConfig {
             path: dir.path().join("router.db"),
             synchronous: Synchronous::Normal,
-        })
-        .expect("store");
+        };
+        let (store, _writer) = Store::open(&config, None).expect("store");
         let sink = Arc::new(Flaky {
             failures,
             calls: AtomicUsize::new(0),

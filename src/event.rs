@@ -112,6 +112,33 @@ impl Event {
     /// replay a genuine body under another event name and slip past deduplication. The
     /// header is used when the body names no event, and must agree when both do.
     pub fn from_webhook(header_event: Option<&[u8]>, payload: Bytes) -> Result<Event, EventError> {
+        Event::parse(header_event, payload, Source::Webhook)
+    }
+
+    /// An event the poller recovered: Vyora's call record with `"event": <name>` added
+    /// first, so sinks get the same shape as the webhook would have had.
+    pub fn from_poll(
+        name: &str,
+        call_id: &str,
+        record: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Event, EventError> {
+        let mut payload = serde_json::Map::with_capacity(record.len() + 1);
+        payload.insert("event".into(), name.into());
+        payload.insert("call_id".into(), call_id.into());
+        for (k, v) in record {
+            if k != "event" && k != "call_id" {
+                payload.insert(k, v);
+            }
+        }
+        let bytes = serde_json::to_vec(&payload).map_err(EventError::NotJson)?;
+        Event::parse(None, Bytes::from(bytes), Source::Poll)
+    }
+
+    fn parse(
+        header_event: Option<&[u8]>,
+        payload: Bytes,
+        source: Source,
+    ) -> Result<Event, EventError> {
         // A struct would also deserialize from a JSON array; only an object is an event.
         if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return match serde_json::from_slice::<IgnoredAny>(&payload) {
@@ -162,7 +189,7 @@ impl Event {
             name,
             call_id,
             dedup_key,
-            source: Source::Webhook,
+            source,
             attributes,
             payload,
         })
@@ -225,6 +252,22 @@ mod tests {
                 direction: Some("outbound".into()),
                 classification: Some("Interested".into()),
             }
+        );
+    }
+
+    #[test]
+    fn a_polled_record_becomes_the_event_it_stands_for() {
+        let record: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"call_id":"c9","status":"completed","analysis":{"classification":"Interested"}}"#,
+        )
+        .expect("record");
+        let e = Event::from_poll("all_processing_completed", "c9", record).expect("event");
+        assert_eq!(e.source, Source::Poll);
+        assert_eq!(e.dedup_key, "c9:all_processing_completed");
+        assert_eq!(e.attributes.classification.as_deref(), Some("Interested"));
+        assert!(
+            e.payload
+                .starts_with(br#"{"event":"all_processing_completed","call_id":"c9","status""#)
         );
     }
 

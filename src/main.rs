@@ -3,13 +3,19 @@
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use vyora_router::admin;
-use vyora_router::cli::{Cli, Command, DeliveriesCommand, EventsCommand};
+use vyora_router::api::RateLimiter;
+use vyora_router::cli::{
+    AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
+    PollerCommand,
+};
 use vyora_router::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
@@ -100,6 +106,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Calls(CallsCommand::Get { config, call_id }) => {
+            let client = api_client(&config)?;
+            let record = runtime()?.block_on(client.call(&call_id))?;
+            let value: serde_json::Value =
+                serde_json::from_slice(&record).context("the answer is not JSON")?;
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents(AgentsCommand::List {
+            config,
+            limit,
+            offset,
+            json,
+        }) => {
+            let client = api_client(&config)?;
+            let list = runtime()?.block_on(client.agents(limit, offset))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{}", admin::render_agents(&list.agents));
+                if let Some(total) = list.total {
+                    println!("{} of {total} agents", list.agents.len());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Poller(PollerCommand::Status {
+            config,
+            limit,
+            json,
+        }) => {
+            let conn = admin::open(&config.store_path()?)?;
+            let rows = admin::poll_status(&conn, limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no calls are tracked (is poller.enabled set?)");
+            } else {
+                println!("{}", admin::render_polls(&rows));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Healthcheck(arg) => {
             let config = arg.load()?;
             let addr = loopback_for(config.server.listen);
@@ -114,6 +162,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// The REST client for one command: its own rate limiter, since the command makes a
+/// single request.
+fn api_client(config: &ConfigArg) -> anyhow::Result<vyora_router::api::Client> {
+    let api = config.api()?;
+    let limiter = RateLimiter::new(api.requests_per_minute, Duration::from_secs(60));
+    Ok(vyora_router::api::Client::new(&api, Arc::new(limiter))?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::event::{Event, EventError};
+use crate::poller::PollerHealth;
 use crate::routing::Router;
 use crate::signature::{self, Secret, SignatureError};
 use crate::sinks::Sink;
@@ -45,22 +46,38 @@ pub struct State {
     body_timeout: Duration,
     ack_timeout: Duration,
     secrets: Vec<Secret>,
-    router: Router,
+    router: Arc<Router>,
     store: Store,
     sinks: Vec<Arc<dyn Sink>>,
+    poller: Option<Arc<PollerHealth>>,
+}
+
+/// What the server reports on beyond itself: the components `/readyz` asks.
+pub struct Components {
+    pub router: Arc<Router>,
+    pub store: Store,
+    pub sinks: Vec<Arc<dyn Sink>>,
+    pub poller: Option<Arc<PollerHealth>>,
 }
 
 impl State {
-    pub fn new(config: &Config, store: Store, sinks: Vec<Arc<dyn Sink>>) -> State {
+    pub fn new(config: &Config, components: Components) -> State {
+        let Components {
+            router,
+            store,
+            sinks,
+            poller,
+        } = components;
         State {
             webhook_path: config.server.webhook_path.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.header_read_timeout,
             ack_timeout: config.server.ack_timeout,
             secrets: config.webhook.secrets.clone(),
-            router: Router::new(&config.sinks),
+            router,
             store,
             sinks,
+            poller,
         }
     }
 }
@@ -215,6 +232,9 @@ fn readiness(state: &State) -> Result<Accepted, Rejection> {
         if let Some(reason) = sink.unready() {
             problems.insert(format!("sink:{}", sink.name()), reason.into());
         }
+    }
+    if let Some(reason) = state.poller.as_ref().and_then(|p| p.unready()) {
+        problems.insert("poller".into(), reason.into());
     }
     if problems.is_empty() {
         Ok(Accepted::Ready)

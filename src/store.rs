@@ -34,7 +34,8 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 const WAL_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id          INTEGER PRIMARY KEY,
     dedup_key   TEXT    NOT NULL UNIQUE,
@@ -68,7 +69,22 @@ CREATE TABLE quarantine (
     event_header TEXT,
     body         BLOB    NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Calls whose analysis we may have to fetch ourselves (the poller).
+CREATE TABLE polls (
+    call_id       TEXT    PRIMARY KEY,
+    status        TEXT    NOT NULL CHECK (status IN ('waiting', 'done', 'gave_up', 'not_found')),
+    first_seen_at INTEGER NOT NULL,
+    last_event_at INTEGER NOT NULL,
+    next_poll_at  INTEGER NOT NULL,
+    polls         INTEGER NOT NULL DEFAULT 0,
+    last_result   TEXT,
+    updated_at    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX polls_due ON polls (next_poll_at) WHERE status = 'waiting';
+"#,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -160,8 +176,10 @@ pub enum Settlement {
 
 enum Op {
     Ingest {
-        event: Event,
+        event: Box<Event>,
         sinks: Vec<Arc<str>>,
+        /// Track the call for the poller: first poll this long after its latest event.
+        track: Option<Duration>,
         /// Set by `apply`; answered only once the transaction that set it has committed.
         outcome: Ingested,
         reply: oneshot::Sender<Result<Ingested, StoreError>>,
@@ -174,6 +192,46 @@ enum Op {
         settlements: Vec<Settlement>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Poll {
+        call_id: String,
+        update: PollUpdate,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// What a poll of one call found.
+#[derive(Debug, Clone)]
+pub enum PollUpdate {
+    /// Not ready (or the API failed): poll again at `at`.
+    Again { at: SystemTime, result: String },
+    /// Polling of this call is over.
+    Finished { status: PollEnd, result: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollEnd {
+    /// The analysis is stored (by webhook or by this poll).
+    Done,
+    GaveUp,
+    NotFound,
+}
+
+impl PollEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            PollEnd::Done => "done",
+            PollEnd::GaveUp => "gave_up",
+            PollEnd::NotFound => "not_found",
+        }
+    }
+}
+
+/// A call the poller should look at now.
+#[derive(Debug, Clone)]
+pub struct TrackedCall {
+    pub call_id: String,
+    pub first_seen_at: SystemTime,
+    pub polls: u32,
 }
 
 /// Per-sink wake-ups: the writer signals a sink's dispatcher after committing rows for it.
@@ -204,6 +262,8 @@ pub struct Store {
     wakers: Arc<Wakers>,
     /// Whether the writer's last commit succeeded (readiness).
     writable: Arc<AtomicBool>,
+    /// Set when the poller runs: how long after a call's latest event to poll it.
+    track_calls: Option<Duration>,
 }
 
 /// The writer thread; [`Writer::join`] waits until it has committed everything queued.
@@ -283,7 +343,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 
 impl Store {
     /// Opens (creating and migrating as needed) the database and starts its writer.
-    pub fn open(config: &StoreConfig) -> Result<(Store, Writer), StoreError> {
+    /// `track_calls`: when the poller runs, how long after a call's latest event it polls.
+    pub fn open(
+        config: &StoreConfig,
+        track_calls: Option<Duration>,
+    ) -> Result<(Store, Writer), StoreError> {
         let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
@@ -321,6 +385,7 @@ impl Store {
                 path,
                 wakers,
                 writable,
+                track_calls,
             },
             Writer(handle),
         ))
@@ -357,7 +422,8 @@ impl Store {
     pub async fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> Result<Ingested, StoreError> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Ingest {
-            event,
+            track: self.track_calls,
+            event: Box::new(event),
             sinks,
             outcome: Ingested::Duplicate,
             reply,
@@ -368,6 +434,17 @@ impl Store {
     pub async fn quarantine(&self, entry: Quarantined) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.submit(Op::Quarantine { entry, reply }, rx).await
+    }
+
+    /// Records what polling a call found.
+    pub async fn record_poll(&self, call_id: &str, update: PollUpdate) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Poll {
+            call_id: call_id.to_owned(),
+            update,
+            reply,
+        };
+        self.submit(op, rx).await
     }
 
     /// Records the outcome of delivery attempts.
@@ -392,7 +469,9 @@ impl Op {
     fn withdrawn(&self) -> bool {
         match self {
             Op::Ingest { reply, .. } => reply.is_closed(),
-            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } => reply.is_closed(),
+            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
+                reply.is_closed()
+            }
         }
     }
 
@@ -401,6 +480,7 @@ impl Op {
             Op::Ingest {
                 event,
                 sinks,
+                track,
                 outcome,
                 ..
             } => {
@@ -429,8 +509,30 @@ impl Op {
                 for sink in sinks.iter() {
                     row.execute(params![event_id, &**sink, event.call_id, now])?;
                 }
+                if let (Some(wait), Some(call_id)) = (track, &event.call_id) {
+                    track_call(tx, call_id, &event.name, event.source, now, *wait)?;
+                }
                 *outcome = Ingested::Stored {
                     deliveries: sinks.len(),
+                };
+                Ok(())
+            }
+            Op::Poll {
+                call_id, update, ..
+            } => {
+                match update {
+                    PollUpdate::Again { at, result } => tx
+                        .prepare_cached(
+                            "UPDATE polls SET polls = polls + 1, next_poll_at = ?2, last_result = ?3, updated_at = ?4
+                             WHERE call_id = ?1 AND status = 'waiting'",
+                        )?
+                        .execute(params![&*call_id, to_millis(*at), &*result, now])?,
+                    PollUpdate::Finished { status, result } => tx
+                        .prepare_cached(
+                            "UPDATE polls SET polls = polls + 1, status = ?2, last_result = ?3, updated_at = ?4
+                             WHERE call_id = ?1 AND status = 'waiting'",
+                        )?
+                        .execute(params![&*call_id, status.as_str(), &*result, now])?,
                 };
                 Ok(())
             }
@@ -490,10 +592,39 @@ impl Op {
                 }
                 let _ = reply.send(result.map(|()| outcome));
             }
-            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } => {
+            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
                 let _ = reply.send(result);
             }
         }
+    }
+}
+
+/// Keeps a call's poll schedule in step with its events: `all_processing_completed` ends
+/// it (whatever its source), any other event (re)starts the wait for the analysis.
+fn track_call(
+    tx: &rusqlite::Transaction<'_>,
+    call_id: &str,
+    event: &str,
+    source: Source,
+    now: i64,
+    wait: Duration,
+) -> rusqlite::Result<usize> {
+    if event == "all_processing_completed" {
+        tx.prepare_cached(
+            "INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+             VALUES (?1, 'done', ?2, ?2, ?2, ?3, ?2)
+             ON CONFLICT (call_id) DO UPDATE SET status = 'done', last_event_at = ?2, last_result = ?3, updated_at = ?2",
+        )?
+        .execute(params![call_id, now, format!("analysis received by {source}")])
+    } else {
+        let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+        tx.prepare_cached(
+            "INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+             VALUES (?1, 'waiting', ?2, ?2, ?3, 'waiting for the analysis webhook', ?2)
+             ON CONFLICT (call_id) DO UPDATE SET last_event_at = ?2, updated_at = ?2,
+                 next_poll_at = CASE WHEN status = 'waiting' THEN MAX(next_poll_at, ?3) ELSE next_poll_at END",
+        )?
+        .execute(params![call_id, now, due])
     }
 }
 
@@ -674,6 +805,49 @@ impl Reader {
         .await
     }
 
+    /// Calls the poller should look at now, earliest first.
+    pub async fn due_polls(&self, limit: usize) -> Result<Vec<TrackedCall>, StoreError> {
+        let now = to_millis(now());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT call_id, first_seen_at, polls FROM polls
+                 WHERE status = 'waiting' AND next_poll_at <= ?1 ORDER BY next_poll_at LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![now, limit], |r| {
+                Ok(TrackedCall {
+                    call_id: r.get(0)?,
+                    first_seen_at: from_millis(r.get(1)?),
+                    polls: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// When the next call is due for a poll, if any is waiting.
+    pub async fn next_poll(&self) -> Result<Option<SystemTime>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT MIN(next_poll_at) FROM polls WHERE status = 'waiting'")?
+                .query_row([], |r| r.get::<_, Option<i64>>(0))
+                .map(|v| v.map(from_millis))
+        })
+        .await
+    }
+
+    /// Whether an event with this dedup key is stored.
+    pub async fn has_event(&self, dedup_key: &str) -> Result<bool, StoreError> {
+        let key = dedup_key.to_owned();
+        self.with(move |conn| {
+            conn.prepare_cached("SELECT 1 FROM events WHERE dedup_key = ?1")?
+                .query_row(params![key], |_| Ok(()))
+                .optional()
+                .map(|found| found.is_some())
+        })
+        .await
+    }
+
     /// When the earliest pending row of `sink` that is not yet due at `after` becomes due.
     pub async fn next_due_after(
         &self,
@@ -701,10 +875,13 @@ mod tests {
     use crate::event::Event;
 
     fn open(dir: &Path) -> (Store, Writer) {
-        Store::open(&StoreConfig {
-            path: dir.join("router.db"),
-            synchronous: Synchronous::Full,
-        })
+        Store::open(
+            &StoreConfig {
+                path: dir.join("router.db"),
+                synchronous: Synchronous::Full,
+            },
+            None,
+        )
         .expect("store opens")
     }
 

@@ -139,7 +139,7 @@ impl AmqpSink {
     /// Creates the sink and starts watching its connection. No connection is needed to
     /// start: a broker that is down, or refuses us, is reported in logs and readiness.
     pub fn start(name: &str, config: &AmqpSinkConfig) -> Arc<AmqpSink> {
-        crate::sinks::http::install_tls_provider();
+        crate::net::install_tls_provider();
         let sink = Arc::new(AmqpSink {
             name: name.to_owned(),
             config: config.clone(),

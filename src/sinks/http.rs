@@ -4,7 +4,7 @@
 //! timeouts and connection errors are retried, honouring `Retry-After`; any other 4xx
 //! is permanent: retrying the same request cannot succeed.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -27,15 +27,9 @@ pub struct HttpSink {
     client: reqwest::Client,
 }
 
-/// Installs ring as rustls' crypto provider (once per process; a second call does nothing).
-pub(crate) fn install_tls_provider() {
-    // An error means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 impl HttpSink {
     pub fn new(name: &str, config: &HttpSinkConfig) -> Result<HttpSink, BuildError> {
-        install_tls_provider();
+        crate::net::install_tls_provider();
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(config.timeout)
@@ -82,7 +76,7 @@ impl HttpSink {
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
-            .and_then(parse_retry_after);
+            .and_then(crate::net::parse_retry_after);
         let snippet = snippet(response).await;
         let retryable = status.is_redirection()
             || status.is_server_error()
@@ -111,16 +105,6 @@ async fn snippet(mut response: reqwest::Response) -> String {
     String::from_utf8_lossy(&kept).into_owned()
 }
 
-/// `Retry-After` as delay-seconds or an HTTP date.
-fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(text).ok()?;
-    Some(at.duration_since(SystemTime::now()).unwrap_or_default())
-}
-
 impl Sink for HttpSink {
     fn name(&self) -> &str {
         &self.name
@@ -138,26 +122,5 @@ impl Sink for HttpSink {
             }
             results
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
-        assert_eq!(
-            parse_retry_after(&HeaderValue::from_static("2")),
-            Some(Duration::from_secs(2))
-        );
-        let later = SystemTime::now() + Duration::from_secs(120);
-        let date = HeaderValue::from_str(&httpdate::fmt_http_date(later)).expect("header");
-        let wait = parse_retry_after(&date).expect("a date");
-        assert!(
-            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
-            "{wait:?}"
-        );
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
     }
 }
