@@ -111,7 +111,7 @@ pub enum ApiError {
     #[error("the API answered {status}")]
     Status { status: u16 },
     #[error("request failed: {0}")]
-    Transport(reqwest::Error),
+    Transport(String),
     #[error("the answer is not the JSON expected: {0}")]
     Decode(serde_json::Error),
     #[error("cannot set up the HTTP client: {0}")]
@@ -189,7 +189,7 @@ impl Client {
             .header("x-api-key", self.key.0.clone())
             .send()
             .await
-            .map_err(|e| ApiError::Transport(e.without_url()))?;
+            .map_err(|e| ApiError::Transport(crate::net::describe(&e.without_url())))?;
         let status = response.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = response
@@ -213,7 +213,7 @@ impl Client {
             s if s.is_success() => response
                 .bytes()
                 .await
-                .map_err(|e| ApiError::Transport(e.without_url())),
+                .map_err(|e| ApiError::Transport(crate::net::describe(&e.without_url()))),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Err(ApiError::Unauthorized(status.as_u16()))
             }

@@ -68,7 +68,7 @@ impl HttpSink {
             .body(d.payload.clone())
             .send()
             .await
-            .map_err(|e| SinkError::HttpTransport(std::sync::Arc::new(e.without_url())))?;
+            .map_err(|e| SinkError::HttpTransport(crate::net::describe(&e.without_url())))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());

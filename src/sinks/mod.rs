@@ -58,7 +58,7 @@ pub enum SinkError {
     #[error("the payload is not JSON: {0}")]
     NotJson(Arc<serde_json::Error>),
     #[error("request failed: {0}")]
-    HttpTransport(Arc<reqwest::Error>),
+    HttpTransport(String),
     #[error("{reason}")]
     Amqp { reason: String, permanent: bool },
     /// The destination as a whole cannot be reached; rows wait without using up attempts.

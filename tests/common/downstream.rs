@@ -39,6 +39,8 @@ impl Received {
 pub enum Reply {
     Status(u16),
     StatusWith(u16, Vec<(&'static str, String)>),
+    /// A status with a JSON body.
+    Json(u16, serde_json::Value),
     /// Wait, then answer 200 (for timeouts: the router gives up first).
     Slow(Duration),
 }
@@ -112,6 +114,11 @@ impl Downstream {
                         let response = match reply {
                             Reply::Status(code) => answer(code, &[]),
                             Reply::StatusWith(code, headers) => answer(code, &headers),
+                            Reply::Json(code, body) => Response::builder()
+                                .status(code)
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body.to_string())))
+                                .expect("response"),
                             Reply::Slow(wait) => {
                                 tokio::time::sleep(wait).await;
                                 answer(200, &[])
