@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use vyora_router::config::Config;
 use vyora_router::dispatch::{Dispatcher, RetryPolicy};
 use vyora_router::event::Event;
-use vyora_router::store::Store;
+use vyora_router::metrics::Metrics;
+use vyora_router::store::{Store, StoreOptions};
 
 #[derive(Parser)]
 struct Args {
@@ -150,7 +151,7 @@ max_in_flight = {window}
 "#,
         db = dir.path().join("bench.db").display()
     ))?;
-    let (store, writer) = Store::open(&config.store, None)?;
+    let (store, writer) = Store::open(&config.store, StoreOptions::default())?;
     // Fill the outbox first, so the measurement is outbox -> confirmed publish only.
     let sink_name: Arc<str> = Arc::from("queue");
     let mut fills = tokio::task::JoinSet::new();
@@ -179,6 +180,7 @@ max_in_flight = {window}
         store.clone(),
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
+        Arc::new(Metrics::new()),
     )?;
     let started = Instant::now();
     let task = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(5)));

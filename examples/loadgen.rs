@@ -82,7 +82,7 @@ fn body(run: u64, worker: usize, n: u64) -> String {
         "campaign_id": "campaign_456",
         "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
         "called_at": "2026-05-24T10:30:00Z",
-        "timestamp": "2026-05-24T10:31:15Z"
+        "timestamp": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
     })
     .to_string()
 }

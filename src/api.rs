@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::config::ApiConfig;
+use crate::metrics::Metrics;
 
 /// The API key. Its `Debug` never shows it.
 #[derive(Clone)]
@@ -151,6 +152,7 @@ pub struct Client {
     limiter: Arc<RateLimiter>,
     /// Consecutive 429s, for the backoff when no `Retry-After` is given.
     throttled: std::sync::atomic::AtomicU32,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Client {
@@ -169,7 +171,20 @@ impl Client {
             key,
             limiter,
             throttled: std::sync::atomic::AtomicU32::new(0),
+            metrics: None,
         })
+    }
+
+    /// Counts requests by status and rate-limit waits.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Client {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, status: &str) {
+        if let Some(m) = &self.metrics {
+            m.poller_request(status);
+        }
     }
 
     fn url(&self, path: &[&str]) -> reqwest::Url {
@@ -182,15 +197,27 @@ impl Client {
 
     /// One rate-limited GET; maps statuses to errors and 429s to a pause for everyone.
     async fn get(&self, url: reqwest::Url) -> Result<Bytes, ApiError> {
-        self.limiter.acquire().await;
-        let response = self
+        let waited = self.limiter.acquire().await;
+        if let Some(m) = &self.metrics
+            && !waited.is_zero()
+        {
+            m.rate_limit_waits.inc();
+        }
+        let response = match self
             .http
             .get(url)
             .header("x-api-key", self.key.0.clone())
             .send()
             .await
-            .map_err(|e| ApiError::Transport(crate::net::describe(&e.without_url())))?;
+        {
+            Ok(response) => response,
+            Err(e) => {
+                self.count("error");
+                return Err(ApiError::Transport(crate::net::describe(&e.without_url())));
+            }
+        };
         let status = response.status();
+        self.count(status.as_str());
         if status == StatusCode::TOO_MANY_REQUESTS {
             let retry_after = response
                 .headers()

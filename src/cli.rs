@@ -146,7 +146,7 @@ pub struct ConfigArg {
 }
 
 impl ConfigArg {
-    fn source(&self) -> ConfigSource {
+    pub fn source(&self) -> ConfigSource {
         ConfigSource::resolve(self.config.clone())
     }
 

@@ -183,6 +183,7 @@ struct RawServer {
     header_read_timeout: String,
     ack_timeout: String,
     max_connections: u64,
+    shutdown_timeout: String,
 }
 
 impl Default for RawServer {
@@ -194,6 +195,7 @@ impl Default for RawServer {
             header_read_timeout: "10s".into(),
             ack_timeout: "4s".into(),
             max_connections: 1024,
+            shutdown_timeout: "20s".into(),
         }
     }
 }
@@ -202,6 +204,9 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 struct RawWebhook {
     secrets: Vec<String>,
+    /// Defaults to `store.dedup_window`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_event_age: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -209,6 +214,8 @@ struct RawWebhook {
 struct RawStore {
     path: String,
     synchronous: String,
+    retention: String,
+    dedup_window: String,
 }
 
 impl Default for RawStore {
@@ -216,6 +223,8 @@ impl Default for RawStore {
         RawStore {
             path: "data/router.db".into(),
             synchronous: "full".into(),
+            retention: "30d".into(),
+            dedup_window: "90d".into(),
         }
     }
 }
@@ -397,17 +406,26 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub ack_timeout: Duration,
     pub max_connections: usize,
+    /// How long connections and deliveries get to finish at shutdown.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub secrets: Vec<Secret>,
+    /// Events whose payload `timestamp` is older are refused: a replay must never
+    /// outlive its dedup record.
+    pub max_event_age: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
     pub synchronous: Synchronous,
+    /// Payloads of events delivered to every sink are emptied after this.
+    pub retention: Duration,
+    /// Dedup keys of such events are kept this long (the only replay guard).
+    pub dedup_window: Duration,
 }
 
 /// SQLite's `synchronous` pragma: `Full` fsyncs every commit, so a power loss keeps every
@@ -439,6 +457,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
+    /// The sink's table as written: a reload restarts a sink only when this changed.
+    pub fingerprint: String,
     pub name: String,
     pub events: EventSelector,
     pub filter: Filter,
@@ -694,6 +714,7 @@ impl RawConfig {
             header_read_timeout: duration("server.header_read_timeout", &s.header_read_timeout)?,
             ack_timeout: duration("server.ack_timeout", &s.ack_timeout)?,
             max_connections: to_usize("server.max_connections", s.max_connections)?,
+            shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
         };
 
         if self.webhook.secrets.is_empty() {
@@ -712,6 +733,32 @@ impl RawConfig {
 
         if self.store.path.is_empty() {
             return Err(invalid("store.path", &self.store.path, "must name a file"));
+        }
+        let retention = duration("store.retention", &self.store.retention)?;
+        let dedup_window = duration("store.dedup_window", &self.store.dedup_window)?;
+        if dedup_window < retention {
+            return Err(invalid(
+                "store.dedup_window",
+                &self.store.dedup_window,
+                format!(
+                    "must not be shorter than store.retention ({})",
+                    self.store.retention
+                ),
+            ));
+        }
+        let max_event_age = match &self.webhook.max_event_age {
+            None => dedup_window,
+            Some(age) => duration("webhook.max_event_age", age)?,
+        };
+        if max_event_age > dedup_window {
+            return Err(invalid(
+                "webhook.max_event_age",
+                self.webhook.max_event_age.as_deref().unwrap_or_default(),
+                format!(
+                    "must not exceed store.dedup_window ({}): a replay older than its dedup record would be accepted again",
+                    self.store.dedup_window
+                ),
+            ));
         }
         let synchronous = match self.store.synchronous.as_str() {
             "full" => Synchronous::Full,
@@ -774,10 +821,15 @@ impl RawConfig {
             api,
             poller,
             server,
-            webhook: WebhookConfig { secrets },
+            webhook: WebhookConfig {
+                secrets,
+                max_event_age,
+            },
             store: StoreConfig {
                 path: PathBuf::from(&self.store.path),
                 synchronous,
+                retention,
+                dedup_window,
             },
             delivery: DeliveryConfig {
                 max_attempts,
@@ -894,6 +946,10 @@ impl RawSink {
             }
         };
         Ok(SinkConfig {
+            // A digest, not the text: the table holds secrets.
+            fingerprint: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                toml::to_string(self).unwrap_or_default(),
+            )),
             name: sink_name(&self.key(i, "name"), &self.name)?,
             events: EventSelector::parse(&self.key(i, "events"), &self.events)?,
             filter: Filter::parse(&self.key(i, "filter"), &self.filter)?,

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
 use crate::store::{self, Delivery, Reader, Settlement, Store, StoreError};
@@ -116,6 +117,7 @@ struct Shared {
     store: Store,
     policy: RetryPolicy,
     redaction: Redaction,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -124,6 +126,7 @@ impl Dispatcher {
         store: Store,
         policy: RetryPolicy,
         redaction: Redaction,
+        metrics: Arc<Metrics>,
     ) -> Result<Dispatcher, StoreError> {
         let reader = store.reader()?;
         Ok(Dispatcher {
@@ -132,6 +135,7 @@ impl Dispatcher {
                 store,
                 policy,
                 redaction,
+                metrics,
             }),
             reader,
         })
@@ -241,6 +245,7 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
         store,
         policy,
         redaction,
+        metrics,
     } = &*shared;
     let ids = batch.iter().map(|d| d.id).collect();
     let mut settlements = Vec::with_capacity(batch.len());
@@ -272,6 +277,15 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
             .zip(results)
             .map(|(d, result)| policy.settle(d, result, sink.name())),
     );
+    for s in &settlements {
+        let outcome = match s {
+            Settlement::Delivered { .. } => "delivered",
+            Settlement::Retry { .. } => "retried",
+            Settlement::Postpone { .. } => "postponed",
+            Settlement::Dead { .. } => "dead",
+        };
+        metrics.delivery(sink.name(), outcome);
+    }
     for tries in 1..=SETTLE_TRIES {
         match store.settle(settlements.clone()).await {
             Ok(()) => break,
@@ -353,8 +367,11 @@ mod tests {
         let config = StoreConfig {
             path: dir.path().join("router.db"),
             synchronous: Synchronous::Normal,
+            retention: Duration::from_secs(3600),
+            dedup_window: Duration::from_secs(7200),
         };
-        let (store, _writer) = Store::open(&config, None).expect("store");
+        let (store, _writer) =
+            Store::open(&config, crate::store::StoreOptions::default()).expect("store");
         let sink = Arc::new(Flaky {
             failures,
             calls: AtomicUsize::new(0),
@@ -366,6 +383,7 @@ mod tests {
             store.clone(),
             policy(max_attempts),
             Redaction::default(),
+            Arc::new(Metrics::new()),
         )
         .expect("dispatcher");
         tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));

@@ -1,6 +1,7 @@
 //! The Vyora event model: what we read from a verified body, and its deduplication key.
 
 use std::fmt;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -45,6 +46,8 @@ pub struct Event {
     pub dedup_key: String,
     pub source: Source,
     pub attributes: Attributes,
+    /// The payload's `timestamp` (RFC 3339), when it has a readable one.
+    pub timestamp: Option<SystemTime>,
     pub payload: Bytes,
 }
 
@@ -92,6 +95,7 @@ struct Head {
     campaign_id: Option<serde_json::Value>,
     direction: Option<serde_json::Value>,
     analysis: Option<serde_json::Value>,
+    timestamp: Option<serde_json::Value>,
 }
 
 /// A scalar as text; anything else (null, objects, arrays) is absent.
@@ -185,12 +189,14 @@ impl Event {
                     .and_then(|mut a| a.get_mut("classification").map(serde_json::Value::take)),
             ),
         };
+        let timestamp = text(head.timestamp).and_then(|t| humantime::parse_rfc3339_weak(&t).ok());
         Ok(Event {
             name,
             call_id,
             dedup_key,
             source,
             attributes,
+            timestamp,
             payload,
         })
     }

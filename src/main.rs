@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
 use vyora_router::admin;
 use vyora_router::api::RateLimiter;
@@ -16,7 +17,7 @@ use vyora_router::cli::{
     AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
     PollerCommand,
 };
-use vyora_router::config::{Config, LogFormat};
+use vyora_router::config::{Config, ConfigSource, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,7 +40,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(arg) => {
             let config = arg.load()?;
             let _log = init_logging(&config)?;
-            runtime()?.block_on(serve(config))?;
+            runtime()?.block_on(serve(config, arg.source()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Deliveries(DeliveriesCommand::List {
@@ -179,17 +180,41 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let listen = config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
-    vyora_router::run(config, listener, shutdown_signal()?).await?;
+    let reloads = reload_on_sighup(source)?;
+    vyora_router::run(config, listener, shutdown_signal()?, reloads).await?;
     Ok(())
 }
 
+/// Re-reads the config on every SIGHUP; a config that does not load is reported and the
+/// running one stays.
+fn reload_on_sighup(source: ConfigSource) -> anyhow::Result<mpsc::Receiver<Config>> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match Config::load(&source) {
+                Ok(config) => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the config is not valid; the running config stays")
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     Ok(async move {

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{ApiError, Client};
 use crate::config::PollerConfig;
 use crate::event::Event;
-use crate::routing::Router;
+use crate::live::LiveHandle;
+use crate::metrics::Metrics;
 use crate::store::{self, Ingested, PollEnd, PollUpdate, Reader, Store, StoreError, TrackedCall};
 
 /// Calls read from the store per look.
@@ -42,9 +43,10 @@ pub struct Poller {
     client: Arc<Client>,
     store: Store,
     reader: Reader,
-    router: Arc<Router>,
+    live: LiveHandle,
     config: PollerConfig,
     health: Arc<PollerHealth>,
+    metrics: Arc<Metrics>,
 }
 
 /// What one poll of one call came to.
@@ -60,18 +62,20 @@ impl Poller {
     pub fn new(
         client: Arc<Client>,
         store: Store,
-        router: Arc<Router>,
+        live: LiveHandle,
         config: PollerConfig,
         health: Arc<PollerHealth>,
+        metrics: Arc<Metrics>,
     ) -> Result<Poller, StoreError> {
         let reader = store.reader()?;
         Ok(Poller {
             client,
             store,
             reader,
-            router,
+            live,
             config,
             health,
+            metrics,
         })
     }
 
@@ -132,6 +136,7 @@ impl Poller {
                 .duration_since(call.first_seen_at)
                 .unwrap_or_default();
             if tracked_for >= self.config.give_up_after {
+                self.metrics.poller_gave_up.inc();
                 tracing::warn!(call_id = %call.call_id, polls = call.polls + 1, "no analysis after {:?}; giving up", self.config.give_up_after);
                 PollUpdate::Finished {
                     status: PollEnd::GaveUp,
@@ -209,7 +214,7 @@ impl Poller {
         names.push("all_processing_completed");
         for name in names {
             let event = Event::from_poll(name, call_id, record.clone())?;
-            let sinks = self.router.sinks_for(&event);
+            let sinks = self.live.current().router.sinks_for(&event);
             let outcome = self.store.ingest(event, sinks).await?;
             let recovered = outcome != Ingested::Duplicate;
             tracing::info!(

@@ -8,7 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -24,10 +24,10 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::event::{Event, EventError};
+use crate::live::LiveHandle;
+use crate::metrics::Metrics;
 use crate::poller::PollerHealth;
-use crate::routing::Router;
-use crate::signature::{self, Secret, SignatureError};
-use crate::sinks::Sink;
+use crate::signature::{self, SignatureError};
 use crate::store::{Ingested, Quarantined, Store, StoreError};
 
 pub const HEALTH_PATH: &str = "/healthz";
@@ -36,8 +36,9 @@ pub const SIGNATURE_HEADER: &str = "x-vyora-signature";
 pub const EVENT_HEADER: &str = "x-vyora-event";
 /// Seconds a sender should wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
-/// How long open connections get to finish once shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The OpenMetrics content type that `prometheus-client` writes.
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const METRICS_PATH: &str = "/metrics";
 
 /// What the request path needs, shared by every connection.
 pub struct State {
@@ -45,39 +46,37 @@ pub struct State {
     max_body_bytes: usize,
     body_timeout: Duration,
     ack_timeout: Duration,
-    secrets: Vec<Secret>,
-    router: Arc<Router>,
     store: Store,
-    sinks: Vec<Arc<dyn Sink>>,
+    live: LiveHandle,
     poller: Option<Arc<PollerHealth>>,
+    metrics: Arc<Metrics>,
 }
 
-/// What the server reports on beyond itself: the components `/readyz` asks.
+/// What the server works with beyond its own settings.
 pub struct Components {
-    pub router: Arc<Router>,
     pub store: Store,
-    pub sinks: Vec<Arc<dyn Sink>>,
+    pub live: LiveHandle,
     pub poller: Option<Arc<PollerHealth>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl State {
     pub fn new(config: &Config, components: Components) -> State {
         let Components {
-            router,
             store,
-            sinks,
+            live,
             poller,
+            metrics,
         } = components;
         State {
             webhook_path: config.server.webhook_path.clone(),
             max_body_bytes: config.server.max_body_bytes,
             body_timeout: config.server.header_read_timeout,
             ack_timeout: config.server.ack_timeout,
-            secrets: config.webhook.secrets.clone(),
-            router,
             store,
-            sinks,
+            live,
             poller,
+            metrics,
         }
     }
 }
@@ -99,6 +98,10 @@ enum Rejection {
     Signature(SignatureError),
     #[error("{0}")]
     Event(EventError),
+    #[error(
+        "the event's timestamp is {age:?} old, older than webhook.max_event_age allows ({max:?}); a replay is refused"
+    )]
+    TooOld { age: Duration, max: Duration },
     #[error("the event could not be stored: {0}")]
     Store(StoreError),
     #[error("the event could not be stored within {0:?}")]
@@ -108,7 +111,7 @@ enum Rejection {
 }
 
 impl Rejection {
-    /// The outcome label in logs (and, later, metrics).
+    /// The outcome label in logs and metrics.
     fn outcome(&self) -> &'static str {
         match self {
             Rejection::NotFound | Rejection::MethodNotAllowed { .. } => "not_routed",
@@ -116,6 +119,7 @@ impl Rejection {
             Rejection::BodyRead(_) | Rejection::BodyTimeout(_) | Rejection::Event(_) => {
                 "bad_request"
             }
+            Rejection::TooOld { .. } => "too_old",
             Rejection::Signature(_) => "invalid_signature",
             Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
                 "unavailable"
@@ -127,6 +131,7 @@ impl Rejection {
 enum Accepted {
     Healthy,
     Ready,
+    Metrics(String),
     Event(Ingested),
 }
 
@@ -146,6 +151,13 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
     let rejection = match result {
         Ok(Accepted::Healthy) => return json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         Ok(Accepted::Ready) => return json(StatusCode::OK, serde_json::json!({"status": "ready"})),
+        Ok(Accepted::Metrics(text)) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            return response;
+        }
         Err(Rejection::NotReady(problems)) => {
             return json(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -167,7 +179,9 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
         Rejection::NotFound => StatusCode::NOT_FOUND,
         Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Rejection::BodyRead(_) | Rejection::Event(_) => StatusCode::BAD_REQUEST,
+        Rejection::BodyRead(_) | Rejection::Event(_) | Rejection::TooOld { .. } => {
+            StatusCode::BAD_REQUEST
+        }
         Rejection::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
         Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
@@ -205,11 +219,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infa
             return Ok(webhook(&state, req).await);
         }
         Err(Rejection::MethodNotAllowed { allow: "POST" })
-    } else if path == HEALTH_PATH || path == READY_PATH {
+    } else if path == HEALTH_PATH || path == READY_PATH || path == METRICS_PATH {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
         } else if path == HEALTH_PATH {
             Ok(Accepted::Healthy)
+        } else if path == METRICS_PATH {
+            Ok(Accepted::Metrics(state.metrics.encode()))
         } else {
             readiness(&state)
         }
@@ -228,7 +244,7 @@ fn readiness(state: &State) -> Result<Accepted, Rejection> {
             "the last commit failed (disk full or locked?)".into(),
         );
     }
-    for sink in &state.sinks {
+    for sink in &state.live.current().sinks {
         if let Some(reason) = sink.unready() {
             problems.insert(format!("sink:{}", sink.name()), reason.into());
         }
@@ -254,9 +270,19 @@ async fn webhook(state: &State, req: Request<Incoming>) -> Reply {
     let started = Instant::now();
     let mut seen = Seen::default();
     let result = receive(state, req, &mut seen).await;
-    let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let event = seen.event.as_deref().unwrap_or("-");
+    let elapsed = started.elapsed();
+    state.metrics.ack_latency.observe(elapsed.as_secs_f64());
+    let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    // Only verified event names become labels: an unsigned header must not be able to
+    // create label values at will.
+    let event = seen.event.as_deref().unwrap_or("unknown");
     let call_id = seen.call_id.as_deref().unwrap_or("-");
+    let outcome = match &result {
+        Ok(Accepted::Event(Ingested::Duplicate)) => "duplicate",
+        Ok(_) => "accepted",
+        Err(r) => r.outcome(),
+    };
+    state.metrics.webhook(event, outcome);
     match &result {
         Ok(Accepted::Event(Ingested::Duplicate)) => {
             tracing::info!(event, call_id, outcome = "duplicate", latency_us, "webhook");
@@ -309,17 +335,20 @@ async fn receive(
         Ok(Ok(collected)) => collected.to_bytes(),
     };
 
-    signature::verify(&state.secrets, signature.as_deref(), &body).map_err(Rejection::Signature)?;
+    // One snapshot for the whole request, so a reload never mixes two configs in it.
+    let live = state.live.current();
+    let index = signature::verify(&live.secrets, signature.as_deref(), &body)
+        .map_err(Rejection::Signature)?;
+    state.metrics.secret_verified(index);
 
     let event = match Event::from_webhook(event_header.as_deref(), body.clone()) {
         Ok(event) => event,
         Err(e) => {
-            seen.event = event_header
-                .as_deref()
-                .map(|h| String::from_utf8_lossy(h).into_owned());
             let entry = Quarantined {
                 reason: e.to_string(),
-                event_header: seen.event.clone(),
+                event_header: event_header
+                    .as_deref()
+                    .map(|h| String::from_utf8_lossy(h).into_owned()),
                 body,
             };
             // The body is genuine, so it is kept; if even that cannot be stored, 503 makes
@@ -330,7 +359,19 @@ async fn receive(
     };
     seen.event = Some(event.name.clone());
     seen.call_id = event.call_id.clone();
-    let sinks = state.router.sinks_for(&event);
+    // The signature carries no time: the dedup record is the only replay guard, so an
+    // event older than that record may not come in again.
+    if let Some(age) = event
+        .timestamp
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        && age > live.max_event_age
+    {
+        return Err(Rejection::TooOld {
+            age: Duration::from_secs(age.as_secs()),
+            max: live.max_event_age,
+        });
+    }
+    let sinks = live.router.sinks_for(&event);
     let ingested = store_within(state.ack_timeout, state.store.ingest(event, sinks)).await?;
     Ok(Accepted::Event(ingested))
 }
@@ -351,10 +392,14 @@ async fn store_within<T>(
 pub async fn serve(
     listener: TcpListener,
     state: Arc<State>,
-    max_connections: usize,
-    header_read_timeout: Duration,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let ConnectionLimits {
+        max_connections,
+        header_read_timeout,
+        drain_timeout,
+    } = limits;
     let mut builder = http1::Builder::new();
     // Without a timer hyper silently ignores the header timeout.
     builder
@@ -399,11 +444,30 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    if tokio::time::timeout(drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("open connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+        tracing::warn!("open connections did not finish within {drain_timeout:?}; closing them");
+    }
+}
+
+/// The connection-level limits of [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    /// How long open connections get to finish once shutdown begins.
+    pub drain_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    pub fn from_config(config: &Config) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: config.server.max_connections,
+            header_read_timeout: config.server.header_read_timeout,
+            drain_timeout: config.server.shutdown_timeout,
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::{StoreConfig, Synchronous};
 use crate::event::{Event, Source};
+use crate::metrics::Metrics;
 
 /// Most operations committed in one transaction.
 const MAX_GROUP: usize = 512;
@@ -83,6 +84,13 @@ CREATE TABLE polls (
     updated_at    INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX polls_due ON polls (next_poll_at) WHERE status = 'waiting';
+"#,
+    r#"
+-- Pruning and `events show` look up deliveries by event; event ids only grow, so this
+-- index is appended to, not written at random.
+CREATE INDEX outbox_by_event ON outbox (event_id);
+-- Dead rows are few; the metrics count them without scanning delivered ones.
+CREATE INDEX outbox_dead ON outbox (sink) WHERE status = 'dead';
 "#,
 ];
 
@@ -197,6 +205,50 @@ enum Op {
         update: PollUpdate,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Prune {
+        range: PruneRange,
+        /// Set by `apply`, answered after commit.
+        outcome: Pruned,
+        reply: oneshot::Sender<Result<Pruned, StoreError>>,
+    },
+}
+
+/// One pruning step: the events with ids in `[from, to)`.
+#[derive(Debug, Clone, Copy)]
+pub struct PruneRange {
+    pub from: i64,
+    pub to: i64,
+    /// Payloads of events received before this, delivered to every sink, are emptied.
+    pub payloads_before: SystemTime,
+    /// Events (dedup keys) received before this, delivered to every sink, are deleted.
+    pub keys_before: SystemTime,
+}
+
+/// What a pruning step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub payloads: usize,
+    pub events: usize,
+    /// The range held no event old enough to prune: later ids are newer still.
+    pub reached_recent: bool,
+}
+
+/// Per-sink outbox figures for the metrics.
+#[derive(Debug, Clone)]
+pub struct SinkStats {
+    pub sink: String,
+    pub pending: i64,
+    pub dead: i64,
+    /// When the oldest waiting delivery's event was received.
+    pub oldest_pending: Option<SystemTime>,
+}
+
+/// What the store is opened with beyond its config.
+#[derive(Default, Clone)]
+pub struct StoreOptions {
+    /// When the poller runs: how long after a call's latest event to poll it.
+    pub track_calls: Option<Duration>,
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// What a poll of one call found.
@@ -346,8 +398,12 @@ impl Store {
     /// `track_calls`: when the poller runs, how long after a call's latest event it polls.
     pub fn open(
         config: &StoreConfig,
-        track_calls: Option<Duration>,
+        options: StoreOptions,
     ) -> Result<(Store, Writer), StoreError> {
+        let StoreOptions {
+            track_calls,
+            metrics,
+        } = options;
         let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
@@ -368,14 +424,17 @@ impl Store {
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let wakers = Arc::new(Wakers::default());
-        let writer_wakers = Arc::clone(&wakers);
-        let wal = wal_path(&path);
         let writable = Arc::new(AtomicBool::new(true));
-        let writer_writable = Arc::clone(&writable);
+        let context = WriterContext {
+            wakers: Arc::clone(&wakers),
+            wal: wal_path(&path),
+            writable: Arc::clone(&writable),
+            metrics,
+        };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                write_loop(conn, rx, &writer_wakers, &wal, &writer_writable);
+                write_loop(conn, rx, &context);
                 drop(writer_alive);
             })
             .map_err(StoreError::Thread)?;
@@ -436,6 +495,17 @@ impl Store {
         self.submit(Op::Quarantine { entry, reply }, rx).await
     }
 
+    /// Prunes one id range (see [`PruneRange`]).
+    pub async fn prune(&self, range: PruneRange) -> Result<Pruned, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Prune {
+            range,
+            outcome: Pruned::default(),
+            reply,
+        };
+        self.submit(op, rx).await
+    }
+
     /// Records what polling a call found.
     pub async fn record_poll(&self, call_id: &str, update: PollUpdate) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -472,6 +542,7 @@ impl Op {
             Op::Quarantine { reply, .. } | Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
                 reply.is_closed()
             }
+            Op::Prune { reply, .. } => reply.is_closed(),
         }
     }
 
@@ -515,6 +586,10 @@ impl Op {
                 *outcome = Ingested::Stored {
                     deliveries: sinks.len(),
                 };
+                Ok(())
+            }
+            Op::Prune { range, outcome, .. } => {
+                *outcome = prune(tx, range)?;
                 Ok(())
             }
             Op::Poll {
@@ -595,6 +670,9 @@ impl Op {
             Op::Quarantine { reply, .. } | Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
                 let _ = reply.send(result);
             }
+            Op::Prune { outcome, reply, .. } => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
         }
     }
 }
@@ -626,6 +704,49 @@ fn track_call(
         )?
         .execute(params![call_id, now, due])
     }
+}
+
+/// Empties old payloads and deletes expired dedup keys in one id range, sparing every
+/// event that still has a delivery pending or dead (its payload is needed to deliver or
+/// replay it). Quarantined bodies go with the payloads, finished poll records with the keys.
+fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result<Pruned> {
+    let payloads_before = to_millis(range.payloads_before);
+    let keys_before = to_millis(range.keys_before);
+    let oldest: Option<i64> = tx
+        .prepare_cached("SELECT MIN(received_at) FROM events WHERE id >= ?1 AND id < ?2")?
+        .query_row(params![range.from, range.to], |r| r.get(0))?;
+    let finished = "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = events.id AND o.status != 'delivered')";
+    let payloads = tx
+        .prepare_cached(&format!(
+            "UPDATE events SET payload = X'' WHERE id >= ?1 AND id < ?2 AND received_at < ?3
+             AND length(payload) > 0 AND {finished}"
+        ))?
+        .execute(params![range.from, range.to, payloads_before])?;
+    tx.prepare_cached(&format!(
+        "DELETE FROM outbox WHERE event_id IN (
+             SELECT id FROM events WHERE id >= ?1 AND id < ?2 AND received_at < ?3 AND {finished})"
+    ))?
+    .execute(params![range.from, range.to, keys_before])?;
+    let events = tx
+        .prepare_cached(
+            "DELETE FROM events WHERE id >= ?1 AND id < ?2 AND received_at < ?3
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = events.id)",
+        )?
+        .execute(params![range.from, range.to, keys_before])?;
+    tx.prepare_cached(
+        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 ORDER BY id LIMIT 100)",
+    )?
+    .execute(params![payloads_before])?;
+    tx.prepare_cached(
+        "DELETE FROM polls WHERE call_id IN (
+             SELECT call_id FROM polls WHERE status != 'waiting' AND updated_at < ?1 LIMIT 100)",
+    )?
+    .execute(params![keys_before])?;
+    Ok(Pruned {
+        payloads,
+        events,
+        reached_recent: oldest.is_none_or(|t| t >= payloads_before),
+    })
 }
 
 fn commit(conn: &mut Connection, ops: &mut [Op]) -> rusqlite::Result<()> {
@@ -678,13 +799,22 @@ fn limit_wal(conn: &Connection, wal: &Path, limit: u64) {
     }
 }
 
-fn write_loop(
-    mut conn: Connection,
-    mut rx: mpsc::Receiver<Op>,
-    wakers: &Wakers,
-    wal: &Path,
-    writable: &AtomicBool,
-) {
+/// What the writer thread shares with the rest of the store.
+struct WriterContext {
+    wakers: Arc<Wakers>,
+    wal: PathBuf,
+    /// Whether the last commit succeeded (readiness).
+    writable: Arc<AtomicBool>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterContext) {
+    let WriterContext {
+        wakers,
+        wal,
+        writable,
+        metrics,
+    } = ctx;
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
     while let Some(first) = rx.blocking_recv() {
@@ -699,7 +829,12 @@ fn write_loop(
         if group.is_empty() {
             continue;
         }
-        match commit(&mut conn, &mut group) {
+        let started = std::time::Instant::now();
+        let committed = commit(&mut conn, &mut group);
+        if let Some(m) = metrics {
+            m.commit_latency.observe(started.elapsed().as_secs_f64());
+        }
+        match committed {
             Ok(()) => {
                 writable.store(true, Ordering::Relaxed);
                 for op in group.drain(..) {
@@ -805,6 +940,69 @@ impl Reader {
         .await
     }
 
+    /// Pending and dead counts and the oldest pending event, per sink with any.
+    pub async fn outbox_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        self.with(|conn| {
+            let mut out: Vec<SinkStats> = Vec::new();
+            let mut pending = conn.prepare_cached(
+                "SELECT sink, COUNT(*), MIN(id) FROM outbox WHERE status = 'pending' GROUP BY sink",
+            )?;
+            let rows = pending.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+            let mut received = conn.prepare_cached(
+                "SELECT e.received_at FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.id = ?1",
+            )?;
+            for row in rows {
+                let (sink, count, oldest_id) = row?;
+                let oldest = received
+                    .query_row(params![oldest_id], |r| r.get::<_, i64>(0))
+                    .optional()?
+                    .map(from_millis);
+                out.push(SinkStats {
+                    sink,
+                    pending: count,
+                    dead: 0,
+                    oldest_pending: oldest,
+                });
+            }
+            let mut dead = conn.prepare_cached("SELECT sink, COUNT(*) FROM outbox WHERE status = 'dead' GROUP BY sink")?;
+            for row in dead.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (sink, count) = row?;
+                match out.iter_mut().find(|s| s.sink == sink) {
+                    Some(s) => s.dead = count,
+                    None => out.push(SinkStats {
+                        sink,
+                        pending: 0,
+                        dead: count,
+                        oldest_pending: None,
+                    }),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Calls waiting for their analysis.
+    pub async fn calls_waiting(&self) -> Result<i64, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT COUNT(*) FROM polls WHERE status = 'waiting'")?
+                .query_row([], |r| r.get(0))
+        })
+        .await
+    }
+
+    /// The lowest and highest event ids, if any event is stored.
+    pub async fn event_id_range(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT MIN(id), MAX(id) FROM events")?
+                .query_row([], |r| {
+                    Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))
+                })
+                .map(|(lo, hi)| lo.zip(hi))
+        })
+        .await
+    }
+
     /// Calls the poller should look at now, earliest first.
     pub async fn due_polls(&self, limit: usize) -> Result<Vec<TrackedCall>, StoreError> {
         let now = to_millis(now());
@@ -879,8 +1077,10 @@ mod tests {
             &StoreConfig {
                 path: dir.join("router.db"),
                 synchronous: Synchronous::Full,
+                retention: Duration::from_secs(3600),
+                dedup_window: Duration::from_secs(7200),
             },
-            None,
+            StoreOptions::default(),
         )
         .expect("store opens")
     }

@@ -57,7 +57,7 @@ pub fn payload(call_id: &str, event: &str) -> String {
         "campaign_id": "campaign_456",
         "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
         "called_at": "2026-05-24T10:30:00Z",
-        "timestamp": "2026-05-24T10:31:15Z"
+        "timestamp": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
     })
     .to_string()
 }
@@ -68,6 +68,7 @@ pub struct TestRouter {
     /// Shared so a restarted router can reuse it; removed when the last holder drops it.
     pub dir: Arc<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
+    reload: tokio::sync::mpsc::Sender<Config>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -114,17 +115,20 @@ impl TestRouter {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
-            vyora_router::run(config, listener, async {
+            let shutdown = async {
                 let _ = stopped.await;
-            })
-            .await
-            .expect("router runs");
+            };
+            vyora_router::run(config, listener, shutdown, reloads)
+                .await
+                .expect("router runs");
         });
         let router = TestRouter {
             addr,
             dir,
             stop: Some(stop),
+            reload,
             task: Some(task),
         };
         // The listener queues connections from the start; the answer comes once the store
@@ -135,6 +139,15 @@ impl TestRouter {
             .expect("request");
         assert_eq!(send(addr, health).await.status, 200);
         router
+    }
+
+    /// Applies a new config as SIGHUP would.
+    pub async fn reload(&self, config: &str) {
+        let config = Config::from_toml(config).expect("test config is valid");
+        self.reload
+            .send(config)
+            .await
+            .expect("the router takes reloads");
     }
 
     /// Stops gracefully and waits until everything is closed.

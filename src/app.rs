@@ -1,0 +1,383 @@
+//! The running router: starts the store, sinks, dispatchers, poller and server; applies
+//! reloads; and shuts down in order so that everything acknowledged is on disk.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, RateLimiter};
+use crate::config::{Config, SinkConfig};
+use crate::dispatch::{Dispatcher, RetryPolicy};
+use crate::live::{Live, LiveHandle};
+use crate::metrics::{self, Metrics};
+use crate::poller::{Poller, PollerHealth};
+use crate::routing::Router;
+use crate::server::{self, ConnectionLimits};
+use crate::sinks::{self, Sink};
+use crate::store::{self, PruneRange, Store, StoreError, StoreOptions};
+
+/// Events examined per pruning step (one short write transaction each).
+const PRUNE_BATCH: i64 = 500;
+/// The longest pause between pruning passes.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sink(#[from] sinks::BuildError),
+    #[error("the poller cannot start: {0}")]
+    Api(#[from] api::ApiError),
+}
+
+/// A sink with its dispatcher running.
+struct Running {
+    fingerprint: String,
+    sink: Arc<dyn Sink>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// The running sinks, by name. A reload restarts only the sinks whose table changed.
+struct SinkSet {
+    running: BTreeMap<String, Running>,
+    store: Store,
+    policy: RetryPolicy,
+    metrics: Arc<Metrics>,
+    drain: Duration,
+}
+
+impl SinkSet {
+    /// Makes the running sinks match `configs`. Every new or changed sink is built first,
+    /// so a sink that cannot be built changes nothing.
+    async fn apply(&mut self, configs: &[SinkConfig]) -> Result<(), RunError> {
+        let mut fresh = Vec::new();
+        for config in configs {
+            let unchanged = self
+                .running
+                .get(&config.name)
+                .is_some_and(|r| r.fingerprint == config.fingerprint);
+            if !unchanged {
+                fresh.push((config, sinks::build(config)?));
+            }
+        }
+        let stale: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(name, r)| {
+                configs
+                    .iter()
+                    .find(|c| &c.name == *name)
+                    .is_none_or(|c| c.fingerprint != r.fingerprint)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(old) = self.running.remove(&name) {
+                tracing::info!(sink = %name, "stopping sink");
+                Self::stop(old).await;
+            }
+        }
+        for (config, sink) in fresh {
+            let dispatcher = Dispatcher::new(
+                Arc::clone(&sink),
+                self.store.clone(),
+                self.policy.clone(),
+                config.redact.clone(),
+                Arc::clone(&self.metrics),
+            )?;
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(dispatcher.run(stop.clone(), self.drain));
+            tracing::info!(sink = %config.name, "sink running");
+            self.running.insert(
+                config.name.clone(),
+                Running {
+                    fingerprint: config.fingerprint.clone(),
+                    sink,
+                    stop,
+                    task,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn sinks(&self) -> Vec<Arc<dyn Sink>> {
+        self.running.values().map(|r| Arc::clone(&r.sink)).collect()
+    }
+
+    /// Lets the dispatcher finish its in-flight deliveries (up to its drain time), then
+    /// closes the sink's connections.
+    async fn stop(running: Running) {
+        running.stop.cancel();
+        if running.task.await.is_err() {
+            tracing::error!(sink = running.sink.name(), "a dispatcher task failed");
+        }
+        running.sink.close().await;
+    }
+
+    async fn stop_all(&mut self) {
+        let all = std::mem::take(&mut self.running);
+        let stopping: Vec<_> = all
+            .into_values()
+            .map(|r| tokio::spawn(Self::stop(r)))
+            .collect();
+        for s in stopping {
+            if s.await.is_err() {
+                tracing::error!("a sink did not stop cleanly");
+            }
+        }
+    }
+}
+
+fn live(config: &Config, sinks: &SinkSet) -> Live {
+    Live {
+        secrets: config.webhook.secrets.clone(),
+        router: Router::new(&config.sinks),
+        sinks: sinks.sinks(),
+        max_event_age: config.webhook.max_event_age,
+    }
+}
+
+/// Settings a reload cannot change in a running process.
+fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let s = (&old.server, &new.server);
+    if s.0.listen != s.1.listen {
+        keys.push("server.listen");
+    }
+    if s.0.webhook_path != s.1.webhook_path {
+        keys.push("server.webhook_path");
+    }
+    if s.0.max_body_bytes != s.1.max_body_bytes {
+        keys.push("server.max_body_bytes");
+    }
+    if s.0.header_read_timeout != s.1.header_read_timeout || s.0.ack_timeout != s.1.ack_timeout {
+        keys.push("server timeouts");
+    }
+    if s.0.max_connections != s.1.max_connections || s.0.shutdown_timeout != s.1.shutdown_timeout {
+        keys.push("server limits");
+    }
+    if old.store.path != new.store.path || old.store.synchronous != new.store.synchronous {
+        keys.push("store.path / store.synchronous");
+    }
+    if old.store.retention != new.store.retention
+        || old.store.dedup_window != new.store.dedup_window
+    {
+        keys.push("store.retention / store.dedup_window");
+    }
+    if format!("{:?}{:?}", old.api, old.poller) != format!("{:?}{:?}", new.api, new.poller) {
+        keys.push("[api] / [poller]");
+    }
+    if format!("{:?}", old.delivery) != format!("{:?}", new.delivery) {
+        keys.push("[delivery]");
+    }
+    if format!("{:?}", old.log) != format!("{:?}", new.log) {
+        keys.push("[log]");
+    }
+    keys
+}
+
+/// Runs the router on `listener` until `shutdown` completes. Each config received on
+/// `reloads` replaces the secrets, sinks and filters for new events without dropping a
+/// request. At shutdown: stop accepting and answer the requests in progress, stop the
+/// poller, let dispatchers finish in-flight deliveries (what does not finish stays
+/// pending), close sink connections, and let the store commit its last writes.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reloads: mpsc::Receiver<Config>,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let options = StoreOptions {
+        track_calls: config
+            .poller
+            .enabled
+            .then_some(config.poller.wait_for_analysis),
+        metrics: Some(Arc::clone(&metrics)),
+    };
+    let (store, writer) = Store::open(&config.store, options)?;
+    let mut sinks = SinkSet {
+        running: BTreeMap::new(),
+        store: store.clone(),
+        policy: RetryPolicy::from(&config.delivery),
+        metrics: Arc::clone(&metrics),
+        drain: config.server.shutdown_timeout,
+    };
+    sinks.apply(&config.sinks).await?;
+    let live = LiveHandle::new(live(&config, &sinks));
+
+    let stop = CancellationToken::new();
+    let mut background = Vec::new();
+    let mut poller_health = None;
+    if config.poller.enabled {
+        let limiter = Arc::new(RateLimiter::new(
+            config.api.requests_per_minute,
+            Duration::from_secs(60),
+        ));
+        let client =
+            Arc::new(api::Client::new(&config.api, limiter)?.with_metrics(Arc::clone(&metrics)));
+        let health = Arc::new(PollerHealth::default());
+        let poller = Poller::new(
+            client,
+            store.clone(),
+            live.clone(),
+            config.poller.clone(),
+            Arc::clone(&health),
+            Arc::clone(&metrics),
+        )?;
+        background.push(tokio::spawn(poller.run(stop.clone())));
+        poller_health = Some(health);
+    }
+    background.push(tokio::spawn(metrics::refresh(
+        Arc::clone(&metrics),
+        store.reader()?,
+        live.clone(),
+        stop.clone(),
+    )));
+    background.push(tokio::spawn(prune(
+        store.clone(),
+        store.reader()?,
+        config.store.retention,
+        config.store.dedup_window,
+        stop.clone(),
+    )));
+
+    let components = server::Components {
+        store: store.clone(),
+        live: live.clone(),
+        poller: poller_health,
+        metrics,
+    };
+    let state = Arc::new(server::State::new(&config, components));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, path = %config.server.webhook_path, sinks = config.sinks.len(), "listening");
+    }
+    let mut serving = tokio::spawn(server::serve(
+        listener,
+        state,
+        ConnectionLimits::from_config(&config),
+        shutdown,
+    ));
+
+    // Reloads are applied while the server keeps serving on its own task.
+    let mut current = config;
+    loop {
+        tokio::select! {
+            served = &mut serving => {
+                if served.is_err() {
+                    tracing::error!("the server task failed");
+                }
+                break;
+            }
+            Some(new) = reloads.recv() => {
+                for key in needs_restart(&current, &new) {
+                    tracing::warn!(key, "changed in the config, but takes effect only after a restart");
+                }
+                match sinks.apply(&new.sinks).await {
+                    Ok(()) => {
+                        live.replace(live_for_reload(&current, &new, &sinks));
+                        tracing::info!(sinks = new.sinks.len(), "config reloaded");
+                        current = new;
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload failed; the running config stays"),
+                }
+            }
+        }
+    }
+
+    tracing::debug!("stopped serving; stopping background tasks");
+    stop.cancel();
+    for task in background {
+        if task.await.is_err() {
+            tracing::error!("a background task failed");
+        }
+    }
+    tracing::debug!("stopping sinks");
+    sinks.stop_all().await;
+    tracing::debug!("closing the store");
+    // The writer ends once the last handle to the store is gone.
+    drop((sinks, live, store));
+    // The writer commits the operations still queued, then closes the database.
+    if tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .is_err()
+    {
+        tracing::error!("the store writer could not be joined");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The live settings after a reload: the new secrets, routes and sinks; the webhook
+/// limits that need a restart keep their running values.
+fn live_for_reload(current: &Config, new: &Config, sinks: &SinkSet) -> Live {
+    Live {
+        max_event_age: if current.store.dedup_window == new.store.dedup_window {
+            new.webhook.max_event_age
+        } else {
+            current.webhook.max_event_age
+        },
+        ..live(new, sinks)
+    }
+}
+
+/// Empties old payloads and expires old dedup keys in small steps, walking the events
+/// by id (ids grow with time) and stopping at the first range too recent to touch.
+async fn prune(
+    store: Store,
+    reader: store::Reader,
+    retention: Duration,
+    dedup_window: Duration,
+    stop: CancellationToken,
+) {
+    // Short retentions (tests, small disks) are honoured closely; long ones every 10 min.
+    let every = (retention / 4).min(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let Ok(Some((first, last))) = reader.event_id_range().await else {
+            continue;
+        };
+        let now = store::now();
+        let mut from = first;
+        let (mut payloads, mut events) = (0, 0);
+        while from <= last && !stop.is_cancelled() {
+            let range = PruneRange {
+                from,
+                to: from + PRUNE_BATCH,
+                payloads_before: now - retention,
+                keys_before: now - dedup_window,
+            };
+            match store.prune(range).await {
+                Ok(done) => {
+                    payloads += done.payloads;
+                    events += done.events;
+                    if done.reached_recent {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning failed; trying again later");
+                    break;
+                }
+            }
+            from += PRUNE_BATCH;
+            // Leave the writer to the requests between steps.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if payloads + events > 0 {
+            tracing::info!(payloads, events, "pruned old events");
+        }
+    }
+}
