@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::admin::Status;
 use crate::config::{Config, ConfigError, ConfigSource};
+use crate::trigger::Trigger;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +42,24 @@ pub enum Command {
     /// The missed-analysis poller.
     #[command(subcommand)]
     Poller(PollerCommand),
+    /// Send realistic, correctly signed test events (`call`: the whole lifecycle).
+    Trigger {
+        event: Trigger,
+        #[arg(long, default_value = "http://127.0.0.1:8080/webhook")]
+        url: String,
+        /// The signing secret [default: the first of VYORA_WEBHOOK_SECRET]
+        #[arg(long, env = "VYORA_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// [default: a new random id]
+        #[arg(long)]
+        call_id: Option<String>,
+    },
+    /// Print `sha256=<hex>` for a body (standard input when no file is given).
+    Sign {
+        #[arg(long, env = "VYORA_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

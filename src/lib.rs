@@ -34,5 +34,6 @@ pub mod server;
 pub mod signature;
 pub mod sinks;
 pub mod store;
+pub mod trigger;
 
 pub use app::{RunError, run};

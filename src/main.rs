@@ -18,6 +18,8 @@ use vyora_router::cli::{
     PollerCommand,
 };
 use vyora_router::config::{Config, ConfigSource, LogFormat};
+use vyora_router::signature::Secret;
+use vyora_router::trigger;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -149,6 +151,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Trigger {
+            event,
+            url,
+            secret,
+            call_id,
+        } => {
+            let secret = first_secret(&secret)?;
+            let call_id = call_id.unwrap_or_else(|| format!("trigger-{:016x}", fastrand::u64(..)));
+            vyora_router::net::install_tls_provider();
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .context("cannot set up the HTTP client")?;
+            let mut all_ok = true;
+            for name in event.events() {
+                let body = trigger::payload(name, &call_id);
+                let (status, answer) = runtime()?
+                    .block_on(trigger::send(&client, &url, &secret, name, body))
+                    .with_context(|| format!("sending {name} to {url}"))?;
+                println!("{name} {call_id} -> {status} {answer}");
+                all_ok &= (200..300).contains(&status);
+            }
+            Ok(if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Sign { secret, file } => {
+            let secret = first_secret(&secret)?;
+            let body = match file {
+                Some(path) => std::fs::read(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                None => {
+                    let mut body = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                        .context("cannot read standard input")?;
+                    body
+                }
+            };
+            println!("{}", vyora_router::signature::sign(&secret, &body));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Healthcheck(arg) => {
             let config = arg.load()?;
             let addr = loopback_for(config.server.listen);
@@ -163,6 +208,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// The first secret of a comma-separated list (as `VYORA_WEBHOOK_SECRET` may hold).
+fn first_secret(secrets: &str) -> anyhow::Result<Secret> {
+    let first = secrets.split(',').map(str::trim).next().unwrap_or_default();
+    Secret::new(first.as_bytes()).context("--secret (or VYORA_WEBHOOK_SECRET) is empty")
 }
 
 /// The REST client for one command: its own rate limiter, since the command makes a

@@ -410,3 +410,24 @@ async fn a_refused_login_is_reported_in_readiness_not_a_crash() {
         200
     );
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn readiness_turns_503_while_the_broker_is_unreachable_and_back_to_200() {
+    let exchange = unique("vyora-test-x");
+    let proxy = Proxy::start(true).await;
+    let router = router_with_amqp(&url_via(proxy.addr), &exchange, "").await;
+    wait_ready(&router, 200).await;
+    proxy.set_up(false);
+    proxy.cut().await;
+    wait_ready(&router, 503).await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-q6", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    proxy.set_up(true);
+    wait_ready(&router, 200).await;
+}

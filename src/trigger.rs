@@ -1,0 +1,103 @@
+//! Realistic, correctly signed test events in the shape of Vyora's reference, for the
+//! `trigger` command: try a router (or your own receiver) without a Vyora account.
+
+use std::time::SystemTime;
+
+use crate::signature::{self, Secret};
+
+/// The events `trigger` can send; `Call` is the whole lifecycle in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Trigger {
+    #[value(name = "call_started")]
+    CallStarted,
+    #[value(name = "call_completed")]
+    CallCompleted,
+    #[value(name = "all_processing_completed")]
+    AllProcessingCompleted,
+    Call,
+}
+
+impl Trigger {
+    /// The event names to send, in order.
+    pub fn events(self) -> &'static [&'static str] {
+        match self {
+            Trigger::CallStarted => &["call_started"],
+            Trigger::CallCompleted => &["call_completed"],
+            Trigger::AllProcessingCompleted => &["all_processing_completed"],
+            Trigger::Call => &["call_started", "call_completed", "all_processing_completed"],
+        }
+    }
+}
+
+/// The payload Vyora would send for `event` of call `call_id`.
+pub fn payload(event: &str, call_id: &str) -> String {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut body = serde_json::json!({
+        "event": event,
+        "call_id": call_id,
+        "phone_number": "+919876543210",
+        "contact_name": "Rahul Sharma",
+        "agent_id": "def456-7890",
+        "agent_name": "Home Loan Agent",
+        "status": if event == "call_started" { "in_progress" } else { "completed" },
+        "direction": "outbound",
+        "campaign_id": "campaign_456",
+        "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
+        "called_at": now,
+        "timestamp": now,
+    });
+    if event != "call_started" {
+        body["duration_seconds"] = 47.into();
+        body["recording_url"] = format!("https://cdn.vyora.ai/recordings/{call_id}.mp3").into();
+    }
+    if event == "all_processing_completed" {
+        body["transcript"] = serde_json::json!([
+            {"bot": "Hi Rahul, I'm calling about your home loan inquiry..."},
+            {"user": "Yes, I was interested in learning more..."}
+        ]);
+        body["analysis"] = serde_json::json!({
+            "summary": "Lead expressed strong interest, asked about EMI options.",
+            "classification": "Interested"
+        });
+    }
+    body.to_string()
+}
+
+/// Sends one signed event; returns the status and the answer's body.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    secret: &Secret,
+    event: &str,
+    body: String,
+) -> Result<(u16, String), reqwest::Error> {
+    let signature = signature::sign(secret, body.as_bytes());
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-vyora-event", event)
+        .header("x-vyora-signature", signature)
+        .header("user-agent", "Vyora-Webhooks/1.0")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    #[test]
+    fn every_triggered_payload_is_an_event_the_router_accepts() {
+        for event in Trigger::Call.events() {
+            let body = payload(event, "trigger-1");
+            let parsed = Event::from_webhook(Some(event.as_bytes()), bytes::Bytes::from(body))
+                .expect("valid");
+            assert_eq!(parsed.dedup_key, format!("trigger-1:{event}"));
+            assert!(parsed.timestamp.is_some());
+        }
+    }
+}
