@@ -129,3 +129,16 @@ fn without_a_config_file_the_built_in_default_is_used() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_example_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for config in ["config/router.toml", "deploy/router.toml"] {
+        let out = router(
+            root,
+            &["check-config", "--config", config],
+            &[("VYORA_WEBHOOK_SECRET", "s")],
+        );
+        assert!(out.status.success(), "{config}: {}", text(&out.stderr));
+    }
+}
