@@ -172,7 +172,7 @@ max_in_flight = {window}
     }
     while fills.join_next().await.is_some() {}
 
-    let sink = vyora_router::sinks::build(&config.sinks[0])?;
+    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?;
     let reader = store.reader()?;
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(

@@ -65,7 +65,7 @@ impl SinkSet {
                 .get(&config.name)
                 .is_some_and(|r| r.fingerprint == config.fingerprint);
             if !unchanged {
-                fresh.push((config, sinks::build(config)?));
+                fresh.push((config, sinks::build(config, self.policy.max)?));
             }
         }
         let stale: Vec<String> = self

@@ -4,7 +4,10 @@
 //! timeouts and connection errors are retried, honouring `Retry-After`; any other 4xx
 //! is permanent: retrying the same request cannot succeed.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -25,10 +28,19 @@ pub struct HttpSink {
     concurrency: usize,
     headers: HeaderMap,
     client: reqwest::Client,
+    /// Set when the destination asked us to wait (`Retry-After`): until then nothing is
+    /// sent to it, not only the request that got the answer.
+    paused_until: Mutex<Option<Instant>>,
+    /// The longest wait a `Retry-After` can impose (`delivery.backoff_max`).
+    max_pause: Duration,
 }
 
 impl HttpSink {
-    pub fn new(name: &str, config: &HttpSinkConfig) -> Result<HttpSink, BuildError> {
+    pub fn new(
+        name: &str,
+        config: &HttpSinkConfig,
+        max_pause: Duration,
+    ) -> Result<HttpSink, BuildError> {
         crate::net::install_tls_provider();
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -48,10 +60,22 @@ impl HttpSink {
             concurrency: config.concurrency,
             headers: config.headers.clone(),
             client,
+            paused_until: Mutex::new(None),
+            max_pause,
         })
     }
 
     async fn post(&self, d: &Delivery) -> Result<(), SinkError> {
+        let paused = *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(until) = paused.filter(|u| *u > Instant::now()) {
+            return Err(SinkError::Unavailable {
+                reason: "the destination asked to wait (Retry-After)".into(),
+                retry_in: until - Instant::now(),
+            });
+        }
         let mut request = self
             .client
             .post(self.url.clone())
@@ -76,7 +100,14 @@ impl HttpSink {
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
-            .and_then(crate::net::parse_retry_after);
+            .and_then(crate::net::parse_retry_after)
+            .map(|wait| wait.min(self.max_pause));
+        if let Some(wait) = retry_after {
+            *self
+                .paused_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + wait);
+        }
         let snippet = snippet(response).await;
         let retryable = status.is_redirection()
             || status.is_server_error()

@@ -112,10 +112,12 @@ pub enum BuildError {
     },
 }
 
-pub fn build(config: &SinkConfig) -> Result<Arc<dyn Sink>, BuildError> {
+/// Builds a sink. `max_wait` caps how long a destination can ask us to wait
+/// (`delivery.backoff_max`).
+pub fn build(config: &SinkConfig, max_wait: Duration) -> Result<Arc<dyn Sink>, BuildError> {
     match &config.kind {
         SinkKind::File { path } => Ok(Arc::new(file::FileSink::open(&config.name, path)?)),
-        SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http)?)),
+        SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http, max_wait)?)),
         SinkKind::Amqp(amqp) => Ok(amqp::AmqpSink::start(&config.name, amqp)),
     }
 }

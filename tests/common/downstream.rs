@@ -89,6 +89,9 @@ impl Downstream {
                     async move {
                         let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                         max_in_flight.fetch_max(now, Ordering::SeqCst);
+                        // Counted out when the request ends, also when hyper drops it
+                        // because the client went away (a timed-out request).
+                        let _in_flight = InFlight(Arc::clone(&in_flight));
                         let at = Instant::now();
                         let path = req.uri().path().to_owned();
                         let headers = req.headers().clone();
@@ -124,7 +127,6 @@ impl Downstream {
                                 answer(200, &[])
                             }
                         };
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
                         Ok::<_, Infallible>(response)
                     }
                 });
@@ -166,6 +168,14 @@ impl Downstream {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
