@@ -3,139 +3,19 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::amqp::{Consumer, broker_addr, broker_url, unique, url_via};
 use common::*;
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::types::AMQPValue;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn broker_url() -> String {
-    std::env::var("VYORA_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-fn broker_addr() -> SocketAddr {
-    let url: lapin::uri::AMQPUri = broker_url().parse().expect("broker URL");
-    let host = if url.authority.host == "localhost" {
-        "127.0.0.1".to_owned()
-    } else {
-        url.authority.host.clone()
-    };
-    format!("{host}:{}", url.authority.port)
-        .parse()
-        .expect("broker address")
-}
-
-/// The same URL pointed at another address (the proxy).
-fn url_via(addr: SocketAddr) -> String {
-    let mut url = reqwest::Url::parse(&broker_url()).expect("URL");
-    url.set_ip_host(addr.ip()).expect("host");
-    url.set_port(Some(addr.port())).expect("port");
-    url.to_string()
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", fastrand::u64(..))
-}
-
-/// A consumer side: a queue bound to `exchange` with `#`.
-struct Consumer {
-    _connection: Connection,
-    channel: Channel,
-    queue: String,
-}
-
-impl Consumer {
-    async fn new() -> Consumer {
-        let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
-            .await
-            .expect("the test consumer connects to RabbitMQ");
-        let channel = connection.create_channel().await.expect("channel");
-        let queue = unique("vyora-test-q");
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        Consumer {
-            _connection: connection,
-            channel,
-            queue,
-        }
-    }
-
-    /// Binds the queue, declaring the exchange as the router does if it is not there yet.
-    async fn bind(&self, exchange: &str) {
-        self.channel
-            .exchange_declare(
-                exchange.into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("exchange");
-        self.channel
-            .queue_bind(
-                self.queue.as_str().into(),
-                exchange.into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-    }
-
-    async fn get(&self) -> Option<lapin::message::BasicGetMessage> {
-        self.channel
-            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic.get")
-    }
-
-    /// Messages until `n` distinct message ids were seen or `within` passed.
-    async fn drain(
-        &self,
-        n: usize,
-        within: Duration,
-    ) -> (Vec<lapin::message::Delivery>, HashSet<String>) {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut all = Vec::new();
-        let mut ids = HashSet::new();
-        while ids.len() < n && tokio::time::Instant::now() < deadline {
-            match self.get().await {
-                Some(m) => {
-                    if let Some(id) = m.delivery.properties.message_id() {
-                        ids.insert(id.to_string());
-                    }
-                    all.push(m.delivery);
-                }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        (all, ids)
-    }
-}
 
 /// A TCP proxy to the broker that can refuse connections (a broker that is down) and cut
 /// the ones it carries (a network fault).

@@ -2,6 +2,7 @@
 //! readers for what the router wrote.
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
+pub mod amqp;
 pub mod downstream;
 pub mod process;
 
