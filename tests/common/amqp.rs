@@ -48,27 +48,52 @@ pub struct Consumer {
 
 impl Consumer {
     pub async fn new() -> Consumer {
+        Consumer::open(
+            &unique("vyora-test-q"),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// A durable queue that survives a broker restart (delete it with [`Consumer::delete`]).
+    pub async fn durable(queue: &str) -> Consumer {
+        Consumer::open(
+            queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .await
+    }
+
+    async fn open(queue: &str, options: QueueDeclareOptions) -> Consumer {
         let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
             .await
             .expect("the test consumer connects to RabbitMQ");
         let channel = connection.create_channel().await.expect("channel");
-        let queue = unique("vyora-test-q");
         channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(queue.into(), options, FieldTable::default())
             .await
             .expect("queue");
         Consumer {
             _connection: connection,
             channel,
-            queue,
+            queue: queue.to_owned(),
         }
+    }
+
+    pub async fn delete(self) {
+        let _ = self
+            .channel
+            .queue_delete(
+                self.queue.as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
     }
 
     /// Binds the queue with `#`, declaring the exchange as the router does if it is not
