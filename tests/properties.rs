@@ -51,7 +51,7 @@ proptest! {
         let header = sign(&s, &body).into_bytes();
         let mut changed = header.clone();
         let i = at.index(changed.len());
-        prop_assume!(changed[i].to_ascii_lowercase() != with.to_ascii_lowercase());
+        prop_assume!(!changed[i].eq_ignore_ascii_case(&with));
         changed[i] = with;
         prop_assert!(verify(std::slice::from_ref(&s), Some(&changed), &body).is_err());
         let truncated = &header[..cut.index(header.len())];
