@@ -38,6 +38,13 @@ struct Args {
     /// Unconfirmed publishes at once, for the ceiling and the router alike.
     #[arg(long, default_value_t = 256)]
     window: usize,
+    /// Only declare a durable topic exchange with a bound queue `<exchange>-q` and exit
+    /// (for scripts/bench.sh).
+    #[arg(long, value_name = "EXCHANGE")]
+    declare: Option<String>,
+    /// Only delete this queue and exit.
+    #[arg(long, value_name = "QUEUE")]
+    delete_queue: Option<String>,
 }
 
 fn payload(n: usize) -> String {
@@ -56,8 +63,13 @@ fn payload(n: usize) -> String {
 
 /// A fresh durable exchange and queue; returns the channel (confirm mode) and names.
 async fn setup(conn: &Connection, tag: &str) -> anyhow::Result<(Channel, String, String)> {
+    declare(conn, &format!("vyora-bench-{tag}-{:x}", fastrand::u32(..))).await
+}
+
+/// A durable topic exchange and a durable queue `<exchange>-q` bound with `#`.
+async fn declare(conn: &Connection, exchange: &str) -> anyhow::Result<(Channel, String, String)> {
     let channel = conn.create_channel().await?;
-    let exchange = format!("vyora-bench-{tag}-{:x}", fastrand::u32(..));
+    let exchange = exchange.to_owned();
     let queue = format!("{exchange}-q");
     channel
         .exchange_declare(
@@ -207,6 +219,20 @@ max_in_flight = {window}
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(exchange) = &args.declare {
+        let conn = Connection::connect(&args.url, ConnectionProperties::default()).await?;
+        let (_, _, queue) = declare(&conn, exchange).await?;
+        println!("{queue}");
+        return Ok(());
+    }
+    if let Some(queue) = &args.delete_queue {
+        let conn = Connection::connect(&args.url, ConnectionProperties::default()).await?;
+        conn.create_channel()
+            .await?
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        return Ok(());
+    }
     let bodies: Vec<String> = (0..args.messages).map(payload).collect();
     let size = bodies.iter().map(String::len).sum::<usize>() / bodies.len().max(1);
     let conn = Connection::connect(&args.url, ConnectionProperties::default())

@@ -45,6 +45,13 @@ struct Args {
     /// A label copied into the output line.
     #[arg(long, default_value = "")]
     label: String,
+    /// Stop after this many requests in all (else after --duration).
+    #[arg(long)]
+    count: Option<u64>,
+    /// After the run, wait until every acknowledged event is in this JSON Lines file (the
+    /// file sink) and report how many are missing.
+    #[arg(long)]
+    check_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -52,10 +59,16 @@ struct Tally {
     latencies_us: Vec<u64>,
     statuses: BTreeMap<u16, u64>,
     errors: u64,
+    /// Event ids answered 200 (kept only with --check-file).
+    acked: Vec<String>,
+}
+
+fn call_id(run: u64, worker: usize, n: u64) -> String {
+    format!("load-{run:x}-{worker}-{n}")
 }
 
 fn body(run: u64, worker: usize, n: u64) -> String {
-    let call_id = format!("load-{run:x}-{worker}-{n}");
+    let call_id = call_id(run, worker, n);
     serde_json::json!({
         "event": "call_completed",
         "call_id": call_id,
@@ -109,7 +122,13 @@ async fn worker(args: &Args, addr: SocketAddr, secret: Secret, id: usize, until:
             .map(|i| i.mul_f64(id as f64 / args.connections as f64))
             .unwrap_or_default();
     let path = args.url.path().to_owned();
+    let quota = args.count.map(|c| {
+        c / args.connections as u64 + u64::from((id as u64) < c % args.connections as u64)
+    });
     for n in 0.. {
+        if quota.is_some_and(|q| n >= q) {
+            break;
+        }
         let due = match interval {
             Some(every) => {
                 tokio::time::sleep_until(scheduled).await;
@@ -119,7 +138,7 @@ async fn worker(args: &Args, addr: SocketAddr, secret: Secret, id: usize, until:
             }
             None => Instant::now(),
         };
-        if due >= until {
+        if args.count.is_none() && due >= until {
             break;
         }
         let body = body(args.run_id, id, n);
@@ -158,6 +177,11 @@ async fn worker(args: &Args, addr: SocketAddr, secret: Secret, id: usize, until:
                     .latencies_us
                     .push(u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX));
                 *tally.statuses.entry(status).or_default() += 1;
+                if status == 200 && args.check_file.is_some() {
+                    tally
+                        .acked
+                        .push(format!("{}:call_completed", call_id(args.run_id, id, n)));
+                }
             }
             Err(_) => {
                 tally.errors += 1;
@@ -205,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
     for t in tasks {
         let t = t.await?;
         total.latencies_us.extend(t.latencies_us);
+        total.acked.extend(t.acked);
         total.errors += t.errors;
         for (s, c) in t.statuses {
             *total.statuses.entry(s).or_default() += c;
@@ -228,5 +253,36 @@ async fn main() -> anyhow::Result<()> {
         "max_ms": percentile(&total.latencies_us, 100.0),
     });
     println!("{line}");
+    if let Some(path) = &args.check_file {
+        let missing = wait_for_file(path, &total.acked).await;
+        println!(
+            "{}",
+            serde_json::json!({"label": args.label, "acknowledged": total.acked.len(), "missing_from_file": missing})
+        );
+        anyhow::ensure!(
+            missing == 0,
+            "{missing} acknowledged events never reached {}",
+            path.display()
+        );
+    }
     Ok(())
+}
+
+/// Waits (up to a minute) until every id is in the JSON Lines file; returns how many never
+/// arrived.
+async fn wait_for_file(path: &std::path::Path, ids: &[String]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let seen: std::collections::HashSet<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect();
+        let missing = ids.iter().filter(|id| !seen.contains(*id)).count();
+        if missing == 0 || Instant::now() > deadline {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Ingest benchmark. Starts the release router (SQLite + file sink) and runs, interleaved in
-# one command so that both see the same machine:
-#   (a) durable: signed, unique events; each 200 is a committed event and outbox row;
-#   (b) baseline: the same requests with a wrong signature, refused before the store
-#       (the HTTP and HMAC work without the store).
-# Then (a) at half of its measured maximum rate for the latency figure, and the memory and
-# start-up figures. Prints one JSON line per run and a summary with the ratios.
+# Ingest benchmark, in one command and interleaved so that every run sees the same machine:
+#   (a) durable:  signed, unique ~1.5 KB events into a router with the file sink;
+#   (b) all sinks: the same into a second router with file, RabbitMQ and HTTP sinks;
+#   (c) baseline: the same requests with a wrong signature into (a)'s router, refused
+#       before the store (HTTP and HMAC work, no store).
+# Then (a) at half of its measured maximum rate for latency, memory (idle and peak RSS),
+# time from spawn to healthy, and the ratios. RabbitMQ is used when it answers on
+# VYORA_TEST_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f); without it (b) is
+# skipped.
 #
 #   scripts/bench.sh                      # ROUNDS=3 DURATION=10s CONNS=64 SYNC=full
 set -euo pipefail
@@ -15,41 +17,50 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 SYNC=${SYNC:-full}
+AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 SECRET=bench-secret
 
-cargo build --release --locked --bin vyora-router --example loadgen >&2
+cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench >&2
 BIN=target/release/vyora-router
 LOAD=target/release/examples/loadgen
 
 work=$(mktemp -d)
-pid=""
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+pids=()
+queue=""
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "$queue" ] && target/release/examples/amqp_bench --url "$AMQP_URL" --delete-queue "$queue" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/router.toml" <<TOML
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# A router on its own port and store; prints "<pid> <port> <ms to healthy>".
+start_router() {
+  local name=$1 extra=$2 port
+  port=$(free_port)
+  mkdir -p "$work/$name"
+  cat > "$work/$name/router.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
 [webhook]
 secrets = ["$SECRET"]
 [store]
-path = "$work/router.db"
+path = "$work/$name/router.db"
 synchronous = "$SYNC"
 [[sinks]]
 name = "archive"
 type = "file"
-path = "$work/events.jsonl"
+path = "$work/$name/events.jsonl"
+$extra
 TOML
-
-rss_kb() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$pid/status"; }
-
-# Time from spawn to the first 200 from /healthz, polled every millisecond.
-start_ms=$(python3 - "$BIN" "$work/router.toml" "$port" "$work/router.log" "$work/pid" <<'PY'
+  python3 - "$BIN" "$work/$name/router.toml" "$port" "$work/$name/router.log" <<'PY'
 import socket, subprocess, sys, time
-binary, config, port, log, pidfile = sys.argv[1:]
+binary, config, port, log = sys.argv[1:]
 t0 = time.monotonic()
-p = subprocess.Popen([binary, "serve", "--config", config], stdout=open(log, "w"), stderr=subprocess.STDOUT)
-open(pidfile, "w").write(str(p.pid))
+p = subprocess.Popen([binary, "serve", "--config", config], stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 while True:
     try:
         s = socket.create_connection(("127.0.0.1", int(port)), timeout=1)
@@ -59,40 +70,76 @@ while True:
     except OSError:
         pass
     time.sleep(0.001)
-print(round((time.monotonic() - t0) * 1000, 1))
+print(p.pid, port, round((time.monotonic() - t0) * 1000, 1))
 PY
-)
-pid=$(cat "$work/pid")
+}
+
+rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+
+read -r pid_a port_a start_a < <(start_router durable "")
+pids+=("$pid_a")
+
+have_b=0
+if timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/5672" 2>/dev/null; then
+  exchange="vyora-bench-$(date +%s)-$$"
+  queue=$(target/release/examples/amqp_bench --url "$AMQP_URL" --declare "$exchange")
+  target/release/examples/sink_server > "$work/sink.addr" &
+  pids+=("$!")
+  while [ ! -s "$work/sink.addr" ]; do sleep 0.05; done
+  sink_addr=$(cat "$work/sink.addr")
+  read -r pid_b port_b _ < <(start_router allsinks "
+[[sinks]]
+name = \"crm\"
+type = \"http\"
+url = \"http://$sink_addr/in\"
+concurrency = 16
+[[sinks]]
+name = \"queue\"
+type = \"amqp\"
+url = \"$AMQP_URL\"
+exchange = \"$exchange\"
+")
+  pids+=("$pid_b")
+  have_b=1
+else
+  echo "RabbitMQ does not answer: skipping (b)" >&2
+fi
+
 sleep 1
-idle_rss=$(rss_kb VmRSS)
-
-url="http://127.0.0.1:$port/webhook"
+idle_a=$(rss_kb "$pid_a" VmRSS)
 results="$work/results.jsonl"
+load() { "$LOAD" --secret "$SECRET" --connections "$CONNS" --duration "$DURATION" "$@" | tee -a "$results"; }
 for round in $(seq "$ROUNDS"); do
-  "$LOAD" --url "$url" --secret "$SECRET" --connections "$CONNS" --duration "$DURATION" --label "durable-$round" | tee -a "$results"
-  "$LOAD" --url "$url" --secret "$SECRET" --connections "$CONNS" --duration "$DURATION" --bad-signature --label "baseline-$round" | tee -a "$results"
+  load --url "http://127.0.0.1:$port_a/webhook" --label "durable-$round"
+  if [ "$have_b" = 1 ]; then load --url "http://127.0.0.1:$port_b/webhook" --label "allsinks-$round"; fi
+  load --url "http://127.0.0.1:$port_a/webhook" --bad-signature --label "baseline-$round"
 done
-half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(statistics.median(x["rps"] for x in r if x["mode"]=="valid")/2)' "$results")
-"$LOAD" --url "$url" --secret "$SECRET" --connections "$CONNS" --duration "$DURATION" --rate "$half" --label "durable-half-rate" | tee -a "$results"
-peak_rss=$(rss_kb VmHWM)
+half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(statistics.median(x["rps"] for x in r if x["label"].startswith("durable-"))/2)' "$results")
+load --url "http://127.0.0.1:$port_a/webhook" --rate "$half" --label "durable-half-rate"
+peak_a=$(rss_kb "$pid_a" VmHWM)
+peak_b=0
+[ "$have_b" = 1 ] && peak_b=$(rss_kb "$pid_b" VmHWM)
 
-python3 - "$results" "$idle_rss" "$peak_rss" "$start_ms" "$SYNC" "$CONNS" <<'PY'
+python3 - "$results" "$idle_a" "$peak_a" "$peak_b" "$start_a" "$SYNC" "$CONNS" <<'PY'
 import json, statistics, sys
-path, idle, peak, start_ms, sync, conns = sys.argv[1:]
-runs = [json.loads(l) for l in open(path)]
-durable = [r for r in runs if r["mode"] == "valid" and r["target_rps"] is None]
-base = [r for r in runs if r["mode"] == "bad_signature"]
-half = [r for r in runs if r["label"] == "durable-half-rate"][0]
+path, idle, peak_a, peak_b, start_ms, sync, conns = sys.argv[1:]
+runs = [json.loads(l) for l in open(path) if l.startswith("{\"answered\"")]
+def group(prefix):
+    return [r for r in runs if r["label"].startswith(prefix) and r["target_rps"] is None]
 med = lambda rs, k: statistics.median(r[k] for r in rs)
+a, b, c = group("durable-"), group("allsinks-"), group("baseline-")
+half = [r for r in runs if r["label"] == "durable-half-rate"][0]
 print()
-print(f"synchronous={sync}, {conns} connections, {len(durable)} interleaved rounds (medians)")
-print(f"(a) durable  : {med(durable,'rps'):.0f} events/s, p50 {med(durable,'p50_ms'):.2f} ms, p99 {med(durable,'p99_ms'):.2f} ms")
-print(f"(b) baseline : {med(base,'rps'):.0f} requests/s, p50 {med(base,'p50_ms'):.2f} ms, p99 {med(base,'p99_ms'):.2f} ms")
-print(f"(a)/(b)      : {med(durable,'rps')/med(base,'rps'):.0%}")
-print(f"half rate    : {half['target_rps']:.0f}/s -> {half['rps']:.0f}/s, p50 {half['p50_ms']:.2f} ms, p99 {half['p99_ms']:.2f} ms, max {half['max_ms']:.2f} ms")
-print(f"memory       : idle RSS {int(idle)/1024:.1f} MB, peak RSS {int(peak)/1024:.1f} MB")
-print(f"start-up     : healthy {start_ms} ms after spawn")
-bad = [r for r in durable + [half] if set(r["statuses"]) - {"200"} or r["errors"]]
+print(f"synchronous={sync}, {conns} connections, {len(a)} interleaved rounds (medians)")
+print(f"(a) durable, file sink     : {med(a,'rps'):.0f} events/s, p50 {med(a,'p50_ms'):.2f} ms, p99 {med(a,'p99_ms'):.2f} ms")
+if b:
+    print(f"(b) file + RabbitMQ + HTTP : {med(b,'rps'):.0f} events/s, p50 {med(b,'p50_ms'):.2f} ms, p99 {med(b,'p99_ms'):.2f} ms")
+print(f"(c) baseline (refused)     : {med(c,'rps'):.0f} requests/s, p50 {med(c,'p50_ms'):.2f} ms, p99 {med(c,'p99_ms'):.2f} ms")
+print(f"(a)/(c) = {med(a,'rps')/med(c,'rps'):.0%}" + (f", (b)/(c) = {med(b,'rps')/med(c,'rps'):.0%}, (b)/(a) = {med(b,'rps')/med(a,'rps'):.0%}" if b else ""))
+print(f"(a) at half its rate ({half['target_rps']:.0f}/s): p50 {half['p50_ms']:.2f} ms, p99 {half['p99_ms']:.2f} ms, max {half['max_ms']:.2f} ms")
+print(f"memory: idle RSS {int(idle)/1024:.1f} MB; peak RSS (a) {int(peak_a)/1024:.1f} MB" + (f", (b) {int(peak_b)/1024:.1f} MB" if b else ""))
+print(f"start-up: healthy {start_ms} ms after spawn")
+bad = [r for r in runs if r["label"].startswith(("durable", "allsinks")) and (set(r["statuses"]) - {"200"} or r["errors"])]
 if bad:
     print("WARNING: some durable requests were not answered 200:", [(r["label"], r["statuses"], r["errors"]) for r in bad])
 PY

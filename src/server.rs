@@ -135,7 +135,7 @@ enum Accepted {
     Event(Ingested),
 }
 
-type Reply = Response<Full<Bytes>>;
+pub type Reply = Response<Full<Bytes>>;
 
 fn json(status: StatusCode, body: serde_json::Value) -> Reply {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -212,7 +212,22 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
     response
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+/// A request body as hyper (or a test, or a fuzzer) hands it over.
+pub trait RequestBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send
+{
+}
+
+impl<B> RequestBody for B where
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send
+{
+}
+
+/// Answers one request; the whole request path, also for fuzzing without sockets.
+pub async fn handle<B: RequestBody>(
+    state: Arc<State>,
+    req: Request<B>,
+) -> Result<Reply, Infallible> {
     let path = req.uri().path();
     let result = if path == state.webhook_path {
         if req.method() == Method::POST {
@@ -266,7 +281,7 @@ struct Seen {
     call_id: Option<String>,
 }
 
-async fn webhook(state: &State, req: Request<Incoming>) -> Reply {
+async fn webhook<B: RequestBody>(state: &State, req: Request<B>) -> Reply {
     let started = Instant::now();
     let mut seen = Seen::default();
     let result = receive(state, req, &mut seen).await;
@@ -300,9 +315,9 @@ async fn webhook(state: &State, req: Request<Incoming>) -> Reply {
 
 /// The webhook pipeline: size, signature, event, store. The order is the security model:
 /// nothing is parsed before the signature has been checked over the raw bytes.
-async fn receive(
+async fn receive<B: RequestBody>(
     state: &State,
-    req: Request<Incoming>,
+    req: Request<B>,
     seen: &mut Seen,
 ) -> Result<Accepted, Rejection> {
     let limit = state.max_body_bytes;
@@ -434,7 +449,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let state = Arc::clone(&state);
-        let service = service_fn(move |req| handle(Arc::clone(&state), req));
+        let service = service_fn(move |req: Request<Incoming>| handle(Arc::clone(&state), req));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {

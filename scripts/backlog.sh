@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Memory under a backlog: a router whose only sink is down (an HTTP sink pointed at a
+# closed port) takes EVENTS events (default 1,000,000); its RSS after the first 10,000 and
+# after all of them are printed side by side. The backlog must live in SQLite, not in RAM.
+#
+#   scripts/backlog.sh            # EVENTS=1000000 CONNS=64
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS=${EVENTS:-1000000}
+CONNS=${CONNS:-64}
+SECRET=bench-secret
+cargo build --release --locked --bin vyora-router --example loadgen >&2
+work=$(mktemp -d)
+pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$work/router.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[webhook]
+secrets = ["$SECRET"]
+[store]
+path = "$work/router.db"
+[[sinks]]
+name = "down"
+type = "http"
+url = "http://127.0.0.1:$closed/in"
+TOML
+target/release/vyora-router serve --config "$work/router.toml" > "$work/router.log" 2>&1 &
+pid=$!
+until curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 || python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$port),timeout=1)" 2>/dev/null; do sleep 0.05; done
+sleep 1
+rss() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$pid/status"; }
+pending() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"SELECT COUNT(*) FROM outbox WHERE status = 'pending'\").fetchone()[0])" "$work/router.db"; }
+idle=$(rss)
+target/release/examples/loadgen --url "http://127.0.0.1:$port/webhook" --secret "$SECRET" --connections "$CONNS" --count 10000 --label backlog-10k
+sleep 2
+at_10k=$(rss); backlog_10k=$(pending)
+target/release/examples/loadgen --url "http://127.0.0.1:$port/webhook" --secret "$SECRET" --connections "$CONNS" --count $((EVENTS - 10000)) --label backlog-rest
+sleep 2
+at_all=$(rss); backlog_all=$(pending)
+echo
+echo "idle RSS ${idle} kB; backlog ${backlog_10k}: RSS ${at_10k} kB; backlog ${backlog_all}: RSS ${at_all} kB; store $(du -sh "$work" | cut -f1)"
