@@ -76,6 +76,20 @@ PY
 
 rss_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 
+# Waits until a router has delivered everything, so its background work never runs into
+# the next measurement.
+drained() {
+  python3 - "$work/$1/router.db" <<'PY'
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30)
+deadline = time.monotonic() + 300
+while db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()[0]:
+    if time.monotonic() > deadline:
+        sys.exit("the backlog did not drain within 300 s")
+    time.sleep(0.2)
+PY
+}
+
 read -r pid_a port_a start_a < <(start_router durable "")
 pids+=("$pid_a")
 
@@ -111,10 +125,14 @@ results="$work/results.jsonl"
 load() { "$LOAD" --secret "$SECRET" --connections "$CONNS" --duration "$DURATION" "$@" | tee -a "$results"; }
 for round in $(seq "$ROUNDS"); do
   load --url "http://127.0.0.1:$port_a/webhook" --label "durable-$round"
-  if [ "$have_b" = 1 ]; then load --url "http://127.0.0.1:$port_b/webhook" --label "allsinks-$round"; fi
+  drained durable
+  if [ "$have_b" = 1 ]; then
+    load --url "http://127.0.0.1:$port_b/webhook" --label "allsinks-$round"
+    drained allsinks
+  fi
   load --url "http://127.0.0.1:$port_a/webhook" --bad-signature --label "baseline-$round"
 done
-half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(statistics.median(x["rps"] for x in r if x["label"].startswith("durable-"))/2)' "$results")
+half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]; print(statistics.median(x["rps"] for x in r if x["label"].startswith("durable-"))/2)' "$results")
 load --url "http://127.0.0.1:$port_a/webhook" --rate "$half" --label "durable-half-rate"
 peak_a=$(rss_kb "$pid_a" VmHWM)
 peak_b=0
@@ -123,7 +141,7 @@ peak_b=0
 python3 - "$results" "$idle_a" "$peak_a" "$peak_b" "$start_a" "$SYNC" "$CONNS" <<'PY'
 import json, statistics, sys
 path, idle, peak_a, peak_b, start_ms, sync, conns = sys.argv[1:]
-runs = [json.loads(l) for l in open(path) if l.startswith("{\"answered\"")]
+runs = [r for r in (json.loads(l) for l in open(path) if l.startswith("{")) if "rps" in r]
 def group(prefix):
     return [r for r in runs if r["label"].startswith(prefix) and r["target_rps"] is None]
 med = lambda rs, k: statistics.median(r[k] for r in rs)

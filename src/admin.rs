@@ -12,7 +12,7 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 
-use crate::store::StoreError;
+use crate::store::{self, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Status {
@@ -98,12 +98,18 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
 }
 
 pub fn list(conn: &Connection, filter: &ListFilter) -> Result<Vec<DeliveryRow>, StoreError> {
-    let mut stmt = conn.prepare(
+    // With a call, its few events are found by their keys; without, the newest rows.
+    let (from, call) = if filter.call_id.is_some() {
+        ("events e CROSS JOIN outbox o", store::same_call("e", "?3"))
+    } else {
+        ("outbox o JOIN events e", "?3 IS NULL".to_owned())
+    };
+    let mut stmt = conn.prepare(&format!(
         "SELECT o.id, e.call_id, e.event, o.sink, o.status, o.attempts, o.next_attempt_at, o.last_error
-         FROM outbox o JOIN events e ON e.id = o.event_id
-         WHERE (?1 IS NULL OR o.sink = ?1) AND (?2 IS NULL OR o.status = ?2) AND (?3 IS NULL OR e.call_id = ?3)
-         ORDER BY o.id DESC LIMIT ?4",
-    )?;
+         FROM {from} ON e.id = o.event_id
+         WHERE (?1 IS NULL OR o.sink = ?1) AND (?2 IS NULL OR o.status = ?2) AND {call}
+         ORDER BY o.id DESC LIMIT ?4"
+    ))?;
     let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
     let rows = stmt.query_map(
         params![
@@ -148,7 +154,10 @@ pub fn replay(conn: &Connection, sink: &str, which: &Replay) -> Result<usize, St
             conn.execute(&format!("{reset} AND status = 'dead'"), params![sink, now])?
         }
         Replay::CallId(call) => conn.execute(
-            &format!("{reset} AND call_id = ?3"),
+            &format!(
+                "{reset} AND event_id IN (SELECT e.id FROM events e WHERE {})",
+                store::same_call("e", "?3")
+            ),
             params![sink, now, call],
         )?,
         Replay::Id(id) => conn.execute(&format!("{reset} AND id = ?3"), params![sink, now, id])?,
@@ -158,7 +167,10 @@ pub fn replay(conn: &Connection, sink: &str, which: &Replay) -> Result<usize, St
 
 pub fn show_events(conn: &Connection, call_id: &str) -> Result<Vec<EventRow>, StoreError> {
     let mut events = conn.prepare(
-        "SELECT id, dedup_key, event, source, received_at FROM events WHERE call_id = ?1 ORDER BY id",
+        &format!(
+            "SELECT e.id, e.dedup_key, e.event, e.source, e.received_at FROM events e WHERE {} ORDER BY e.id",
+            store::same_call("e", "?1")
+        ),
     )?;
     let mut deliveries = conn.prepare(
         "SELECT sink, status, attempts, last_error FROM outbox WHERE event_id = ?1 ORDER BY id",
