@@ -30,9 +30,15 @@ const QUEUE_DEPTH: usize = 1024;
 /// before failing; the caller's own deadline is usually shorter.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the background checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
-/// WAL size at which the writer resets the log itself (see [`checkpoint_loop`]).
-const WAL_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(20);
+/// WAL size the writer keeps the log near (see [`checkpoint_loop`]); SQLite also cuts the
+/// file back to it whenever the log restarts.
+const WAL_TARGET_BYTES: u64 = 16 * 1024 * 1024;
+/// Past this the writer truncates the log whatever it costs: disk use stays bounded even
+/// if checkpoints cannot keep up.
+const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
+/// How often at most the writer finishes a checkpoint itself.
+const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -413,6 +419,7 @@ impl Store {
         migrate(&mut conn, &path)?;
         // Checkpoints run on their own thread, not inside a commit that requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_TARGET_BYTES as i64)?;
         let checkpointer = connect(&path, config.synchronous)?;
         let (writer_alive, writer_gone) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
@@ -769,10 +776,11 @@ fn wal_path(db: &Path) -> PathBuf {
 ///
 /// Checkpointing inside a commit (SQLite's default) stalls every request waiting on that
 /// commit for as long as the random page writes and the database fsync take: tens of
-/// milliseconds on a large store. Here the writer only ever finishes the job: a PASSIVE
-/// checkpoint cannot reset the log while commits keep arriving, so once the WAL passes
-/// [`WAL_LIMIT_BYTES`] the writer truncates it, copying only the few frames this thread
-/// has not copied yet.
+/// milliseconds on a large store. Here the writer only finishes the job: a checkpoint on
+/// another connection cannot restart the log while commits keep arriving, so once the WAL
+/// passes [`WAL_TARGET_BYTES`] the writer checkpoints between two groups, which copies only
+/// the frames written since this thread's last pass, and the next transaction restarts
+/// the log.
 fn checkpoint_loop(conn: &Connection, writer_gone: &std::sync::mpsc::Receiver<()>) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         writer_gone.recv_timeout(CHECKPOINT_INTERVAL)
@@ -783,17 +791,20 @@ fn checkpoint_loop(conn: &Connection, writer_gone: &std::sync::mpsc::Receiver<()
     }
 }
 
-/// Resets the WAL once it has grown past `limit` bytes, keeping its disk use bounded.
-fn limit_wal(conn: &Connection, wal: &Path, limit: u64) {
-    if std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0) <= limit {
+/// Keeps the WAL near `target` bytes: past it, a checkpoint lets the log restart; past
+/// `limit`, the log is truncated outright.
+fn limit_wal(conn: &Connection, wal: &Path, target: u64, limit: u64) {
+    let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
+    if size <= target {
         return;
     }
-    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+    let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
+    match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
         r.get::<_, i64>(0)
     }) {
-        Ok(0) => tracing::debug!("WAL truncated"),
-        Ok(_) => tracing::debug!("WAL truncation postponed: readers are still using it"),
-        Err(e) => tracing::warn!(error = %e, "WAL truncation failed"),
+        Ok(0) => tracing::debug!(mode, size, "WAL checkpointed by the writer"),
+        Ok(_) => tracing::debug!(mode, "WAL checkpoint postponed: readers are still using it"),
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
     }
 }
 
@@ -815,6 +826,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
     } = ctx;
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
+    let mut last_checkpoint = std::time::Instant::now();
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -860,7 +872,10 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
         }
         wakers.wake(&woken);
         woken.clear();
-        limit_wal(&conn, wal, WAL_LIMIT_BYTES);
+        if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
+            limit_wal(&conn, wal, WAL_TARGET_BYTES, WAL_LIMIT_BYTES);
+            last_checkpoint = std::time::Instant::now();
+        }
     }
 }
 
@@ -1244,13 +1259,13 @@ mod tests {
         let wal = wal_path(&path);
         let before = std::fs::metadata(&wal).expect("wal").len();
         assert!(before > 1_000_000, "{before}");
-        limit_wal(&conn, &wal, 2 * before);
+        limit_wal(&conn, &wal, 2 * before, 4 * before);
         assert_eq!(
             std::fs::metadata(&wal).expect("wal").len(),
             before,
-            "under the limit: untouched"
+            "under the target: untouched"
         );
-        limit_wal(&conn, &wal, 1_000_000);
+        limit_wal(&conn, &wal, 500_000, 1_000_000);
         assert_eq!(std::fs::metadata(&wal).expect("wal").len(), 0);
         let rows: i64 = conn
             .query_row("SELECT COUNT(*) FROM t", [], |r| r.get(0))
