@@ -29,7 +29,9 @@ impl Trigger {
     }
 }
 
-/// The payload Vyora would send for `event` of call `call_id`.
+/// The payload Vyora would send for `event` of call `call_id`, in the shape of the API
+/// reference's example: about 1.5 KB once the call has ended (transcript and analysis
+/// included), less for `call_started`.
 pub fn payload(event: &str, call_id: &str) -> String {
     let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let mut body = serde_json::json!({
@@ -37,7 +39,7 @@ pub fn payload(event: &str, call_id: &str) -> String {
         "call_id": call_id,
         "phone_number": "+919876543210",
         "contact_name": "Rahul Sharma",
-        "agent_id": "def456-7890",
+        "agent_id": "def456-7890-agent",
         "agent_name": "Home Loan Agent",
         "status": if event == "call_started" { "in_progress" } else { "completed" },
         "direction": "outbound",
@@ -49,14 +51,16 @@ pub fn payload(event: &str, call_id: &str) -> String {
     if event != "call_started" {
         body["duration_seconds"] = 47.into();
         body["recording_url"] = format!("https://cdn.vyora.ai/recordings/{call_id}.mp3").into();
-    }
-    if event == "all_processing_completed" {
         body["transcript"] = serde_json::json!([
-            {"bot": "Hi Rahul, I'm calling about your home loan inquiry..."},
-            {"user": "Yes, I was interested in learning more..."}
+            {"bot": "Hi Rahul, I'm calling about your home loan inquiry. Is this a good time to talk about the options we have for you?"},
+            {"user": "Yes, I was interested in learning more about the interest rates and the EMI options you offer."},
+            {"bot": "Of course. For a loan of fifty lakhs over twenty years, the EMI starts at about forty-three thousand per month."},
+            {"user": "That sounds reasonable. Can you send me the details on WhatsApp so I can discuss with my family?"},
+            {"bot": "Certainly, I will share the details right away. Is there anything else I can help you with today?"},
+            {"user": "No, that's all for now. Thank you for calling."}
         ]);
         body["analysis"] = serde_json::json!({
-            "summary": "Lead expressed strong interest, asked about EMI options.",
+            "summary": "Lead expressed strong interest, asked about EMI options and requested details on WhatsApp.",
             "classification": "Interested"
         });
     }

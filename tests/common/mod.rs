@@ -30,37 +30,9 @@ pub fn sign(body: &[u8]) -> String {
     signature::sign(&secret(), body)
 }
 
-/// A realistic `call_completed`-shaped payload of about 1.5 KB, like Vyora's example.
+/// A realistic payload (about 1.5 KB once the call has ended), as `trigger` sends.
 pub fn payload(call_id: &str, event: &str) -> String {
-    serde_json::json!({
-        "event": event,
-        "call_id": call_id,
-        "phone_number": "+919876543210",
-        "contact_name": "Rahul Sharma",
-        "agent_id": "def456-7890-agent",
-        "agent_name": "Home Loan Agent",
-        "status": "completed",
-        "direction": "outbound",
-        "duration_seconds": 47,
-        "recording_url": format!("https://cdn.vyora.ai/recordings/{call_id}.mp3"),
-        "transcript": [
-            {"bot": "Hi Rahul, I'm calling about your home loan inquiry. Is this a good time to talk about the options we have for you?"},
-            {"user": "Yes, I was interested in learning more about the interest rates and the EMI options you offer."},
-            {"bot": "Of course. For a loan of fifty lakhs over twenty years, the EMI starts at about forty-three thousand per month."},
-            {"user": "That sounds reasonable. Can you send me the details on WhatsApp so I can discuss with my family?"},
-            {"bot": "Certainly, I will share the details right away. Is there anything else I can help you with today?"},
-            {"user": "No, that's all for now. Thank you for calling."}
-        ],
-        "analysis": {
-            "summary": "Lead expressed strong interest, asked about EMI options and requested details on WhatsApp.",
-            "classification": "Interested"
-        },
-        "campaign_id": "campaign_456",
-        "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
-        "called_at": "2026-05-24T10:30:00Z",
-        "timestamp": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-    })
-    .to_string()
+    vyora_router::trigger::payload(event, call_id)
 }
 
 /// A router running in this process on 127.0.0.1:0 with its own temp dir.
