@@ -21,6 +21,9 @@ use vyora_router::config::{Config, ConfigSource, LogFormat};
 use vyora_router::signature::Secret;
 use vyora_router::trigger;
 
+/// Log lines waiting for stdout at most.
+const LOG_QUEUE_LINES: usize = 8192;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -294,7 +297,12 @@ fn init_logging(config: &Config) -> anyhow::Result<tracing_appender::non_blockin
         _ => EnvFilter::try_new(&config.log.level)
             .with_context(|| format!("log.level = {:?}", config.log.level))?,
     };
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The default queue holds 128,000 lines, preallocated (4 MB resident at idle); when
+    // stdout cannot keep up, lines beyond these are dropped, never the request blocked.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .finish(std::io::stdout());
     // Colours only for a person at a terminal, never into a log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
