@@ -30,15 +30,15 @@ const QUEUE_DEPTH: usize = 1024;
 /// before failing; the caller's own deadline is usually shorter.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the background checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(20);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
 /// WAL size the writer keeps the log near (see [`checkpoint_loop`]); SQLite also cuts the
 /// file back to it whenever the log restarts.
-const WAL_TARGET_BYTES: u64 = 16 * 1024 * 1024;
+const WAL_TARGET_BYTES: u64 = 4 * 1024 * 1024;
 /// Past this the writer truncates the log whatever it costs: disk use stays bounded even
 /// if checkpoints cannot keep up.
 const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 /// How often at most the writer finishes a checkpoint itself.
-const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
