@@ -421,10 +421,11 @@ impl Store {
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "journal_size_limit", WAL_TARGET_BYTES as i64)?;
         let checkpointer = connect(&path, config.synchronous)?;
-        let (writer_alive, writer_gone) = std::sync::mpsc::channel::<()>();
+        // The writer signals each commit; the checkpointer sleeps while nothing is written.
+        let (commit_signal, commits) = std::sync::mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || checkpoint_loop(&checkpointer, &writer_gone))
+            .spawn(move || checkpoint_loop(&checkpointer, &commits))
             .map_err(StoreError::Thread)?;
 
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -435,13 +436,11 @@ impl Store {
             wal: wal_path(&path),
             writable: Arc::clone(&writable),
             metrics,
+            commit_signal,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || {
-                write_loop(conn, rx, &context);
-                drop(writer_alive);
-            })
+            .spawn(move || write_loop(conn, rx, &context))
             .map_err(StoreError::Thread)?;
         Ok((
             Store {
@@ -771,8 +770,9 @@ fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Copies committed WAL frames into the database file every [`CHECKPOINT_INTERVAL`],
-/// concurrently with the writer, until the writer thread ends.
+/// Copies committed WAL frames into the database file, at most every
+/// [`CHECKPOINT_INTERVAL`] and only after commits, concurrently with the writer, until
+/// the writer thread ends.
 ///
 /// Checkpointing inside a commit (SQLite's default) stalls every request waiting on that
 /// commit for as long as the random page writes and the database fsync take: tens of
@@ -781,13 +781,13 @@ fn wal_path(db: &Path) -> PathBuf {
 /// passes [`WAL_TARGET_BYTES`] the writer checkpoints between two groups, which copies only
 /// the frames written since this thread's last pass, and the next transaction restarts
 /// the log.
-fn checkpoint_loop(conn: &Connection, writer_gone: &std::sync::mpsc::Receiver<()>) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-        writer_gone.recv_timeout(CHECKPOINT_INTERVAL)
-    {
+fn checkpoint_loop(conn: &Connection, commits: &std::sync::mpsc::Receiver<()>) {
+    // Ends when the writer, the only sender, has ended.
+    while commits.recv().is_ok() {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "background checkpoint failed");
         }
+        std::thread::sleep(CHECKPOINT_INTERVAL);
     }
 }
 
@@ -815,6 +815,8 @@ struct WriterContext {
     /// Whether the last commit succeeded (readiness).
     writable: Arc<AtomicBool>,
     metrics: Option<Arc<Metrics>>,
+    /// Tells the checkpointer there is something to copy.
+    commit_signal: std::sync::mpsc::SyncSender<()>,
 }
 
 fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterContext) {
@@ -823,6 +825,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
         wal,
         writable,
         metrics,
+        commit_signal,
     } = ctx;
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
@@ -872,6 +875,8 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
         }
         wakers.wake(&woken);
         woken.clear();
+        // Full means a signal is already waiting: the checkpointer will come anyway.
+        let _ = commit_signal.try_send(());
         if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
             limit_wal(&conn, wal, WAL_TARGET_BYTES, WAL_LIMIT_BYTES);
             last_checkpoint = std::time::Instant::now();
