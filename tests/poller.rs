@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::downstream::{Downstream, Received, Reply};
 use common::*;
 use tokio::time::Instant;
+use vyora_router::api::RateLimiter;
 
 const API_KEY: &str = "vya_test_key";
 const WAIT: Duration = Duration::from_secs(15);
@@ -61,6 +62,14 @@ async fn router(api: &Downstream, extra: &str) -> TestRouter {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let config = poller_config(dir.path(), api, extra);
     TestRouter::start_with(dir, &config).await
+}
+
+/// A fake API whose calls all have their analysis.
+async fn ready_api() -> Downstream {
+    Downstream::start(api(|r, _| {
+        Reply::Json(200, record(&call_of(r).unwrap_or_default(), true))
+    }))
+    .await
 }
 
 fn requests_for(api: &Downstream, call: &str) -> Vec<Received> {
@@ -132,10 +141,7 @@ fn api_script_counting(
 
 #[tokio::test]
 async fn a_call_that_never_reported_completion_gets_call_completed_then_the_analysis() {
-    let api = Downstream::start(api(|r, _| {
-        Reply::Json(200, record(&call_of(r).unwrap_or_default(), true))
-    }))
-    .await;
+    let api = ready_api().await;
     let router = router(&api, "").await;
     assert_eq!(
         router
@@ -161,10 +167,7 @@ async fn a_call_that_never_reported_completion_gets_call_completed_then_the_anal
 
 #[tokio::test]
 async fn a_call_whose_analysis_arrived_by_webhook_is_never_polled() {
-    let api = Downstream::start(api(|r, _| {
-        Reply::Json(200, record(&call_of(r).unwrap_or_default(), true))
-    }))
-    .await;
+    let api = ready_api().await;
     let router = router(&api, "").await;
     assert_eq!(
         router
@@ -195,6 +198,29 @@ fn max_in_window(times: &[Instant], window: Duration) -> usize {
         best = best.max(end - start + 1);
     }
     best
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limiter_never_lets_a_sixty_second_window_hold_more_than_the_limit() {
+    let limiter = std::sync::Arc::new(RateLimiter::new(60, Duration::from_secs(60)));
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let limiter = std::sync::Arc::clone(&limiter);
+            tokio::spawn(async move {
+                limiter.acquire().await;
+                Instant::now()
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for t in tasks {
+        times.push(t.await.expect("task"));
+    }
+    times.sort();
+    assert_eq!(max_in_window(&times, Duration::from_secs(60)), 60);
+    // And it is not slower than it must be: 500 requests in just over 8 windows.
+    let span = *times.last().expect("times") - times[0];
+    assert!(span < Duration::from_secs(8 * 60 + 1), "{span:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,10 +355,7 @@ async fn a_refused_api_key_stops_all_polling_and_degrades_readiness() {
 
 #[tokio::test]
 async fn a_restart_resumes_the_schedule_without_polling_early() {
-    let api = Downstream::start(api(|r, _| {
-        Reply::Json(200, record(&call_of(r).unwrap_or_default(), true))
-    }))
-    .await;
+    let api = ready_api().await;
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let config = poller_config(dir.path(), &api, "").replace(
         "wait_for_analysis = \"300ms\"",
