@@ -454,10 +454,6 @@ impl Store {
         ))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Whether the last commit succeeded; a full disk shows here before a restart would.
     pub fn writable(&self) -> bool {
         self.writable.load(Ordering::Relaxed)
