@@ -311,3 +311,34 @@ async fn readiness_turns_503_while_the_broker_is_unreachable_and_back_to_200() {
     proxy.set_up(true);
     wait_ready(&router, 200).await;
 }
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn a_missing_exchange_without_declare_shows_in_readiness() {
+    let exchange = unique("vyora-test-missing");
+    let router = router_with_amqp(&broker_url(), &exchange, "declare = false").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let answer = get_readyz(&router).await;
+        if answer.contains("NOT_FOUND") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        router
+            .post_signed(&payload("call-q7", "call_completed"))
+            .await
+            .status,
+        200
+    );
+}
+
+async fn get_readyz(router: &TestRouter) -> String {
+    let request = hyper::Request::get("/readyz")
+        .header("host", "r")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    send(router.addr, request).await.body
+}

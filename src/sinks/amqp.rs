@@ -214,13 +214,17 @@ impl AmqpSink {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        if self.config.declare {
+        // Without `declare`, a passive declare still proves the exchange exists, so a
+        // missing one shows in readiness at connect instead of failing every publish. The
+        // default exchange ("") always exists and cannot be declared.
+        if self.config.declare || !self.config.exchange.is_empty() {
             channel
                 .exchange_declare(
                     ShortString::from(self.config.exchange.as_str()),
                     self.config.exchange_kind.clone(),
                     ExchangeDeclareOptions {
                         durable: true,
+                        passive: !self.config.declare,
                         ..ExchangeDeclareOptions::default()
                     },
                     FieldTable::default(),
