@@ -75,7 +75,7 @@ pub enum EventError {
     BadName(String),
     #[error("the X-Vyora-Event header {header:?} contradicts the signed body's event {body:?}")]
     NameMismatch { header: String, body: String },
-    #[error("`call_id` must be a non-empty string or a number")]
+    #[error("`call_id` must be a number or 1 to {MAX_CALL_ID_LEN} printable ASCII characters")]
     BadCallId,
 }
 
@@ -172,9 +172,7 @@ impl Event {
         }
         let call_id = match head.call_id {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= MAX_CALL_ID_LEN => {
-                Some(s)
-            }
+            Some(serde_json::Value::String(s)) if valid_call_id(&s) => Some(s),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             Some(_) => return Err(EventError::BadCallId),
         };
@@ -210,6 +208,12 @@ pub fn dedup_key(call_id: Option<&str>, event: &str, payload: &[u8]) -> String {
         Some(id) => format!("{id}:{event}"),
         None => format!("sha256:{}", hex::encode(Sha256::digest(payload))),
     }
+}
+
+/// Call ids travel in HTTP headers, AMQP properties and routing keys: printable ASCII
+/// only, and short enough that `<call_id>:<event>` fits an AMQP message id.
+fn valid_call_id(id: &str) -> bool {
+    (1..=MAX_CALL_ID_LEN).contains(&id.len()) && id.bytes().all(|b| (0x20..=0x7e).contains(&b))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -342,6 +346,17 @@ mod tests {
         ));
         assert!(matches!(
             parse(Some("x"), "{\"call_id\":{\"a\":1}}"),
+            Err(EventError::BadCallId)
+        ));
+        assert!(matches!(
+            parse(Some("x"), "{\"call_id\":\"a\\nb\"}"),
+            Err(EventError::BadCallId)
+        ));
+        assert!(matches!(
+            parse(
+                Some("x"),
+                &format!("{{\"call_id\":\"{}\"}}", "c".repeat(129))
+            ),
             Err(EventError::BadCallId)
         ));
         assert!(matches!(

@@ -456,7 +456,8 @@ impl Store {
 
     /// Whether the last commit succeeded; a full disk shows here before a restart would.
     pub fn writable(&self) -> bool {
-        self.writable.load(Ordering::Relaxed)
+        // A writer that has stopped (it never should) cannot commit anything either.
+        self.writable.load(Ordering::Relaxed) && !self.tx.is_closed()
     }
 
     /// The notification a sink's dispatcher waits on for new rows.
