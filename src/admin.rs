@@ -146,9 +146,11 @@ pub fn replay(conn: &Connection, sink: &str, which: &Replay) -> Result<usize, St
             .as_millis(),
     )
     .unwrap_or(i64::MAX);
+    // An event whose payload retention has emptied cannot be sent again.
     let reset = "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2,
                  last_error = NULL, updated_at = ?2
-                 WHERE sink = ?1 AND status != 'pending'";
+                 WHERE sink = ?1 AND status != 'pending'
+                   AND event_id IN (SELECT id FROM events WHERE length(payload) > 0)";
     let changed = match which {
         Replay::Dead => {
             conn.execute(&format!("{reset} AND status = 'dead'"), params![sink, now])?

@@ -61,6 +61,8 @@ pub enum SinkError {
     HttpTransport(String),
     #[error("{reason}")]
     Amqp { reason: String, permanent: bool },
+    #[error("the payload was emptied by store.retention; the event cannot be sent again")]
+    Pruned,
     /// The destination as a whole cannot be reached; rows wait without using up attempts.
     #[error("{reason}")]
     Unavailable { reason: String, retry_in: Duration },
@@ -77,7 +79,7 @@ impl SinkError {
     /// A permanent failure goes dead at once: retrying the same bytes cannot succeed.
     pub fn is_permanent(&self) -> bool {
         match self {
-            SinkError::NotJson(_) => true,
+            SinkError::NotJson(_) | SinkError::Pruned => true,
             SinkError::HttpStatus { permanent, .. } | SinkError::Amqp { permanent, .. } => {
                 *permanent
             }
