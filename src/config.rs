@@ -477,7 +477,8 @@ pub enum SinkKind {
 pub struct AmqpSinkConfig {
     /// `amqp://` or `amqps://`, checked at start; may hold a password.
     pub url: String,
-    pub exchange: String,
+    /// Checked at start to fit AMQP's 255-byte short string.
+    pub exchange: lapin::types::ShortString,
     pub exchange_kind: lapin::ExchangeKind,
     /// Declare the exchange (durable) on every connect.
     pub declare: bool,
@@ -1033,9 +1034,11 @@ impl RawSink {
         }
         let routing_key = RoutingKey::parse(&o.routing_key)
             .map_err(|reason| invalid(self.key(i, "routing_key"), &o.routing_key, reason))?;
+        let exchange = lapin::types::ShortString::try_new(o.exchange.as_str())
+            .map_err(|e| invalid(self.key(i, "exchange"), &o.exchange, e.to_string()))?;
         Ok(AmqpSinkConfig {
             url: o.url,
-            exchange: o.exchange,
+            exchange,
             exchange_kind,
             declare: o.declare,
             routing_key,

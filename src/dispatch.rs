@@ -4,11 +4,11 @@
 //! The dispatcher holds at most `batch_size * concurrency` rows in memory, whatever the
 //! backlog: a sink that is down for hours leaves its rows in SQLite, not here.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -65,7 +65,7 @@ impl RetryPolicy {
     }
 
     /// What to record for a delivery that was attempted for the `attempts + 1`-th time.
-    fn settle(&self, d: &Delivery, result: Result<(), SinkError>, sink: &str) -> Settlement {
+    fn settle(&self, d: &Claim, result: Result<(), SinkError>, sink: &str) -> Settlement {
         let failures = d.attempts.saturating_add(1);
         match result {
             Ok(()) => Settlement::Delivered { id: d.id },
@@ -102,6 +102,25 @@ impl RetryPolicy {
                     error: e.to_string(),
                 }
             }
+        }
+    }
+}
+
+/// A row handed to a delivery task: what settling it takes, should the task die.
+#[derive(Debug, Clone)]
+struct Claim {
+    id: i64,
+    /// Attempts made before this one.
+    attempts: u32,
+    dedup_key: String,
+}
+
+impl Claim {
+    fn of(d: &Delivery) -> Claim {
+        Claim {
+            id: d.id,
+            attempts: d.attempts,
+            dedup_key: d.dedup_key.clone(),
         }
     }
 }
@@ -147,7 +166,9 @@ impl Dispatcher {
         let name = self.shared.sink.name().to_owned();
         let waker = self.shared.store.waker(&name);
         let slots = self.shared.sink.concurrency().max(1);
-        let mut in_flight: JoinSet<Vec<i64>> = JoinSet::new();
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        // The rows each task holds: a task that dies frees its own rows, never another's.
+        let mut claims: HashMap<task::Id, Vec<Claim>> = HashMap::new();
         let mut busy: HashSet<i64> = HashSet::new();
         let batch_size = self.shared.sink.batch_size().max(1);
         let mut last_fetch: Option<Instant> = None;
@@ -177,8 +198,10 @@ impl Dispatcher {
                     }
                     Ok(batch) => {
                         backlog = batch.len() == batch_size;
-                        busy.extend(batch.iter().map(|d| d.id));
-                        in_flight.spawn(attempt(Arc::clone(&self.shared), batch));
+                        let claimed: Vec<Claim> = batch.iter().map(Claim::of).collect();
+                        busy.extend(claimed.iter().map(|c| c.id));
+                        let task = in_flight.spawn(attempt(Arc::clone(&self.shared), batch));
+                        claims.insert(task.id(), claimed);
                     }
                     Err(e) => {
                         tracing::error!(sink = %name, error = %e, "cannot read the outbox");
@@ -197,13 +220,17 @@ impl Dispatcher {
 
             tokio::select! {
                 () = stop.cancelled() => break,
-                Some(done) = in_flight.join_next() => match done {
-                    Ok(ids) => ids.iter().for_each(|id| { busy.remove(id); }),
-                    Err(e) => {
-                        // Only a panic in a sink gets here; its rows stay pending and are
-                        // retried when the fallback poll finds them no longer busy.
-                        tracing::error!(sink = %name, error = %e, "a delivery task failed");
-                        busy.clear();
+                Some(done) = in_flight.join_next_with_id() => {
+                    let (task, failure) = match done {
+                        Ok((task, ())) => (task, None),
+                        Err(e) => (e.id(), Some(e)),
+                    };
+                    let claimed = claims.remove(&task).unwrap_or_default();
+                    if let Some(e) = failure {
+                        self.settle_failed_task(&claimed, e).await;
+                    }
+                    for c in &claimed {
+                        busy.remove(&c.id);
                     }
                 },
                 () = &mut notified => {}
@@ -219,6 +246,27 @@ impl Dispatcher {
             tracing::warn!(sink = %name, unfinished = in_flight.len(), "deliveries still running at shutdown were abandoned; they stay pending");
             in_flight.abort_all();
         }
+    }
+
+    /// A delivery task that panicked recorded nothing: its rows count a failed attempt and
+    /// wait for their backoff like any failure, so a sink that panics on some input goes
+    /// neither into a busy loop nor past `max_attempts`.
+    async fn settle_failed_task(&self, claimed: &[Claim], e: task::JoinError) {
+        let name = self.shared.sink.name();
+        let reason = if e.is_panic() {
+            panic_message(e.into_panic())
+        } else {
+            "the delivery task was cancelled".to_owned()
+        };
+        tracing::error!(sink = %name, rows = claimed.len(), reason, "a delivery task failed");
+        let settlements = claimed
+            .iter()
+            .map(|c| {
+                let error = SinkError::Panicked(reason.clone());
+                self.shared.policy.settle(c, Err(error), name)
+            })
+            .collect();
+        record(&self.shared, settlements).await;
     }
 
     /// How long until a pending row that is not due yet becomes due (rows due now are either
@@ -238,22 +286,30 @@ impl Dispatcher {
     }
 }
 
-/// Delivers one batch and records the outcome; returns the row ids it handled.
-async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
+/// The text a panic carried, when it is text.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned());
+    format!("the sink panicked: {text}")
+}
+
+/// Delivers one batch and records the outcome.
+async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
     let Shared {
         sink,
-        store,
         policy,
         redaction,
-        metrics,
+        ..
     } = &*shared;
-    let ids = batch.iter().map(|d| d.id).collect();
     let mut settlements = Vec::with_capacity(batch.len());
     let mut ready = Vec::with_capacity(batch.len());
     for mut d in batch {
         if d.payload.is_empty() {
             // Only a replay of an event older than store.retention gets here.
-            settlements.push(policy.settle(&d, Err(SinkError::Pruned), sink.name()));
+            settlements.push(policy.settle(&Claim::of(&d), Err(SinkError::Pruned), sink.name()));
             continue;
         }
         // Redacted per sink at delivery time: the stored original stays whole, and what
@@ -263,7 +319,7 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
                 Ok(redacted) => d.payload = redacted,
                 Err(e) => {
                     settlements.push(policy.settle(
-                        &d,
+                        &Claim::of(&d),
                         Err(SinkError::NotJson(Arc::new(e))),
                         sink.name(),
                     ));
@@ -280,8 +336,19 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
         ready
             .iter()
             .zip(results)
-            .map(|(d, result)| policy.settle(d, result, sink.name())),
+            .map(|(d, result)| policy.settle(&Claim::of(d), result, sink.name())),
     );
+    record(&shared, settlements).await;
+}
+
+/// Counts the outcomes and writes them to the store.
+async fn record(shared: &Shared, settlements: Vec<Settlement>) {
+    let Shared {
+        sink,
+        store,
+        metrics,
+        ..
+    } = shared;
     for s in &settlements {
         let outcome = match s {
             Settlement::Delivered { .. } => "delivered",
@@ -302,7 +369,6 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) -> Vec<i64> {
             }
         }
     }
-    ids
 }
 
 #[cfg(test)]
@@ -458,6 +524,110 @@ mod tests {
             "no attempt after dead"
         );
         stop.cancel();
+    }
+
+    /// Panics on call `c1`; holds call `c2` until released, counting its deliveries.
+    struct Panicky {
+        release: tokio::sync::Notify,
+        slow_calls: AtomicUsize,
+        panics: AtomicUsize,
+    }
+
+    impl Sink for Panicky {
+        fn name(&self) -> &str {
+            "panicky"
+        }
+
+        fn concurrency(&self) -> usize {
+            2
+        }
+
+        fn deliver<'a>(
+            &'a self,
+            batch: &'a [Delivery],
+        ) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+            Box::pin(async move {
+                if batch.iter().any(|d| d.call_id.as_deref() == Some("c1")) {
+                    self.panics.fetch_add(1, Ordering::SeqCst);
+                    panic!("poison");
+                }
+                self.slow_calls.fetch_add(1, Ordering::SeqCst);
+                self.release.notified().await;
+                batch.iter().map(|_| Ok(())).collect()
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().join("router.db"),
+            synchronous: Synchronous::Normal,
+            retention: Duration::from_secs(3600),
+            dedup_window: Duration::from_secs(7200),
+        };
+        let (store, _writer) =
+            Store::open(&config, crate::store::StoreOptions::default()).expect("store");
+        for call in ["c2", "c1"] {
+            let body = format!(r#"{{"event":"call_completed","call_id":"{call}"}}"#);
+            let event = Event::from_webhook(None, Bytes::from(body)).expect("event");
+            store
+                .ingest(event, vec![Arc::from("panicky")])
+                .await
+                .expect("stored");
+        }
+        let sink = Arc::new(Panicky {
+            release: tokio::sync::Notify::new(),
+            slow_calls: AtomicUsize::new(0),
+            panics: AtomicUsize::new(0),
+        });
+        let policy = RetryPolicy {
+            max_attempts: 12,
+            initial: Duration::from_secs(60),
+            max: Duration::from_secs(60),
+        };
+        let dispatcher = Dispatcher::new(
+            sink.clone(),
+            store.clone(),
+            policy,
+            Redaction::default(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("dispatcher");
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_millis(100)));
+
+        let db = Connection::open(dir.path().join("router.db")).expect("open");
+        let poisoned = || -> (u32, Option<String>) {
+            db.query_row(
+                "SELECT o.attempts, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id
+                 WHERE e.call_id = 'c1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row")
+        };
+        for _ in 0..500 {
+            if poisoned().0 > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Give a busy loop time to show itself.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (attempts, error) = poisoned();
+        assert_eq!(attempts, 1, "one failed attempt, then the backoff");
+        assert!(error.unwrap_or_default().contains("poison"));
+        assert_eq!(sink.panics.load(Ordering::SeqCst), 1, "no busy loop");
+        assert_eq!(
+            sink.slow_calls.load(Ordering::SeqCst),
+            1,
+            "the row still in flight was not handed out a second time"
+        );
+        sink.release.notify_waiters();
+        stop.cancel();
+        running.await.expect("dispatcher ends");
     }
 
     #[test]

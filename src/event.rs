@@ -172,10 +172,14 @@ impl Event {
         }
         let call_id = match head.call_id {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) if valid_call_id(&s) => Some(s),
+            // One rule for both forms: a number's text travels exactly as a string would.
+            Some(serde_json::Value::String(s)) => Some(s),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             Some(_) => return Err(EventError::BadCallId),
         };
+        if call_id.as_deref().is_some_and(|id| !valid_call_id(id)) {
+            return Err(EventError::BadCallId);
+        }
         let dedup_key = dedup_key(call_id.as_deref(), &name, &payload);
         let attributes = Attributes {
             agent_id: text(head.agent_id),
@@ -363,5 +367,17 @@ mod tests {
             parse(Some("x"), "{\"call_id\":\"\"}"),
             Err(EventError::BadCallId)
         ));
+    }
+
+    #[test]
+    fn a_numeric_call_id_obeys_the_same_length_limit_as_a_string() {
+        let long = "9".repeat(300);
+        let err = parse(
+            None,
+            &format!("{{\"event\":\"call_completed\",\"call_id\":{long}}}"),
+        );
+        assert!(matches!(err, Err(EventError::BadCallId)), "{err:?}");
+        let e = parse(None, r#"{"event":"call_completed","call_id":12345}"#).expect("valid");
+        assert_eq!(e.dedup_key, "12345:call_completed");
     }
 }

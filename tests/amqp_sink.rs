@@ -150,6 +150,70 @@ async fn messages_carry_exact_properties_routing_key_and_body() {
 
 #[tokio::test]
 #[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn a_poison_event_is_refused_or_goes_dead_and_never_holds_up_the_events_after_it() {
+    let exchange = unique("vyora-test-x");
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    // Two copies of a 128-byte call id make a routing key over AMQP's 255 bytes.
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"queue\"\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"{exchange}\"\nrouting_key = \"{{call_id}}.{{call_id}}\"\n",
+        base_config(dir.path()),
+        broker_url(),
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    wait_ready(&router, 200).await;
+    let consumer = Consumer::new().await;
+    consumer.bind(&exchange).await;
+
+    // A 300-digit numeric call id would not fit a message id: refused at the door.
+    let numeric = format!(
+        r#"{{"event":"call_completed","call_id":{}}}"#,
+        "9".repeat(300)
+    );
+    assert_eq!(router.post_signed(&numeric).await.status, 400);
+
+    // A valid call id whose routing key cannot be built: dead at once, with the reason.
+    let long_id = "c".repeat(128);
+    assert_eq!(
+        router
+            .post_signed(&payload(&long_id, "call_completed"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        router
+            .post_signed(&payload("after-poison", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let (_, ids) = consumer.drain(1, WAIT).await;
+    assert!(ids.contains("after-poison:call_completed"), "{ids:?}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, error): (String, Option<String>) = router
+            .db()
+            .query_row(
+                "SELECT o.status, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id
+                 WHERE e.call_id = ?1 AND o.sink = 'queue'",
+                [&long_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row");
+        if status == "dead" {
+            assert!(error.unwrap_or_default().contains("routing key"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poison row is {status}, not dead"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
 async fn an_unroutable_message_is_not_delivered_until_a_binding_exists() {
     let exchange = unique("vyora-test-x");
     let router = router_with_amqp(&broker_url(), &exchange, "").await;

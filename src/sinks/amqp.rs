@@ -27,8 +27,6 @@ const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// How often a sink without a connection tries to make one even when nothing is pending,
 /// so that readiness reflects the broker before the first event needs it.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
-/// AMQP short strings (routing keys, message ids) hold at most 255 bytes.
-const SHORT_STRING_MAX: usize = 255;
 
 /// A routing key template: text with `{event}`, `{call_id}`, `{agent_id}`, `{source}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,21 +76,33 @@ impl RoutingKey {
         Ok(RoutingKey(parts))
     }
 
+    /// The key for one delivery. A placeholder's value is confined to its own words: `.`
+    /// (the topic word separator) and the wildcards `*` and `#` in a value become `_`, so
+    /// a call id like `a.b` or `#` can neither shift a binding's words nor match as a
+    /// wildcard.
     pub fn render(&self, d: &Delivery) -> String {
         let mut key = String::new();
         for part in &self.0 {
             match part {
                 Part::Text(t) => key.push_str(t),
-                Part::Event => key.push_str(&d.event),
-                Part::CallId => key.push_str(d.call_id.as_deref().unwrap_or("none")),
-                Part::AgentId => {
-                    key.push_str(&agent_id(&d.payload).unwrap_or_else(|| "none".into()))
-                }
-                Part::Source => key.push_str(d.source.as_str()),
+                Part::Event => push_value(&mut key, &d.event),
+                Part::CallId => push_value(&mut key, d.call_id.as_deref().unwrap_or("none")),
+                Part::AgentId => push_value(
+                    &mut key,
+                    &agent_id(&d.payload).unwrap_or_else(|| "none".into()),
+                ),
+                Part::Source => push_value(&mut key, d.source.as_str()),
             }
         }
         key
     }
+}
+
+fn push_value(key: &mut String, value: &str) {
+    key.extend(value.chars().map(|c| match c {
+        '.' | '*' | '#' => '_',
+        c => c,
+    }));
 }
 
 /// The payload's `agent_id`, read only when a routing key asks for it.
@@ -106,6 +116,15 @@ fn agent_id(payload: &[u8]) -> Option<String> {
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// An AMQP short string (at most 255 bytes) from our data; too long is a permanent failure
+/// of this delivery (the same bytes would fail on every retry), named in its last error.
+fn short(what: &str, value: &str) -> Result<ShortString, SinkError> {
+    ShortString::try_new(value).map_err(|e| SinkError::Amqp {
+        reason: format!("the {what} cannot be sent: {e}"),
+        permanent: true,
+    })
 }
 
 /// The open connection and its confirm-mode channel.
@@ -217,10 +236,10 @@ impl AmqpSink {
         // Without `declare`, a passive declare still proves the exchange exists, so a
         // missing one shows in readiness at connect instead of failing every publish. The
         // default exchange ("") always exists and cannot be declared.
-        if self.config.declare || !self.config.exchange.is_empty() {
+        if self.config.declare || !self.config.exchange.as_str().is_empty() {
             channel
                 .exchange_declare(
-                    ShortString::from(self.config.exchange.as_str()),
+                    self.config.exchange.clone(),
                     self.config.exchange_kind.clone(),
                     ExchangeDeclareOptions {
                         durable: true,
@@ -237,7 +256,9 @@ impl AmqpSink {
         })
     }
 
-    fn properties(d: &Delivery) -> BasicProperties {
+    /// The message's properties. Every short string is built fallibly: a value over
+    /// AMQP's 255 bytes is this delivery's permanent failure, never a panic.
+    fn properties(d: &Delivery) -> Result<BasicProperties, SinkError> {
         let mut headers = FieldTable::default();
         headers.insert(
             "x-vyora-event".into(),
@@ -258,14 +279,14 @@ impl AmqpSink {
             .duration_since(UNIX_EPOCH)
             .map(|t| t.as_secs())
             .unwrap_or_default();
-        BasicProperties::default()
+        Ok(BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
-            .with_message_id(d.dedup_key.as_str().into())
-            .with_type(d.event.as_str().into())
+            .with_message_id(short("message_id", &d.dedup_key)?)
+            .with_type(short("type", &d.event)?)
             .with_timestamp(timestamp)
             .with_app_id("vyora-router".into())
-            .with_headers(headers)
+            .with_headers(headers))
     }
 
     async fn publish(&self, batch: &[Delivery]) -> Vec<Result<(), SinkError>> {
@@ -280,21 +301,22 @@ impl AmqpSink {
             mandatory: self.config.mandatory,
             ..BasicPublishOptions::default()
         };
-        let exchange = ShortString::from(self.config.exchange.as_str());
+        let exchange = self.config.exchange.clone();
 
         // Publish the whole batch first, then collect the confirms: one round trip for
         // the batch, not one per message.
         let mut pending = Vec::with_capacity(batch.len());
         let mut broken = None;
         for d in batch {
-            let key = self.config.routing_key.render(d);
-            if key.len() > SHORT_STRING_MAX {
-                pending.push(Err(SinkError::Amqp {
-                    reason: format!("the routing key is longer than {SHORT_STRING_MAX} bytes"),
-                    permanent: true,
-                }));
-                continue;
-            }
+            let message = short("routing key", &self.config.routing_key.render(d))
+                .and_then(|key| Ok((key, Self::properties(d)?)));
+            let (key, properties) = match message {
+                Ok(message) => message,
+                Err(e) => {
+                    pending.push(Err(e));
+                    continue;
+                }
+            };
             if broken.is_some() {
                 pending.push(Err(SinkError::Amqp {
                     reason: "not published: the channel failed earlier in this batch".into(),
@@ -304,13 +326,7 @@ impl AmqpSink {
             }
             match link
                 .channel
-                .basic_publish(
-                    exchange.clone(),
-                    key.into(),
-                    options,
-                    &d.payload,
-                    Self::properties(d),
-                )
+                .basic_publish(exchange.clone(), key, options, &d.payload, properties)
                 .await
             {
                 Ok(confirm) => pending.push(Ok(confirm)),
@@ -468,6 +484,31 @@ mod tests {
                 .render(&delivery()),
             "plain"
         );
+    }
+
+    #[test]
+    fn a_placeholder_value_cannot_add_topic_words_or_wildcards() {
+        let mut d = delivery();
+        d.call_id = Some("a.b.#.*".into());
+        let key = RoutingKey::parse("vyora.{call_id}.x").expect("valid");
+        assert_eq!(key.render(&d), "vyora.a_b____.x");
+    }
+
+    #[test]
+    fn a_property_over_255_bytes_fails_the_delivery_permanently_instead_of_panicking() {
+        let mut d = delivery();
+        d.dedup_key = format!("{}:call_completed", "9".repeat(300));
+        match AmqpSink::properties(&d) {
+            Err(
+                e @ SinkError::Amqp {
+                    permanent: true, ..
+                },
+            ) => {
+                assert!(e.to_string().contains("message_id"), "{e}");
+            }
+            other => panic!("expected a permanent failure, got {other:?}"),
+        }
+        assert!(AmqpSink::properties(&delivery()).is_ok());
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub enum SinkError {
     Amqp { reason: String, permanent: bool },
     #[error("the payload was emptied by store.retention; the event cannot be sent again")]
     Pruned,
+    /// The sink's code panicked on this batch: a bug, retried with backoff like a failure.
+    #[error("{0}")]
+    Panicked(String),
     /// The destination as a whole cannot be reached; rows wait without using up attempts.
     #[error("{reason}")]
     Unavailable { reason: String, retry_in: Duration },
@@ -84,6 +87,7 @@ impl SinkError {
                 *permanent
             }
             SinkError::FileIo { .. }
+            | SinkError::Panicked(_)
             | SinkError::HttpTransport(_)
             | SinkError::Unavailable { .. } => false,
         }
