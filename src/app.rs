@@ -143,6 +143,7 @@ fn live(config: &Config, sinks: &SinkSet) -> Live {
         router: Router::new(&config.sinks),
         sinks: sinks.sinks(),
         max_event_age: config.webhook.max_event_age,
+        max_clock_skew: config.webhook.max_clock_skew,
     }
 }
 

@@ -200,13 +200,24 @@ impl Default for RawServer {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawWebhook {
     secrets: Vec<String>,
     /// Defaults to `store.dedup_window`.
     #[serde(skip_serializing_if = "Option::is_none")]
     max_event_age: Option<String>,
+    max_clock_skew: String,
+}
+
+impl Default for RawWebhook {
+    fn default() -> Self {
+        RawWebhook {
+            secrets: Vec::new(),
+            max_event_age: None,
+            max_clock_skew: "5m".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -416,6 +427,9 @@ pub struct WebhookConfig {
     /// Events whose payload `timestamp` is older are refused: a replay must never
     /// outlive its dedup record.
     pub max_event_age: Duration,
+    /// Events whose `timestamp` is further ahead of our clock are refused like old ones:
+    /// otherwise a far-future date would pass the age check for as long as it likes.
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -825,6 +839,7 @@ impl RawConfig {
             webhook: WebhookConfig {
                 secrets,
                 max_event_age,
+                max_clock_skew: duration("webhook.max_clock_skew", &self.webhook.max_clock_skew)?,
             },
             store: StoreConfig {
                 path: PathBuf::from(&self.store.path),

@@ -46,9 +46,38 @@ pub struct Event {
     pub dedup_key: String,
     pub source: Source,
     pub attributes: Attributes,
-    /// The payload's `timestamp` (RFC 3339), when it has a readable one.
-    pub timestamp: Option<SystemTime>,
+    /// The payload's `timestamp`, the only time a replay guard can check.
+    pub timestamp: Timestamp,
     pub payload: Bytes,
+}
+
+/// An event's own `timestamp` field, as far as it could be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timestamp {
+    At(SystemTime),
+    /// No `timestamp` field (or null).
+    Missing,
+    /// A value that is not an RFC 3339 date-time.
+    Unreadable,
+}
+
+impl Timestamp {
+    /// Full RFC 3339: any UTC offset (`+05:30`), `Z`, fractional seconds.
+    fn parse(value: Option<serde_json::Value>) -> Timestamp {
+        match value {
+            None | Some(serde_json::Value::Null) => Timestamp::Missing,
+            Some(serde_json::Value::String(text)) => {
+                match time::OffsetDateTime::parse(
+                    &text,
+                    &time::format_description::well_known::Rfc3339,
+                ) {
+                    Ok(at) => Timestamp::At(SystemTime::from(at)),
+                    Err(_) => Timestamp::Unreadable,
+                }
+            }
+            Some(_) => Timestamp::Unreadable,
+        }
+    }
 }
 
 /// What routing filters can match on, read from the payload.
@@ -191,7 +220,7 @@ impl Event {
                     .and_then(|mut a| a.get_mut("classification").map(serde_json::Value::take)),
             ),
         };
-        let timestamp = text(head.timestamp).and_then(|t| humantime::parse_rfc3339_weak(&t).ok());
+        let timestamp = Timestamp::parse(head.timestamp);
         Ok(Event {
             name,
             call_id,
@@ -367,6 +396,31 @@ mod tests {
             parse(Some("x"), "{\"call_id\":\"\"}"),
             Err(EventError::BadCallId)
         ));
+    }
+
+    #[test]
+    fn timestamps_are_read_as_full_rfc3339_with_any_offset() {
+        let at = |t: &str| {
+            parse(
+                None,
+                &format!(r#"{{"event":"call_started","call_id":"c","timestamp":{t}}}"#),
+            )
+            .expect("valid")
+            .timestamp
+        };
+        let utc = at(r#""2026-05-24T05:01:15Z""#);
+        assert!(matches!(utc, Timestamp::At(_)));
+        assert_eq!(at(r#""2026-05-24T10:31:15+05:30""#), utc);
+        assert_eq!(at(r#""2026-05-24T10:31:15.000+05:30""#), utc);
+        assert!(matches!(
+            at(r#""2026-05-24T10:31:15.5-03:00""#),
+            Timestamp::At(_)
+        ));
+        assert_eq!(at("null"), Timestamp::Missing);
+        assert_eq!(at(r#""yesterday""#), Timestamp::Unreadable);
+        assert_eq!(at("1779598875"), Timestamp::Unreadable);
+        let without = parse(None, r#"{"event":"call_started","call_id":"c"}"#).expect("valid");
+        assert_eq!(without.timestamp, Timestamp::Missing);
     }
 
     #[test]

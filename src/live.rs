@@ -13,6 +13,7 @@ pub struct Live {
     pub router: Router,
     pub sinks: Vec<Arc<dyn Sink>>,
     pub max_event_age: Duration,
+    pub max_clock_skew: Duration,
 }
 
 #[derive(Clone)]

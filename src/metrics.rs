@@ -30,6 +30,7 @@ pub struct Metrics {
     registry: Registry,
     webhooks: Family<Labels2, Counter>,
     secret_verified: Family<Labels1, Counter>,
+    without_timestamp: Family<Labels1, Counter>,
     pub ack_latency: Histogram,
     pub commit_latency: Histogram,
     deliveries: Family<Labels2, Counter>,
@@ -62,6 +63,12 @@ impl Metrics {
             "webhook_secret_verified",
             "Webhooks verified, by the index of the configured secret that verified them",
             secret_verified.clone(),
+        );
+        let without_timestamp = Family::<Labels1, Counter>::default();
+        registry.register(
+            "webhooks_without_timestamp",
+            "Verified webhooks accepted without the age check, by reason (missing, unreadable)",
+            without_timestamp.clone(),
         );
         // 0.25 ms to ~4 s: acks live well inside Vyora's 5 s.
         let ack_latency = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
@@ -136,6 +143,7 @@ impl Metrics {
             registry,
             webhooks,
             secret_verified,
+            without_timestamp,
             ack_latency,
             commit_latency,
             deliveries,
@@ -158,6 +166,12 @@ impl Metrics {
     pub fn secret_verified(&self, index: usize) {
         self.secret_verified
             .get_or_create(&[("index", index.to_string())])
+            .inc();
+    }
+
+    pub fn webhook_without_timestamp(&self, reason: &'static str) {
+        self.without_timestamp
+            .get_or_create(&[("reason", reason.to_owned())])
             .inc();
     }
 

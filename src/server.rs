@@ -23,8 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
-use crate::event::{Event, EventError};
-use crate::live::LiveHandle;
+use crate::event::{Event, EventError, Timestamp};
+use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
 use crate::poller::PollerHealth;
 use crate::signature::{self, SignatureError};
@@ -102,6 +102,10 @@ enum Rejection {
         "the event's timestamp is {age:?} old, older than webhook.max_event_age allows ({max:?}); a replay is refused"
     )]
     TooOld { age: Duration, max: Duration },
+    #[error(
+        "the event's timestamp is {ahead:?} ahead of our clock, more than webhook.max_clock_skew allows ({max:?}); it is refused like an old replay"
+    )]
+    FromTheFuture { ahead: Duration, max: Duration },
     #[error("the event could not be stored: {0}")]
     Store(StoreError),
     #[error("the event could not be stored within {0:?}")]
@@ -119,7 +123,7 @@ impl Rejection {
             Rejection::BodyRead(_) | Rejection::BodyTimeout(_) | Rejection::Event(_) => {
                 "bad_request"
             }
-            Rejection::TooOld { .. } => "too_old",
+            Rejection::TooOld { .. } | Rejection::FromTheFuture { .. } => "too_old",
             Rejection::Signature(_) => "invalid_signature",
             Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
                 "unavailable"
@@ -179,9 +183,10 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
         Rejection::NotFound => StatusCode::NOT_FOUND,
         Rejection::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         Rejection::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Rejection::BodyRead(_) | Rejection::Event(_) | Rejection::TooOld { .. } => {
-            StatusCode::BAD_REQUEST
-        }
+        Rejection::BodyRead(_)
+        | Rejection::Event(_)
+        | Rejection::TooOld { .. }
+        | Rejection::FromTheFuture { .. } => StatusCode::BAD_REQUEST,
         Rejection::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
         Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
@@ -374,21 +379,49 @@ async fn receive<B: RequestBody>(
     };
     seen.event = Some(event.name.clone());
     seen.call_id = event.call_id.clone();
-    // The signature carries no time: the dedup record is the only replay guard, so an
-    // event older than that record may not come in again.
-    if let Some(age) = event
-        .timestamp
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        && age > live.max_event_age
-    {
-        return Err(Rejection::TooOld {
-            age: Duration::from_secs(age.as_secs()),
-            max: live.max_event_age,
-        });
-    }
+    check_age(state, &live, &event)?;
     let sinks = live.router.sinks_for(&event);
     let ingested = store_within(state.ack_timeout, state.store.ingest(event, sinks)).await?;
     Ok(Accepted::Event(ingested))
+}
+
+/// The signature carries no time: the dedup record is the only replay guard, so an event
+/// older than that record may not come in again, nor one dated in the future (it would
+/// pass the age check until long after its record expired). An event without a readable
+/// timestamp is accepted, logged and counted: a genuine event must not be lost for a field
+/// Vyora might leave out, and dedup still guards it within the dedup window.
+fn check_age(state: &State, live: &Live, event: &Event) -> Result<(), Rejection> {
+    let at = match event.timestamp {
+        Timestamp::At(at) => at,
+        Timestamp::Missing | Timestamp::Unreadable => {
+            let reason = if event.timestamp == Timestamp::Missing {
+                "missing"
+            } else {
+                "unreadable"
+            };
+            state.metrics.webhook_without_timestamp(reason);
+            tracing::warn!(
+                event = %event.name,
+                call_id = event.call_id.as_deref().unwrap_or("-"),
+                reason,
+                "the event has no readable timestamp; accepted without the age check"
+            );
+            return Ok(());
+        }
+    };
+    let now = SystemTime::now();
+    match now.duration_since(at) {
+        Ok(age) if age > live.max_event_age => Err(Rejection::TooOld {
+            age: Duration::from_secs(age.as_secs()),
+            max: live.max_event_age,
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if e.duration() > live.max_clock_skew => Err(Rejection::FromTheFuture {
+            ahead: Duration::from_secs(e.duration().as_secs()),
+            max: live.max_clock_skew,
+        }),
+        Err(_) => Ok(()),
+    }
 }
 
 async fn store_within<T>(

@@ -155,6 +155,74 @@ async fn an_event_older_than_max_event_age_is_refused_and_not_stored() {
     assert_eq!(fresh.status, 200);
 }
 
+/// The payload with `timestamp` set to `at` in the +05:30 offset (India), with
+/// milliseconds, or removed when `at` is `None`.
+fn payload_dated(call_id: &str, at: Option<SystemTime>) -> String {
+    let mut body: serde_json::Value =
+        serde_json::from_str(&payload(call_id, "call_completed")).expect("json");
+    match at {
+        Some(at) => {
+            let local = at + Duration::from_secs(5 * 3600 + 30 * 60);
+            let text = humantime::format_rfc3339_millis(local).to_string();
+            body["timestamp"] = text.replace('Z', "+05:30").into();
+        }
+        None => {
+            body.as_object_mut().map(|o| o.remove("timestamp"));
+        }
+    }
+    body.to_string()
+}
+
+#[tokio::test]
+async fn the_replay_guard_reads_any_offset_refuses_the_future_and_counts_missing_timestamps() {
+    let router = TestRouter::start().await;
+    let day = Duration::from_secs(86_400);
+    let old = router
+        .post_signed(&payload_dated(
+            "call-ist-old",
+            Some(SystemTime::now() - 200 * day),
+        ))
+        .await;
+    assert_eq!(old.status, 400, "200 days old with +05:30: {old:?}");
+    let future = router
+        .post_signed(&payload_dated(
+            "call-future",
+            Some(SystemTime::now() + Duration::from_secs(3600)),
+        ))
+        .await;
+    assert_eq!(future.status, 400, "an hour ahead: {future:?}");
+    assert!(
+        future.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_clock_skew"))
+    );
+    let recent = router
+        .post_signed(&payload_dated(
+            "call-ist-new",
+            Some(SystemTime::now() - Duration::from_secs(60)),
+        ))
+        .await;
+    assert_eq!(recent.status, 200);
+    let before = scrape(router.addr).await;
+    let missing = router
+        .post_signed(&payload_dated("call-undated", None))
+        .await;
+    assert_eq!(
+        missing.status, 200,
+        "a genuine event is never lost for its timestamp"
+    );
+    let after = scrape(router.addr).await;
+    let counted = |s: &[prometheus_parse::Sample]| {
+        value(
+            s,
+            "vyora_router_webhooks_without_timestamp_total",
+            &[("reason", "missing")],
+        )
+    };
+    assert_eq!(counted(&after) - counted(&before), 1.0);
+    assert_eq!(router.count("SELECT COUNT(*) FROM events"), 2);
+}
+
 #[tokio::test]
 async fn pruning_empties_old_payloads_and_keeps_dedup_keys_for_the_dedup_window() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));

@@ -44,6 +44,7 @@ fn harness() -> &'static Harness {
             router: Router::new(&config.sinks),
             sinks: Vec::new(),
             max_event_age: config.webhook.max_event_age,
+            max_clock_skew: config.webhook.max_clock_skew,
         });
         let components = Components {
             store,
