@@ -227,6 +227,7 @@ struct RawStore {
     synchronous: String,
     retention: String,
     dedup_window: String,
+    quarantine_max_bytes: u64,
 }
 
 impl Default for RawStore {
@@ -236,6 +237,7 @@ impl Default for RawStore {
             synchronous: "full".into(),
             retention: "30d".into(),
             dedup_window: "90d".into(),
+            quarantine_max_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -440,6 +442,8 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// Dedup keys of such events are kept this long (the only replay guard).
     pub dedup_window: Duration,
+    /// Quarantined bodies kept at most, in bytes; the oldest go first.
+    pub quarantine_max_bytes: u64,
 }
 
 /// SQLite's `synchronous` pragma: `Full` fsyncs every commit, so a power loss keeps every
@@ -775,6 +779,16 @@ impl RawConfig {
                 ),
             ));
         }
+        if self.store.quarantine_max_bytes < s.max_body_bytes {
+            return Err(invalid(
+                "store.quarantine_max_bytes",
+                self.store.quarantine_max_bytes,
+                format!(
+                    "must be at least server.max_body_bytes ({}), so one body always fits",
+                    s.max_body_bytes
+                ),
+            ));
+        }
         let synchronous = match self.store.synchronous.as_str() {
             "full" => Synchronous::Full,
             "normal" => Synchronous::Normal,
@@ -846,6 +860,7 @@ impl RawConfig {
                 synchronous,
                 retention,
                 dedup_window,
+                quarantine_max_bytes: self.store.quarantine_max_bytes,
             },
             delivery: DeliveryConfig {
                 max_attempts,

@@ -440,6 +440,7 @@ mod tests {
             synchronous: Synchronous::Normal,
             retention: Duration::from_secs(3600),
             dedup_window: Duration::from_secs(7200),
+            quarantine_max_bytes: 1 << 20,
         };
         let (store, _writer) =
             Store::open(&config, crate::store::StoreOptions::default()).expect("store");
@@ -566,6 +567,7 @@ mod tests {
             synchronous: Synchronous::Normal,
             retention: Duration::from_secs(3600),
             dedup_window: Duration::from_secs(7200),
+            quarantine_max_bytes: 1 << 20,
         };
         let (store, _writer) =
             Store::open(&config, crate::store::StoreOptions::default()).expect("store");

@@ -104,8 +104,36 @@ pub enum EventError {
     BadName(String),
     #[error("the X-Vyora-Event header {header:?} contradicts the signed body's event {body:?}")]
     NameMismatch { header: String, body: String },
+    #[error(
+        "the X-Vyora-Event header {0:?} is not 1 to {MAX_NAME_LEN} letters, digits, `_`, `-` or `.`"
+    )]
+    BadHeaderName(String),
     #[error("`call_id` must be a number or 1 to {MAX_CALL_ID_LEN} printable ASCII characters")]
     BadCallId,
+}
+
+impl EventError {
+    /// Whether the unsigned `X-Vyora-Event` header alone makes the request unroutable: the
+    /// signed body is fine, so there is nothing to keep, and anyone can send such a header
+    /// with a captured body.
+    pub fn caused_by_header(&self) -> bool {
+        matches!(
+            self,
+            EventError::NameMismatch { .. } | EventError::BadHeaderName(_)
+        )
+    }
+}
+
+/// The events Vyora documents. Other names are routed like these, but count as `other` in
+/// metric labels, so no sender can create label values at will.
+pub const KNOWN_EVENTS: [&str; 3] = ["call_started", "call_completed", "all_processing_completed"];
+
+/// An event name as a metric label: a known name, or `other`.
+pub fn label(name: &str) -> &'static str {
+    KNOWN_EVENTS
+        .into_iter()
+        .find(|known| *known == name)
+        .unwrap_or("other")
 }
 
 const MAX_NAME_LEN: usize = 64;
@@ -188,6 +216,7 @@ impl Event {
         let header_name = header_event
             .map(|h| String::from_utf8_lossy(h).trim().to_owned())
             .filter(|h| !h.is_empty());
+        let named_by_body = body_name.is_some();
         let name = match (header_name, body_name) {
             (Some(header), Some(body)) if header != body => {
                 return Err(EventError::NameMismatch { header, body });
@@ -197,7 +226,11 @@ impl Event {
             (None, None) => return Err(EventError::MissingName),
         };
         if !valid_name(&name) {
-            return Err(EventError::BadName(name));
+            return Err(if named_by_body {
+                EventError::BadName(name)
+            } else {
+                EventError::BadHeaderName(name)
+            });
         }
         let call_id = match head.call_id {
             None | Some(serde_json::Value::Null) => None,
@@ -209,7 +242,13 @@ impl Event {
         if call_id.as_deref().is_some_and(|id| !valid_call_id(id)) {
             return Err(EventError::BadCallId);
         }
-        let dedup_key = dedup_key(call_id.as_deref(), &name, &payload);
+        // A name from the unsigned header must not choose the identity: the same signed
+        // body sent again under other headers is the same event, keyed by its bytes.
+        let dedup_key = dedup_key(
+            call_id.as_deref().filter(|_| named_by_body),
+            &name,
+            &payload,
+        );
         let attributes = Attributes {
             agent_id: text(head.agent_id),
             agent_name: text(head.agent_name),
@@ -234,8 +273,9 @@ impl Event {
 }
 
 /// `<call_id>:<event>`: Vyora sends each event of a call once, so a second copy (a retry
-/// after a lost answer) is the same event. Without a call id the only identity left is the
-/// exact signed body, so the key is its SHA-256.
+/// after a lost answer) is the same event. Without a call id (or without an event name in
+/// the signed body) the only identity left is the exact signed body, so the key is its
+/// SHA-256.
 pub fn dedup_key(call_id: Option<&str>, event: &str, payload: &[u8]) -> String {
     match call_id {
         Some(id) => format!("{id}:{event}"),
@@ -315,9 +355,28 @@ mod tests {
     }
 
     #[test]
-    fn the_header_names_the_event_when_the_body_does_not() {
-        let e = parse(Some("call_started"), r#"{"call_id":"c1"}"#).expect("valid event");
-        assert_eq!(e.dedup_key, "c1:call_started");
+    fn the_header_names_the_event_when_the_body_does_not_but_never_its_identity() {
+        let body = r#"{"call_id":"c1"}"#;
+        let started = parse(Some("call_started"), body).expect("valid event");
+        assert_eq!(started.name, "call_started");
+        let completed = parse(Some("call_completed"), body).expect("valid event");
+        assert_eq!(started.dedup_key, completed.dedup_key);
+        assert_eq!(
+            started.dedup_key,
+            format!("sha256:{}", hex::encode(Sha256::digest(body.as_bytes())))
+        );
+    }
+
+    #[test]
+    fn only_the_header_can_be_blamed_for_a_contradiction_or_a_bad_header_name() {
+        let mismatch = parse(Some("call_started"), r#"{"event":"call_completed"}"#);
+        assert!(mismatch.is_err_and(|e| e.caused_by_header()));
+        let bad_header = parse(Some("a b"), "{}");
+        assert!(bad_header.is_err_and(|e| e.caused_by_header()));
+        let bad_body = parse(None, r#"{"event":"a b"}"#);
+        assert!(bad_body.is_err_and(|e| !e.caused_by_header()));
+        assert_eq!(label("call_completed"), "call_completed");
+        assert_eq!(label("made_up_by_a_sender"), "other");
     }
 
     #[test]
@@ -375,7 +434,7 @@ mod tests {
         ));
         assert!(matches!(
             parse(Some("a b"), "{}"),
-            Err(EventError::BadName(_))
+            Err(EventError::BadHeaderName(_))
         ));
         assert!(matches!(
             parse(Some("x"), "{\"call_id\":{\"a\":1}}"),

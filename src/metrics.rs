@@ -41,6 +41,8 @@ pub struct Metrics {
     pub rate_limit_waits: Counter,
     pub calls_tracked: Gauge,
     pub poller_gave_up: Counter,
+    pub quarantine_dropped: Counter,
+    quarantine_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -134,6 +136,19 @@ impl Metrics {
             "Calls whose analysis never came within poller.give_up_after",
             poller_gave_up.clone(),
         );
+        let quarantine_dropped = Counter::default();
+        registry.register(
+            "quarantine_dropped",
+            "Quarantined bodies removed to stay within store.quarantine_max_bytes",
+            quarantine_dropped.clone(),
+        );
+        let quarantine_bytes = Gauge::default();
+        registry.register_with_unit(
+            "quarantine",
+            "Bytes of quarantined bodies kept",
+            Unit::Bytes,
+            quarantine_bytes.clone(),
+        );
         registry.register(
             "build",
             "The running build",
@@ -154,6 +169,8 @@ impl Metrics {
             rate_limit_waits,
             calls_tracked,
             poller_gave_up,
+            quarantine_dropped,
+            quarantine_bytes,
         }
     }
 
@@ -215,6 +232,12 @@ impl Metrics {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read outbox statistics"),
+        }
+        match reader.quarantine_bytes().await {
+            Ok(n) => {
+                self.quarantine_bytes.set(n);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot measure the quarantine"),
         }
         match reader.calls_waiting().await {
             Ok(n) => {

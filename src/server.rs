@@ -293,8 +293,9 @@ async fn webhook<B: RequestBody>(state: &State, req: Request<B>) -> Reply {
     let elapsed = started.elapsed();
     state.metrics.ack_latency.observe(elapsed.as_secs_f64());
     let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-    // Only verified event names become labels: an unsigned header must not be able to
-    // create label values at will.
+    // Only verified, documented event names become labels: no sender may create label
+    // values at will.
+    let label = seen.event.as_deref().map_or("unknown", crate::event::label);
     let event = seen.event.as_deref().unwrap_or("unknown");
     let call_id = seen.call_id.as_deref().unwrap_or("-");
     let outcome = match &result {
@@ -302,7 +303,7 @@ async fn webhook<B: RequestBody>(state: &State, req: Request<B>) -> Reply {
         Ok(_) => "accepted",
         Err(r) => r.outcome(),
     };
-    state.metrics.webhook(event, outcome);
+    state.metrics.webhook(label, outcome);
     match &result {
         Ok(Accepted::Event(Ingested::Duplicate)) => {
             tracing::info!(event, call_id, outcome = "duplicate", latency_us, "webhook");
@@ -363,6 +364,9 @@ async fn receive<B: RequestBody>(
 
     let event = match Event::from_webhook(event_header.as_deref(), body.clone()) {
         Ok(event) => event,
+        // The signed body is fine; only the unsigned header is wrong. Anyone can pair a
+        // captured body with such a header, so nothing is stored for it.
+        Err(e) if e.caused_by_header() => return Err(Rejection::Event(e)),
         Err(e) => {
             let entry = Quarantined {
                 reason: e.to_string(),
@@ -371,9 +375,11 @@ async fn receive<B: RequestBody>(
                     .map(|h| String::from_utf8_lossy(h).into_owned()),
                 body,
             };
-            // The body is genuine, so it is kept; if even that cannot be stored, 503 makes
-            // Vyora send it again rather than lose it.
-            store_within(state.ack_timeout, state.store.quarantine(entry)).await?;
+            // The body is genuine, so it is kept (once per distinct body, within
+            // store.quarantine_max_bytes); if even that cannot be stored, 503 makes Vyora
+            // send it again rather than lose it.
+            let kept = store_within(state.ack_timeout, state.store.quarantine(entry)).await?;
+            state.metrics.quarantine_dropped.inc_by(kept.dropped);
             return Err(Rejection::Event(e));
         }
     };

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::{StoreConfig, Synchronous};
@@ -96,6 +97,11 @@ CREATE INDEX outbox_by_event ON outbox (event_id);
 -- Dead rows are few; the metrics count them without scanning delivered ones.
 CREATE INDEX outbox_dead ON outbox (sink) WHERE status = 'dead';
 "#,
+    r#"
+-- A quarantined body is kept once: the same bytes sent again store nothing new.
+ALTER TABLE quarantine ADD COLUMN body_hash BLOB;
+CREATE UNIQUE INDEX quarantine_by_hash ON quarantine (body_hash);
+"#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +155,15 @@ pub struct Quarantined {
     pub body: Bytes,
 }
 
+/// What quarantining a body did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// False when the same body was already kept.
+    pub stored: bool,
+    /// Older bodies removed to stay within `store.quarantine_max_bytes`.
+    pub dropped: u64,
+}
+
 /// One outbox row with its event, as a sink receives it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -198,7 +213,9 @@ enum Op {
     },
     Quarantine {
         entry: Quarantined,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        /// Set by `apply`, answered after commit.
+        outcome: Kept,
+        reply: oneshot::Sender<Result<Kept, StoreError>>,
     },
     Settle {
         settlements: Vec<Settlement>,
@@ -437,6 +454,9 @@ impl Store {
             writable: Arc::clone(&writable),
             metrics,
             commit_signal,
+            limits: Limits {
+                quarantine_max_bytes: config.quarantine_max_bytes,
+            },
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -491,9 +511,17 @@ impl Store {
         self.submit(op, rx).await
     }
 
-    pub async fn quarantine(&self, entry: Quarantined) -> Result<(), StoreError> {
+    /// Keeps a signed body that is not a routable event: once per distinct body, and the
+    /// oldest dropped first beyond `store.quarantine_max_bytes`, so replaying one captured
+    /// request cannot fill the disk.
+    pub async fn quarantine(&self, entry: Quarantined) -> Result<Kept, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Op::Quarantine { entry, reply }, rx).await
+        let op = Op::Quarantine {
+            entry,
+            outcome: Kept::default(),
+            reply,
+        };
+        self.submit(op, rx).await
     }
 
     /// Prunes one id range (see [`PruneRange`]).
@@ -540,14 +568,18 @@ impl Op {
     fn withdrawn(&self) -> bool {
         match self {
             Op::Ingest { reply, .. } => reply.is_closed(),
-            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
-                reply.is_closed()
-            }
+            Op::Quarantine { reply, .. } => reply.is_closed(),
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } => reply.is_closed(),
             Op::Prune { reply, .. } => reply.is_closed(),
         }
     }
 
-    fn apply(&mut self, tx: &rusqlite::Transaction<'_>, now: i64) -> rusqlite::Result<()> {
+    fn apply(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        now: i64,
+        limits: &Limits,
+    ) -> rusqlite::Result<()> {
         match self {
             Op::Ingest {
                 event,
@@ -612,11 +644,8 @@ impl Op {
                 };
                 Ok(())
             }
-            Op::Quarantine { entry, .. } => {
-                tx.prepare_cached(
-                    "INSERT INTO quarantine (received_at, reason, event_header, body) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![now, entry.reason, entry.event_header, &entry.body[..]])?;
+            Op::Quarantine { entry, outcome, .. } => {
+                *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
             }
             Op::Settle { settlements, .. } => {
@@ -668,7 +697,10 @@ impl Op {
                 }
                 let _ = reply.send(result.map(|()| outcome));
             }
-            Op::Quarantine { reply, .. } | Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
+            Op::Quarantine { outcome, reply, .. } => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
                 let _ = reply.send(result);
             }
             Op::Prune { outcome, reply, .. } => {
@@ -676,6 +708,49 @@ impl Op {
             }
         }
     }
+}
+
+/// Inserts a quarantined body unless the same bytes are kept already, then drops the
+/// oldest bodies until the quarantine fits `max_bytes`.
+fn quarantine(
+    tx: &rusqlite::Transaction<'_>,
+    entry: &Quarantined,
+    now: i64,
+    max_bytes: u64,
+) -> rusqlite::Result<Kept> {
+    let hash = Sha256::digest(&entry.body);
+    let stored =
+        tx.prepare_cached(
+            "INSERT INTO quarantine (received_at, reason, event_header, body, body_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (body_hash) DO NOTHING",
+        )?
+        .execute(params![
+            now,
+            entry.reason,
+            entry.event_header,
+            &entry.body[..],
+            &hash[..]
+        ])? > 0;
+    let mut dropped = 0;
+    if stored {
+        let mut total: i64 = tx
+            .prepare_cached("SELECT COALESCE(SUM(length(body)), 0) FROM quarantine")?
+            .query_row([], |r| r.get(0))?;
+        let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let mut oldest = tx.prepare_cached(
+            "DELETE FROM quarantine WHERE id = (SELECT MIN(id) FROM quarantine) RETURNING length(body)",
+        )?;
+        while total > limit {
+            match oldest.query_row([], |r| r.get::<_, i64>(0)).optional()? {
+                Some(freed) => {
+                    total -= freed;
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+    Ok(Kept { stored, dropped })
 }
 
 /// Keeps a call's poll schedule in step with its events: `all_processing_completed` ends
@@ -750,13 +825,18 @@ fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result
     })
 }
 
-fn commit(conn: &mut Connection, ops: &mut [Op]) -> rusqlite::Result<()> {
+/// The writer's bounds that come from the config.
+struct Limits {
+    quarantine_max_bytes: u64,
+}
+
+fn commit(conn: &mut Connection, ops: &mut [Op], limits: &Limits) -> rusqlite::Result<()> {
     let now = to_millis(now());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Checked once the write lock is ours, which can take a while when another process
     // holds it: a caller that has since answered 503 must not see its event stored.
     for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
-        op.apply(&tx, now)?;
+        op.apply(&tx, now, limits)?;
     }
     tx.commit()
 }
@@ -814,6 +894,7 @@ struct WriterContext {
     metrics: Option<Arc<Metrics>>,
     /// Tells the checkpointer there is something to copy.
     commit_signal: std::sync::mpsc::SyncSender<()>,
+    limits: Limits,
 }
 
 fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterContext) {
@@ -823,6 +904,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
         writable,
         metrics,
         commit_signal,
+        limits,
     } = ctx;
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
@@ -840,7 +922,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
             continue;
         }
         let started = std::time::Instant::now();
-        let committed = commit(&mut conn, &mut group);
+        let committed = commit(&mut conn, &mut group, limits);
         if let Some(m) = metrics {
             m.commit_latency.observe(started.elapsed().as_secs_f64());
         }
@@ -856,7 +938,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterCont
                 tracing::warn!(error = %e, ops = group.len(), "group commit failed; retrying one by one");
                 let mut any = false;
                 for mut op in group.drain(..) {
-                    let result = commit(&mut conn, std::slice::from_mut(&mut op));
+                    let result = commit(&mut conn, std::slice::from_mut(&mut op), limits);
                     any |= result.is_ok();
                     op.answer(result.map_err(StoreError::from), &mut woken);
                 }
@@ -1009,6 +1091,15 @@ impl Reader {
         .await
     }
 
+    /// Bytes of quarantined bodies.
+    pub async fn quarantine_bytes(&self) -> Result<i64, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT COALESCE(SUM(length(body)), 0) FROM quarantine")?
+                .query_row([], |r| r.get(0))
+        })
+        .await
+    }
+
     /// Calls waiting for their analysis.
     pub async fn calls_waiting(&self) -> Result<i64, StoreError> {
         self.with(|conn| {
@@ -1106,6 +1197,7 @@ mod tests {
                 synchronous: Synchronous::Full,
                 retention: Duration::from_secs(3600),
                 dedup_window: Duration::from_secs(7200),
+                quarantine_max_bytes: 1000,
             },
             StoreOptions::default(),
         )

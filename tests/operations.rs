@@ -16,37 +16,6 @@ use vyora_router::signature::Secret;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn get(addr: SocketAddr, path: &str) -> Answer {
-    let request = Request::get(path)
-        .header("host", "r")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    send(addr, request).await
-}
-
-/// `name{labels...}` -> value, for every sample of a scrape.
-async fn scrape(addr: SocketAddr) -> Vec<prometheus_parse::Sample> {
-    let answer = get(addr, "/metrics").await;
-    assert_eq!(answer.status, 200);
-    let lines = answer.body.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines)
-        .expect("the exposition parses")
-        .samples
-}
-
-fn value(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
-}
-
 fn signed_request(body: &str, event: Option<&str>) -> Request<Full<Bytes>> {
     let mut b = Request::post("/webhook")
         .header("host", "r")
@@ -90,7 +59,7 @@ async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
 
     let after = scrape(router.addr).await;
     let moved = |labels: &[(&str, &str)]| {
-        value(&after, webhooks, labels) - value(&before, webhooks, labels)
+        metric(&after, webhooks, labels) - metric(&before, webhooks, labels)
     };
     assert_eq!(
         moved(&[("event", "call_completed"), ("outcome", "accepted")]),
@@ -108,7 +77,7 @@ async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
     assert_eq!(moved(&[("outcome", "too_large")]), 1.0);
     assert_eq!(moved(&[("outcome", "too_old")]), 1.0);
     assert_eq!(
-        value(
+        metric(
             &after,
             "vyora_router_webhook_secret_verified_total",
             &[("index", "0")]
@@ -116,7 +85,7 @@ async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
         4.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             "vyora_router_deliveries_total",
             &[("sink", "archive"), ("outcome", "delivered")]
@@ -129,7 +98,7 @@ async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
             .any(|s| s.metric == "vyora_router_ack_latency_seconds_count"
                 || s.metric == "vyora_router_ack_latency_seconds")
     );
-    assert_eq!(value(&after, "vyora_router_build_info", &[]), 1.0);
+    assert_eq!(metric(&after, "vyora_router_build_info", &[]), 1.0);
 }
 
 #[tokio::test]
@@ -213,7 +182,7 @@ async fn the_replay_guard_reads_any_offset_refuses_the_future_and_counts_missing
     );
     let after = scrape(router.addr).await;
     let counted = |s: &[prometheus_parse::Sample]| {
-        value(
+        metric(
             s,
             "vyora_router_webhooks_without_timestamp_total",
             &[("reason", "missing")],

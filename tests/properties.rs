@@ -94,6 +94,7 @@ proptest! {
             synchronous: Synchronous::Normal,
             retention: Duration::from_secs(3600),
             dedup_window: Duration::from_secs(7200),
+            quarantine_max_bytes: 1 << 20,
         };
         let mut model: HashSet<String> = HashSet::new();
         let mut store = Some(Store::open(&config, StoreOptions::default()).expect("store"));

@@ -155,6 +155,44 @@ impl TestRouter {
     pub async fn post_signed(&self, body: &str) -> Answer {
         post_signed(self.addr, body).await
     }
+
+    /// The metrics exposition, parsed.
+    pub async fn scrape(&self) -> Vec<prometheus_parse::Sample> {
+        scrape(self.addr).await
+    }
+}
+
+/// `GET path` on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    let request = Request::get(path)
+        .header("host", "router")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(addr, request).await
+}
+
+/// The parsed `/metrics` of the router listening at `addr`.
+pub async fn scrape(addr: SocketAddr) -> Vec<prometheus_parse::Sample> {
+    let answer = get(addr, "/metrics").await;
+    assert_eq!(answer.status, 200);
+    let lines = answer.body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("the exposition parses")
+        .samples
+}
+
+/// The sum of the samples of `name` whose labels include `labels`.
+pub fn metric(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
 }
 
 impl Drop for TestRouter {
