@@ -347,38 +347,124 @@ async fn prune(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let Ok(Some((first, last))) = reader.event_id_range().await else {
-            continue;
-        };
         let now = store::now();
-        let mut from = first;
-        let (mut payloads, mut events) = (0, 0);
-        while from <= last && !stop.is_cancelled() {
-            let range = PruneRange {
-                from,
-                to: from + PRUNE_BATCH,
-                payloads_before: now - retention,
-                keys_before: now - dedup_window,
-            };
-            match store.prune(range).await {
-                Ok(done) => {
-                    payloads += done.payloads;
-                    events += done.events;
-                    if done.reached_recent {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "pruning failed; trying again later");
-                    break;
-                }
-            }
-            from += PRUNE_BATCH;
-            // Leave the writer to the requests between steps.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (payloads, events) =
+            prune_pass(&store, &reader, now - retention, now - dedup_window, &stop).await;
         if payloads + events > 0 {
             tracing::info!(payloads, events, "pruned old events");
         }
+    }
+}
+
+/// One pass over the events, oldest first; returns the payloads emptied and the events
+/// deleted. Ranges without events (ids already deleted) are skipped, not taken for the
+/// recent end: one event kept for its dead delivery must not stop pruning for good.
+async fn prune_pass(
+    store: &Store,
+    reader: &store::Reader,
+    payloads_before: std::time::SystemTime,
+    keys_before: std::time::SystemTime,
+    stop: &CancellationToken,
+) -> (usize, usize) {
+    let (mut payloads, mut events) = (0, 0);
+    let Ok(Some((first, _))) = reader.event_id_range().await else {
+        return (payloads, events);
+    };
+    let mut from = Some(first);
+    while let Some(start) = from.filter(|_| !stop.is_cancelled()) {
+        let range = PruneRange {
+            from: start,
+            to: start.saturating_add(PRUNE_BATCH),
+            payloads_before,
+            keys_before,
+        };
+        match store.prune(range).await {
+            Ok(done) => {
+                payloads += done.payloads;
+                events += done.events;
+                from = if done.reached_recent { None } else { done.next };
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning failed; trying again later");
+                break;
+            }
+        }
+        // Leave the writer to the requests between steps.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (payloads, events)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::{StoreConfig, Synchronous};
+    use crate::event::Event;
+    use crate::store::Settlement;
+
+    fn event(call: usize) -> Event {
+        let body = format!(r#"{{"event":"call_completed","call_id":"c{call}"}}"#);
+        Event::from_webhook(None, Bytes::from(body)).expect("event")
+    }
+
+    async fn ingest_many(store: &Store, calls: std::ops::Range<usize>) {
+        let tasks: Vec<_> = calls
+            .map(|call| {
+                let store = store.clone();
+                tokio::spawn(async move { store.ingest(event(call), Vec::new()).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("stored");
+        }
+    }
+
+    #[tokio::test]
+    async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig {
+            path: dir.path().join("router.db"),
+            synchronous: Synchronous::Normal,
+            retention: Duration::from_secs(3600),
+            dedup_window: Duration::from_secs(7200),
+            quarantine_max_bytes: 1 << 20,
+        };
+        let (store, _writer) = Store::open(&config, store::StoreOptions::default()).expect("store");
+        let reader = store.reader().expect("reader");
+        let sink: Arc<str> = Arc::from("a");
+
+        // The oldest event has a dead delivery, never replayed: it is kept for good.
+        store
+            .ingest(event(0), vec![Arc::clone(&sink)])
+            .await
+            .expect("stored");
+        let dead = reader.due("a", 1, usize::MAX, vec![]).await.expect("due");
+        let dead = Settlement::Dead {
+            id: dead[0].id,
+            error: "gone".into(),
+        };
+        store.settle(vec![dead]).await.expect("settled");
+        // Behind it, more than three ranges of events that pruning deletes, then one kept
+        // (pending) so the deleted ids stay a hole instead of being reused.
+        ingest_many(&store, 1..1601).await;
+        store
+            .ingest(event(1601), vec![Arc::clone(&sink)])
+            .await
+            .expect("stored");
+
+        let stop = CancellationToken::new();
+        let later = store::now() + Duration::from_secs(3600);
+        let (_, deleted) = prune_pass(&store, &reader, later, later, &stop).await;
+        assert_eq!(deleted, 1600);
+
+        // Events stored after the hole must still be pruned on the next pass.
+        ingest_many(&store, 2000..2300).await;
+        let later = store::now() + Duration::from_secs(3600);
+        let (_, deleted) = prune_pass(&store, &reader, later, later, &stop).await;
+        assert_eq!(deleted, 300, "the pass stopped at an empty range");
     }
 }

@@ -250,8 +250,11 @@ pub struct PruneRange {
 pub struct Pruned {
     pub payloads: usize,
     pub events: usize,
-    /// The range held no event old enough to prune: later ids are newer still.
+    /// The range's oldest event is too recent to prune: later ids are newer still.
     pub reached_recent: bool,
+    /// The first event id at or after the range's end: where the next step starts, so a
+    /// run of deleted ids (behind an event kept for its dead delivery) is skipped.
+    pub next: Option<i64>,
 }
 
 /// Per-sink outbox figures for the metrics.
@@ -818,10 +821,14 @@ fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result
              SELECT call_id FROM polls WHERE status != 'waiting' AND updated_at < ?1 LIMIT 100)",
     )?
     .execute(params![keys_before])?;
+    let next = tx
+        .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
+        .query_row(params![range.to], |r| r.get(0))?;
     Ok(Pruned {
         payloads,
         events,
-        reached_recent: oldest.is_none_or(|t| t >= payloads_before),
+        reached_recent: oldest.is_some_and(|t| t >= payloads_before),
+        next,
     })
 }
 
