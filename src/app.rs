@@ -18,7 +18,7 @@ use crate::live::{Live, LiveHandle};
 use crate::metrics::{self, Metrics};
 use crate::poller::{Poller, PollerHealth};
 use crate::routing::Router;
-use crate::server::{self, ConnectionLimits};
+use crate::server::{self, ConnectionLimits, Surface};
 use crate::sinks::{self, Sink};
 use crate::store::{self, PruneRange, Store, StoreError, StoreOptions};
 
@@ -186,14 +186,45 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
-/// Runs the router on `listener` until `shutdown` completes. Each config received on
+/// The two sockets the router serves: the public one for webhooks, and the operator's.
+pub struct Listeners {
+    /// `server.listen`: the webhook path and `/healthz`.
+    pub webhook: TcpListener,
+    /// `admin.listen`: `/metrics`, `/readyz` and `/healthz`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of `config`.
+    pub async fn bind(config: &Config) -> Result<Listeners, BindError> {
+        let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BindError { key, addr, source })
+        };
+        Ok(Listeners {
+            webhook: bind("server.listen", config.server.listen).await?,
+            admin: bind("admin.listen", config.admin.listen).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({key}): {source}")]
+pub struct BindError {
+    key: &'static str,
+    addr: std::net::SocketAddr,
+    source: std::io::Error,
+}
+
+/// Runs the router on `listeners` until `shutdown` completes. Each config received on
 /// `reloads` replaces the secrets, sinks and filters for new events without dropping a
 /// request. At shutdown: stop accepting and answer the requests in progress, stop the
 /// poller, let dispatchers finish in-flight deliveries (what does not finish stays
 /// pending), close sink connections, and let the store commit its last writes.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
     mut reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
@@ -259,14 +290,33 @@ pub async fn run(
         metrics,
     };
     let state = Arc::new(server::State::new(&config, components));
-    if let Ok(addr) = listener.local_addr() {
+    let Listeners { webhook, admin } = listeners;
+    if let Ok(addr) = webhook.local_addr() {
         tracing::info!(%addr, path = %config.server.webhook_path, sinks = config.sinks.len(), "listening");
     }
+    if let Ok(addr) = admin.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
+    // One signal stops both listeners.
+    let stop_serving = CancellationToken::new();
+    let stopper = stop_serving.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopper.cancel();
+    });
     let mut serving = tokio::spawn(server::serve(
-        listener,
-        state,
+        webhook,
+        Surface::Public,
+        Arc::clone(&state),
         ConnectionLimits::from_config(&config),
-        shutdown,
+        stop_serving.clone().cancelled_owned(),
+    ));
+    let admin_serving = tokio::spawn(server::serve(
+        admin,
+        Surface::Admin,
+        state,
+        ConnectionLimits::admin(&config),
+        stop_serving.cancelled_owned(),
     ));
 
     // Reloads are applied while the server keeps serving on its own task.
@@ -295,6 +345,9 @@ pub async fn run(
         }
     }
 
+    if admin_serving.await.is_err() {
+        tracing::error!("the admin server task failed");
+    }
     tracing::debug!("stopped serving; stopping background tasks");
     stop.cancel();
     for task in background {

@@ -125,6 +125,7 @@ fn invalid(
 #[serde(deny_unknown_fields, default)]
 pub struct RawConfig {
     server: RawServer,
+    admin: RawAdmin,
     webhook: RawWebhook,
     store: RawStore,
     delivery: RawDelivery,
@@ -184,6 +185,7 @@ struct RawServer {
     ack_timeout: String,
     max_connections: u64,
     shutdown_timeout: String,
+    max_buffered_body_bytes: u64,
 }
 
 impl Default for RawServer {
@@ -196,6 +198,21 @@ impl Default for RawServer {
             ack_timeout: "4s".into(),
             max_connections: 1024,
             shutdown_timeout: "20s".into(),
+            max_buffered_body_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -383,6 +400,7 @@ const RESERVED_HEADERS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
+    pub admin: AdminConfig,
     pub webhook: WebhookConfig,
     pub store: StoreConfig,
     pub delivery: DeliveryConfig,
@@ -421,6 +439,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long connections and deliveries get to finish at shutdown.
     pub shutdown_timeout: Duration,
+    /// Request body bytes buffered at once across all connections; beyond, 503.
+    pub max_buffered_body_bytes: usize,
+}
+
+/// The operator listener: `/metrics`, `/readyz`, `/healthz`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -719,11 +745,30 @@ impl RawConfig {
                 "must start with `/`",
             ));
         }
-        if s.webhook_path == crate::server::HEALTH_PATH {
+        if crate::server::RESERVED_PATHS.contains(&s.webhook_path.as_str()) {
             return Err(invalid(
                 "server.webhook_path",
                 &s.webhook_path,
-                "is reserved for the health check",
+                format!(
+                    "is reserved: the router answers {} itself",
+                    crate::server::RESERVED_PATHS.join(", ")
+                ),
+            ));
+        }
+        let admin = AdminConfig {
+            listen: self.admin.listen.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "admin.listen",
+                    &self.admin.listen,
+                    "not an IP address and port such as \"127.0.0.1:9464\"",
+                )
+            })?,
+        };
+        if admin.listen == listen && listen.port() != 0 {
+            return Err(invalid(
+                "admin.listen",
+                &self.admin.listen,
+                "must differ from server.listen: operator endpoints have a listener of their own",
             ));
         }
         let server = ServerConfig {
@@ -734,7 +779,24 @@ impl RawConfig {
             ack_timeout: duration("server.ack_timeout", &s.ack_timeout)?,
             max_connections: to_usize("server.max_connections", s.max_connections)?,
             shutdown_timeout: duration("server.shutdown_timeout", &s.shutdown_timeout)?,
+            max_buffered_body_bytes: to_usize(
+                "server.max_buffered_body_bytes",
+                s.max_buffered_body_bytes,
+            )?,
         };
+        if s.max_buffered_body_bytes < s.max_body_bytes
+            || s.max_buffered_body_bytes > u64::from(u32::MAX)
+        {
+            return Err(invalid(
+                "server.max_buffered_body_bytes",
+                s.max_buffered_body_bytes,
+                format!(
+                    "must be at least server.max_body_bytes ({}) and at most {} (4 GiB)",
+                    s.max_body_bytes,
+                    u32::MAX
+                ),
+            ));
+        }
 
         if self.webhook.secrets.is_empty() {
             return Err(ConfigError::MissingSecret);
@@ -850,6 +912,7 @@ impl RawConfig {
             api,
             poller,
             server,
+            admin,
             webhook: WebhookConfig {
                 secrets,
                 max_event_age,
@@ -1163,6 +1226,26 @@ mod tests {
                 "[server]\nwebhook_path = \"hook\"\n",
                 "server.webhook_path",
                 "hook",
+            ),
+            (
+                "[server]\nwebhook_path = \"/metrics\"\n",
+                "server.webhook_path",
+                "/metrics",
+            ),
+            (
+                "[server]\nwebhook_path = \"/readyz\"\n",
+                "server.webhook_path",
+                "/readyz",
+            ),
+            (
+                "[server]\nlisten = \"127.0.0.1:9000\"\n[admin]\nlisten = \"127.0.0.1:9000\"\n",
+                "admin.listen",
+                "127.0.0.1:9000",
+            ),
+            (
+                "[server]\nmax_buffered_body_bytes = 1000\n",
+                "server.max_buffered_body_bytes",
+                "1000",
             ),
             (
                 "[server]\nlisten_on = \"x\"\n",

@@ -36,4 +36,4 @@ pub mod sinks;
 pub mod store;
 pub mod trigger;
 
-pub use app::{RunError, run};
+pub use app::{Listeners, RunError, run};

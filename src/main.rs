@@ -199,7 +199,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Healthcheck(arg) => {
             let config = arg.load()?;
-            let addr = loopback_for(config.server.listen);
+            // Probes run beside the router, so they use the operator's listener.
+            let addr = loopback_for(config.admin.listen);
             let status = runtime()?
                 .block_on(vyora_router::server::check_health(addr))
                 .with_context(|| format!("health check of {addr}"))?;
@@ -235,12 +236,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
-    let listen = config.server.listen;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    let listeners = vyora_router::Listeners::bind(&config).await?;
     let reloads = reload_on_sighup(source)?;
-    vyora_router::run(config, listener, shutdown_signal()?, reloads).await?;
+    vyora_router::run(config, listeners, shutdown_signal()?, reloads).await?;
     Ok(())
 }
 

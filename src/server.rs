@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
@@ -20,7 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
 use crate::event::{Event, EventError, Timestamp};
@@ -36,14 +36,23 @@ pub const SIGNATURE_HEADER: &str = "x-vyora-signature";
 pub const EVENT_HEADER: &str = "x-vyora-event";
 /// Seconds a sender should wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
+/// What one connection may read ahead of the handler, headers included.
+const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
+/// The first allocation for a body whose length is not announced (or is larger).
+const INITIAL_BODY_BUFFER: usize = 16 * 1024;
 /// The OpenMetrics content type that `prometheus-client` writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const METRICS_PATH: &str = "/metrics";
+/// Paths the router answers itself on one listener or the other; the webhook path may be
+/// none of them.
+pub const RESERVED_PATHS: [&str; 3] = [HEALTH_PATH, READY_PATH, METRICS_PATH];
 
 /// What the request path needs, shared by every connection.
 pub struct State {
     webhook_path: String,
     max_body_bytes: usize,
+    /// Bytes of request bodies buffered at once, across every connection.
+    body_budget: Arc<Semaphore>,
     body_timeout: Duration,
     ack_timeout: Duration,
     store: Store,
@@ -71,6 +80,7 @@ impl State {
         State {
             webhook_path: config.server.webhook_path.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            body_budget: Arc::new(Semaphore::new(config.server.max_buffered_body_bytes)),
             body_timeout: config.server.header_read_timeout,
             ack_timeout: config.server.ack_timeout,
             store,
@@ -112,6 +122,8 @@ enum Rejection {
     StoreTimeout(Duration),
     #[error("not ready")]
     NotReady(serde_json::Map<String, serde_json::Value>),
+    #[error("too many request bodies are being received at once; retry later")]
+    Overloaded,
 }
 
 impl Rejection {
@@ -128,6 +140,7 @@ impl Rejection {
             Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
                 "unavailable"
             }
+            Rejection::Overloaded => "overloaded",
         }
     }
 }
@@ -189,9 +202,10 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
         | Rejection::FromTheFuture { .. } => StatusCode::BAD_REQUEST,
         Rejection::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         Rejection::Signature(_) => StatusCode::UNAUTHORIZED,
-        Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::NotReady(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Rejection::Store(_)
+        | Rejection::StoreTimeout(_)
+        | Rejection::NotReady(_)
+        | Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
     };
     // Store failures are detailed in our log, not to the sender.
     let message = match &rejection {
@@ -207,7 +221,7 @@ fn respond(result: Result<Accepted, Rejection>) -> Reply {
                 .headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
         }
-        Rejection::Store(_) | Rejection::StoreTimeout(_) => {
+        Rejection::Store(_) | Rejection::StoreTimeout(_) | Rejection::Overloaded => {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
@@ -228,18 +242,31 @@ impl<B> RequestBody for B where
 {
 }
 
+/// Which listener a request came in on; each serves only its own paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `server.listen`: the webhook path and `/healthz`, what Vyora and a load balancer
+    /// reach.
+    Public,
+    /// `admin.listen`: `/metrics`, `/readyz` and `/healthz`, for operators and probes.
+    /// Call volumes, sink names and error texts are not the public's business.
+    Admin,
+}
+
 /// Answers one request; the whole request path, also for fuzzing without sockets.
 pub async fn handle<B: RequestBody>(
     state: Arc<State>,
+    surface: Surface,
     req: Request<B>,
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path();
-    let result = if path == state.webhook_path {
+    let operator_path = path == READY_PATH || path == METRICS_PATH;
+    let result = if surface == Surface::Public && path == state.webhook_path {
         if req.method() == Method::POST {
             return Ok(webhook(&state, req).await);
         }
         Err(Rejection::MethodNotAllowed { allow: "POST" })
-    } else if path == HEALTH_PATH || path == READY_PATH || path == METRICS_PATH {
+    } else if path == HEALTH_PATH || (surface == Surface::Admin && operator_path) {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             Err(Rejection::MethodNotAllowed { allow: "GET, HEAD" })
         } else if path == HEALTH_PATH {
@@ -331,35 +358,33 @@ async fn receive<B: RequestBody>(
     if req.body().size_hint().lower() > limit as u64 {
         return Err(Rejection::TooLarge { limit });
     }
+    // A request that does not even claim a signature in the right form is refused before
+    // a byte of its body is read or buffered.
     let mut signatures = req.headers().get_all(SIGNATURE_HEADER).iter();
-    let signature = signatures
-        .next()
-        .map(|v| Bytes::copy_from_slice(v.as_bytes()));
+    let claimed = signature::parse(signatures.next().map(|v| v.as_bytes()));
     if signatures.next().is_some() {
         return Err(Rejection::Signature(SignatureError::Repeated));
     }
+    let claimed = claimed.map_err(Rejection::Signature)?;
     let event_header = req
         .headers()
         .get(EVENT_HEADER)
         .map(|v| Bytes::copy_from_slice(v.as_bytes()));
 
-    // Chunked bodies (no length up front) are cut off as soon as they pass the limit.
-    let body = match tokio::time::timeout(
+    let (body, _budget) = match tokio::time::timeout(
         state.body_timeout,
-        Limited::new(req.into_body(), limit).collect(),
+        read_body(req.into_body(), limit, &state.body_budget),
     )
     .await
     {
         Err(_) => return Err(Rejection::BodyTimeout(state.body_timeout)),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(Rejection::TooLarge { limit }),
-        Ok(Err(e)) => return Err(Rejection::BodyRead(e)),
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(read) => read?,
     };
 
     // One snapshot for the whole request, so a reload never mixes two configs in it.
     let live = state.live.current();
-    let index = signature::verify(&live.secrets, signature.as_deref(), &body)
-        .map_err(Rejection::Signature)?;
+    let index =
+        signature::verify_claimed(&live.secrets, &claimed, &body).map_err(Rejection::Signature)?;
     state.metrics.secret_verified(index);
 
     let event = match Event::from_webhook(event_header.as_deref(), body.clone()) {
@@ -430,6 +455,54 @@ fn check_age(state: &State, live: &Live, event: &Event) -> Result<(), Rejection>
     }
 }
 
+/// Reads a body of at most `limit` bytes, holding a share of the global `budget` for every
+/// byte of buffer it allocates: past the budget the request is refused (503) instead of
+/// the process growing. The buffer grows by doubling from what has arrived, so a slow
+/// upload that announces a large `Content-Length` holds only about what it has sent.
+async fn read_body<B: RequestBody>(
+    body: B,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Rejection> {
+    let announced = usize::try_from(body.size_hint().exact().unwrap_or(0)).unwrap_or(limit);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut reserve = |buf: &mut Vec<u8>, wanted: usize| -> Result<(), Rejection> {
+        if wanted <= buf.capacity() {
+            return Ok(());
+        }
+        let extra = wanted - buf.capacity();
+        let permits = u32::try_from(extra).map_err(|_| Rejection::TooLarge { limit })?;
+        let more = Arc::clone(budget)
+            .try_acquire_many_owned(permits)
+            .map_err(|_| Rejection::Overloaded)?;
+        match held.as_mut() {
+            Some(h) => h.merge(more),
+            None => held = Some(more),
+        }
+        buf.reserve_exact(wanted - buf.len());
+        Ok(())
+    };
+    reserve(&mut buf, announced.min(INITIAL_BODY_BUFFER))?;
+    tokio::pin!(body);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Rejection::BodyRead(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let needed = buf.len() + data.len();
+        if needed > limit {
+            return Err(Rejection::TooLarge { limit });
+        }
+        if needed > buf.capacity() {
+            let doubled = buf.capacity().saturating_mul(2).max(INITIAL_BODY_BUFFER);
+            reserve(&mut buf, needed.max(doubled).min(limit.max(needed)))?;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(buf), held))
+}
+
 async fn store_within<T>(
     deadline: Duration,
     op: impl Future<Output = Result<T, StoreError>>,
@@ -445,6 +518,7 @@ async fn store_within<T>(
 /// their current request (up to a deadline) and returns.
 pub async fn serve(
     listener: TcpListener,
+    surface: Surface,
     state: Arc<State>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
@@ -459,6 +533,9 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        // Bounds what one connection reads ahead of the handler (hyper's default is about
+        // 400 KiB); request bodies themselves are bounded by the body budget.
+        .max_buf_size(MAX_CONNECTION_BUFFER)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     // A permit per connection: past the limit we stop accepting instead of growing.
@@ -488,7 +565,8 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let state = Arc::clone(&state);
-        let service = service_fn(move |req: Request<Incoming>| handle(Arc::clone(&state), req));
+        let service =
+            service_fn(move |req: Request<Incoming>| handle(Arc::clone(&state), surface, req));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -523,7 +601,18 @@ impl ConnectionLimits {
             drain_timeout: config.server.shutdown_timeout,
         }
     }
+
+    /// The admin listener's: a few connections are plenty for scrapes and probes.
+    pub fn admin(config: &Config) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            ..ConnectionLimits::from_config(config)
+        }
+    }
 }
+
+/// Connections the admin listener serves at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// `GET /healthz` against a running router; the container's health check (no curl needed).
 pub async fn check_health(addr: SocketAddr) -> Result<StatusCode, HealthError> {

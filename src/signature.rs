@@ -74,15 +74,21 @@ pub fn sign(secret: &Secret, body: &[u8]) -> String {
     format!("{PREFIX}{}", hex::encode(secret.digest(body)))
 }
 
+/// The MAC a request claims, decoded from its header: a request that does not even
+/// claim one in the right form is refused before its body is read.
+#[derive(Clone, Copy)]
+pub struct Claimed([u8; MAC_LEN]);
+
 /// Decodes a header value into the 32 MAC bytes it claims. Upper-case hex is accepted:
 /// it is the same MAC.
-fn decode(header: &[u8]) -> Result<[u8; MAC_LEN], SignatureError> {
+pub fn parse(header: Option<&[u8]>) -> Result<Claimed, SignatureError> {
     let digits = header
+        .ok_or(SignatureError::Missing)?
         .strip_prefix(PREFIX.as_bytes())
         .ok_or(SignatureError::BadPrefix)?;
     let mut claimed = [0u8; MAC_LEN];
     hex::decode_to_slice(digits, &mut claimed).map_err(|_| SignatureError::Malformed)?;
-    Ok(claimed)
+    Ok(Claimed(claimed))
 }
 
 /// Checks `header` against every secret and returns the index of the one that verified
@@ -96,10 +102,18 @@ pub fn verify(
     header: Option<&[u8]>,
     body: &[u8],
 ) -> Result<usize, SignatureError> {
-    let claimed = decode(header.ok_or(SignatureError::Missing)?)?;
+    verify_claimed(secrets, &parse(header)?, body)
+}
+
+/// [`verify`] for a header already [`parse`]d.
+pub fn verify_claimed(
+    secrets: &[Secret],
+    claimed: &Claimed,
+    body: &[u8],
+) -> Result<usize, SignatureError> {
     let mut matched = None;
     for (index, secret) in secrets.iter().enumerate() {
-        if bool::from(secret.digest(body).ct_eq(&claimed)) && matched.is_none() {
+        if bool::from(secret.digest(body).ct_eq(&claimed.0)) && matched.is_none() {
             matched = Some(index);
         }
     }

@@ -76,17 +76,9 @@ async fn router_with_amqp(broker: &str, exchange: &str, extra: &str) -> TestRout
     TestRouter::start_with(dir, &config).await
 }
 
-async fn readyz(router: &TestRouter) -> u16 {
-    let request = hyper::Request::get("/readyz")
-        .header("host", "r")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .expect("request");
-    send(router.addr, request).await.status
-}
-
 async fn wait_ready(router: &TestRouter, status: u16) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while readyz(router).await != status {
+    while router.readyz().await.status != status {
         assert!(
             tokio::time::Instant::now() < deadline,
             "/readyz never answered {status}"
@@ -383,7 +375,7 @@ async fn a_missing_exchange_without_declare_shows_in_readiness() {
     let router = router_with_amqp(&broker_url(), &exchange, "declare = false").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let answer = get_readyz(&router).await;
+        let answer = router.readyz().await.body;
         if answer.contains("NOT_FOUND") {
             break;
         }
@@ -397,12 +389,4 @@ async fn a_missing_exchange_without_declare_shows_in_readiness() {
             .status,
         200
     );
-}
-
-async fn get_readyz(router: &TestRouter) -> String {
-    let request = hyper::Request::get("/readyz")
-        .header("host", "r")
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .expect("request");
-    send(router.addr, request).await.body
 }

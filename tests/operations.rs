@@ -38,7 +38,7 @@ fn old_payload(call_id: &str, age: Duration) -> String {
 #[tokio::test]
 async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
     let router = TestRouter::start().await;
-    let before = scrape(router.addr).await;
+    let before = router.scrape().await;
     let webhooks = "vyora_router_webhooks_received_total";
     let body = payload("call-m1", "call_completed");
     router.post_signed(&body).await;
@@ -57,7 +57,7 @@ async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
     wait_for_lines(&router.events_file(), 1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let after = scrape(router.addr).await;
+    let after = router.scrape().await;
     let moved = |labels: &[(&str, &str)]| {
         metric(&after, webhooks, labels) - metric(&before, webhooks, labels)
     };
@@ -172,7 +172,7 @@ async fn the_replay_guard_reads_any_offset_refuses_the_future_and_counts_missing
         ))
         .await;
     assert_eq!(recent.status, 200);
-    let before = scrape(router.addr).await;
+    let before = router.scrape().await;
     let missing = router
         .post_signed(&payload_dated("call-undated", None))
         .await;
@@ -180,7 +180,7 @@ async fn the_replay_guard_reads_any_offset_refuses_the_future_and_counts_missing
         missing.status, 200,
         "a genuine event is never lost for its timestamp"
     );
-    let after = scrape(router.addr).await;
+    let after = router.scrape().await;
     let counted = |s: &[prometheus_parse::Sample]| {
         metric(
             s,

@@ -337,14 +337,7 @@ async fn a_refused_api_key_stops_all_polling_and_degrades_readiness() {
     api.wait_for(1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(api.received().len(), 1, "one refusal stops every poll");
-    let ready = send(
-        router.addr,
-        hyper::Request::get("/readyz")
-            .header("host", "r")
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .expect("request"),
-    )
-    .await;
+    let ready = router.readyz().await;
     assert_eq!(ready.status, 503);
     assert!(
         ready.body.contains("poller") && ready.body.contains("API key"),

@@ -37,7 +37,10 @@ pub fn payload(call_id: &str, event: &str) -> String {
 
 /// A router running in this process on 127.0.0.1:0 with its own temp dir.
 pub struct TestRouter {
+    /// The public listener: the webhook path and `/healthz`.
     pub addr: SocketAddr,
+    /// The operator's listener: `/metrics`, `/readyz`, `/healthz`.
+    pub admin: SocketAddr,
     /// Shared so a restarted router can reuse it; removed when the last holder drops it.
     pub dir: Arc<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
@@ -52,6 +55,9 @@ pub fn base_config(dir: &Path) -> String {
 [server]
 listen = "127.0.0.1:0"
 header_read_timeout = "1s"
+
+[admin]
+listen = "127.0.0.1:0"
 
 [webhook]
 secrets = ["{SECRET}"]
@@ -83,22 +89,30 @@ impl TestRouter {
     /// Starts on `dir` with the given config text (which should point into `dir`).
     pub async fn start_with(dir: Arc<tempfile::TempDir>, config: &str) -> TestRouter {
         let config = Config::from_toml(config).expect("test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind")
+        };
+        let listeners = vyora_router::Listeners {
+            webhook: bind().await,
+            admin: bind().await,
+        };
+        let addr = listeners.webhook.local_addr().expect("local addr");
+        let admin = listeners.admin.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            vyora_router::run(config, listener, shutdown, reloads)
+            vyora_router::run(config, listeners, shutdown, reloads)
                 .await
                 .expect("router runs");
         });
         let router = TestRouter {
             addr,
+            admin,
             dir,
             stop: Some(stop),
             reload,
@@ -158,7 +172,12 @@ impl TestRouter {
 
     /// The metrics exposition, parsed.
     pub async fn scrape(&self) -> Vec<prometheus_parse::Sample> {
-        scrape(self.addr).await
+        scrape(self.admin).await
+    }
+
+    /// `GET /readyz` on the admin listener.
+    pub async fn readyz(&self) -> Answer {
+        get(self.admin, "/readyz").await
     }
 }
 
@@ -171,7 +190,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> Answer {
     send(addr, request).await
 }
 
-/// The parsed `/metrics` of the router listening at `addr`.
+/// The parsed `/metrics` of the router whose admin listener is at `addr`.
 pub async fn scrape(addr: SocketAddr) -> Vec<prometheus_parse::Sample> {
     let answer = get(addr, "/metrics").await;
     assert_eq!(answer.status, 200);
