@@ -234,7 +234,7 @@ pub async fn run(
             Arc::clone(&health),
             Arc::clone(&metrics),
         )?;
-        background.push(tokio::spawn(poller.run(stop.clone())));
+        background.push(tokio::spawn(Arc::new(poller).supervised(stop.clone())));
         poller_health = Some(health);
     }
     background.push(tokio::spawn(metrics::refresh(

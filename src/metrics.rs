@@ -40,6 +40,7 @@ pub struct Metrics {
     pub rate_limit_waits: Counter,
     pub calls_tracked: Gauge,
     pub poller_gave_up: Counter,
+    pub poller_restarts: Counter,
 }
 
 impl Default for Metrics {
@@ -127,6 +128,12 @@ impl Metrics {
             "Calls whose analysis never came within poller.give_up_after",
             poller_gave_up.clone(),
         );
+        let poller_restarts = Counter::default();
+        registry.register(
+            "poller_restarts",
+            "Times the poller stopped unexpectedly and was restarted",
+            poller_restarts.clone(),
+        );
         registry.register(
             "build",
             "The running build",
@@ -146,6 +153,7 @@ impl Metrics {
             rate_limit_waits,
             calls_tracked,
             poller_gave_up,
+            poller_restarts,
         }
     }
 
