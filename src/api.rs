@@ -28,6 +28,16 @@ impl ApiKey {
     }
 }
 
+/// Compared in constant time: a reload compares keys, and a key is a secret.
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &ApiKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for ApiKey {}
+
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ApiKey(<redacted>)")
@@ -428,6 +438,14 @@ mod tests {
         .await;
         let body = get_call(&at_limit).await.expect("a body at the limit");
         assert_eq!(body.len(), MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn api_keys_compare_by_value() {
+        let key = ApiKey::new("vya_live_a").expect("valid");
+        assert_eq!(key, ApiKey::new("vya_live_a").expect("valid"));
+        assert_ne!(key, ApiKey::new("vya_live_b").expect("valid"));
+        assert_ne!(key, ApiKey::new("vya_live_a2").expect("valid"));
     }
 
     #[tokio::test(start_paused = true)]

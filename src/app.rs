@@ -173,13 +173,13 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         keys.push("store.retention / store.dedup_window");
     }
-    if format!("{:?}{:?}", old.api, old.poller) != format!("{:?}{:?}", new.api, new.poller) {
+    if old.api != new.api || old.poller != new.poller {
         keys.push("[api] / [poller]");
     }
-    if format!("{:?}", old.delivery) != format!("{:?}", new.delivery) {
+    if old.delivery != new.delivery {
         keys.push("[delivery]");
     }
-    if format!("{:?}", old.log) != format!("{:?}", new.log) {
+    if old.log != new.log {
         keys.push("[log]");
     }
     keys
@@ -379,5 +379,31 @@ async fn prune(
         if payloads + events > 0 {
             tracing::info!(payloads, events, "pruned old events");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_api_key(key: &str) -> Config {
+        Config::from_toml(&format!(
+            "[webhook]\nsecrets = [\"s\"]\n[api]\napi_key = \"{key}\"\n"
+        ))
+        .expect("valid config")
+    }
+
+    #[test]
+    fn a_config_differing_only_in_the_api_key_needs_a_restart() {
+        let old = config_with_api_key("vya_live_old");
+        let new = config_with_api_key("vya_live_new");
+        assert_eq!(needs_restart(&old, &new), ["[api] / [poller]"]);
+    }
+
+    #[test]
+    fn an_identical_config_needs_no_restart() {
+        let old = config_with_api_key("vya_live_old");
+        let new = config_with_api_key("vya_live_old");
+        assert_eq!(needs_restart(&old, &new), Vec::<&str>::new());
     }
 }

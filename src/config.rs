@@ -381,7 +381,7 @@ pub struct Config {
     redacted: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub base_url: reqwest::Url,
     /// `None` when neither `api.api_key` nor `VYORA_API_KEY` gives one.
@@ -390,7 +390,7 @@ pub struct ApiConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollerConfig {
     pub enabled: bool,
     pub wait_for_analysis: Duration,
@@ -436,14 +436,14 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
     pub max_attempts: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
