@@ -649,6 +649,23 @@ impl RawConfig {
                 "must be an http:// or https:// URL",
             ));
         }
+        // Every request carries the API key; only a loopback address keeps it off the wire.
+        let loopback = base_url.host_str().is_some_and(|host| {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if base_url.scheme() == "http" && !loopback {
+            return Err(invalid(
+                "api.base_url",
+                &a.base_url,
+                "must be https:// (http:// is allowed only for 127.0.0.0/8, ::1 and \
+                 localhost): over http:// the API key would travel in clear text",
+            ));
+        }
         let api_key =
             if a.api_key.is_empty() {
                 None
