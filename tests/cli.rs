@@ -173,3 +173,19 @@ fn an_http_api_url_is_refused_unless_it_points_at_this_machine() {
         }
     }
 }
+
+#[test]
+fn the_secret_flags_warn_that_the_command_line_is_visible_in_ps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for command in ["trigger", "sign"] {
+        let out = router(dir.path(), &[command, "--help"], &[]);
+        let help = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            help.contains("visible to other local users in `ps`")
+                && help.contains("Prefer the environment variable")
+                && help.contains("VYORA_WEBHOOK_SECRET"),
+            "{help}"
+        );
+    }
+}
