@@ -255,14 +255,14 @@ pub fn render_polls(rows: &[PollRow]) -> String {
         "why",
     ]);
     for r in rows {
-        t.add_row(vec![
-            r.call_id.clone(),
-            r.status.clone(),
-            or_dash(r.next_poll_at.as_deref()).to_owned(),
-            r.polls.to_string(),
-            r.first_seen_at.clone(),
-            or_dash(r.last_result.as_deref()).to_owned(),
-        ]);
+        t.add_row(row([
+            &r.call_id,
+            &r.status,
+            or_dash(r.next_poll_at.as_deref()),
+            &r.polls.to_string(),
+            &r.first_seen_at,
+            or_dash(r.last_result.as_deref()),
+        ]));
     }
     t.to_string()
 }
@@ -270,14 +270,34 @@ pub fn render_polls(rows: &[PollRow]) -> String {
 pub fn render_agents(agents: &[crate::api::Agent]) -> String {
     let mut t = table(&["id", "name", "language", "type"]);
     for a in agents {
-        t.add_row(vec![
-            a.id.clone(),
-            a.name.clone(),
-            or_dash(a.language.as_deref()).to_owned(),
-            or_dash(a.agent_type.as_deref()).to_owned(),
-        ]);
+        t.add_row(row([
+            &a.id,
+            &a.name,
+            or_dash(a.language.as_deref()),
+            or_dash(a.agent_type.as_deref()),
+        ]));
     }
     t.to_string()
+}
+
+/// `text` with every control character (C0, DEL, C1) escaped as `\u{..}`, `\n`, `\t`...:
+/// cells come from the API or the store, and a raw ESC or BEL in them would be obeyed by
+/// the operator's terminal (clear the screen, retitle the window, hide text).
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A table row of printable cells.
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.into_iter().map(printable).collect()
 }
 
 fn table(header: &[&str]) -> Table {
@@ -303,16 +323,16 @@ pub fn render_deliveries(rows: &[DeliveryRow]) -> String {
         "last error",
     ]);
     for r in rows {
-        t.add_row(vec![
-            r.id.to_string(),
-            or_dash(r.call_id.as_deref()).to_owned(),
-            r.event.clone(),
-            r.sink.clone(),
-            r.status.clone(),
-            r.attempts.to_string(),
-            or_dash(r.next_attempt_at.as_deref()).to_owned(),
-            or_dash(r.last_error.as_deref()).to_owned(),
-        ]);
+        t.add_row(row([
+            &r.id.to_string(),
+            or_dash(r.call_id.as_deref()),
+            &r.event,
+            &r.sink,
+            &r.status,
+            &r.attempts.to_string(),
+            or_dash(r.next_attempt_at.as_deref()),
+            or_dash(r.last_error.as_deref()),
+        ]));
     }
     t.to_string()
 }
@@ -330,29 +350,97 @@ pub fn render_events(rows: &[EventRow]) -> String {
     ]);
     for e in rows {
         if e.deliveries.is_empty() {
-            t.add_row(vec![
-                e.id.clone(),
-                e.event.clone(),
-                e.source.clone(),
-                e.received_at.clone(),
-                "-".into(),
-                "no sink matched".into(),
-                "-".into(),
-                "-".into(),
-            ]);
+            t.add_row(row([
+                &e.id,
+                &e.event,
+                &e.source,
+                &e.received_at,
+                "-",
+                "no sink matched",
+                "-",
+                "-",
+            ]));
         }
         for d in &e.deliveries {
-            t.add_row(vec![
-                e.id.clone(),
-                e.event.clone(),
-                e.source.clone(),
-                e.received_at.clone(),
-                d.sink.clone(),
-                d.status.clone(),
-                d.attempts.to_string(),
-                or_dash(d.last_error.as_deref()).to_owned(),
-            ]);
+            t.add_row(row([
+                &e.id,
+                &e.event,
+                &e.source,
+                &e.received_at,
+                &d.sink,
+                &d.status,
+                &d.attempts.to_string(),
+                or_dash(d.last_error.as_deref()),
+            ]));
         }
     }
     t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `text` holds a byte a terminal would obey rather than show.
+    fn has_control(text: &str) -> bool {
+        text.chars().any(char::is_control)
+    }
+
+    #[test]
+    fn control_characters_from_the_api_or_the_store_are_shown_escaped_not_sent_to_the_terminal() {
+        let agents = render_agents(&[crate::api::Agent {
+            id: "abc123".into(),
+            name: "Home Loan\x1b[2J Agent".into(),
+            language: Some("hi-IN\u{9b}31m".into()),
+            agent_type: Some("out\x7fbound".into()),
+        }]);
+        assert!(!has_control(&agents.replace('\n', "")), "{agents:?}");
+        assert!(agents.contains(r"Home Loan\u{1b}[2J Agent"), "{agents}");
+        assert!(agents.contains(r"hi-IN\u{9b}31m"), "{agents}");
+
+        let polls = render_polls(&[PollRow {
+            call_id: "call-\x1b[1A".into(),
+            status: "waiting".into(),
+            next_poll_at: None,
+            polls: 1,
+            first_seen_at: "2026-05-24T10:30:00Z".into(),
+            last_result: Some("not ready: \x1b]0;pwned\x07".into()),
+        }]);
+        assert!(!has_control(&polls.replace('\n', "")), "{polls:?}");
+        assert!(polls.contains(r"\u{1b}]0;pwned\u{7}"), "{polls}");
+
+        let deliveries = render_deliveries(&[DeliveryRow {
+            id: 1,
+            call_id: Some("call-1".into()),
+            event: "call_completed".into(),
+            sink: "crm".into(),
+            status: "dead".into(),
+            attempts: 3,
+            next_attempt_at: None,
+            last_error: Some("422: \x1b[31mbad\r\nnext".into()),
+        }]);
+        assert!(
+            !has_control(&deliveries.replace('\n', "")),
+            "{deliveries:?}"
+        );
+        assert!(
+            deliveries.contains(r"\u{1b}[31mbad\r\nnext"),
+            "{deliveries}"
+        );
+
+        let events = render_events(&[EventRow {
+            id: "call-1:call_completed".into(),
+            event: "call_completed\x1bc".into(),
+            source: "webhook".into(),
+            received_at: "2026-05-24T10:30:00Z".into(),
+            deliveries: vec![SinkStatus {
+                sink: "crm".into(),
+                status: "dead".into(),
+                attempts: 3,
+                last_error: Some("\x07".into()),
+            }],
+        }]);
+        assert!(!has_control(&events.replace('\n', "")), "{events:?}");
+        assert!(events.contains(r"call_completed\u{1b}c"), "{events}");
+    }
 }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
 use reqwest::header::{HeaderValue, RETRY_AFTER};
 use serde::Deserialize;
@@ -27,6 +27,16 @@ impl ApiKey {
         Some(ApiKey(value))
     }
 }
+
+/// Compared in constant time: a reload compares keys, and a key is a secret.
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &ApiKey) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for ApiKey {}
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -107,6 +117,7 @@ pub enum ApiError {
     Unauthorized(u16),
     #[error("not found")]
     NotFound,
+    /// `retry_after`: the server's `Retry-After`, capped at [`MAX_API_WAIT`].
     #[error("rate limited (429)")]
     RateLimited { retry_after: Option<Duration> },
     #[error("the API answered {status}")]
@@ -119,6 +130,8 @@ pub enum ApiError {
     Client(reqwest::Error),
     #[error("no API key: set api.api_key in the config or the VYORA_API_KEY environment variable")]
     NoKey,
+    #[error("the answer is larger than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -144,6 +157,55 @@ pub struct AgentList {
 
 /// Backoff after a 429 without `Retry-After`: 1 s, 2 s, 4 s ... as Vyora advises, capped.
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// The longest the API may make us wait: a `Retry-After` of years (or one that would
+/// overflow the clock) pauses polling for this long, not forever.
+pub const MAX_API_WAIT: Duration = Duration::from_secs(600);
+/// The largest answer read: a call record is a few KiB, and the poller must not be made
+/// to buffer whatever a broken or hostile server sends.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How long to pause everyone after a 429: the server's `Retry-After` if it gave one,
+/// else the backoff for the `throttled`-th 429 in a row; never more than [`MAX_API_WAIT`].
+fn wait_after_429(retry_after: Option<Duration>, throttled: u32) -> Duration {
+    retry_after
+        .unwrap_or_else(|| {
+            Duration::from_secs(1)
+                .saturating_mul(2u32.saturating_pow(throttled.min(16)))
+                .min(BACKOFF_CAP)
+        })
+        .min(MAX_API_WAIT)
+}
+
+/// `now + wait` for a wait the server chose, capped, and without the panic that
+/// `Instant + Duration` has on overflow (a clock that cannot hold even the cap gets no
+/// pause rather than a dead poller).
+fn deadline(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait.min(MAX_API_WAIT)).unwrap_or(now)
+}
+
+/// Reads a body of at most `limit` bytes, refusing a larger one by its `Content-Length`
+/// before reading and otherwise as soon as the chunks read pass the limit.
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = ApiError::TooLarge { limit };
+    if response
+        .content_length()
+        .is_some_and(|n| u64::try_from(limit).is_ok_and(|limit| n > limit))
+    {
+        return Err(too_large);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| ApiError::Transport(crate::net::describe(&e.without_url())))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
 
 pub struct Client {
     http: reqwest::Client,
@@ -226,21 +288,18 @@ impl Client {
             let n = self
                 .throttled
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let wait = retry_after.unwrap_or_else(|| {
-                Duration::from_secs(1)
-                    .saturating_mul(2u32.saturating_pow(n.min(16)))
-                    .min(BACKOFF_CAP)
+            let wait = wait_after_429(retry_after, n);
+            self.limiter
+                .pause_until(deadline(Instant::now(), wait))
+                .await;
+            return Err(ApiError::RateLimited {
+                retry_after: retry_after.map(|_| wait),
             });
-            self.limiter.pause_until(Instant::now() + wait).await;
-            return Err(ApiError::RateLimited { retry_after });
         }
         self.throttled
             .store(0, std::sync::atomic::Ordering::Relaxed);
         match status {
-            s if s.is_success() => response
-                .bytes()
-                .await
-                .map_err(|e| ApiError::Transport(crate::net::describe(&e.without_url()))),
+            s if s.is_success() => read_limited(response, MAX_BODY_BYTES).await,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 Err(ApiError::Unauthorized(status.as_u16()))
             }
@@ -283,6 +342,111 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_retry_after_is_capped_and_never_panics() {
+        // Fits a u64 of seconds, but no clock can add it to now.
+        let huge = crate::net::parse_retry_after(&HeaderValue::from_static("10000000000000000000"));
+        assert_eq!(huge, Some(Duration::from_secs(10_000_000_000_000_000_000)));
+        let wait = wait_after_429(huge, 0);
+        assert_eq!(wait, MAX_API_WAIT);
+        let limiter = RateLimiter::new(60, Duration::from_secs(60));
+        let start = Instant::now();
+        limiter.pause_until(deadline(start, wait)).await;
+        limiter.acquire().await;
+        assert_eq!(Instant::now() - start, MAX_API_WAIT);
+        // The deadline itself caps what it is given, so no caller can overflow it.
+        assert_eq!(deadline(start, Duration::MAX), start + MAX_API_WAIT);
+    }
+
+    #[test]
+    fn without_retry_after_the_wait_doubles_up_to_a_minute() {
+        let waits: Vec<u64> = (0..8).map(|n| wait_after_429(None, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(wait_after_429(None, u32::MAX), BACKOFF_CAP);
+    }
+
+    /// A one-request HTTP server answering `head` and then `body_len` bytes, then closing.
+    async fn answer_once(head: &'static str, body_len: usize) -> ApiConfig {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            if let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let _ = stream.write_all(head.as_bytes()).await;
+                // The client may hang up early: that is what is tested.
+                let _ = stream.write_all(&vec![b'x'; body_len]).await;
+            }
+        });
+        ApiConfig {
+            base_url: reqwest::Url::parse(&format!("http://{addr}/")).expect("url"),
+            api_key: ApiKey::new("vya_test"),
+            requests_per_minute: 60,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    async fn get_call(config: &ApiConfig) -> Result<Bytes, ApiError> {
+        let limiter = Arc::new(RateLimiter::new(60, Duration::from_secs(60)));
+        Client::new(config, limiter)?.call("call-1").await
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_a_mebibyte_is_refused_whether_or_not_its_length_is_announced() {
+        const TWO_MIB: usize = 2 * 1024 * 1024;
+        // Only the head is sent: refused by its length, before any body is read (reading
+        // would fail on the missing body instead).
+        let announced = answer_once(
+            "HTTP/1.1 200 OK\r\ncontent-length: 2097152\r\nconnection: close\r\n\r\n",
+            0,
+        )
+        .await;
+        let result = get_call(&announced).await;
+        assert!(
+            matches!(
+                result,
+                Err(ApiError::TooLarge {
+                    limit: MAX_BODY_BYTES
+                })
+            ),
+            "{result:?}"
+        );
+
+        // No length: read until the server closes, so only counting stops it.
+        let unannounced =
+            answer_once("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n", TWO_MIB).await;
+        let result = get_call(&unannounced).await;
+        assert!(
+            matches!(
+                result,
+                Err(ApiError::TooLarge {
+                    limit: MAX_BODY_BYTES
+                })
+            ),
+            "{result:?}"
+        );
+
+        // And a body of exactly the limit is read whole.
+        let at_limit = answer_once(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",
+            MAX_BODY_BYTES,
+        )
+        .await;
+        let body = get_call(&at_limit).await.expect("a body at the limit");
+        assert_eq!(body.len(), MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn api_keys_compare_by_value() {
+        let key = ApiKey::new("vya_live_a").expect("valid");
+        assert_eq!(key, ApiKey::new("vya_live_a").expect("valid"));
+        assert_ne!(key, ApiKey::new("vya_live_b").expect("valid"));
+        assert_ne!(key, ApiKey::new("vya_live_a2").expect("valid"));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_after_429_holds_every_request() {

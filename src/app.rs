@@ -174,13 +174,13 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         keys.push("store.retention / store.dedup_window");
     }
-    if format!("{:?}{:?}", old.api, old.poller) != format!("{:?}{:?}", new.api, new.poller) {
+    if old.api != new.api || old.poller != new.poller {
         keys.push("[api] / [poller]");
     }
-    if format!("{:?}", old.delivery) != format!("{:?}", new.delivery) {
+    if old.delivery != new.delivery {
         keys.push("[delivery]");
     }
-    if format!("{:?}", old.log) != format!("{:?}", new.log) {
+    if old.log != new.log {
         keys.push("[log]");
     }
     keys
@@ -266,7 +266,7 @@ pub async fn run(
             Arc::clone(&health),
             Arc::clone(&metrics),
         )?;
-        background.push(tokio::spawn(poller.run(stop.clone())));
+        background.push(tokio::spawn(Arc::new(poller).supervised(stop.clone())));
         poller_health = Some(health);
     }
     background.push(tokio::spawn(metrics::refresh(
@@ -519,5 +519,26 @@ mod tests {
         let later = store::now() + Duration::from_secs(3600);
         let (_, deleted) = prune_pass(&store, &reader, later, later, &stop).await;
         assert_eq!(deleted, 300, "the pass stopped at an empty range");
+    }
+
+    fn config_with_api_key(key: &str) -> Config {
+        Config::from_toml(&format!(
+            "[webhook]\nsecrets = [\"s\"]\n[api]\napi_key = \"{key}\"\n"
+        ))
+        .expect("valid config")
+    }
+
+    #[test]
+    fn a_config_differing_only_in_the_api_key_needs_a_restart() {
+        let old = config_with_api_key("vya_live_old");
+        let new = config_with_api_key("vya_live_new");
+        assert_eq!(needs_restart(&old, &new), ["[api] / [poller]"]);
+    }
+
+    #[test]
+    fn an_identical_config_needs_no_restart() {
+        let old = config_with_api_key("vya_live_old");
+        let new = config_with_api_key("vya_live_old");
+        assert_eq!(needs_restart(&old, &new), Vec::<&str>::new());
     }
 }

@@ -47,7 +47,8 @@ pub enum Command {
         event: Trigger,
         #[arg(long, default_value = "http://127.0.0.1:8080/webhook")]
         url: String,
-        /// The signing secret [default: the first of VYORA_WEBHOOK_SECRET]
+        /// The signing secret [default: the first of VYORA_WEBHOOK_SECRET]. Prefer the
+        /// environment variable: a secret given here is visible to other local users in `ps`
         #[arg(long, env = "VYORA_WEBHOOK_SECRET", hide_env_values = true)]
         secret: String,
         /// [default: a new random id]
@@ -56,6 +57,8 @@ pub enum Command {
     },
     /// Print `sha256=<hex>` for a body (standard input when no file is given).
     Sign {
+        /// The signing secret [default: the first of VYORA_WEBHOOK_SECRET]. Prefer the
+        /// environment variable: a secret given here is visible to other local users in `ps`
         #[arg(long, env = "VYORA_WEBHOOK_SECRET", hide_env_values = true)]
         secret: String,
         file: Option<PathBuf>,

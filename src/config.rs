@@ -412,7 +412,7 @@ pub struct Config {
     redacted: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub base_url: reqwest::Url,
     /// `None` when neither `api.api_key` nor `VYORA_API_KEY` gives one.
@@ -421,7 +421,7 @@ pub struct ApiConfig {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollerConfig {
     pub enabled: bool,
     pub wait_for_analysis: Duration,
@@ -480,14 +480,14 @@ pub enum Synchronous {
     Normal,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
     pub max_attempts: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
@@ -692,6 +692,23 @@ impl RawConfig {
                 "api.base_url",
                 &a.base_url,
                 "must be an http:// or https:// URL",
+            ));
+        }
+        // Every request carries the API key; only a loopback address keeps it off the wire.
+        let loopback = base_url.host_str().is_some_and(|host| {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if base_url.scheme() == "http" && !loopback {
+            return Err(invalid(
+                "api.base_url",
+                &a.base_url,
+                "must be https:// (http:// is allowed only for 127.0.0.0/8, ::1 and \
+                 localhost): over http:// the API key would travel in clear text",
             ));
         }
         let api_key =

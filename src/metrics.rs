@@ -43,6 +43,7 @@ pub struct Metrics {
     pub poller_gave_up: Counter,
     pub quarantine_dropped: Counter,
     quarantine_bytes: Gauge,
+    pub poller_restarts: Counter,
 }
 
 impl Default for Metrics {
@@ -149,6 +150,12 @@ impl Metrics {
             Unit::Bytes,
             quarantine_bytes.clone(),
         );
+        let poller_restarts = Counter::default();
+        registry.register(
+            "poller_restarts",
+            "Times the poller stopped unexpectedly and was restarted",
+            poller_restarts.clone(),
+        );
         registry.register(
             "build",
             "The running build",
@@ -171,6 +178,7 @@ impl Metrics {
             poller_gave_up,
             quarantine_dropped,
             quarantine_bytes,
+            poller_restarts,
         }
     }
 

@@ -5,9 +5,11 @@
 //! The schedule lives in the store (`polls`), so a restart neither forgets a call nor
 //! polls one early. Every request waits on the shared [`RateLimiter`](crate::api::RateLimiter).
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiError, Client};
@@ -21,21 +23,86 @@ use crate::store::{self, Ingested, PollEnd, PollUpdate, Reader, Store, StoreErro
 const BATCH: usize = 32;
 /// Longest sleep between looks, so a call tracked meanwhile is not missed for long.
 const MAX_IDLE: Duration = Duration::from_secs(1);
+/// The first wait before restarting a poller that stopped; it doubles while the poller
+/// keeps stopping, up to [`RESTART_BACKOFF_MAX`], so a crash loop does not spin.
+const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest wait before a restart; a poller that ran this long starts over from the
+/// shortest wait when it next stops.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// Whether the poller can work; `/readyz` reports it.
 #[derive(Debug, Default)]
-pub struct PollerHealth(Mutex<Option<String>>);
+pub struct PollerHealth(Mutex<HealthState>);
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// What the running poller found (a refused API key).
+    problem: Option<String>,
+    /// Set by the supervisor while a poller that stopped unexpectedly waits to restart.
+    stopped: Option<String>,
+}
 
 impl PollerHealth {
     pub fn unready(&self) -> Option<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        let state = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        state.stopped.clone().or_else(|| state.problem.clone())
     }
 
     fn set(&self, problem: Option<String>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .problem = problem;
+    }
+
+    fn set_stopped(&self, stopped: Option<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stopped = stopped;
+    }
+}
+
+/// Runs the task `start` makes until `stop`, and restarts it whenever it ends without
+/// `stop` (a panic, or a return): the poller is a background task nobody awaits until
+/// shutdown, so without this a panic would end polling silently. Each restart is counted
+/// and shows in readiness until the new task runs.
+async fn supervise<F, T>(
+    mut start: F,
+    stop: CancellationToken,
+    health: Arc<PollerHealth>,
+    metrics: Arc<Metrics>,
+) where
+    F: FnMut(CancellationToken) -> T,
+    T: Future<Output = ()> + Send + 'static,
+{
+    let mut restarts: u64 = 0;
+    let mut backoff = RESTART_BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        // A task of its own, so that a panic ends it and not the supervisor.
+        let ended = tokio::spawn(start(stop.clone())).await;
+        if stop.is_cancelled() {
+            return;
+        }
+        restarts += 1;
+        metrics.poller_restarts.inc();
+        match ended {
+            Err(e) => tracing::error!(error = %e, restarts, "the poller failed; restarting it"),
+            Ok(()) => tracing::error!(restarts, "the poller stopped unexpectedly; restarting it"),
+        }
+        health.set_stopped(Some(format!(
+            "the poller stopped unexpectedly (restart {restarts})"
+        )));
+        if started.elapsed() >= RESTART_BACKOFF_MAX {
+            backoff = RESTART_BACKOFF_MIN;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = backoff.saturating_mul(2).min(RESTART_BACKOFF_MAX);
+        health.set_stopped(None);
     }
 }
 
@@ -79,7 +146,19 @@ impl Poller {
         })
     }
 
-    pub async fn run(self, stop: CancellationToken) {
+    /// Runs the poller until `stop`, restarted if it ever stops before.
+    pub async fn supervised(self: Arc<Self>, stop: CancellationToken) {
+        let (health, metrics) = (Arc::clone(&self.health), Arc::clone(&self.metrics));
+        supervise(
+            move |stop| Arc::clone(&self).run(stop),
+            stop,
+            health,
+            metrics,
+        )
+        .await;
+    }
+
+    async fn run(self: Arc<Self>, stop: CancellationToken) {
         tracing::info!(
             wait = ?self.config.wait_for_analysis,
             interval = ?self.config.interval,
@@ -235,4 +314,157 @@ enum EmitError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Event(#[from] crate::event::EventError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervised fake poller and what a test looks at.
+    struct Supervised {
+        /// When each run started.
+        starts: Arc<Mutex<Vec<Instant>>>,
+        health: Arc<PollerHealth>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        supervisor: tokio::task::JoinHandle<()>,
+    }
+
+    /// Supervises `script(run, stop)`, where `run` counts the starts from 0.
+    fn supervised<T>(script: impl Fn(usize, CancellationToken) -> T + Send + 'static) -> Supervised
+    where
+        T: Future<Output = ()> + Send + 'static,
+    {
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let health = Arc::new(PollerHealth::default());
+        let metrics = Arc::new(Metrics::new());
+        let stop = CancellationToken::new();
+        let start = {
+            let starts = Arc::clone(&starts);
+            move |stop| {
+                let mut starts = starts.lock().unwrap_or_else(PoisonError::into_inner);
+                starts.push(Instant::now());
+                script(starts.len() - 1, stop)
+            }
+        };
+        let supervisor = tokio::spawn(supervise(
+            start,
+            stop.clone(),
+            Arc::clone(&health),
+            Arc::clone(&metrics),
+        ));
+        Supervised {
+            starts,
+            health,
+            metrics,
+            stop,
+            supervisor,
+        }
+    }
+
+    fn count(starts: &Mutex<Vec<Instant>>) -> usize {
+        starts.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poller_that_panics_or_returns_is_restarted_counted_and_shown_in_readiness() {
+        let Supervised {
+            starts,
+            health,
+            metrics,
+            stop,
+            supervisor,
+        } = supervised(|run, stop| async move {
+            match run {
+                0 => panic!("a bug in the poller"),
+                // Returns although nobody asked it to stop.
+                1 => {}
+                _ => stop.cancelled().await,
+            }
+        });
+
+        // The first run panicked at once; the restart waits 1 s.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(count(&starts), 1);
+        assert_eq!(
+            health.unready().as_deref(),
+            Some("the poller stopped unexpectedly (restart 1)")
+        );
+        // The second run (at 1 s) returned at once; the next restart waits 2 s more.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(count(&starts), 2);
+        assert_eq!(
+            health.unready().as_deref(),
+            Some("the poller stopped unexpectedly (restart 2)")
+        );
+        // The third run (at 3 s) keeps running: ready again.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(count(&starts), 3);
+        assert_eq!(health.unready(), None);
+        assert!(
+            metrics
+                .encode()
+                .contains("vyora_router_poller_restarts_total 2\n"),
+            "{}",
+            metrics.encode()
+        );
+
+        stop.cancel();
+        supervisor.await.expect("the supervisor ends at stop");
+        assert_eq!(count(&starts), 3, "a stop is no reason to restart");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poller_that_keeps_failing_is_restarted_ever_more_slowly_up_to_a_minute() {
+        let Supervised {
+            starts,
+            metrics,
+            stop,
+            supervisor,
+            ..
+        } = supervised(|_, _| async { panic!("a bug in the poller") });
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        stop.cancel();
+        supervisor.await.expect("the supervisor ends at stop");
+
+        let starts = starts.lock().unwrap_or_else(PoisonError::into_inner);
+        let gaps: Vec<u64> = starts.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+        assert_eq!(gaps[..7], [1, 2, 4, 8, 16, 32, 60], "{gaps:?}");
+        assert!(gaps[7..].iter().all(|&g| g == 60), "{gaps:?}");
+        assert!(
+            metrics.encode().contains(&format!(
+                "vyora_router_poller_restarts_total {}\n",
+                starts.len()
+            )),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poller_that_ran_a_long_while_before_failing_is_restarted_after_the_shortest_wait() {
+        let Supervised {
+            starts,
+            stop,
+            supervisor,
+            ..
+        } = supervised(|run, stop| async move {
+            match run {
+                0 | 1 => panic!("a bug in the poller"),
+                2 => {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    panic!("a later bug in the poller")
+                }
+                _ => stop.cancelled().await,
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        stop.cancel();
+        supervisor.await.expect("the supervisor ends at stop");
+
+        let starts = starts.lock().unwrap_or_else(PoisonError::into_inner);
+        let at: Vec<u64> = starts.iter().map(|t| (*t - starts[0]).as_secs()).collect();
+        // 1 s, then 2 s; after two minutes of work, 1 s again rather than 4 s.
+        assert_eq!(at, [0, 1, 3, 124]);
+    }
 }

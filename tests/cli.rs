@@ -142,3 +142,50 @@ fn the_example_configs_are_valid() {
         assert!(out.status.success(), "{config}: {}", text(&out.stderr));
     }
 }
+
+#[test]
+fn an_http_api_url_is_refused_unless_it_points_at_this_machine() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (url, allowed) in [
+        ("http://api.example.com", false),
+        ("http://10.0.0.7:8080/", false),
+        ("http://127.0.0.1:1", true),
+        ("http://127.8.9.10:1", true),
+        ("http://localhost:1", true),
+        ("http://[::1]:1", true),
+        ("https://api.example.com", true),
+    ] {
+        std::fs::write(
+            dir.path().join("router.toml"),
+            format!("[webhook]\nsecrets = [\"s\"]\n[api]\nbase_url = \"{url}\"\n"),
+        )
+        .expect("write");
+        let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.success(), allowed, "{url}: {stderr}");
+        if !allowed {
+            assert!(
+                stderr.contains("api.base_url")
+                    && stderr.contains(url)
+                    && stderr.contains("clear text"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_secret_flags_warn_that_the_command_line_is_visible_in_ps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for command in ["trigger", "sign"] {
+        let out = router(dir.path(), &[command, "--help"], &[]);
+        let help = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            help.contains("visible to other local users in `ps`")
+                && help.contains("Prefer the environment variable")
+                && help.contains("VYORA_WEBHOOK_SECRET"),
+            "{help}"
+        );
+    }
+}

@@ -287,6 +287,83 @@ async fn retry_after_on_429_is_honoured() {
     );
 }
 
+/// The result of the first poll of `call`, once it is recorded.
+async fn first_poll_result(router: &TestRouter, call: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let result: Option<String> = router
+            .db()
+            .query_row(
+                "SELECT last_result FROM polls WHERE call_id = ?1 AND polls > 0",
+                [call],
+                |r| r.get(0),
+            )
+            .unwrap_or(None);
+        if let Some(result) = result {
+            return result;
+        }
+        assert!(Instant::now() < deadline, "no poll of {call} recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_retry_after_of_centuries_neither_kills_the_poller_nor_shows_it_ready_when_dead() {
+    // Seconds that fit a u64 but overflow any clock they are added to.
+    let api = Downstream::start(api(|_, _| {
+        Reply::StatusWith(429, vec![("retry-after", "10000000000000000000".into())])
+    }))
+    .await;
+    let router = router(&api, "").await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-ra", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    api.wait_for(1, WAIT).await;
+    // A poller that died on the 429 would now be waiting to be restarted (1 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ready = router.readyz().await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let metrics = get(router.admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("vyora_router_poller_restarts_total 0\n"),
+        "{metrics}"
+    );
+    assert_eq!(api.received().len(), 1, "the pause holds the next poll");
+}
+
+#[tokio::test]
+async fn a_two_mebibyte_answer_fails_the_poll_with_a_clear_error() {
+    let api = Downstream::start(api(|r, _| {
+        let mut huge = record(&call_of(r).unwrap_or_default(), true);
+        huge["transcript"] = serde_json::json!("x".repeat(2 * 1024 * 1024));
+        Reply::Json(200, huge)
+    }))
+    .await;
+    let router = router(&api, "").await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-big", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        first_poll_result(&router, "call-big").await,
+        "poll failed: the answer is larger than 1048576 bytes"
+    );
+    assert_eq!(
+        read_lines(&router.events_file()).len(),
+        1,
+        "nothing recovered"
+    );
+    assert_eq!(router.readyz().await.status, 200);
+}
+
 #[tokio::test]
 async fn a_404_stops_polling_that_call() {
     let api = Downstream::start(api(|r, _| {
