@@ -61,6 +61,45 @@ fn a_bad_value_fails_the_check_naming_the_key_and_the_value() {
 }
 
 #[test]
+fn a_secret_in_the_environment_given_as_the_wrong_type_is_named_but_not_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    for command in ["check-config", "serve"] {
+        let out = router(
+            dir.path(),
+            &[command, "--config", "router.toml"],
+            &[("VYORA_ROUTER_WEBHOOK__SECRETS", "whsec_x")],
+        );
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(!out.status.success(), "{command}");
+        assert!(stderr.contains("webhook.secrets"), "{command}: {stderr}");
+        assert!(
+            !stderr.contains("whsec_x") && !stdout.contains("whsec_x"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_syntax_error_names_its_line_and_column_but_does_not_print_the_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[webhook]\nsecrets = [\"whsec_on_a_broken_line\n",
+    )
+    .expect("write");
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("line 2, column"), "{stderr}");
+    assert!(!stderr.contains("whsec_on_a_broken_line"), "{stderr}");
+}
+
+#[test]
 fn a_missing_secret_fails_serve_with_how_to_set_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
