@@ -44,6 +44,60 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
 }
 
 #[test]
+fn check_config_hides_url_paths_and_queries_unless_shown_and_passwords_always() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        r#"[webhook]
+secrets = ["s"]
+
+[[sinks]]
+name = "slack"
+type = "http"
+url = "https://hooks.slack.com/services/T000/B000/XXXXSECRET"
+
+[[sinks]]
+name = "coded"
+type = "http"
+url = "https://x.example/hook?code=KEY123"
+
+[[sinks]]
+name = "crm"
+type = "http"
+url = "https://user:url-password@crm.example/"
+"#,
+    )
+    .expect("write");
+    let urls = [
+        "https://hooks.slack.com/services/T000/B000/XXXXSECRET",
+        "https://x.example/hook?code=KEY123",
+    ];
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for url in urls {
+        assert!(!stdout.contains(url), "{url} shown: {stdout}");
+    }
+    assert!(
+        stdout.contains("https://hooks.slack.com/<redacted>"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("url-password"), "{stdout}");
+
+    let out = router(
+        dir.path(),
+        &["check-config", "-c", "router.toml", "--show-urls"],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for url in urls {
+        assert!(stdout.contains(url), "{url} not shown: {stdout}");
+    }
+    assert!(!stdout.contains("url-password"), "{stdout}");
+}
+
+#[test]
 fn a_bad_value_fails_the_check_naming_the_key_and_the_value() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
