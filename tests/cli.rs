@@ -223,15 +223,70 @@ fn without_a_config_file_the_built_in_default_is_used() {
     );
 }
 
+/// The router config that docker-compose.yml writes inline, its broker credentials filled
+/// in as compose fills them.
+fn compose_router_config(compose: &str) -> String {
+    let mut lines = compose
+        .lines()
+        .skip_while(|l| l.trim() != "content: |")
+        .skip(1)
+        .peekable();
+    let first = lines
+        .peek()
+        .expect("docker-compose.yml writes the router config inline");
+    let indent = first.len() - first.trim_start().len();
+    let mut config = String::new();
+    for line in
+        lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+    {
+        config.push_str(line.get(indent..).unwrap_or(""));
+        config.push('\n');
+    }
+    config
+        .replace("${RABBITMQ_DEFAULT_USER}", "vyora")
+        .replace("${RABBITMQ_DEFAULT_PASS}", "compose-password")
+}
+
 #[test]
 fn the_example_configs_are_valid() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for config in ["config/router.toml", "deploy/router.toml"] {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).expect("read");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let from_compose = dir.path().join("compose-router.toml");
+    std::fs::write(&from_compose, compose_router_config(&compose)).expect("write");
+    for config in [root.join("config/router.toml"), from_compose] {
+        let path = config.to_str().expect("a UTF-8 path");
         let out = router(
             root,
-            &["check-config", "--config", config],
+            &["check-config", "--config", path],
             &[("VYORA_WEBHOOK_SECRET", "s")],
         );
-        assert!(out.status.success(), "{config}: {}", text(&out.stderr));
+        assert!(out.status.success(), "{path}: {}", text(&out.stderr));
     }
+}
+
+#[test]
+fn the_example_deployment_publishes_no_broker_port_and_takes_its_credentials_from_the_environment()
+{
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).expect("read");
+    for mapping in compose
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("- \"") && l.contains("5672"))
+    {
+        assert!(
+            mapping.starts_with("- \"127.0.0.1:"),
+            "{mapping} is published"
+        );
+    }
+    assert!(
+        !compose.contains("guest"),
+        "default credentials in {compose}"
+    );
+    let config = compose_router_config(&compose);
+    assert!(
+        config.contains("amqp://vyora:compose-password@rabbitmq:5672/") && !config.contains("${"),
+        "the AMQP URL is built from RABBITMQ_DEFAULT_USER and _PASS: {config}"
+    );
 }
