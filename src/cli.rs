@@ -24,7 +24,16 @@ pub enum Command {
     /// Receive webhooks and deliver them to the configured sinks.
     Serve(ConfigArg),
     /// Validate the config and print the effective settings, secrets redacted.
-    CheckConfig(ConfigArg),
+    ///
+    /// URL queries and the paths of HTTP sink URLs are redacted too, as hook URLs often
+    /// carry their key there (Slack's /services/..., ?code=).
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Show URLs in full, but for their passwords.
+        #[arg(long)]
+        show_urls: bool,
+    },
     /// Exit 0 if the router configured here answers its health check (for containers).
     Healthcheck(ConfigArg),
     /// Inspect deliveries and send them again (works while the server runs).

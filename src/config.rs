@@ -80,7 +80,9 @@ pub enum ConfigError {
     MissingSecret,
 }
 
-/// A figment error rendered as `key: problem (source)`, without figment's profile prefix.
+/// A figment error rendered as `key: problem (source)`, without figment's profile prefix
+/// and without anything that may be a secret: the value given for a key that holds one,
+/// and the line a TOML syntax error is on. Errors end up in logs (a reload's, too).
 #[derive(Debug)]
 pub struct FigmentReport(Box<figment::Error>);
 
@@ -90,10 +92,14 @@ impl fmt::Display for FigmentReport {
             if i > 0 {
                 f.write_str("; ")?;
             }
+            let kind = ShownKind {
+                kind: &e.kind,
+                secret: may_hold_secret(&e.path),
+            };
             if e.path.is_empty() {
-                write!(f, "{}", e.kind)?;
+                write!(f, "{kind}")?;
             } else {
-                write!(f, "`{}`: {}", e.path.join("."), e.kind)?;
+                write!(f, "`{}`: {kind}", e.path.join("."))?;
             }
             if let Some(meta) = &e.metadata {
                 match &meta.source {
@@ -104,6 +110,97 @@ impl fmt::Display for FigmentReport {
         }
         Ok(())
     }
+}
+
+/// Keys whose value is, or may carry, a credential: a hook URL's path or query often is one.
+const SECRET_KEYS: &[&str] = &["secrets", "secret", "api_key", "headers", "url", "base_url"];
+/// Tables holding such keys: a value given in place of the whole table may be one of them.
+const SECRET_TABLES: &[&str] = &["webhook", "api", "sinks"];
+
+/// Whether the value at `path` (absolute, or relative to a sink's table) may be a secret.
+fn may_hold_secret(path: &[String]) -> bool {
+    match path {
+        [] => true,
+        [table] if SECRET_TABLES.contains(&table.as_str()) => true,
+        [sinks, _] if sinks == "sinks" => true,
+        _ => path.iter().any(|key| SECRET_KEYS.contains(&key.as_str())),
+    }
+}
+
+/// A figment error kind, its value left out where that may be a secret.
+struct ShownKind<'a> {
+    kind: &'a figment::error::Kind,
+    secret: bool,
+}
+
+impl fmt::Display for ShownKind<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use figment::error::Kind;
+        match self.kind {
+            Kind::Message(message) => match toml_syntax(message) {
+                Some(syntax) => f.write_str(&syntax),
+                None if self.secret => f.write_str("invalid value"),
+                None => f.write_str(message),
+            },
+            _ if !self.secret => write!(f, "{}", self.kind),
+            Kind::InvalidType(actual, expected) => {
+                write!(
+                    f,
+                    "invalid type: found {}, expected {expected}",
+                    kind_of(actual)
+                )
+            }
+            Kind::InvalidValue(actual, expected) => {
+                write!(
+                    f,
+                    "invalid value: found {}, expected {expected}",
+                    kind_of(actual)
+                )
+            }
+            Kind::ISizeOutOfRange(_) | Kind::USizeOutOfRange(_) => {
+                f.write_str("integer out of range")
+            }
+            Kind::Unsupported(actual) | Kind::UnsupportedKey(actual, _) => {
+                write!(f, "unsupported type: found {}", kind_of(actual))
+            }
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+/// What kind of value was found, without the value.
+fn kind_of(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a float",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Seq => "a sequence",
+        Actual::Map => "a table",
+        _ => "a value of another type",
+    }
+}
+
+/// The TOML parser's message quotes the line it stopped on, which may hold a secret (an
+/// unclosed quote after `secrets = ["`): keep the position and the reason, drop the quote.
+/// `None` when `message` is not a positioned TOML error.
+fn toml_syntax(message: &str) -> Option<String> {
+    let mut lines = message.lines();
+    let at = lines.next()?.strip_prefix("TOML parse error at ")?;
+    let position = format!("not valid TOML at {at}");
+    // A gutter, the quoted line and a caret line, each with a `|`; should that layout
+    // ever change, say less rather than risk printing the line.
+    if !lines.by_ref().take(3).all(|l| l.contains('|')) {
+        return Some(position);
+    }
+    let reason: Vec<&str> = lines.map(str::trim).filter(|l| !l.is_empty()).collect();
+    Some(if reason.is_empty() {
+        position
+    } else {
+        format!("{position}: {}", reason.join("; "))
+    })
 }
 
 fn invalid(
@@ -409,7 +506,21 @@ pub struct Config {
     pub log: LogConfig,
     pub sinks: Vec<SinkConfig>,
     /// The effective settings as TOML with every secret replaced, for `check-config`.
-    redacted: String,
+    redacted: Redacted,
+}
+
+/// The two renderings `check-config` may print; a hook URL's path or query is often its key.
+#[derive(Debug, Clone)]
+struct Redacted {
+    urls_redacted: String,
+    urls_shown: String,
+}
+
+/// Whether the redacted rendering shows URL paths and queries; passwords it never shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urls {
+    Redacted,
+    Shown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -620,9 +731,15 @@ impl Config {
         raw.validate()
     }
 
-    /// The effective configuration as TOML, secrets replaced by `<redacted>`.
+    /// The effective configuration as TOML, secrets replaced by `<redacted>`, and so are
+    /// URL queries and the paths of HTTP sink URLs (Slack's `/services/...` is the key).
     pub fn redacted_toml(&self) -> &str {
-        &self.redacted
+        &self.redacted.urls_redacted
+    }
+
+    /// As [`Config::redacted_toml`], URLs in full but for their passwords.
+    pub fn redacted_toml_with_urls(&self) -> &str {
+        &self.redacted.urls_shown
     }
 }
 
@@ -956,7 +1073,14 @@ impl RawConfig {
         })
     }
 
-    fn redacted_toml(&self) -> String {
+    fn redacted_toml(&self) -> Redacted {
+        Redacted {
+            urls_redacted: self.redacted_rendering(Urls::Redacted),
+            urls_shown: self.redacted_rendering(Urls::Shown),
+        }
+    }
+
+    fn redacted_rendering(&self, urls: Urls) -> String {
         let mut shown = self.clone();
         for secret in &mut shown.webhook.secrets {
             *secret = REDACTED.to_owned();
@@ -964,8 +1088,9 @@ impl RawConfig {
         if !shown.api.api_key.is_empty() {
             shown.api.api_key = REDACTED.to_owned();
         }
+        shown.api.base_url = shown_url(&shown.api.base_url, urls, false);
         for sink in &mut shown.sinks {
-            sink.redact_secrets();
+            sink.redact_secrets(urls);
         }
         // Serializing plain strings, numbers and tables cannot fail; an empty rendering
         // would only make `check-config` print less.
@@ -982,6 +1107,32 @@ impl fmt::Debug for HttpSinkConfig {
             .field("concurrency", &self.concurrency)
             .field("headers", &self.headers)
             .finish()
+    }
+}
+
+/// `url` as `check-config` shows it: never its password, and with [`Urls::Redacted`]
+/// neither its query nor, when `path_too`, its path (each replaced by `<redacted>`).
+fn shown_url(url: &str, urls: Urls, path_too: bool) -> String {
+    let shown = redact_url_password(url);
+    if urls == Urls::Shown {
+        return shown;
+    }
+    // Every URL shown here passed validation; one that does not parse is hidden whole.
+    let Ok(mut parsed) = reqwest::Url::parse(&shown) else {
+        return REDACTED.to_owned();
+    };
+    let hide_path = path_too && !matches!(parsed.path(), "" | "/");
+    let hide_query = parsed.query().is_some() || parsed.fragment().is_some();
+    if !hide_path && !hide_query {
+        return shown;
+    }
+    parsed.set_query(None);
+    parsed.set_fragment(None);
+    if path_too {
+        parsed.set_path("/");
+        format!("{parsed}{REDACTED}")
+    } else {
+        format!("{parsed}?{REDACTED}")
     }
 }
 
@@ -1158,9 +1309,11 @@ impl RawSink {
         })
     }
 
-    /// Replaces what must never be shown: secrets, header values, URL passwords.
-    fn redact_secrets(&mut self) {
+    /// Replaces what must never be shown: secrets, header values, URL passwords; and with
+    /// [`Urls::Redacted`] URL queries and an HTTP sink's path.
+    fn redact_secrets(&mut self, urls: Urls) {
         use figment::value::{Tag, Value};
+        let path_too = self.kind == "http";
         for (key, value) in &mut self.options {
             match (key.as_str(), value) {
                 ("secret", v) => *v = Value::String(Tag::Default, REDACTED.to_owned()),
@@ -1169,7 +1322,7 @@ impl RawSink {
                         *v = Value::String(Tag::Default, REDACTED.to_owned());
                     }
                 }
-                ("url", Value::String(_, url)) => *url = redact_url_password(url),
+                ("url", Value::String(_, url)) => *url = shown_url(url, urls, path_too),
                 _ => {}
             }
         }
@@ -1351,7 +1504,148 @@ redact = ["transcript", "phone_number"]
             );
         }
         assert!(shown.contains(REDACTED), "{shown}");
-        assert!(shown.contains("crm.internal/hooks/vyora"), "{shown}");
+        assert!(!shown.contains("hooks/vyora"), "{shown}");
+        assert!(
+            c.redacted_toml_with_urls()
+                .contains("crm.internal/hooks/vyora"),
+            "{shown}"
+        );
+    }
+
+    const HOOK_URLS: &str = r#"
+[api]
+base_url = "https://api.vyora.ai/v1?key=BASEKEY"
+
+[[sinks]]
+name = "slack"
+type = "http"
+url = "https://hooks.slack.com/services/T000/B000/XXXXSECRET"
+
+[[sinks]]
+name = "coded"
+type = "http"
+url = "https://user:url-password@x.example:8443/hook?code=KEY123"
+
+[[sinks]]
+name = "plain"
+type = "http"
+url = "https://plain.example/"
+
+[[sinks]]
+name = "queue"
+type = "amqp"
+url = "amqp://u:amqp-password@mq.internal:5672/prod?heartbeat=30&token=QTOKEN"
+exchange = "vyora"
+"#;
+
+    #[test]
+    fn url_paths_and_queries_are_redacted_unless_asked_for_and_passwords_always() {
+        let c = Config::from_toml(&format!("{MINIMAL}{HOOK_URLS}")).expect("valid");
+        let shown = c.redacted_toml();
+        for hidden in [
+            "services",
+            "XXXXSECRET",
+            "/hook?",
+            "KEY123",
+            "BASEKEY",
+            "QTOKEN",
+            "url-password",
+            "amqp-password",
+        ] {
+            assert!(!shown.contains(hidden), "{hidden} shown in {shown}");
+        }
+        for kept in [
+            "\"https://hooks.slack.com/<redacted>\"",
+            "@x.example:8443/<redacted>\"",
+            "\"https://plain.example/\"",
+            "@mq.internal:5672/prod?<redacted>\"",
+            "\"https://api.vyora.ai/v1?<redacted>\"",
+        ] {
+            assert!(shown.contains(kept), "{kept} not in {shown}");
+        }
+
+        let full = c.redacted_toml_with_urls();
+        for url in [
+            "https://hooks.slack.com/services/T000/B000/XXXXSECRET",
+            "@x.example:8443/hook?code=KEY123",
+            "@mq.internal:5672/prod?heartbeat=30&token=QTOKEN",
+            "https://api.vyora.ai/v1?key=BASEKEY",
+        ] {
+            assert!(full.contains(url), "{url} not in {full}");
+        }
+        for secret in ["url-password", "amqp-password", "s3cret-value"] {
+            assert!(!full.contains(secret), "{secret} shown in {full}");
+        }
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_named_but_never_printed() {
+        // As `VYORA_ROUTER_WEBHOOK__SECRETS=whsec_x` gives it: a string, not a list.
+        let figment = Figment::new()
+            .merge(Toml::string(""))
+            .merge(("webhook.secrets", "whsec_x"));
+        let e = Config::from_figment(figment, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("webhook.secrets") && e.contains("found a string, expected a sequence"),
+            "{e}"
+        );
+        assert!(!e.contains("whsec_x"), "{e}");
+
+        let http = "[[sinks]]\nname = \"crm\"\ntype = \"http\"\n";
+        let cases = [
+            (
+                "[webhook]\nsecrets = \"whsec_in_file\"\n".to_owned(),
+                "whsec_in_file",
+            ),
+            ("[webhook]\nsecrets = [424242424]\n".to_owned(), "424242424"),
+            (
+                format!("{MINIMAL}[api]\napi_key = 1234567890\n"),
+                "1234567890",
+            ),
+            (
+                format!("{MINIMAL}{http}url = \"http://x\"\nsecret = 987654321\n"),
+                "987654321",
+            ),
+            (
+                format!("{MINIMAL}{http}url = \"http://x\"\nheaders = \"Bearer tok-in-header\"\n"),
+                "tok-in-header",
+            ),
+            (format!("{MINIMAL}{http}url = 135792468\n"), "135792468"),
+        ];
+        for (text, secret) in cases {
+            let e = error_of(&text);
+            assert!(!e.contains(secret), "{secret} printed in {e:?}");
+            assert!(e.contains("invalid type: found"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_printed_for_keys_that_are_not_secret() {
+        let e = error_of(&format!("{MINIMAL}[server]\nmax_connections = \"many\"\n"));
+        assert!(
+            e.contains("server.max_connections") && e.contains("many"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_gives_line_column_and_reason_but_not_the_line() {
+        let e = error_of("[webhook]\nsecrets = [\"whsec_unterminated\n");
+        assert!(e.contains("line 2, column"), "{e}");
+        assert!(e.contains("string"), "the parser's reason: {e}");
+        assert!(!e.contains("whsec_unterminated"), "{e}");
+    }
+
+    #[test]
+    fn a_toml_message_of_an_unknown_layout_is_cut_to_its_position() {
+        let message = "TOML parse error at line 1, column 9\nsecrets = \"whsec\nreason";
+        assert_eq!(
+            toml_syntax(message).as_deref(),
+            Some("not valid TOML at line 1, column 9")
+        );
     }
 
     #[test]

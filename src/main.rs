@@ -37,9 +37,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig(arg) => {
-            let config = arg.load()?;
-            print!("{}", config.redacted_toml());
+        Command::CheckConfig { config, show_urls } => {
+            let config = config.load()?;
+            if show_urls {
+                print!("{}", config.redacted_toml_with_urls());
+            } else {
+                print!("{}", config.redacted_toml());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(arg) => {

@@ -111,6 +111,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create the store file {path} or restrict it to its owner: {source}")]
+    Permissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the store {path}: {source}")]
     Open {
         path: PathBuf,
@@ -389,6 +394,44 @@ fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreErr
     Ok(conn)
 }
 
+/// Creates the database file 0600 if it is missing, and narrows an existing one (and the
+/// `-wal`/`-shm` a crash left) to its owner: the store holds transcripts and phone numbers.
+/// SQLite creates `-wal` and `-shm` with the mode of the database file, so they follow.
+fn restrict_to_owner(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Permissions { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db)
+        .map_err(err(db))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = PathBuf::from(name);
+        let mode = match std::fs::metadata(&path) {
+            Ok(meta) => meta.permissions().mode(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(err(&path)(e)),
+        };
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(err(&path))?;
+            tracing::info!(
+                path = %path.display(),
+                was = format!("{:o}", mode & 0o777),
+                "restricted the store file to its owner"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let applied = usize::try_from(version).unwrap_or(0);
@@ -430,11 +473,19 @@ impl Store {
         } = options;
         let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                path: dir.to_owned(),
-                source,
-            })?;
+            use std::os::unix::fs::DirBuilderExt;
+            // Only the directories created here get 0700; an existing parent (/tmp, /var/lib)
+            // is not ours to change.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
         }
+        restrict_to_owner(&path)?;
         let mut conn = connect(&path, config.synchronous)?;
         migrate(&mut conn, &path)?;
         // Checkpoints run on their own thread, not inside a commit that requests wait for.
@@ -1218,6 +1269,69 @@ mod tests {
 
     fn sinks(names: &[&str]) -> Vec<Arc<str>> {
         names.iter().map(|n| Arc::from(*n)).collect()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    }
+
+    #[tokio::test]
+    async fn the_database_its_journal_files_and_new_directories_are_private_to_the_owner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _writer) = open(&dir.path().join("data/store"));
+        store
+            .ingest(event("c1", "call_started"), sinks(&["a"]))
+            .await
+            .expect("stored");
+        let db = dir.path().join("data/store/router.db");
+        for file in [
+            db.clone(),
+            with_suffix(&db, "-wal"),
+            with_suffix(&db, "-shm"),
+        ] {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+        }
+        for created in ["data", "data/store"] {
+            assert_eq!(mode(&dir.path().join(created)), 0o700, "{created}");
+        }
+    }
+
+    #[test]
+    fn an_existing_database_readable_by_others_is_restricted_and_its_directory_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let db = shared.join("router.db");
+        // As a crash leaves them: a connection never closed keeps its -wal and -shm.
+        let crashed = Connection::open(&db).expect("sqlite");
+        crashed
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE t (x); INSERT INTO t VALUES (1);",
+            )
+            .expect("written");
+        std::mem::forget(crashed);
+        let files = [
+            db.clone(),
+            with_suffix(&db, "-wal"),
+            with_suffix(&db, "-shm"),
+        ];
+        for file in &files {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        let (_store, _writer) = open(&shared);
+        for file in &files {
+            assert_eq!(mode(file), 0o600, "{}", file.display());
+        }
+        assert_eq!(mode(&shared), 0o755, "an existing directory keeps its mode");
     }
 
     #[tokio::test]

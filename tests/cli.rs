@@ -44,6 +44,60 @@ fn check_config_prints_the_effective_config_with_secrets_redacted() {
 }
 
 #[test]
+fn check_config_hides_url_paths_and_queries_unless_shown_and_passwords_always() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        r#"[webhook]
+secrets = ["s"]
+
+[[sinks]]
+name = "slack"
+type = "http"
+url = "https://hooks.slack.com/services/T000/B000/XXXXSECRET"
+
+[[sinks]]
+name = "coded"
+type = "http"
+url = "https://x.example/hook?code=KEY123"
+
+[[sinks]]
+name = "crm"
+type = "http"
+url = "https://user:url-password@crm.example/"
+"#,
+    )
+    .expect("write");
+    let urls = [
+        "https://hooks.slack.com/services/T000/B000/XXXXSECRET",
+        "https://x.example/hook?code=KEY123",
+    ];
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for url in urls {
+        assert!(!stdout.contains(url), "{url} shown: {stdout}");
+    }
+    assert!(
+        stdout.contains("https://hooks.slack.com/<redacted>"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("url-password"), "{stdout}");
+
+    let out = router(
+        dir.path(),
+        &["check-config", "-c", "router.toml", "--show-urls"],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for url in urls {
+        assert!(stdout.contains(url), "{url} not shown: {stdout}");
+    }
+    assert!(!stdout.contains("url-password"), "{stdout}");
+}
+
+#[test]
 fn a_bad_value_fails_the_check_naming_the_key_and_the_value() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
@@ -58,6 +112,45 @@ fn a_bad_value_fails_the_check_naming_the_key_and_the_value() {
         stderr.contains("delivery.backoff_initial") && stderr.contains("soon"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_secret_in_the_environment_given_as_the_wrong_type_is_named_but_not_printed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    for command in ["check-config", "serve"] {
+        let out = router(
+            dir.path(),
+            &[command, "--config", "router.toml"],
+            &[("VYORA_ROUTER_WEBHOOK__SECRETS", "whsec_x")],
+        );
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(!out.status.success(), "{command}");
+        assert!(stderr.contains("webhook.secrets"), "{command}: {stderr}");
+        assert!(
+            !stderr.contains("whsec_x") && !stdout.contains("whsec_x"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_syntax_error_names_its_line_and_column_but_does_not_print_the_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[webhook]\nsecrets = [\"whsec_on_a_broken_line\n",
+    )
+    .expect("write");
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("line 2, column"), "{stderr}");
+    assert!(!stderr.contains("whsec_on_a_broken_line"), "{stderr}");
 }
 
 #[test]
@@ -130,16 +223,45 @@ fn without_a_config_file_the_built_in_default_is_used() {
     );
 }
 
+/// The router config that docker-compose.yml writes inline, its broker credentials filled
+/// in as compose fills them.
+fn compose_router_config(compose: &str) -> String {
+    let mut lines = compose
+        .lines()
+        .skip_while(|l| l.trim() != "content: |")
+        .skip(1)
+        .peekable();
+    let first = lines
+        .peek()
+        .expect("docker-compose.yml writes the router config inline");
+    let indent = first.len() - first.trim_start().len();
+    let mut config = String::new();
+    for line in
+        lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+    {
+        config.push_str(line.get(indent..).unwrap_or(""));
+        config.push('\n');
+    }
+    config
+        .replace("${RABBITMQ_DEFAULT_USER}", "vyora")
+        .replace("${RABBITMQ_DEFAULT_PASS}", "compose-password")
+}
+
 #[test]
 fn the_example_configs_are_valid() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    for config in ["config/router.toml", "deploy/router.toml"] {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).expect("read");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let from_compose = dir.path().join("compose-router.toml");
+    std::fs::write(&from_compose, compose_router_config(&compose)).expect("write");
+    for config in [root.join("config/router.toml"), from_compose] {
+        let path = config.to_str().expect("a UTF-8 path");
         let out = router(
             root,
-            &["check-config", "--config", config],
+            &["check-config", "--config", path],
             &[("VYORA_WEBHOOK_SECRET", "s")],
         );
-        assert!(out.status.success(), "{config}: {}", text(&out.stderr));
+        assert!(out.status.success(), "{path}: {}", text(&out.stderr));
     }
 }
 
@@ -188,4 +310,30 @@ fn the_secret_flags_warn_that_the_command_line_is_visible_in_ps() {
             "{help}"
         );
     }
+}
+
+#[test]
+fn the_example_deployment_publishes_no_broker_port_and_takes_its_credentials_from_the_environment()
+{
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).expect("read");
+    for mapping in compose
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("- \"") && l.contains("5672"))
+    {
+        assert!(
+            mapping.starts_with("- \"127.0.0.1:"),
+            "{mapping} is published"
+        );
+    }
+    assert!(
+        !compose.contains("guest"),
+        "default credentials in {compose}"
+    );
+    let config = compose_router_config(&compose);
+    assert!(
+        config.contains("amqp://vyora:compose-password@rabbitmq:5672/") && !config.contains("${"),
+        "the AMQP URL is built from RABBITMQ_DEFAULT_USER and _PASS: {config}"
+    );
 }

@@ -2,7 +2,9 @@
 //!
 //! A crash can leave the last line half-written; it was never reported delivered, so on
 //! open the torn tail is cut off (and the event is written again), keeping the file valid
-//! JSON Lines. A file moved away by log rotation is noticed and reopened at its path.
+//! JSON Lines. Only a tail that looks like one of our lines is cut: a path pointing at some
+//! other file is refused, never truncated, and so is a symlink. The file is the owner's
+//! alone (0600). A file moved away by log rotation is noticed and reopened at its path.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -151,19 +153,46 @@ fn still_at_path(file: &File, path: &Path) -> bool {
     }
 }
 
+/// What every line we write starts with (`Line` serializes `id` first), and so what a
+/// line torn by a crash starts with.
+const LINE_START: &[u8] = b"{\"id\":";
+
 fn open_repaired(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        // Only the directories created here get 0700; an existing parent keeps its mode.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
     }
+    // The lines hold transcripts and phone numbers: 0600. O_NOFOLLOW: a symlink planted at
+    // the path must not make us append to, or cut, some other file.
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(path)?;
-    let len = file.metadata()?.len();
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::new(
+                e.kind(),
+                "a symbolic link, which the file sink does not follow",
+            ),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    let len = meta.len();
     let complete = complete_len(&mut file, len)?;
     if complete < len {
+        if !is_torn_line(&mut file, complete, len)? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a JSON Lines file written by vyora-router; refusing to truncate it",
+            ));
+        }
         tracing::warn!(
             path = %path.display(),
             bytes = len - complete,
@@ -172,8 +201,52 @@ fn open_repaired(path: &Path) -> io::Result<File> {
         file.set_len(complete)?;
         file.sync_data()?;
     }
+    restrict_to_owner(&file, &meta, path)?;
     file.seek(SeekFrom::End(0))?;
     Ok(file)
+}
+
+/// Narrows a file created before modes were set (or by someone else) to its owner.
+fn restrict_to_owner(file: &File, meta: &std::fs::Metadata, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode();
+    if meta.is_file() && mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+        tracing::info!(
+            path = %path.display(),
+            was = format!("{:o}", mode & 0o777),
+            "restricted the sink file to its owner"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the bytes after the last newline (from `complete` to `len`) are what a crash
+/// in the middle of an append leaves: the start of one of our lines, after a complete line
+/// of ours if there is any. Anything else is not our file, and cutting it would lose data.
+fn is_torn_line(file: &mut File, complete: u64, len: u64) -> io::Result<bool> {
+    let starts_like_ours = |file: &mut File, at: u64, available: u64| -> io::Result<bool> {
+        let mut head = [0u8; LINE_START.len()];
+        let n = usize::try_from(available).map_or(head.len(), |a| a.min(head.len()));
+        file.seek(SeekFrom::Start(at))?;
+        file.read_exact(&mut head[..n])?;
+        // A tail shorter than LINE_START must be a prefix of it.
+        Ok(n > 0 && LINE_START.starts_with(&head[..n]))
+    };
+    if !starts_like_ours(file, complete, len - complete)? {
+        return Ok(false);
+    }
+    if complete == 0 {
+        return Ok(true);
+    }
+    let last = complete_len(file, complete - 1)?;
+    let last_len = complete - 1 - last;
+    if last_len < LINE_START.len() as u64 || !starts_like_ours(file, last, last_len)? {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::Start(last))?;
+    let line = io::BufReader::new(Read::take(&mut *file, last_len));
+    Ok(serde_json::from_reader::<_, serde::de::IgnoredAny>(line).is_ok())
 }
 
 /// The length of the file up to and including its last newline.
@@ -257,12 +330,110 @@ mod tests {
     }
 
     #[test]
+    fn a_line_of_ours_torn_at_any_byte_is_cut_off_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        let first = line(&delivery(1, "{\"call_id\":\"c1\"}")).expect("line");
+        let torn = line(&delivery(2, "{\"call_id\":\"c2\"}")).expect("line");
+        for cut in 1..torn.len() {
+            std::fs::write(&path, [&first[..], &torn[..cut]].concat()).expect("write");
+            FileSink::open("archive", &path).expect("opens");
+            assert_eq!(std::fs::read(&path).expect("read"), first, "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn a_file_that_is_only_a_torn_line_is_emptied() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("events.jsonl");
-        std::fs::write(&path, "x".repeat(20_000)).expect("write");
+        std::fs::write(&path, "{\"id\":\"c1:call_completed\",\"eve").expect("write");
         FileSink::open("archive", &path).expect("opens");
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+    }
+
+    #[test]
+    fn an_empty_file_is_opened_as_it_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "").expect("write");
+        FileSink::open("archive", &path).expect("opens");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 0);
+    }
+
+    /// Opening fails naming the path, and the file keeps every byte.
+    fn assert_refused_and_untouched(content: &[u8]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, content).expect("write");
+        let mode_before = mode(&path);
+        let Err(e) = FileSink::open("archive", &path) else {
+            panic!("opened a file that is not JSON Lines: {content:?}");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("not a JSON Lines file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&path).expect("read"), content);
+        assert_eq!(mode(&path), mode_before, "a refused file keeps its mode");
+    }
+
+    #[test]
+    fn a_file_without_a_line_break_that_is_not_a_torn_line_is_refused_and_kept() {
+        assert_refused_and_untouched("x".repeat(20_000).as_bytes());
+    }
+
+    #[test]
+    fn a_text_file_with_an_unfinished_last_line_is_refused_and_kept() {
+        assert_refused_and_untouched(b"dear diary\ntoday I configured the wrong path");
+        assert_refused_and_untouched(b"dear diary\n{\"id\":\"c\",\"pay");
+        assert_refused_and_untouched(b"{\"id\":\"a\"}\nnot a line of ours");
+    }
+
+    #[test]
+    fn a_symlink_is_refused_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "keep\n").expect("write");
+        let path = dir.path().join("events.jsonl");
+        std::os::unix::fs::symlink(&target, &path).expect("symlink");
+        let Err(e) = FileSink::open("archive", &path) else {
+            panic!("opened a symlink");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("symbolic link"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep\n");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_file_and_the_directories_created_for_it_are_private_to_the_owner() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out/archive/events.jsonl");
+        let sink = FileSink::open("archive", &path).expect("opens");
+        assert!(sink.deliver(&[delivery(1, "{}")]).await[0].is_ok());
+        assert_eq!(mode(&path), 0o600);
+        for created in ["out", "out/archive"] {
+            assert_eq!(mode(&dir.path().join(created)), 0o700, "{created}");
+        }
+    }
+
+    #[test]
+    fn an_existing_file_readable_by_others_is_restricted_on_open() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("events.jsonl");
+        std::fs::write(&path, "{\"id\":\"a\"}\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        FileSink::open("archive", &path).expect("opens");
+        assert_eq!(mode(&path), 0o600);
     }
 
     #[tokio::test]
