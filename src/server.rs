@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Body, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
@@ -20,8 +20,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
+use crate::body::{self, BodyError};
 use crate::config::Config;
 use crate::event::{Event, EventError, Timestamp};
 use crate::live::{Live, LiveHandle};
@@ -37,9 +38,7 @@ pub const EVENT_HEADER: &str = "x-vyora-event";
 /// Seconds a sender should wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
 /// What one connection may read ahead of the handler, headers included.
-const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
-/// The first allocation for a body whose length is not announced (or is larger).
-const INITIAL_BODY_BUFFER: usize = 16 * 1024;
+const MAX_CONNECTION_BUFFER: usize = 8 * 1024;
 /// The OpenMetrics content type that `prometheus-client` writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 pub const METRICS_PATH: &str = "/metrics";
@@ -371,15 +370,20 @@ async fn receive<B: RequestBody>(
         .get(EVENT_HEADER)
         .map(|v| Bytes::copy_from_slice(v.as_bytes()));
 
-    let (body, _budget) = match tokio::time::timeout(
+    // Held until the answer: the body's buffer counts against the budget until then.
+    let buffered = match tokio::time::timeout(
         state.body_timeout,
-        read_body(req.into_body(), limit, &state.body_budget),
+        body::read(req.into_body(), limit, &state.body_budget),
     )
     .await
     {
         Err(_) => return Err(Rejection::BodyTimeout(state.body_timeout)),
-        Ok(read) => read?,
+        Ok(Err(BodyError::TooLarge { limit })) => return Err(Rejection::TooLarge { limit }),
+        Ok(Err(BodyError::OverBudget)) => return Err(Rejection::Overloaded),
+        Ok(Err(BodyError::Read(e))) => return Err(Rejection::BodyRead(e)),
+        Ok(Ok(buffered)) => buffered,
     };
+    let body = buffered.bytes.clone();
 
     // One snapshot for the whole request, so a reload never mixes two configs in it.
     let live = state.live.current();
@@ -453,54 +457,6 @@ fn check_age(state: &State, live: &Live, event: &Event) -> Result<(), Rejection>
         }),
         Err(_) => Ok(()),
     }
-}
-
-/// Reads a body of at most `limit` bytes, holding a share of the global `budget` for every
-/// byte of buffer it allocates: past the budget the request is refused (503) instead of
-/// the process growing. The buffer grows by doubling from what has arrived, so a slow
-/// upload that announces a large `Content-Length` holds only about what it has sent.
-async fn read_body<B: RequestBody>(
-    body: B,
-    limit: usize,
-    budget: &Arc<Semaphore>,
-) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Rejection> {
-    let announced = usize::try_from(body.size_hint().exact().unwrap_or(0)).unwrap_or(limit);
-    let mut buf: Vec<u8> = Vec::new();
-    let mut held: Option<OwnedSemaphorePermit> = None;
-    let mut reserve = |buf: &mut Vec<u8>, wanted: usize| -> Result<(), Rejection> {
-        if wanted <= buf.capacity() {
-            return Ok(());
-        }
-        let extra = wanted - buf.capacity();
-        let permits = u32::try_from(extra).map_err(|_| Rejection::TooLarge { limit })?;
-        let more = Arc::clone(budget)
-            .try_acquire_many_owned(permits)
-            .map_err(|_| Rejection::Overloaded)?;
-        match held.as_mut() {
-            Some(h) => h.merge(more),
-            None => held = Some(more),
-        }
-        buf.reserve_exact(wanted - buf.len());
-        Ok(())
-    };
-    reserve(&mut buf, announced.min(INITIAL_BODY_BUFFER))?;
-    tokio::pin!(body);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Rejection::BodyRead(e.into()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        let needed = buf.len() + data.len();
-        if needed > limit {
-            return Err(Rejection::TooLarge { limit });
-        }
-        if needed > buf.capacity() {
-            let doubled = buf.capacity().saturating_mul(2).max(INITIAL_BODY_BUFFER);
-            reserve(&mut buf, needed.max(doubled).min(limit.max(needed)))?;
-        }
-        buf.extend_from_slice(&data);
-    }
-    Ok((Bytes::from(buf), held))
 }
 
 async fn store_within<T>(
