@@ -17,6 +17,8 @@ COPY --from=build --chown=65532:65532 /out/data /data
 WORKDIR /
 VOLUME ["/data"]
 ENV VYORA_ROUTER_SERVER__LISTEN=0.0.0.0:8080
+# The admin listener (metrics, readiness) stays on the container's loopback unless
+# VYORA_ROUTER_ADMIN__LISTEN says otherwise; the health check probes it there.
 EXPOSE 8080
 USER 65532:65532
 # The binary probes its own /healthz, so the image needs no curl.

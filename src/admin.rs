@@ -283,7 +283,7 @@ pub fn render_agents(agents: &[crate::api::Agent]) -> String {
 /// `text` with every control character (C0, DEL, C1) escaped as `\u{..}`, `\n`, `\t`...:
 /// cells come from the API or the store, and a raw ESC or BEL in them would be obeyed by
 /// the operator's terminal (clear the screen, retitle the window, hide text).
-fn printable(text: &str) -> String {
+pub fn printable(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {

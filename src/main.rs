@@ -177,7 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let (status, answer) = runtime()?
                     .block_on(trigger::send(&client, &url, &secret, name, body))
                     .with_context(|| format!("sending {name} to {url}"))?;
-                println!("{name} {call_id} -> {status} {answer}");
+                // The answer comes from whatever server --url names: never raw to the terminal.
+                println!("{name} {call_id} -> {status} {}", admin::printable(&answer));
                 all_ok &= (200..300).contains(&status);
             }
             Ok(if all_ok {

@@ -90,7 +90,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(request) = request.body(Full::new(Bytes::copy_from_slice(body))) else { return };
     let response = h
         .runtime
-        .block_on(server::handle(Arc::clone(&h.state), request))
+        .block_on(server::handle(Arc::clone(&h.state), server::Surface::Public, request))
         .expect("infallible");
     let status = response.status().as_u16();
     assert!(status < 500 || status == 503, "answered {status}");
