@@ -13,6 +13,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::config::ApiConfig;
 use crate::metrics::Metrics;
 
@@ -156,7 +157,7 @@ pub struct AgentList {
 }
 
 /// Backoff after a 429 without `Retry-After`: 1 s, 2 s, 4 s ... as Vyora advises, capped.
-const BACKOFF_CAP: Duration = Duration::from_secs(60);
+const THROTTLED: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 /// The longest the API may make us wait: a `Retry-After` of years (or one that would
 /// overflow the clock) pauses polling for this long, not forever.
 pub const MAX_API_WAIT: Duration = Duration::from_secs(600);
@@ -168,11 +169,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// else the backoff for the `throttled`-th 429 in a row; never more than [`MAX_API_WAIT`].
 fn wait_after_429(retry_after: Option<Duration>, throttled: u32) -> Duration {
     retry_after
-        .unwrap_or_else(|| {
-            Duration::from_secs(1)
-                .saturating_mul(2u32.saturating_pow(throttled.min(16)))
-                .min(BACKOFF_CAP)
-        })
+        .unwrap_or_else(|| THROTTLED.ceiling(throttled.saturating_add(1)))
         .min(MAX_API_WAIT)
 }
 
@@ -364,7 +361,7 @@ mod tests {
     fn without_retry_after_the_wait_doubles_up_to_a_minute() {
         let waits: Vec<u64> = (0..8).map(|n| wait_after_429(None, n).as_secs()).collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(wait_after_429(None, u32::MAX), BACKOFF_CAP);
+        assert_eq!(wait_after_429(None, u32::MAX), THROTTLED.max);
     }
 
     /// A one-request HTTP server answering `head` and then `body_len` bytes, then closing.

@@ -65,7 +65,7 @@ impl SinkSet {
                 .get(&config.name)
                 .is_some_and(|r| r.fingerprint == config.fingerprint);
             if !unchanged {
-                fresh.push((config, sinks::build(config, self.policy.max)?));
+                fresh.push((config, sinks::build(config, self.policy.backoff.max)?));
             }
         }
         let stale: Vec<String> = self

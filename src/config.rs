@@ -15,6 +15,7 @@ use figment::providers::{Env, Format, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiKey;
+use crate::protocol;
 use crate::redact::Redaction;
 use crate::routing::{EventSelector, Filter};
 use crate::signature::Secret;
@@ -485,10 +486,10 @@ const RESERVED_HEADERS: &[&str] = &[
     "transfer-encoding",
     "host",
     "user-agent",
-    "idempotency-key",
-    "x-vyora-event",
-    "x-vyora-source",
-    "x-vyora-signature",
+    protocol::IDEMPOTENCY_HEADER,
+    protocol::EVENT_HEADER,
+    protocol::SOURCE_HEADER,
+    protocol::SIGNATURE_HEADER,
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -879,13 +880,13 @@ impl RawConfig {
                 "must start with `/`",
             ));
         }
-        if crate::server::RESERVED_PATHS.contains(&s.webhook_path.as_str()) {
+        if protocol::RESERVED_PATHS.contains(&s.webhook_path.as_str()) {
             return Err(invalid(
                 "server.webhook_path",
                 &s.webhook_path,
                 format!(
                     "is reserved: the router answers {} itself",
-                    crate::server::RESERVED_PATHS.join(", ")
+                    protocol::RESERVED_PATHS.join(", ")
                 ),
             ));
         }

@@ -12,11 +12,13 @@ use tokio::task::{self, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::DeliveryConfig;
+use crate::event::Delivery;
 use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
-use crate::store::{self, Delivery, Reader, Settlement, Store, StoreError};
+use crate::store::{self, Reader, Settlement, Store, StoreError};
 
 /// Payload bytes fetched for one batch at most (at least one row is always taken).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -32,38 +34,23 @@ const LINGER: Duration = Duration::from_millis(25);
 const STORE_RETRY: Duration = Duration::from_secs(1);
 const SETTLE_TRIES: u32 = 3;
 
-/// When to try again after a failure.
+/// When to try again after a failure, and when to stop trying.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
-    pub initial: Duration,
-    pub max: Duration,
+    pub backoff: Backoff,
 }
 
 impl From<&DeliveryConfig> for RetryPolicy {
     fn from(c: &DeliveryConfig) -> Self {
         RetryPolicy {
             max_attempts: c.max_attempts,
-            initial: c.backoff_initial,
-            max: c.backoff_max,
+            backoff: Backoff::new(c.backoff_initial, c.backoff_max),
         }
     }
 }
 
 impl RetryPolicy {
-    /// Upper bound of the wait after the `failures`-th failure: `initial * 2^(failures-1)`,
-    /// capped at `max`.
-    pub fn ceiling(&self, failures: u32) -> Duration {
-        let factor = 2u32.saturating_pow(failures.saturating_sub(1));
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-
-    /// Full jitter: uniform in `[0, ceiling]`, so many rows failing together (a sink that
-    /// went down) do not all come back at the same instant.
-    pub fn delay(&self, failures: u32) -> Duration {
-        self.ceiling(failures).mul_f64(fastrand::f64())
-    }
-
     /// What to record for a delivery that was attempted for the `attempts + 1`-th time.
     fn settle(&self, d: &Claim, result: Result<(), SinkError>, sink: &str) -> Settlement {
         let failures = d.attempts.saturating_add(1);
@@ -93,8 +80,11 @@ impl RetryPolicy {
                 }
             }
             Err(e) => {
-                let asked = e.retry_after().map(|d| d.min(self.max)).unwrap_or_default();
-                let wait = self.delay(failures).max(asked);
+                let asked = e
+                    .retry_after()
+                    .map(|d| d.min(self.backoff.max))
+                    .unwrap_or_default();
+                let wait = self.backoff.full_jitter(failures).max(asked);
                 tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, retry_in = ?wait, reason = %e, "delivery failed; will retry");
                 Settlement::Retry {
                     id: d.id,
@@ -425,8 +415,7 @@ mod tests {
     fn policy(max_attempts: u32) -> RetryPolicy {
         RetryPolicy {
             max_attempts,
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(40),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(40)),
         }
     }
 
@@ -586,8 +575,7 @@ mod tests {
         });
         let policy = RetryPolicy {
             max_attempts: 12,
-            initial: Duration::from_secs(60),
-            max: Duration::from_secs(60),
+            backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
         };
         let dispatcher = Dispatcher::new(
             sink.clone(),
@@ -630,20 +618,5 @@ mod tests {
         sink.release.notify_waiters();
         stop.cancel();
         running.await.expect("dispatcher ends");
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap_and_jitter_stays_below_the_ceiling() {
-        let p = RetryPolicy {
-            max_attempts: 12,
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(300),
-        };
-        assert_eq!(p.ceiling(1), Duration::from_secs(1));
-        assert_eq!(p.ceiling(4), Duration::from_secs(8));
-        assert_eq!(p.ceiling(40), Duration::from_secs(300));
-        for failures in 1..20 {
-            assert!(p.delay(failures) <= p.ceiling(failures));
-        }
     }
 }

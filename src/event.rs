@@ -8,6 +8,8 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use sha2::{Digest, Sha256};
 
+use crate::protocol;
+
 /// Where an event came from: Vyora's webhook, or our own poll of its REST API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -80,6 +82,21 @@ impl Timestamp {
     }
 }
 
+/// One event on its way to one sink: what a sink receives (the contract between the
+/// dispatcher and every sink), read from the store.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: i64,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub event: String,
+    pub call_id: Option<String>,
+    pub dedup_key: String,
+    pub source: Source,
+    pub received_at: SystemTime,
+    pub payload: Bytes,
+}
+
 /// What routing filters can match on, read from the payload.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Attributes {
@@ -124,13 +141,10 @@ impl EventError {
     }
 }
 
-/// The events Vyora documents. Other names are routed like these, but count as `other` in
-/// metric labels, so no sender can create label values at will.
-pub const KNOWN_EVENTS: [&str; 3] = ["call_started", "call_completed", "all_processing_completed"];
-
-/// An event name as a metric label: a known name, or `other`.
+/// An event name as a metric label: one of the events Vyora documents, or `other`. Other
+/// names are routed like these, but no sender may create label values at will.
 pub fn label(name: &str) -> &'static str {
-    KNOWN_EVENTS
+    protocol::LIFECYCLE
         .into_iter()
         .find(|known| *known == name)
         .unwrap_or("other")

@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod body;
 pub mod cli;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod live;
 pub mod metrics;
 pub mod net;
 pub mod poller;
+pub mod protocol;
 pub mod redact;
 pub mod routing;
 pub mod server;

@@ -13,22 +13,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiError, Client};
+use crate::backoff::Backoff;
 use crate::config::PollerConfig;
 use crate::event::Event;
 use crate::live::LiveHandle;
 use crate::metrics::Metrics;
+use crate::protocol;
 use crate::store::{self, Ingested, PollEnd, PollUpdate, Reader, Store, StoreError, TrackedCall};
 
 /// Calls read from the store per look.
 const BATCH: usize = 32;
 /// Longest sleep between looks, so a call tracked meanwhile is not missed for long.
 const MAX_IDLE: Duration = Duration::from_secs(1);
-/// The first wait before restarting a poller that stopped; it doubles while the poller
-/// keeps stopping, up to [`RESTART_BACKOFF_MAX`], so a crash loop does not spin.
-const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
-/// The longest wait before a restart; a poller that ran this long starts over from the
-/// shortest wait when it next stops.
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The wait before restarting a poller that stopped: 1 s, doubling while it keeps
+/// stopping, up to a minute, so a crash loop does not spin. A poller that ran for the
+/// longest wait starts over from the shortest when it next stops.
+const RESTART: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Whether the poller can work; `/readyz` reports it.
 #[derive(Debug, Default)]
@@ -77,7 +77,7 @@ async fn supervise<F, T>(
     T: Future<Output = ()> + Send + 'static,
 {
     let mut restarts: u64 = 0;
-    let mut backoff = RESTART_BACKOFF_MIN;
+    let mut in_a_row: u32 = 0;
     loop {
         let started = Instant::now();
         // A task of its own, so that a panic ends it and not the supervisor.
@@ -94,14 +94,15 @@ async fn supervise<F, T>(
         health.set_stopped(Some(format!(
             "the poller stopped unexpectedly (restart {restarts})"
         )));
-        if started.elapsed() >= RESTART_BACKOFF_MAX {
-            backoff = RESTART_BACKOFF_MIN;
-        }
+        in_a_row = if started.elapsed() >= RESTART.max {
+            1
+        } else {
+            in_a_row.saturating_add(1)
+        };
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(RESTART.ceiling(in_a_row)) => {}
         }
-        backoff = backoff.saturating_mul(2).min(RESTART_BACKOFF_MAX);
         health.set_stopped(None);
     }
 }
@@ -288,9 +289,9 @@ impl Poller {
         let completed_key = format!("{call_id}:call_completed");
         let mut names = Vec::with_capacity(2);
         if !self.reader.has_event(&completed_key).await? {
-            names.push("call_completed");
+            names.push(protocol::CALL_COMPLETED);
         }
-        names.push("all_processing_completed");
+        names.push(protocol::ALL_PROCESSING_COMPLETED);
         for name in names {
             let event = Event::from_poll(name, call_id, record.clone())?;
             let sinks = self.live.current().router.sinks_for(&event);

@@ -28,23 +28,16 @@ use crate::event::{Event, EventError, Timestamp};
 use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
 use crate::poller::PollerHealth;
+use crate::protocol::{EVENT_HEADER, HEALTH_PATH, METRICS_PATH, READY_PATH, SIGNATURE_HEADER};
 use crate::signature::{self, SignatureError};
 use crate::store::{Ingested, Quarantined, Store, StoreError};
 
-pub const HEALTH_PATH: &str = "/healthz";
-pub const READY_PATH: &str = "/readyz";
-pub const SIGNATURE_HEADER: &str = "x-vyora-signature";
-pub const EVENT_HEADER: &str = "x-vyora-event";
 /// Seconds a sender should wait after a 503.
 const RETRY_AFTER_SECS: &str = "5";
 /// What one connection may read ahead of the handler, headers included.
 const MAX_CONNECTION_BUFFER: usize = 8 * 1024;
 /// The OpenMetrics content type that `prometheus-client` writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-pub const METRICS_PATH: &str = "/metrics";
-/// Paths the router answers itself on one listener or the other; the webhook path may be
-/// none of them.
-pub const RESERVED_PATHS: [&str; 3] = [HEALTH_PATH, READY_PATH, METRICS_PATH];
 
 /// What the request path needs, shared by every connection.
 pub struct State {

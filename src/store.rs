@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::{StoreConfig, Synchronous};
-use crate::event::{Event, Source};
+use crate::event::{Delivery, Event, Source};
 use crate::metrics::Metrics;
 
 /// Most operations committed in one transaction.
@@ -167,20 +167,6 @@ pub struct Kept {
     pub stored: bool,
     /// Older bodies removed to stay within `store.quarantine_max_bytes`.
     pub dropped: u64,
-}
-
-/// One outbox row with its event, as a sink receives it.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub id: i64,
-    /// Attempts made before this one.
-    pub attempts: u32,
-    pub event: String,
-    pub call_id: Option<String>,
-    pub dedup_key: String,
-    pub source: Source,
-    pub received_at: SystemTime,
-    pub payload: Bytes,
 }
 
 /// The result of one delivery attempt, as the dispatcher records it.
@@ -817,7 +803,7 @@ fn track_call(
     now: i64,
     wait: Duration,
 ) -> rusqlite::Result<usize> {
-    if event == "all_processing_completed" {
+    if event == crate::protocol::ALL_PROCESSING_COMPLETED {
         tx.prepare_cached(
             "INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
              VALUES (?1, 'done', ?2, ?2, ?2, ?3, ?2)

@@ -3,6 +3,10 @@
 
 use std::time::SystemTime;
 
+use crate::protocol::{
+    ALL_PROCESSING_COMPLETED, CALL_COMPLETED, CALL_STARTED, EVENT_HEADER, LIFECYCLE,
+    SIGNATURE_HEADER,
+};
 use crate::signature::{self, Secret};
 
 /// The events `trigger` can send; `Call` is the whole lifecycle in order.
@@ -21,10 +25,10 @@ impl Trigger {
     /// The event names to send, in order.
     pub fn events(self) -> &'static [&'static str] {
         match self {
-            Trigger::CallStarted => &["call_started"],
-            Trigger::CallCompleted => &["call_completed"],
-            Trigger::AllProcessingCompleted => &["all_processing_completed"],
-            Trigger::Call => &["call_started", "call_completed", "all_processing_completed"],
+            Trigger::CallStarted => &[CALL_STARTED],
+            Trigger::CallCompleted => &[CALL_COMPLETED],
+            Trigger::AllProcessingCompleted => &[ALL_PROCESSING_COMPLETED],
+            Trigger::Call => &LIFECYCLE,
         }
     }
 }
@@ -41,14 +45,14 @@ pub fn payload(event: &str, call_id: &str) -> String {
         "contact_name": "Rahul Sharma",
         "agent_id": "def456-7890-agent",
         "agent_name": "Home Loan Agent",
-        "status": if event == "call_started" { "in_progress" } else { "completed" },
+        "status": if event == CALL_STARTED { "in_progress" } else { "completed" },
         "direction": "outbound",
         "campaign_id": "campaign_456",
         "custom_args": {"name": "Rahul Sharma", "product": "Home Loan"},
         "called_at": now,
         "timestamp": now,
     });
-    if event != "call_started" {
+    if event != CALL_STARTED {
         body["duration_seconds"] = 47.into();
         body["recording_url"] = format!("https://cdn.vyora.ai/recordings/{call_id}.mp3").into();
         body["transcript"] = serde_json::json!([
@@ -79,8 +83,8 @@ pub async fn send(
     let response = client
         .post(url)
         .header("content-type", "application/json")
-        .header("x-vyora-event", event)
-        .header("x-vyora-signature", signature)
+        .header(EVENT_HEADER, event)
+        .header(SIGNATURE_HEADER, signature)
         .header("user-agent", "Vyora-Webhooks/1.0")
         .body(body)
         .send()

@@ -18,12 +18,15 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{BoxFuture, Sink, SinkError};
+use crate::backoff::Backoff;
 use crate::config::AmqpSinkConfig;
-use crate::store::Delivery;
+use crate::event::Delivery;
+use crate::protocol::{CALL_ID_HEADER, EVENT_HEADER, SOURCE_HEADER};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const RECONNECT_MIN: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// Reconnects after 0.4 s, doubling up to 30 s, with jitter: many routers restarting
+/// against one broker do not reconnect in lockstep.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(400), Duration::from_secs(30));
 /// How often a sink without a connection tries to make one even when nothing is pending,
 /// so that readiness reflects the broker before the first event needs it.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
@@ -209,11 +212,7 @@ impl AmqpSink {
                     _ => format!("no answer within {CONNECT_TIMEOUT:?}"),
                 };
                 state.failures = state.failures.saturating_add(1);
-                let ceiling = RECONNECT_MIN
-                    .saturating_mul(2u32.saturating_pow(state.failures.min(16)))
-                    .min(RECONNECT_MAX);
-                // Jitter keeps many routers from reconnecting to one broker in lockstep.
-                let wait = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
+                let wait = RECONNECT.equal_jitter(state.failures);
                 state.next_attempt = Instant::now() + wait;
                 tracing::warn!(sink = %self.name, failures = state.failures, retry_in = ?wait, reason, "cannot connect to the broker");
                 self.set_unready(Some(format!("broker unreachable: {reason}")));
@@ -261,17 +260,17 @@ impl AmqpSink {
     fn properties(d: &Delivery) -> Result<BasicProperties, SinkError> {
         let mut headers = FieldTable::default();
         headers.insert(
-            "x-vyora-event".into(),
+            EVENT_HEADER.into(),
             AMQPValue::LongString(d.event.as_str().into()),
         );
         if let Some(call_id) = &d.call_id {
             headers.insert(
-                "x-vyora-call-id".into(),
+                CALL_ID_HEADER.into(),
                 AMQPValue::LongString(call_id.as_str().into()),
             );
         }
         headers.insert(
-            "x-vyora-source".into(),
+            SOURCE_HEADER.into(),
             AMQPValue::LongString(d.source.as_str().into()),
         );
         let timestamp = d

@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::{BoxFuture, BuildError, Sink, SinkError};
-use crate::store::Delivery;
+use crate::event::Delivery;
 
 /// Lines appended (and fsynced) together.
 const BATCH: usize = 256;

@@ -4,6 +4,7 @@
 //! timeouts and connection errors are retried, honouring `Retry-After`; any other 4xx
 //! is permanent: retrying the same request cannot succeed.
 
+use crate::protocol::{EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SOURCE_HEADER};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -14,8 +15,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 
 use super::{BoxFuture, BuildError, Sink, SinkError};
 use crate::config::HttpSinkConfig;
+use crate::event::Delivery;
 use crate::signature::{self, Secret};
-use crate::store::Delivery;
 
 /// Bytes of a refusing answer kept for the dead row's last error.
 const SNIPPET_BYTES: usize = 512;
@@ -81,12 +82,12 @@ impl HttpSink {
             .post(self.url.clone())
             .headers(self.headers.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("x-vyora-event", &d.event)
-            .header("idempotency-key", &d.dedup_key)
-            .header("x-vyora-source", d.source.as_str());
+            .header(EVENT_HEADER, &d.event)
+            .header(IDEMPOTENCY_HEADER, &d.dedup_key)
+            .header(SOURCE_HEADER, d.source.as_str());
         if let Some(secret) = &self.secret {
             // Over the exact bytes sent, so the receiver verifies with Vyora's own recipe.
-            request = request.header("x-vyora-signature", signature::sign(secret, &d.payload));
+            request = request.header(SIGNATURE_HEADER, signature::sign(secret, &d.payload));
         }
         let response = request
             .body(d.payload.clone())
