@@ -163,7 +163,7 @@ max_in_flight = {window}
 "#,
         db = dir.path().join("bench.db").display()
     ))?;
-    let (store, writer) = Store::open(&config.store, StoreOptions::default())?;
+    let store = Store::open(&config.store, StoreOptions::default())?;
     // Fill the outbox first, so the measurement is outbox -> confirmed publish only.
     let sink_name: Arc<str> = Arc::from("queue");
     let mut fills = tokio::task::JoinSet::new();
@@ -185,7 +185,6 @@ max_in_flight = {window}
     while fills.join_next().await.is_some() {}
 
     let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?;
-    let reader = store.reader()?;
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         sink,
@@ -193,7 +192,7 @@ max_in_flight = {window}
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
         Arc::new(Metrics::new()),
-    )?;
+    );
     let started = Instant::now();
     let task = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(5)));
     let db = rusqlite::Connection::open(dir.path().join("bench.db"))?;
@@ -211,8 +210,7 @@ max_in_flight = {window}
     let elapsed = started.elapsed();
     stop.cancel();
     task.await?;
-    drop((reader, store));
-    writer.join();
+    store.close().await;
     Ok((elapsed, queue))
 }
 

@@ -15,17 +15,17 @@ use crate::api::{self, RateLimiter};
 use crate::config::{Config, SinkConfig};
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::live::{Live, LiveHandle};
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::poller::{Poller, PollerHealth};
 use crate::routing::Router;
 use crate::server::{self, ConnectionLimits, Surface};
 use crate::sinks::{self, Sink};
-use crate::store::{self, PruneRange, Store, StoreError, StoreOptions};
+use crate::store::{self, Role, Store, StoreError, StoreOptions};
 
-/// Events examined per pruning step (one short write transaction each).
-const PRUNE_BATCH: i64 = 500;
 /// The longest pause between pruning passes.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// How often the backlog gauges are read from the store.
+const STATS_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -92,7 +92,7 @@ impl SinkSet {
                 self.policy.clone(),
                 config.redact.clone(),
                 Arc::clone(&self.metrics),
-            )?;
+            );
             let stop = CancellationToken::new();
             let task = tokio::spawn(dispatcher.run(stop.clone(), self.drain));
             tracing::info!(sink = %config.name, "sink running");
@@ -236,7 +236,7 @@ pub async fn run(
             .then_some(config.poller.wait_for_analysis),
         metrics: Some(Arc::clone(&metrics)),
     };
-    let (store, writer) = Store::open(&config.store, options)?;
+    let store = Store::open(&config.store, options)?;
     let mut sinks = SinkSet {
         running: BTreeMap::new(),
         store: store.clone(),
@@ -265,19 +265,18 @@ pub async fn run(
             config.poller.clone(),
             Arc::clone(&health),
             Arc::clone(&metrics),
-        )?;
+        );
         background.push(tokio::spawn(Arc::new(poller).supervised(stop.clone())));
         poller_health = Some(health);
     }
-    background.push(tokio::spawn(metrics::refresh(
+    background.push(tokio::spawn(refresh_backlog(
         Arc::clone(&metrics),
-        store.reader()?,
+        store.clone(),
         live.clone(),
         stop.clone(),
     )));
     background.push(tokio::spawn(prune(
         store.clone(),
-        store.reader()?,
         config.store.retention,
         config.store.dedup_window,
         stop.clone(),
@@ -358,15 +357,8 @@ pub async fn run(
     tracing::debug!("stopping sinks");
     sinks.stop_all().await;
     tracing::debug!("closing the store");
-    // The writer ends once the last handle to the store is gone.
-    drop((sinks, live, store));
-    // The writer commits the operations still queued, then closes the database.
-    if tokio::task::spawn_blocking(move || writer.join())
-        .await
-        .is_err()
-    {
-        tracing::error!("the store writer could not be joined");
-    }
+    // Commits the writes still queued, then closes the database.
+    store.close().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -384,15 +376,9 @@ fn live_for_reload(current: &Config, new: &Config, sinks: &SinkSet) -> Live {
     }
 }
 
-/// Empties old payloads and expires old dedup keys in small steps, walking the events
-/// by id (ids grow with time) and stopping at the first range too recent to touch.
-async fn prune(
-    store: Store,
-    reader: store::Reader,
-    retention: Duration,
-    dedup_window: Duration,
-    stop: CancellationToken,
-) {
+/// Empties old payloads and expires old dedup keys, one pass at a time, on the process
+/// that leads pruning.
+async fn prune(store: Store, retention: Duration, dedup_window: Duration, stop: CancellationToken) {
     // Short retentions (tests, small disks) are honoured closely; long ones every 10 min.
     let every = (retention / 4).min(PRUNE_EVERY);
     loop {
@@ -400,126 +386,69 @@ async fn prune(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
+        match store.lead(Role::Pruner).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell who prunes; trying again later");
+                continue;
+            }
+        }
         let now = store::now();
-        let (payloads, events) =
-            prune_pass(&store, &reader, now - retention, now - dedup_window, &stop).await;
-        if payloads + events > 0 {
-            tracing::info!(payloads, events, "pruned old events");
+        let pass = tokio::select! {
+            () = stop.cancelled() => return,
+            pass = store.prune(now - retention, now - dedup_window) => pass,
+        };
+        match pass {
+            Ok(p) if p.payloads + p.events > 0 => {
+                tracing::info!(
+                    payloads = p.payloads,
+                    events = p.events,
+                    "pruned old events"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
         }
     }
 }
 
-/// One pass over the events, oldest first; returns the payloads emptied and the events
-/// deleted. Ranges without events (ids already deleted) are skipped, not taken for the
-/// recent end: one event kept for its dead delivery must not stop pruning for good.
-async fn prune_pass(
-    store: &Store,
-    reader: &store::Reader,
-    payloads_before: std::time::SystemTime,
-    keys_before: std::time::SystemTime,
-    stop: &CancellationToken,
-) -> (usize, usize) {
-    let (mut payloads, mut events) = (0, 0);
-    let Ok(Some((first, _))) = reader.event_id_range().await else {
-        return (payloads, events);
-    };
-    let mut from = Some(first);
-    while let Some(start) = from.filter(|_| !stop.is_cancelled()) {
-        let range = PruneRange {
-            from: start,
-            to: start.saturating_add(PRUNE_BATCH),
-            payloads_before,
-            keys_before,
-        };
-        match store.prune(range).await {
-            Ok(done) => {
-                payloads += done.payloads;
-                events += done.events;
-                from = if done.reached_recent { None } else { done.next };
+/// Keeps the backlog gauges fresh until `stop`: read from the store every
+/// [`STATS_EVERY`], so a scrape never runs a query.
+async fn refresh_backlog(
+    metrics: Arc<Metrics>,
+    store: Store,
+    live: LiveHandle,
+    stop: CancellationToken,
+) {
+    loop {
+        match store.stats().await {
+            Ok(stats) => {
+                let now = std::time::SystemTime::now();
+                for sink in live.sink_names() {
+                    let s = stats.sinks.iter().find(|s| s.sink == sink);
+                    let age = s
+                        .and_then(|s| s.oldest_pending)
+                        .and_then(|at| now.duration_since(at).ok())
+                        .unwrap_or_default();
+                    let (pending, dead) = s.map_or((0, 0), |s| (s.pending, s.dead));
+                    metrics.set_backlog(&sink, pending, dead, age);
+                }
+                metrics.calls_tracked.set(stats.calls_waiting);
+                metrics.set_quarantine_bytes(stats.quarantine_bytes);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "pruning failed; trying again later");
-                break;
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the backlog figures"),
         }
-        // Leave the writer to the requests between steps.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(STATS_EVERY) => {}
+        }
     }
-    (payloads, events)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-
     use super::*;
-    use crate::config::{StoreConfig, Synchronous};
-    use crate::event::Event;
-    use crate::store::Settlement;
-
-    fn event(call: usize) -> Event {
-        let body = format!(r#"{{"event":"call_completed","call_id":"c{call}"}}"#);
-        Event::from_webhook(None, Bytes::from(body)).expect("event")
-    }
-
-    async fn ingest_many(store: &Store, calls: std::ops::Range<usize>) {
-        let tasks: Vec<_> = calls
-            .map(|call| {
-                let store = store.clone();
-                tokio::spawn(async move { store.ingest(event(call), Vec::new()).await })
-            })
-            .collect();
-        for t in tasks {
-            t.await.expect("task").expect("stored");
-        }
-    }
-
-    #[tokio::test]
-    async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = StoreConfig {
-            path: dir.path().join("router.db"),
-            synchronous: Synchronous::Normal,
-            retention: Duration::from_secs(3600),
-            dedup_window: Duration::from_secs(7200),
-            quarantine_max_bytes: 1 << 20,
-        };
-        let (store, _writer) = Store::open(&config, store::StoreOptions::default()).expect("store");
-        let reader = store.reader().expect("reader");
-        let sink: Arc<str> = Arc::from("a");
-
-        // The oldest event has a dead delivery, never replayed: it is kept for good.
-        store
-            .ingest(event(0), vec![Arc::clone(&sink)])
-            .await
-            .expect("stored");
-        let dead = reader.due("a", 1, usize::MAX, vec![]).await.expect("due");
-        let dead = Settlement::Dead {
-            id: dead[0].id,
-            error: "gone".into(),
-        };
-        store.settle(vec![dead]).await.expect("settled");
-        // Behind it, more than three ranges of events that pruning deletes, then one kept
-        // (pending) so the deleted ids stay a hole instead of being reused.
-        ingest_many(&store, 1..1601).await;
-        store
-            .ingest(event(1601), vec![Arc::clone(&sink)])
-            .await
-            .expect("stored");
-
-        let stop = CancellationToken::new();
-        let later = store::now() + Duration::from_secs(3600);
-        let (_, deleted) = prune_pass(&store, &reader, later, later, &stop).await;
-        assert_eq!(deleted, 1600);
-
-        // Events stored after the hole must still be pruned on the next pass.
-        ingest_many(&store, 2000..2300).await;
-        let later = store::now() + Duration::from_secs(3600);
-        let (_, deleted) = prune_pass(&store, &reader, later, later, &stop).await;
-        assert_eq!(deleted, 300, "the pass stopped at an empty range");
-    }
 
     fn config_with_api_key(key: &str) -> Config {
         Config::from_toml(&format!(

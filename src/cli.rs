@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::admin::Status;
-use crate::config::{Config, ConfigError, ConfigSource};
+use crate::config::{Config, ConfigError, ConfigSource, StoreConfig};
+use crate::store::operator::DeliveryStatus;
 use crate::trigger::Trigger;
 
 #[derive(Debug, Parser)]
@@ -190,8 +190,26 @@ impl ConfigArg {
         Config::api(&self.source())
     }
 
-    /// The store's path, for commands that need nothing else (and so no secret).
-    pub fn store_path(&self) -> Result<PathBuf, ConfigError> {
-        Config::store_path(&self.source())
+    /// The `[store]` settings, for commands that need nothing else (and so no secret).
+    pub fn store(&self) -> Result<StoreConfig, ConfigError> {
+        Config::store(&self.source())
+    }
+}
+
+/// A delivery status on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Status {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+impl From<Status> for DeliveryStatus {
+    fn from(s: Status) -> DeliveryStatus {
+        match s {
+            Status::Pending => DeliveryStatus::Pending,
+            Status::Delivered => DeliveryStatus::Delivered,
+            Status::Dead => DeliveryStatus::Dead,
+        }
     }
 }

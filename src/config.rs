@@ -685,8 +685,9 @@ impl Config {
 
     /// Only `store.path`, for operator commands: the file must still parse, but no secret
     /// is needed to look at the store.
-    pub fn store_path(source: &ConfigSource) -> Result<PathBuf, ConfigError> {
-        Ok(PathBuf::from(Config::raw(source)?.store.path))
+    pub fn store(source: &ConfigSource) -> Result<StoreConfig, ConfigError> {
+        let raw = Config::raw(source)?;
+        raw.store_config(raw.server.max_body_bytes)
     }
 
     /// Only `[api]`, for the `calls` and `agents` commands.
@@ -864,6 +865,52 @@ impl RawConfig {
         })
     }
 
+    /// `[store]`; `max_body_bytes` bounds the quarantine from below.
+    fn store_config(&self, max_body_bytes: u64) -> Result<StoreConfig, ConfigError> {
+        if self.store.path.is_empty() {
+            return Err(invalid("store.path", &self.store.path, "must name a file"));
+        }
+        let retention = duration("store.retention", &self.store.retention)?;
+        let dedup_window = duration("store.dedup_window", &self.store.dedup_window)?;
+        if dedup_window < retention {
+            return Err(invalid(
+                "store.dedup_window",
+                &self.store.dedup_window,
+                format!(
+                    "must not be shorter than store.retention ({})",
+                    self.store.retention
+                ),
+            ));
+        }
+        if self.store.quarantine_max_bytes < max_body_bytes {
+            return Err(invalid(
+                "store.quarantine_max_bytes",
+                self.store.quarantine_max_bytes,
+                format!(
+                    "must be at least server.max_body_bytes ({max_body_bytes}), so one body always fits"
+                ),
+            ));
+        }
+        let synchronous = match self.store.synchronous.as_str() {
+            "full" => Synchronous::Full,
+            "normal" => Synchronous::Normal,
+            other => {
+                return Err(invalid(
+                    "store.synchronous",
+                    other,
+                    "must be \"full\" or \"normal\"",
+                ));
+            }
+        };
+        Ok(StoreConfig {
+            path: PathBuf::from(&self.store.path),
+            synchronous,
+            retention,
+            dedup_window,
+            quarantine_max_bytes: self.store.quarantine_max_bytes,
+        })
+    }
+
     fn validate(self) -> Result<Config, ConfigError> {
         let s = &self.server;
         let listen = s.listen.parse::<SocketAddr>().map_err(|_| {
@@ -947,26 +994,12 @@ impl RawConfig {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        if self.store.path.is_empty() {
-            return Err(invalid("store.path", &self.store.path, "must name a file"));
-        }
-        let retention = duration("store.retention", &self.store.retention)?;
-        let dedup_window = duration("store.dedup_window", &self.store.dedup_window)?;
-        if dedup_window < retention {
-            return Err(invalid(
-                "store.dedup_window",
-                &self.store.dedup_window,
-                format!(
-                    "must not be shorter than store.retention ({})",
-                    self.store.retention
-                ),
-            ));
-        }
+        let store = self.store_config(s.max_body_bytes)?;
         let max_event_age = match &self.webhook.max_event_age {
-            None => dedup_window,
+            None => store.dedup_window,
             Some(age) => duration("webhook.max_event_age", age)?,
         };
-        if max_event_age > dedup_window {
+        if max_event_age > store.dedup_window {
             return Err(invalid(
                 "webhook.max_event_age",
                 self.webhook.max_event_age.as_deref().unwrap_or_default(),
@@ -976,27 +1009,6 @@ impl RawConfig {
                 ),
             ));
         }
-        if self.store.quarantine_max_bytes < s.max_body_bytes {
-            return Err(invalid(
-                "store.quarantine_max_bytes",
-                self.store.quarantine_max_bytes,
-                format!(
-                    "must be at least server.max_body_bytes ({}), so one body always fits",
-                    s.max_body_bytes
-                ),
-            ));
-        }
-        let synchronous = match self.store.synchronous.as_str() {
-            "full" => Synchronous::Full,
-            "normal" => Synchronous::Normal,
-            other => {
-                return Err(invalid(
-                    "store.synchronous",
-                    other,
-                    "must be \"full\" or \"normal\"",
-                ));
-            }
-        };
 
         let d = &self.delivery;
         let max_attempts = u32::try_from(positive("delivery.max_attempts", d.max_attempts)?)
@@ -1053,13 +1065,7 @@ impl RawConfig {
                 max_event_age,
                 max_clock_skew: duration("webhook.max_clock_skew", &self.webhook.max_clock_skew)?,
             },
-            store: StoreConfig {
-                path: PathBuf::from(&self.store.path),
-                synchronous,
-                retention,
-                dedup_window,
-                quarantine_max_bytes: self.store.quarantine_max_bytes,
-            },
+            store,
             delivery: DeliveryConfig {
                 max_attempts,
                 backoff_initial,

@@ -4,7 +4,7 @@
 //! The dispatcher holds at most `batch_size * concurrency` rows in memory, whatever the
 //! backlog: a sink that is down for hours leaves its rows in SQLite, not here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -14,11 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::config::DeliveryConfig;
-use crate::event::Delivery;
+use crate::event::{Delivery, DeliveryId};
 use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
-use crate::store::{self, Reader, Settlement, Store, StoreError};
+use crate::store::{self, Settlement, Store};
 
 /// Payload bytes fetched for one batch at most (at least one row is always taken).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -66,14 +66,14 @@ impl RetryPolicy {
                 }
             }
             Err(e) if e.is_permanent() => {
-                tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed permanently; dead");
+                tracing::warn!(sink, id = d.id.row, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed permanently; dead");
                 Settlement::Dead {
                     id: d.id,
                     error: e.to_string(),
                 }
             }
             Err(e) if failures >= self.max_attempts => {
-                tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed; attempts exhausted, dead");
+                tracing::warn!(sink, id = d.id.row, key = %d.dedup_key, attempt = failures, reason = %e, "delivery failed; attempts exhausted, dead");
                 Settlement::Dead {
                     id: d.id,
                     error: format!("gave up after {failures} attempts: {e}"),
@@ -85,7 +85,7 @@ impl RetryPolicy {
                     .map(|d| d.min(self.backoff.max))
                     .unwrap_or_default();
                 let wait = self.backoff.full_jitter(failures).max(asked);
-                tracing::warn!(sink, id = d.id, key = %d.dedup_key, attempt = failures, retry_in = ?wait, reason = %e, "delivery failed; will retry");
+                tracing::warn!(sink, id = d.id.row, key = %d.dedup_key, attempt = failures, retry_in = ?wait, reason = %e, "delivery failed; will retry");
                 Settlement::Retry {
                     id: d.id,
                     at: store::now() + wait,
@@ -99,7 +99,7 @@ impl RetryPolicy {
 /// A row handed to a delivery task: what settling it takes, should the task die.
 #[derive(Debug, Clone)]
 struct Claim {
-    id: i64,
+    id: DeliveryId,
     /// Attempts made before this one.
     attempts: u32,
     dedup_key: String,
@@ -117,7 +117,6 @@ impl Claim {
 
 pub struct Dispatcher {
     shared: Arc<Shared>,
-    reader: Reader,
 }
 
 /// What every delivery task of one sink needs.
@@ -136,9 +135,8 @@ impl Dispatcher {
         policy: RetryPolicy,
         redaction: Redaction,
         metrics: Arc<Metrics>,
-    ) -> Result<Dispatcher, StoreError> {
-        let reader = store.reader()?;
-        Ok(Dispatcher {
+    ) -> Dispatcher {
+        Dispatcher {
             shared: Arc::new(Shared {
                 sink,
                 store,
@@ -146,12 +144,12 @@ impl Dispatcher {
                 redaction,
                 metrics,
             }),
-            reader,
-        })
+        }
     }
 
     /// Runs until `stop` is cancelled, then gives in-flight deliveries up to `drain` to
-    /// finish. Whatever is still unfinished stays pending and is delivered after restart.
+    /// finish. Whatever is still unfinished is released: it stays pending and is
+    /// delivered by the next dispatcher of this sink (after a reload or a restart).
     pub async fn run(self, stop: CancellationToken, drain: Duration) {
         let name = self.shared.sink.name().to_owned();
         let waker = self.shared.store.waker(&name);
@@ -159,7 +157,6 @@ impl Dispatcher {
         let mut in_flight: JoinSet<()> = JoinSet::new();
         // The rows each task holds: a task that dies frees its own rows, never another's.
         let mut claims: HashMap<task::Id, Vec<Claim>> = HashMap::new();
-        let mut busy: HashSet<i64> = HashSet::new();
         let batch_size = self.shared.sink.batch_size().max(1);
         let mut last_fetch: Option<Instant> = None;
         let mut backlog = false;
@@ -176,10 +173,10 @@ impl Dispatcher {
             let mut store_failed = false;
             while lingering.is_none() && in_flight.len() < slots {
                 last_fetch = Some(Instant::now());
-                let busy_ids = busy.iter().copied().collect();
                 match self
-                    .reader
-                    .due(&name, batch_size, MAX_BATCH_BYTES, busy_ids)
+                    .shared
+                    .store
+                    .claim(&name, batch_size, MAX_BATCH_BYTES)
                     .await
                 {
                     Ok(batch) if batch.is_empty() => {
@@ -189,7 +186,6 @@ impl Dispatcher {
                     Ok(batch) => {
                         backlog = batch.len() == batch_size;
                         let claimed: Vec<Claim> = batch.iter().map(Claim::of).collect();
-                        busy.extend(claimed.iter().map(|c| c.id));
                         let task = in_flight.spawn(attempt(Arc::clone(&self.shared), batch));
                         claims.insert(task.id(), claimed);
                     }
@@ -219,22 +215,30 @@ impl Dispatcher {
                     if let Some(e) = failure {
                         self.settle_failed_task(&claimed, e).await;
                     }
-                    for c in &claimed {
-                        busy.remove(&c.id);
-                    }
                 },
                 () = &mut notified => {}
                 () = tokio::time::sleep(wait) => {}
             }
         }
-        if tokio::time::timeout(drain, async {
-            while in_flight.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(drain, async {
+            while let Some(done) = in_flight.join_next_with_id().await {
+                let task = match &done {
+                    Ok((task, ())) => *task,
+                    Err(e) => e.id(),
+                };
+                claims.remove(&task);
+            }
         })
-        .await
-        .is_err()
-        {
+        .await;
+        if drained.is_err() {
             tracing::warn!(sink = %name, unfinished = in_flight.len(), "deliveries still running at shutdown were abandoned; they stay pending");
             in_flight.abort_all();
+            while in_flight.join_next().await.is_some() {}
+        }
+        // Claims of tasks that ended without settling (abandoned above).
+        let abandoned: Vec<DeliveryId> = claims.into_values().flatten().map(|c| c.id).collect();
+        if !abandoned.is_empty() {
+            self.shared.store.release(abandoned);
         }
     }
 
@@ -262,7 +266,7 @@ impl Dispatcher {
     /// How long until a pending row that is not due yet becomes due (rows due now are either
     /// being delivered or wait for a free slot, and a finishing task wakes us for those).
     async fn until_next_due(&self, name: &str) -> Duration {
-        match self.reader.next_due_after(name, store::now()).await {
+        match self.shared.store.next_due(name).await {
             Ok(Some(at)) => at
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
@@ -431,8 +435,7 @@ mod tests {
             dedup_window: Duration::from_secs(7200),
             quarantine_max_bytes: 1 << 20,
         };
-        let (store, _writer) =
-            Store::open(&config, crate::store::StoreOptions::default()).expect("store");
+        let store = Store::open(&config, crate::store::StoreOptions::default()).expect("store");
         let sink = Arc::new(Flaky {
             failures,
             calls: AtomicUsize::new(0),
@@ -445,8 +448,7 @@ mod tests {
             policy(max_attempts),
             Redaction::default(),
             Arc::new(Metrics::new()),
-        )
-        .expect("dispatcher");
+        );
         tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));
         let event = Event::from_webhook(
             None,
@@ -558,8 +560,7 @@ mod tests {
             dedup_window: Duration::from_secs(7200),
             quarantine_max_bytes: 1 << 20,
         };
-        let (store, _writer) =
-            Store::open(&config, crate::store::StoreOptions::default()).expect("store");
+        let store = Store::open(&config, crate::store::StoreOptions::default()).expect("store");
         for call in ["c2", "c1"] {
             let body = format!(r#"{{"event":"call_completed","call_id":"{call}"}}"#);
             let event = Event::from_webhook(None, Bytes::from(body)).expect("event");
@@ -583,8 +584,7 @@ mod tests {
             policy,
             Redaction::default(),
             Arc::new(Metrics::new()),
-        )
-        .expect("dispatcher");
+        );
         let stop = CancellationToken::new();
         let running = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_millis(100)));
 

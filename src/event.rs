@@ -82,11 +82,32 @@ impl Timestamp {
     }
 }
 
+/// Which delivery a sink is handed: the outbox row, and the claim it was handed out
+/// under (a store shared by several replicas refuses an outcome whose claim has expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeliveryId {
+    pub row: i64,
+    pub claim: u64,
+}
+
+impl DeliveryId {
+    /// A row handed out without a claim token (a store with a single process).
+    pub fn row(row: i64) -> DeliveryId {
+        DeliveryId { row, claim: 0 }
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.row)
+    }
+}
+
 /// One event on its way to one sink: what a sink receives (the contract between the
 /// dispatcher and every sink), read from the store.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub id: i64,
+    pub id: DeliveryId,
     /// Attempts made before this one.
     pub attempts: u32,
     pub event: String,

@@ -17,7 +17,6 @@
 //! - [`config`], [`cli`] and [`admin`]: the TOML file, environment overrides, commands
 //!   and the operator's view of the store. [`redact`] and [`net`] serve the sinks.
 
-pub mod admin;
 pub mod api;
 pub mod app;
 pub mod backoff;
@@ -32,6 +31,7 @@ pub mod net;
 pub mod poller;
 pub mod protocol;
 pub mod redact;
+pub mod render;
 pub mod routing;
 pub mod server;
 pub mod signature;

@@ -11,15 +11,17 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
-use vyora_router::admin;
 use vyora_router::api::RateLimiter;
 use vyora_router::cli::{
     AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
     PollerCommand,
 };
 use vyora_router::config::{Config, ConfigSource, LogFormat};
+use vyora_router::render;
 use vyora_router::signature::Secret;
-use vyora_router::trigger;
+use vyora_router::store::operator::{ListFilter, Replay};
+use vyora_router::store::{Store, StoreError};
+use vyora_router::trigger::{self, Trigger};
 
 /// Log lines waiting for stdout at most.
 const LOG_QUEUE_LINES: usize = 8192;
@@ -35,23 +37,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Hands each command to its own function.
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::CheckConfig { config, show_urls } => {
-            let config = config.load()?;
-            if show_urls {
-                print!("{}", config.redacted_toml_with_urls());
-            } else {
-                print!("{}", config.redacted_toml());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Serve(arg) => {
-            let config = arg.load()?;
-            let _log = init_logging(&config)?;
-            runtime()?.block_on(serve(config, arg.source()))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Serve(arg) => serve(&arg),
+        Command::CheckConfig { config, show_urls } => check_config(&config, show_urls),
+        Command::Healthcheck(arg) => healthcheck(&arg),
         Command::Deliveries(DeliveriesCommand::List {
             config,
             sink,
@@ -60,20 +51,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             json,
         }) => {
-            let conn = admin::open(&config.store_path()?)?;
-            let filter = admin::ListFilter {
+            let filter = ListFilter {
                 sink,
-                status,
+                status: status.map(Into::into),
                 call_id,
                 limit,
             };
-            let rows = admin::list(&conn, &filter)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!("{}", admin::render_deliveries(&rows));
-            }
-            Ok(ExitCode::SUCCESS)
+            deliveries_list(&config, &filter, json)
         }
         Command::Deliveries(DeliveriesCommand::Replay {
             config,
@@ -81,142 +65,230 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             which,
             json,
         }) => {
-            let conn = admin::open(&config.store_path()?)?;
             let which = match (which.dead, which.call_id, which.id) {
-                (_, Some(call), _) => admin::Replay::CallId(call),
-                (_, _, Some(id)) => admin::Replay::Id(id),
-                _ => admin::Replay::Dead,
+                (_, Some(call), _) => Replay::CallId(call),
+                (_, _, Some(id)) => Replay::Id(id),
+                _ => Replay::Dead,
             };
-            let replayed = admin::replay(&conn, &sink, &which)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "sink": sink, "replayed": replayed })
-                );
-            } else {
-                println!(
-                    "{replayed} deliveries to {sink} are pending again; the running server sends them shortly"
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            deliveries_replay(&config, &sink, &which, json)
         }
         Command::Events(EventsCommand::Show {
             config,
             call_id,
             json,
-        }) => {
-            let conn = admin::open(&config.store_path()?)?;
-            let events = admin::show_events(&conn, &call_id)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&events)?);
-            } else if events.is_empty() {
-                println!("no stored events for call {call_id}");
-            } else {
-                println!("{}", admin::render_events(&events));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Calls(CallsCommand::Get { config, call_id }) => {
-            let client = api_client(&config)?;
-            let record = runtime()?.block_on(client.call(&call_id))?;
-            let value: serde_json::Value =
-                serde_json::from_slice(&record).context("the answer is not JSON")?;
-            println!("{}", serde_json::to_string_pretty(&value)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => events_show(&config, &call_id, json),
+        Command::Calls(CallsCommand::Get { config, call_id }) => calls_get(&config, &call_id),
         Command::Agents(AgentsCommand::List {
             config,
             limit,
             offset,
             json,
-        }) => {
-            let client = api_client(&config)?;
-            let list = runtime()?.block_on(client.agents(limit, offset))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                println!("{}", admin::render_agents(&list.agents));
-                if let Some(total) = list.total {
-                    println!("{} of {total} agents", list.agents.len());
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => agents_list(&config, limit, offset, json),
         Command::Poller(PollerCommand::Status {
             config,
             limit,
             json,
-        }) => {
-            let conn = admin::open(&config.store_path()?)?;
-            let rows = admin::poll_status(&conn, limit)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else if rows.is_empty() {
-                println!("no calls are tracked (is poller.enabled set?)");
-            } else {
-                println!("{}", admin::render_polls(&rows));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => poller_status(&config, limit, json),
         Command::Trigger {
             event,
             url,
             secret,
             call_id,
-        } => {
-            let secret = first_secret(&secret)?;
-            let call_id = call_id.unwrap_or_else(|| format!("trigger-{:016x}", fastrand::u64(..)));
-            vyora_router::net::install_tls_provider();
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .context("cannot set up the HTTP client")?;
-            let mut all_ok = true;
-            for name in event.events() {
-                let body = trigger::payload(name, &call_id);
-                let (status, answer) = runtime()?
-                    .block_on(trigger::send(&client, &url, &secret, name, body))
-                    .with_context(|| format!("sending {name} to {url}"))?;
-                // The answer comes from whatever server --url names: never raw to the terminal.
-                println!("{name} {call_id} -> {status} {}", admin::printable(&answer));
-                all_ok &= (200..300).contains(&status);
-            }
-            Ok(if all_ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        Command::Sign { secret, file } => {
-            let secret = first_secret(&secret)?;
-            let body = match file {
-                Some(path) => std::fs::read(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?,
-                None => {
-                    let mut body = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
-                        .context("cannot read standard input")?;
-                    body
-                }
-            };
-            println!("{}", vyora_router::signature::sign(&secret, &body));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Healthcheck(arg) => {
-            let config = arg.load()?;
-            // Probes run beside the router, so they use the operator's listener.
-            let addr = loopback_for(config.admin.listen);
-            let status = runtime()?
-                .block_on(vyora_router::server::check_health(addr))
-                .with_context(|| format!("health check of {addr}"))?;
-            if status.is_success() {
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!("health check of {addr}: {status}");
-                Ok(ExitCode::FAILURE)
-            }
+        } => trigger(event, &url, &secret, call_id),
+        Command::Sign { secret, file } => sign(&secret, file.as_deref()),
+    }
+}
+
+/// `serve`: the router itself, until SIGTERM or SIGINT.
+fn serve(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = arg.load()?;
+    let _log = init_logging(&config)?;
+    runtime()?.block_on(serve_until_signalled(config, arg.source()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config`: the effective settings, secrets (and URLs unless asked) redacted.
+fn check_config(arg: &ConfigArg, show_urls: bool) -> anyhow::Result<ExitCode> {
+    let config = arg.load()?;
+    if show_urls {
+        print!("{}", config.redacted_toml_with_urls());
+    } else {
+        print!("{}", config.redacted_toml());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `healthcheck`: the container's probe of `/healthz` on the admin listener (no curl
+/// needed in the image).
+fn healthcheck(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
+    let config = arg.load()?;
+    // Probes run beside the router, so they use the operator's listener.
+    let addr = loopback_for(config.admin.listen);
+    let status = runtime()?
+        .block_on(vyora_router::server::check_health(addr))
+        .with_context(|| format!("health check of {addr}"))?;
+    if status.is_success() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("health check of {addr}: {status}");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Runs an operator command against the store `arg` names, closing it afterwards so
+/// that a write (a replay) is committed before the process exits.
+fn with_store<T>(
+    arg: &ConfigArg,
+    command: impl AsyncFnOnce(&Store) -> Result<T, StoreError>,
+) -> anyhow::Result<T> {
+    let config = arg.store()?;
+    runtime()?.block_on(async {
+        let store = Store::open_existing(&config)?;
+        let result = command(&store).await;
+        store.close().await;
+        Ok(result?)
+    })
+}
+
+/// `deliveries list`: deliveries, newest first.
+fn deliveries_list(arg: &ConfigArg, filter: &ListFilter, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = with_store(arg, async |store| store.list_deliveries(filter).await)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{}", render::deliveries(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `deliveries replay`: chosen deliveries of a sink back to pending; the running server
+/// sends them.
+fn deliveries_replay(
+    arg: &ConfigArg,
+    sink: &str,
+    which: &Replay,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let replayed = with_store(arg, async |store| store.replay(sink, which).await)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "sink": sink, "replayed": replayed })
+        );
+    } else {
+        println!(
+            "{replayed} deliveries to {sink} are pending again; the running server sends them shortly"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `events show`: a call's stored events and their delivery status per sink.
+fn events_show(arg: &ConfigArg, call_id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let events = with_store(arg, async |store| store.show_events(call_id).await)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&events)?);
+    } else if events.is_empty() {
+        println!("no stored events for call {}", render::printable(call_id));
+    } else {
+        println!("{}", render::events(&events));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `poller status`: the calls being tracked and when each is polled next.
+fn poller_status(arg: &ConfigArg, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let rows = with_store(arg, async |store| store.poll_status(limit).await)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!("no calls are tracked (is poller.enabled set?)");
+    } else {
+        println!("{}", render::polls(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `calls get`: a call's record from Vyora's API, as pretty JSON.
+fn calls_get(arg: &ConfigArg, call_id: &str) -> anyhow::Result<ExitCode> {
+    let client = api_client(arg)?;
+    let record = runtime()?.block_on(client.call(call_id))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&record).context("the answer is not JSON")?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agents list`: the workspace's agents from Vyora's API.
+fn agents_list(
+    arg: &ConfigArg,
+    limit: Option<u64>,
+    offset: Option<u64>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = api_client(arg)?;
+    let list = runtime()?.block_on(client.agents(limit, offset))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!("{}", render::agents(&list.agents));
+        if let Some(total) = list.total {
+            println!("{} of {total} agents", list.agents.len());
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trigger`: realistic, correctly signed events sent to a router.
+fn trigger(
+    event: Trigger,
+    url: &str,
+    secret: &str,
+    call_id: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let secret = first_secret(secret)?;
+    let call_id = call_id.unwrap_or_else(|| format!("trigger-{:016x}", fastrand::u64(..)));
+    vyora_router::net::install_tls_provider();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("cannot set up the HTTP client")?;
+    let mut all_ok = true;
+    for name in event.events() {
+        let body = trigger::payload(name, &call_id);
+        let (status, answer) = runtime()?
+            .block_on(trigger::send(&client, url, &secret, name, body))
+            .with_context(|| format!("sending {name} to {url}"))?;
+        // The answer comes from whatever server --url names: never raw to the terminal.
+        println!(
+            "{name} {call_id} -> {status} {}",
+            render::printable(&answer)
+        );
+        all_ok &= (200..300).contains(&status);
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `sign`: `sha256=<hex>` for a body, as Vyora would sign it.
+fn sign(secret: &str, file: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let secret = first_secret(secret)?;
+    let body = match file {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        None => {
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut body)
+                .context("cannot read standard input")?;
+            body
+        }
+    };
+    println!("{}", vyora_router::signature::sign(&secret, &body));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The first secret of a comma-separated list (as `VYORA_WEBHOOK_SECRET` may hold).
@@ -240,7 +312,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
+async fn serve_until_signalled(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let listeners = vyora_router::Listeners::bind(&config).await?;
     let reloads = reload_on_sighup(source)?;
     vyora_router::run(config, listeners, shutdown_signal()?, reloads).await?;

@@ -1,12 +1,11 @@
 //! Prometheus metrics, served at `GET /metrics` in the OpenMetrics text format.
 //!
-//! Counters and histograms are updated where things happen; the outbox and poller gauges
-//! are read from the store by a background task every [`REFRESH`], so a scrape never runs
-//! a query and a large backlog never slows the request path.
+//! Counters and histograms are updated where things happen; the backlog gauges are set by
+//! a background task that reads the store (the app's), so a scrape never runs a query and
+//! a large backlog never slows the request path. A leaf: it knows nothing of the crate.
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,13 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
-use tokio_util::sync::CancellationToken;
-
-use crate::live::LiveHandle;
-use crate::store::Reader;
-
-/// How often the store-derived gauges are refreshed.
-pub const REFRESH: Duration = Duration::from_secs(10);
 
 type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
@@ -220,56 +212,18 @@ impl Metrics {
         text
     }
 
-    /// Reads the outbox and poll gauges from the store.
-    async fn refresh_once(&self, reader: &Reader, sinks: &[String]) {
-        match reader.outbox_stats().await {
-            Ok(stats) => {
-                let now = SystemTime::now();
-                for sink in sinks {
-                    let s = stats.iter().find(|s| &s.sink == sink);
-                    let label = [("sink", sink.clone())];
-                    self.pending
-                        .get_or_create(&label)
-                        .set(s.map_or(0, |s| s.pending));
-                    self.dead.get_or_create(&label).set(s.map_or(0, |s| s.dead));
-                    let age = s
-                        .and_then(|s| s.oldest_pending)
-                        .and_then(|at| now.duration_since(at).ok())
-                        .map_or(0.0, |d| d.as_secs_f64());
-                    self.oldest_pending_age.get_or_create(&label).set(age);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read outbox statistics"),
-        }
-        match reader.quarantine_bytes().await {
-            Ok(n) => {
-                self.quarantine_bytes.set(n);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot measure the quarantine"),
-        }
-        match reader.calls_waiting().await {
-            Ok(n) => {
-                self.calls_tracked.set(n);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot count tracked calls"),
-        }
+    /// One sink's backlog, as the store last reported it.
+    pub fn set_backlog(&self, sink: &str, pending: i64, dead: i64, oldest_age: Duration) {
+        let label = [("sink", sink.to_owned())];
+        self.pending.get_or_create(&label).set(pending);
+        self.dead.get_or_create(&label).set(dead);
+        self.oldest_pending_age
+            .get_or_create(&label)
+            .set(oldest_age.as_secs_f64());
     }
-}
 
-/// Keeps the store-derived gauges fresh until `stop`.
-pub async fn refresh(
-    metrics: Arc<Metrics>,
-    reader: Reader,
-    live: LiveHandle,
-    stop: CancellationToken,
-) {
-    loop {
-        let names = live.sink_names();
-        metrics.refresh_once(&reader, &names).await;
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(REFRESH) => {}
-        }
+    pub fn set_quarantine_bytes(&self, bytes: i64) {
+        self.quarantine_bytes.set(bytes);
     }
 }
 

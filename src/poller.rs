@@ -19,7 +19,7 @@ use crate::event::Event;
 use crate::live::LiveHandle;
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::store::{self, Ingested, PollEnd, PollUpdate, Reader, Store, StoreError, TrackedCall};
+use crate::store::{self, Ingested, PollEnd, PollUpdate, Role, Store, StoreError, TrackedCall};
 
 /// Calls read from the store per look.
 const BATCH: usize = 32;
@@ -110,7 +110,6 @@ async fn supervise<F, T>(
 pub struct Poller {
     client: Arc<Client>,
     store: Store,
-    reader: Reader,
     live: LiveHandle,
     config: PollerConfig,
     health: Arc<PollerHealth>,
@@ -134,17 +133,15 @@ impl Poller {
         config: PollerConfig,
         health: Arc<PollerHealth>,
         metrics: Arc<Metrics>,
-    ) -> Result<Poller, StoreError> {
-        let reader = store.reader()?;
-        Ok(Poller {
+    ) -> Poller {
+        Poller {
             client,
             store,
-            reader,
             live,
             config,
             health,
             metrics,
-        })
+        }
     }
 
     /// Runs the poller until `stop`, restarted if it ever stops before.
@@ -166,7 +163,16 @@ impl Poller {
             "polling for missed analyses"
         );
         while !stop.is_cancelled() {
-            let due = match self.reader.due_polls(BATCH).await {
+            // On a store several processes share, one of them polls: the API's rate
+            // limit is the account's, not the process's.
+            if !self.store.lead(Role::Poller).await.unwrap_or(false) {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(MAX_IDLE) => {}
+                }
+                continue;
+            }
+            let due = match self.store.due_polls(BATCH).await {
                 Ok(due) => due,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the poll schedule");
@@ -174,7 +180,7 @@ impl Poller {
                 }
             };
             if due.is_empty() {
-                let wait = match self.reader.next_poll().await {
+                let wait = match self.store.next_poll().await {
                     Ok(Some(at)) => at.duration_since(SystemTime::now()).unwrap_or_default(),
                     _ => MAX_IDLE,
                 };
@@ -288,7 +294,7 @@ impl Poller {
     ) -> Result<(), EmitError> {
         let completed_key = format!("{call_id}:call_completed");
         let mut names = Vec::with_capacity(2);
-        if !self.reader.has_event(&completed_key).await? {
+        if !self.store.has_event(&completed_key).await? {
             names.push(protocol::CALL_COMPLETED);
         }
         names.push(protocol::ALL_PROCESSING_COMPLETED);

@@ -277,11 +277,8 @@ pub async fn handle<B: RequestBody>(
 /// Ready when the store accepts commits and every sink that needs a connection has one.
 fn readiness(state: &State) -> Result<Accepted, Rejection> {
     let mut problems = serde_json::Map::new();
-    if !state.store.writable() {
-        problems.insert(
-            "store".into(),
-            "the last commit failed (disk full or locked?)".into(),
-        );
+    if let Some(reason) = state.store.unready() {
+        problems.insert("store".into(), reason.into());
     }
     for sink in &state.live.current().sinks {
         if let Some(reason) = sink.unready() {

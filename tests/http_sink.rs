@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::downstream::{Downstream, Reply};
 use common::process;
 use common::*;
-use vyora_router::admin;
 use vyora_router::signature::{self, Secret};
+use vyora_router::store::operator::Replay;
 
 const WAIT: Duration = Duration::from_secs(15);
 const SINK_SECRET: &str = "downstream-secret";
@@ -180,11 +180,10 @@ async fn a_400_goes_dead_at_once_and_replay_delivers_it_once_fixed() {
     );
 
     downstream.set_script(|_, _| Reply::Status(200));
-    let conn = admin::open(&router.path().join("router.db")).expect("open");
-    assert_eq!(
-        admin::replay(&conn, "crm", &admin::Replay::Dead).expect("replay"),
-        1
-    );
+    // As the operator's command does: its own handle on the same database.
+    let store = router.operator_store();
+    assert_eq!(store.replay("crm", &Replay::Dead).await.expect("replay"), 1);
+    store.close().await;
     wait_status(&router, "call-h5:call_completed", "delivered").await;
     assert_eq!(downstream.received().len(), 2);
 }

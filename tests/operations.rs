@@ -230,12 +230,10 @@ async fn pruning_empties_old_payloads_and_keeps_dedup_keys_for_the_dedup_window(
         serde_json::json!({"received": true, "duplicate": true})
     );
     // And an operator's replay cannot send an empty payload.
-    let conn = vyora_router::admin::open(&router.path().join("router.db")).expect("open");
-    let call = vyora_router::admin::Replay::CallId("call-prune".into());
-    assert_eq!(
-        vyora_router::admin::replay(&conn, "archive", &call).expect("replay"),
-        0
-    );
+    let store = router.operator_store();
+    let call = vyora_router::store::operator::Replay::CallId("call-prune".into());
+    assert_eq!(store.replay("archive", &call).await.expect("replay"), 0);
+    store.close().await;
 
     while length(&router).is_some() {
         assert!(

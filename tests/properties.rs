@@ -101,14 +101,13 @@ proptest! {
         for step in steps {
             match step {
                 Step::Restart => {
-                    if let Some((s, writer)) = store.take() {
-                        drop(s);
-                        writer.join();
+                    if let Some(s) = store.take() {
+                        rt.block_on(s.close());
                     }
                     store = Some(Store::open(&config, StoreOptions::default()).expect("store"));
                 }
                 Step::Deliver { call, event, copies } => {
-                    let Some((s, _)) = store.as_ref() else { continue };
+                    let Some(s) = store.as_ref() else { continue };
                     let name = EVENTS[usize::from(event)];
                     let body = format!(r#"{{"event":"{name}","call_id":"c{call}"}}"#);
                     let results = rt.block_on(async {
@@ -135,9 +134,8 @@ proptest! {
                 }
             }
         }
-        if let Some((s, writer)) = store.take() {
-            drop(s);
-            writer.join();
+        if let Some(s) = store.take() {
+            rt.block_on(s.close());
         }
         let db = rusqlite::Connection::open(dir.path().join("router.db")).expect("db");
         let events: i64 = db.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).expect("count");

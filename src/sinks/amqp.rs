@@ -459,7 +459,7 @@ mod tests {
 
     fn delivery() -> Delivery {
         Delivery {
-            id: 1,
+            id: crate::event::DeliveryId::row(1),
             attempts: 0,
             event: "call_completed".into(),
             call_id: Some("abc".into()),

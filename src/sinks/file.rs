@@ -277,7 +277,7 @@ mod tests {
 
     fn delivery(id: i64, payload: &str) -> Delivery {
         Delivery {
-            id,
+            id: crate::event::DeliveryId::row(id),
             attempts: 0,
             event: "call_completed".into(),
             call_id: Some(format!("c{id}")),

@@ -175,6 +175,13 @@ impl TestRouter {
         scrape(self.admin).await
     }
 
+    /// A store handle of its own on the router's database, as an operator command opens
+    /// one beside the running server.
+    pub fn operator_store(&self) -> vyora_router::store::Store {
+        let config = Config::from_toml(&base_config(self.path())).expect("config");
+        vyora_router::store::Store::open_existing(&config.store).expect("the store opens")
+    }
+
     /// `GET /readyz` on the admin listener.
     pub async fn readyz(&self) -> Answer {
         get(self.admin, "/readyz").await

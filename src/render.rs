@@ -1,0 +1,209 @@
+//! Operator tables: what the `deliveries`, `events`, `poller` and `agents` commands print
+//! for a person, with every control character from the API or the store escaped.
+
+use comfy_table::Table;
+use comfy_table::presets::UTF8_FULL_CONDENSED;
+
+use crate::api::Agent;
+use crate::store::operator::{DeliveryRow, EventRow, PollRow};
+
+pub fn polls(rows: &[PollRow]) -> String {
+    let mut t = table(&[
+        "call_id",
+        "status",
+        "next poll",
+        "polls",
+        "first seen",
+        "why",
+    ]);
+    for r in rows {
+        t.add_row(row([
+            &r.call_id,
+            &r.status,
+            or_dash(r.next_poll_at.as_deref()),
+            &r.polls.to_string(),
+            &r.first_seen_at,
+            or_dash(r.last_result.as_deref()),
+        ]));
+    }
+    t.to_string()
+}
+
+pub fn agents(agents: &[Agent]) -> String {
+    let mut t = table(&["id", "name", "language", "type"]);
+    for a in agents {
+        t.add_row(row([
+            &a.id,
+            &a.name,
+            or_dash(a.language.as_deref()),
+            or_dash(a.agent_type.as_deref()),
+        ]));
+    }
+    t.to_string()
+}
+
+/// `text` with every control character (C0, DEL, C1) escaped as `\u{..}`, `\n`, `\t`...:
+/// cells come from the API or the store, and a raw ESC or BEL in them would be obeyed by
+/// the operator's terminal (clear the screen, retitle the window, hide text).
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A table row of printable cells.
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.into_iter().map(printable).collect()
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
+    t
+}
+
+fn or_dash(v: Option<&str>) -> &str {
+    v.unwrap_or("-")
+}
+
+pub fn deliveries(rows: &[DeliveryRow]) -> String {
+    let mut t = table(&[
+        "id",
+        "call_id",
+        "event",
+        "sink",
+        "status",
+        "attempts",
+        "next attempt",
+        "last error",
+    ]);
+    for r in rows {
+        t.add_row(row([
+            &r.id.to_string(),
+            or_dash(r.call_id.as_deref()),
+            &r.event,
+            &r.sink,
+            &r.status,
+            &r.attempts.to_string(),
+            or_dash(r.next_attempt_at.as_deref()),
+            or_dash(r.last_error.as_deref()),
+        ]));
+    }
+    t.to_string()
+}
+
+pub fn events(rows: &[EventRow]) -> String {
+    let mut t = table(&[
+        "id",
+        "event",
+        "source",
+        "received at",
+        "sink",
+        "status",
+        "attempts",
+        "last error",
+    ]);
+    for e in rows {
+        if e.deliveries.is_empty() {
+            t.add_row(row([
+                &e.id,
+                &e.event,
+                &e.source,
+                &e.received_at,
+                "-",
+                "no sink matched",
+                "-",
+                "-",
+            ]));
+        }
+        for d in &e.deliveries {
+            t.add_row(row([
+                &e.id,
+                &e.event,
+                &e.source,
+                &e.received_at,
+                &d.sink,
+                &d.status,
+                &d.attempts.to_string(),
+                or_dash(d.last_error.as_deref()),
+            ]));
+        }
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::operator::SinkStatus;
+
+    /// Whether `text` holds a byte a terminal would obey rather than show.
+    fn has_control(text: &str) -> bool {
+        text.chars().any(char::is_control)
+    }
+
+    #[test]
+    fn control_characters_from_the_api_or_the_store_are_shown_escaped_not_sent_to_the_terminal() {
+        let agents = agents(&[crate::api::Agent {
+            id: "abc123".into(),
+            name: "Home Loan\x1b[2J Agent".into(),
+            language: Some("hi-IN\u{9b}31m".into()),
+            agent_type: Some("out\x7fbound".into()),
+        }]);
+        assert!(!has_control(&agents.replace('\n', "")), "{agents:?}");
+        assert!(agents.contains(r"Home Loan\u{1b}[2J Agent"), "{agents}");
+        assert!(agents.contains(r"hi-IN\u{9b}31m"), "{agents}");
+
+        let polls = polls(&[PollRow {
+            call_id: "call-\x1b[1A".into(),
+            status: "waiting".into(),
+            next_poll_at: None,
+            polls: 1,
+            first_seen_at: "2026-05-24T10:30:00Z".into(),
+            last_result: Some("not ready: \x1b]0;pwned\x07".into()),
+        }]);
+        assert!(!has_control(&polls.replace('\n', "")), "{polls:?}");
+        assert!(polls.contains(r"\u{1b}]0;pwned\u{7}"), "{polls}");
+
+        let deliveries = deliveries(&[DeliveryRow {
+            id: 1,
+            call_id: Some("call-1".into()),
+            event: "call_completed".into(),
+            sink: "crm".into(),
+            status: "dead".into(),
+            attempts: 3,
+            next_attempt_at: None,
+            last_error: Some("422: \x1b[31mbad\r\nnext".into()),
+        }]);
+        assert!(
+            !has_control(&deliveries.replace('\n', "")),
+            "{deliveries:?}"
+        );
+        assert!(
+            deliveries.contains(r"\u{1b}[31mbad\r\nnext"),
+            "{deliveries}"
+        );
+
+        let events = events(&[EventRow {
+            id: "call-1:call_completed".into(),
+            event: "call_completed\x1bc".into(),
+            source: "webhook".into(),
+            received_at: "2026-05-24T10:30:00Z".into(),
+            deliveries: vec![SinkStatus {
+                sink: "crm".into(),
+                status: "dead".into(),
+                attempts: 3,
+                last_error: Some("\x07".into()),
+            }],
+        }]);
+        assert!(!has_control(&events.replace('\n', "")), "{events:?}");
+        assert!(events.contains(r"call_completed\u{1b}c"), "{events}");
+    }
+}

@@ -1,0 +1,338 @@
+//! The durable store's contract: what the server, the dispatchers, the poller, the pruner
+//! and the operator commands may ask of a store, whatever engine is behind it.
+//!
+//! [`Backend`] is the seam. SQLite ([`sqlite`]) is the embedded default for one sidecar;
+//! each engine lives in a folder of its own and is chosen once, in [`Store::open`]. The
+//! callers hold a [`Store`] and never see which engine answers: like a sink, a backend
+//! returns boxed futures, so one allocation per call buys a handle without generics
+//! spreading through the server, the dispatchers and the poller.
+//!
+//! The promises every backend keeps: `ingest` answers only once the event and its
+//! deliveries are durable, and stores a dedup key at most once; a claimed delivery is
+//! handed to one dispatcher at a time until it is settled or released; a call's later
+//! event is not claimed for a sink while an earlier one is pending there.
+
+pub mod operator;
+mod sqlite;
+
+use std::future::Future;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::config::StoreConfig;
+use crate::event::{Delivery, DeliveryId, Event};
+use crate::metrics::Metrics;
+use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What a store does, whatever the engine. See the module documentation for the
+/// promises every implementation keeps.
+pub trait Backend: Send + Sync + 'static {
+    /// Stores `event` with one delivery per sink in `sinks`, unless its dedup key is
+    /// already stored; answers once that is durable. A caller that stops waiting (its
+    /// deadline passed) before the store reaches the write withdraws it, so what was
+    /// answered 503 is not stored either.
+    fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> BoxFuture<'_, Result<Ingested>>;
+
+    /// Keeps a signed body that is not a routable event: once per distinct body, and the
+    /// oldest dropped first beyond `store.quarantine_max_bytes`, so replaying one captured
+    /// request cannot fill the disk.
+    fn quarantine(&self, entry: Quarantined) -> BoxFuture<'_, Result<Kept>>;
+
+    /// Why the store cannot take writes right now, if it cannot (reported by `/readyz`).
+    fn unready(&self) -> Option<String>;
+
+    /// Up to `limit` due deliveries of `sink` (and at most about `max_bytes` of payload,
+    /// at least one), oldest first, none already claimed and none whose call has an
+    /// earlier delivery pending on this sink. They stay claimed until settled or released.
+    fn claim<'a>(
+        &'a self,
+        sink: &'a str,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>>>;
+
+    /// Records the outcome of delivery attempts and ends their claims.
+    fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>>;
+
+    /// Ends claims without an outcome (a dispatcher stopped with deliveries in flight):
+    /// the rows are claimed again later, as if never handed out.
+    fn release(&self, ids: Vec<DeliveryId>);
+
+    /// When the earliest pending delivery of `sink` that is not due yet becomes due.
+    fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>>;
+
+    /// Signalled when deliveries for `sink` were stored (or may have been).
+    fn waker(&self, sink: &str) -> Arc<Notify>;
+
+    /// Whether this process holds `role` now: a store shared by several processes lets
+    /// one of them at a time prune or poll.
+    fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>>;
+
+    /// Empties the payloads of events received before `payloads_before` and deletes the
+    /// events (dedup keys) received before `keys_before`, sparing every event with a
+    /// delivery pending or dead; in short steps, so requests are never held up for long.
+    fn prune(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> BoxFuture<'_, Result<Pruned>>;
+
+    /// Backlog figures for the metrics.
+    fn stats(&self) -> BoxFuture<'_, Result<Stats>>;
+
+    /// Calls the poller should look at now, earliest first.
+    fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>>;
+
+    /// When the next tracked call is due for a poll, if any is waiting.
+    fn next_poll(&self) -> BoxFuture<'_, Result<Option<SystemTime>>>;
+
+    /// Records what polling a call found.
+    fn record_poll<'a>(&'a self, call_id: &'a str, update: PollUpdate)
+    -> BoxFuture<'a, Result<()>>;
+
+    /// Whether an event with this dedup key is stored.
+    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>>;
+
+    /// Deliveries for `deliveries list`, newest first.
+    fn list_deliveries<'a>(
+        &'a self,
+        filter: &'a ListFilter,
+    ) -> BoxFuture<'a, Result<Vec<DeliveryRow>>>;
+
+    /// Puts the chosen deliveries of `sink` back to pending with their attempts reset;
+    /// returns how many. Rows already pending, and events whose payload retention
+    /// emptied, are left as they are.
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>>;
+
+    /// The stored events of a call with their delivery status per sink.
+    fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>>;
+
+    /// Tracked calls, waiting ones first (soonest first), then the most recently finished.
+    fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>>;
+
+    /// Finishes every write already queued, then stops taking new ones.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store(Arc<dyn Backend>);
+
+impl Deref for Store {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl Store {
+    /// Opens the store `config` names, creating and migrating it as needed, and starts
+    /// what it needs in the background (SQLite: its writer and checkpointer threads).
+    pub fn open(config: &StoreConfig, options: StoreOptions) -> Result<Store> {
+        Ok(Store(Arc::new(sqlite::SqliteStore::open(config, options)?)))
+    }
+
+    /// Opens an existing store for an operator command: a wrong path is an error, not a
+    /// new empty database.
+    pub fn open_existing(config: &StoreConfig) -> Result<Store> {
+        if !config.path.exists() {
+            return Err(StoreError::Missing {
+                path: config.path.clone(),
+            });
+        }
+        Store::open(config, StoreOptions::default())
+    }
+}
+
+/// What the store is opened with beyond its config.
+#[derive(Default, Clone)]
+pub struct StoreOptions {
+    /// When the poller runs: how long after a call's latest event to poll it.
+    pub track_calls: Option<Duration>,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// A task that one process at a time performs on a shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Pruner,
+    Poller,
+}
+
+/// What storing an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// New: stored with one delivery per matching sink.
+    Stored { deliveries: usize },
+    /// Its dedup key was already stored; nothing new was written.
+    Duplicate,
+}
+
+/// A signed body that is not a routable event, kept so nothing the provider sent is lost.
+#[derive(Debug)]
+pub struct Quarantined {
+    pub reason: String,
+    pub event_header: Option<String>,
+    pub body: Bytes,
+}
+
+/// What quarantining a body did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// False when the same body was already kept.
+    pub stored: bool,
+    /// Older bodies removed to stay within `store.quarantine_max_bytes`.
+    pub dropped: u64,
+}
+
+/// The result of one delivery attempt, as the dispatcher records it.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    Delivered {
+        id: DeliveryId,
+    },
+    Retry {
+        id: DeliveryId,
+        at: SystemTime,
+        error: String,
+    },
+    /// Try again at `at` without counting an attempt (the sink was unavailable).
+    Postpone {
+        id: DeliveryId,
+        at: SystemTime,
+        error: String,
+    },
+    Dead {
+        id: DeliveryId,
+        error: String,
+    },
+}
+
+impl Settlement {
+    pub fn id(&self) -> DeliveryId {
+        match self {
+            Settlement::Delivered { id }
+            | Settlement::Retry { id, .. }
+            | Settlement::Postpone { id, .. }
+            | Settlement::Dead { id, .. } => *id,
+        }
+    }
+}
+
+/// What a pruning pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub payloads: usize,
+    pub events: usize,
+}
+
+/// Backlog figures for the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub sinks: Vec<SinkStats>,
+    /// Calls waiting for their analysis.
+    pub calls_waiting: i64,
+    /// Bytes of quarantined bodies.
+    pub quarantine_bytes: i64,
+}
+
+/// Per-sink delivery figures.
+#[derive(Debug, Clone)]
+pub struct SinkStats {
+    pub sink: String,
+    pub pending: i64,
+    pub dead: i64,
+    /// When the oldest waiting delivery's event was received.
+    pub oldest_pending: Option<SystemTime>,
+}
+
+/// What a poll of one call found.
+#[derive(Debug, Clone)]
+pub enum PollUpdate {
+    /// Not ready (or the API failed): poll again at `at`.
+    Again { at: SystemTime, result: String },
+    /// Polling of this call is over.
+    Finished { status: PollEnd, result: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollEnd {
+    /// The analysis is stored (by webhook or by this poll).
+    Done,
+    GaveUp,
+    NotFound,
+}
+
+impl PollEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PollEnd::Done => "done",
+            PollEnd::GaveUp => "gave_up",
+            PollEnd::NotFound => "not_found",
+        }
+    }
+}
+
+/// A call the poller should look at now.
+#[derive(Debug, Clone)]
+pub struct TrackedCall {
+    pub call_id: String,
+    pub first_seen_at: SystemTime,
+    pub polls: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store {path} does not exist; check store.path (the router creates it)")]
+    Missing { path: PathBuf },
+    #[error("cannot create the directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create the store file {path} or restrict it to its owner: {source}")]
+    Permissions {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot migrate the store {path} to schema version {version}: {source}")]
+    Migrate {
+        path: PathBuf,
+        version: usize,
+        source: rusqlite::Error,
+    },
+    #[error("the store {path} has schema version {found}, newer than this build knows ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    #[error("a store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The time stores record; one function so tests and stores agree.
+pub fn now() -> SystemTime {
+    SystemTime::now()
+}

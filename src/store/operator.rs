@@ -1,0 +1,80 @@
+//! What the operator commands (`deliveries`, `events`, `poller status`) ask of a store and
+//! get back: plain rows, rendered as tables or JSON by the commands.
+
+use serde::Serialize;
+
+/// A delivery's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+}
+
+/// Which rows `deliveries list` shows.
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    pub sink: Option<String>,
+    pub status: Option<DeliveryStatus>,
+    pub call_id: Option<String>,
+    pub limit: usize,
+}
+
+/// Which rows of a sink `deliveries replay` puts back to pending.
+#[derive(Debug, Clone)]
+pub enum Replay {
+    Dead,
+    CallId(String),
+    Id(i64),
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub call_id: Option<String>,
+    pub event: String,
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    /// RFC 3339, for pending rows only.
+    pub next_attempt_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EventRow {
+    pub id: String,
+    pub event: String,
+    pub source: String,
+    pub received_at: String,
+    pub deliveries: Vec<SinkStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SinkStatus {
+    pub sink: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PollRow {
+    pub call_id: String,
+    pub status: String,
+    /// RFC 3339, for calls still waiting.
+    pub next_poll_at: Option<String>,
+    pub polls: u32,
+    pub first_seen_at: String,
+    pub last_result: Option<String>,
+}

@@ -1,0 +1,384 @@
+//! The SQLite store: one database file in WAL mode holding events, their outbox rows (one
+//! per event and sink), the poll schedule and the quarantine.
+//!
+//! Every write goes through one writer thread that commits in groups ([`writer`]); reads
+//! use a pool of their own connections ([`reader`]) and never wait for the writer.
+//! Claims live in this process's memory: one process owns the file.
+
+mod admin;
+mod reader;
+mod schema;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::StoreConfig;
+use crate::event::{Delivery, DeliveryId, Event};
+use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use crate::store::{
+    Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
+    Stats, StoreError, StoreOptions, TrackedCall, now,
+};
+use reader::Readers;
+use writer::{Op, PruneRange, Wakers, WriterContext};
+
+/// Events examined per pruning step (one short write transaction each).
+const PRUNE_BATCH: i64 = 500;
+/// The pause between pruning steps, which leaves the writer to the requests.
+const PRUNE_PAUSE: Duration = Duration::from_millis(10);
+
+fn to_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+pub(super) struct SqliteStore {
+    /// The writer's queue; every write is an [`Op`] on it.
+    tx: mpsc::Sender<Op>,
+    /// Signalled per sink after a commit stored deliveries for it.
+    wakers: Arc<Wakers>,
+    /// Whether the writer's last commit succeeded (readiness).
+    writable: Arc<AtomicBool>,
+    /// Set when the poller runs: how long after a call's latest event to poll it.
+    track_calls: Option<Duration>,
+    readers: Readers,
+    /// Rows handed to a dispatcher and not settled yet, per sink.
+    claimed: Mutex<HashMap<String, HashSet<i64>>>,
+    /// The writer thread, joined by `close`.
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating as needed) the database and starts its writer and
+    /// checkpointer threads.
+    pub(super) fn open(config: &StoreConfig, options: StoreOptions) -> Result<SqliteStore> {
+        let StoreOptions {
+            track_calls,
+            metrics,
+        } = options;
+        let path = config.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            use std::os::unix::fs::DirBuilderExt;
+            // Only the directories created here get 0700; an existing parent (/tmp, /var/lib)
+            // is not ours to change.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
+        schema::restrict_to_owner(&path)?;
+        let mut conn = schema::connect(&path, config.synchronous)?;
+        schema::migrate(&mut conn, &path)?;
+        // Checkpoints run on their own thread, not inside a commit that requests wait for.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", writer::WAL_TARGET_BYTES as i64)?;
+        let checkpointer = schema::connect(&path, config.synchronous)?;
+        // The writer signals each commit; the checkpointer sleeps while nothing is written.
+        let (commit_signal, commits) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || writer::checkpoint_loop(&checkpointer, &commits))
+            .map_err(StoreError::Thread)?;
+
+        let (tx, rx) = mpsc::channel(writer::QUEUE_DEPTH);
+        let wakers = Arc::new(Wakers::default());
+        let writable = Arc::new(AtomicBool::new(true));
+        let context = WriterContext {
+            wakers: Arc::clone(&wakers),
+            wal: schema::wal_path(&path),
+            writable: Arc::clone(&writable),
+            metrics,
+            commit_signal,
+            limits: writer::Limits {
+                quarantine_max_bytes: config.quarantine_max_bytes,
+            },
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer::write_loop(conn, rx, &context))
+            .map_err(StoreError::Thread)?;
+        Ok(SqliteStore {
+            tx,
+            wakers,
+            writable,
+            track_calls,
+            readers: Readers::new(path),
+            claimed: Mutex::new(HashMap::new()),
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    async fn submit<T>(
+        &self,
+        op: Op,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// One pruning step through the writer.
+    async fn prune_step(&self, range: PruneRange) -> Result<writer::Pruned> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Prune {
+            range,
+            outcome: writer::Pruned::default(),
+            reply,
+        };
+        self.submit(op, rx).await
+    }
+
+    /// Walks the events by id (ids grow with time) in steps of [`PRUNE_BATCH`], stopping
+    /// at the first range too recent to touch. Ranges without events (ids already
+    /// deleted) are skipped, not taken for the recent end: one event kept for its dead
+    /// delivery must not stop pruning for good.
+    async fn prune_pass(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> Result<Pruned> {
+        let mut done = Pruned::default();
+        let mut from = self.readers.with(reader::first_event_id).await?;
+        while let Some(start) = from {
+            let step = self
+                .prune_step(PruneRange {
+                    from: start,
+                    to: start.saturating_add(PRUNE_BATCH),
+                    payloads_before,
+                    keys_before,
+                })
+                .await?;
+            done.payloads += step.payloads;
+            done.events += step.events;
+            from = if step.reached_recent { None } else { step.next };
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+        Ok(done)
+    }
+
+    fn unclaim(&self, ids: impl IntoIterator<Item = DeliveryId>) {
+        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            for rows in claimed.values_mut() {
+                if rows.remove(&id.row) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Backend for SqliteStore {
+    fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> BoxFuture<'_, Result<Ingested>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Ingest {
+                track: self.track_calls,
+                event: Box::new(event),
+                sinks,
+                outcome: Ingested::Duplicate,
+                reply,
+            };
+            self.submit(op, rx).await
+        })
+    }
+
+    fn quarantine(&self, entry: Quarantined) -> BoxFuture<'_, Result<Kept>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Quarantine {
+                entry,
+                outcome: Kept::default(),
+                reply,
+            };
+            self.submit(op, rx).await
+        })
+    }
+
+    fn unready(&self) -> Option<String> {
+        // A writer that has stopped (it never should) cannot commit anything either.
+        if self.tx.is_closed() {
+            Some("the store's writer has stopped".into())
+        } else if !self.writable.load(Ordering::Relaxed) {
+            Some("the last commit failed (disk full or locked?)".into())
+        } else {
+            None
+        }
+    }
+
+    fn claim<'a>(
+        &'a self,
+        sink: &'a str,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
+        Box::pin(async move {
+            let busy = self
+                .claimed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(sink)
+                .cloned()
+                .unwrap_or_default();
+            let name = sink.to_owned();
+            let batch = self
+                .readers
+                .with(move |conn| reader::due(conn, &name, limit, max_bytes, &busy))
+                .await?;
+            // One dispatcher claims for a sink, so nothing else claimed meanwhile.
+            self.claimed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(sink.to_owned())
+                .or_default()
+                .extend(batch.iter().map(|d| d.id.row));
+            Ok(batch)
+        })
+    }
+
+    fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let ids: Vec<DeliveryId> = settlements.iter().map(Settlement::id).collect();
+            let (reply, rx) = oneshot::channel();
+            let settled = self.submit(Op::Settle { settlements, reply }, rx).await;
+            // Recorded or not, the claim ends: an unrecorded outcome leaves the row
+            // pending, and sending it again is what at-least-once allows.
+            self.unclaim(ids);
+            settled
+        })
+    }
+
+    fn release(&self, ids: Vec<DeliveryId>) {
+        self.unclaim(ids);
+    }
+
+    fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
+        let sink = sink.to_owned();
+        Box::pin(self.readers.with(move |conn| reader::next_due(conn, &sink)))
+    }
+
+    fn waker(&self, sink: &str) -> Arc<Notify> {
+        self.wakers.get(sink)
+    }
+
+    fn lead(&self, _role: Role) -> BoxFuture<'_, Result<bool>> {
+        // One process owns the file: it leads everything.
+        Box::pin(async { Ok(true) })
+    }
+
+    fn prune(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> BoxFuture<'_, Result<Pruned>> {
+        Box::pin(self.prune_pass(payloads_before, keys_before))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
+        Box::pin(self.readers.with(reader::stats))
+    }
+
+    fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>> {
+        Box::pin(
+            self.readers
+                .with(move |conn| reader::due_polls(conn, limit)),
+        )
+    }
+
+    fn next_poll(&self) -> BoxFuture<'_, Result<Option<SystemTime>>> {
+        Box::pin(self.readers.with(reader::next_poll))
+    }
+
+    fn record_poll<'a>(
+        &'a self,
+        call_id: &'a str,
+        update: PollUpdate,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Poll {
+                call_id: call_id.to_owned(),
+                update,
+                reply,
+            };
+            self.submit(op, rx).await
+        })
+    }
+
+    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
+        let key = dedup_key.to_owned();
+        Box::pin(self.readers.with(move |conn| reader::has_event(conn, &key)))
+    }
+
+    fn list_deliveries<'a>(
+        &'a self,
+        filter: &'a ListFilter,
+    ) -> BoxFuture<'a, Result<Vec<DeliveryRow>>> {
+        let filter = filter.clone();
+        Box::pin(self.readers.with(move |conn| admin::list(conn, &filter)))
+    }
+
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Replay {
+                sink: sink.to_owned(),
+                which: which.clone(),
+                outcome: 0,
+                reply,
+            };
+            self.submit(op, rx).await
+        })
+    }
+
+    fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>> {
+        let call = call_id.to_owned();
+        Box::pin(
+            self.readers
+                .with(move |conn| admin::show_events(conn, &call)),
+        )
+    }
+
+    fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>> {
+        Box::pin(
+            self.readers
+                .with(move |conn| admin::poll_status(conn, limit)),
+        )
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.tx.send(Op::Close).await.is_err() {
+                tracing::error!("the store writer had already stopped");
+            }
+            let handle = self
+                .writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(handle) = handle {
+                let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+                if !matches!(joined, Ok(Ok(()))) {
+                    tracing::error!("the store writer thread panicked");
+                }
+            }
+        })
+    }
+}

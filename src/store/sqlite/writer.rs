@@ -1,0 +1,549 @@
+//! The SQLite writer: one thread owns the write connection and commits in groups.
+//!
+//! It takes whatever is queued (up to [`MAX_GROUP`] operations), applies it in one
+//! transaction, commits with a single fsync, and only then answers each waiting caller.
+//! Under load many requests share one fsync, which is what lets `synchronous = FULL` keep
+//! up. Checkpoints run on a thread of their own (see [`checkpoint_loop`]).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use super::admin;
+use super::{now, to_millis};
+use crate::event::{Event, Source};
+use crate::metrics::Metrics;
+use crate::store::operator::Replay;
+use crate::store::{Ingested, Kept, PollUpdate, Quarantined, Settlement, StoreError};
+
+/// Most operations committed in one transaction.
+pub(super) const MAX_GROUP: usize = 512;
+/// Operations waiting for the writer; callers beyond this wait for room (and time out).
+pub(super) const QUEUE_DEPTH: usize = 1024;
+/// How often the background checkpointer copies committed WAL frames into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
+/// WAL size the writer keeps the log near (see [`checkpoint_loop`]); SQLite also cuts the
+/// file back to it whenever the log restarts.
+pub(super) const WAL_TARGET_BYTES: u64 = 4 * 1024 * 1024;
+/// Past this the writer truncates the log whatever it costs: disk use stays bounded even
+/// if checkpoints cannot keep up.
+const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
+/// How often at most the writer finishes a checkpoint itself.
+const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+pub(super) enum Op {
+    Ingest {
+        event: Box<Event>,
+        sinks: Vec<Arc<str>>,
+        /// Track the call for the poller: first poll this long after its latest event.
+        track: Option<Duration>,
+        /// Set by `apply`; answered only once the transaction that set it has committed.
+        outcome: Ingested,
+        reply: oneshot::Sender<Result<Ingested, StoreError>>,
+    },
+    Quarantine {
+        entry: Quarantined,
+        /// Set by `apply`, answered after commit.
+        outcome: Kept,
+        reply: oneshot::Sender<Result<Kept, StoreError>>,
+    },
+    Settle {
+        settlements: Vec<Settlement>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Poll {
+        call_id: String,
+        update: PollUpdate,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Prune {
+        range: PruneRange,
+        /// Set by `apply`, answered after commit.
+        outcome: Pruned,
+        reply: oneshot::Sender<Result<Pruned, StoreError>>,
+    },
+    Replay {
+        sink: String,
+        which: Replay,
+        /// Set by `apply`, answered after commit.
+        outcome: usize,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
+    /// Commit what came before, then stop: the store is closing.
+    Close,
+}
+
+/// One pruning step: the events with ids in `[from, to)`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PruneRange {
+    pub from: i64,
+    pub to: i64,
+    /// Payloads of events received before this, delivered to every sink, are emptied.
+    pub payloads_before: SystemTime,
+    /// Events (dedup keys) received before this, delivered to every sink, are deleted.
+    pub keys_before: SystemTime,
+}
+
+/// What a pruning step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Pruned {
+    pub payloads: usize,
+    pub events: usize,
+    /// The range's oldest event is too recent to prune: later ids are newer still.
+    pub reached_recent: bool,
+    /// The first event id at or after the range's end: where the next step starts, so a
+    /// run of deleted ids (behind an event kept for its dead delivery) is skipped.
+    pub next: Option<i64>,
+}
+
+/// Per-sink wake-ups: the writer signals a sink's dispatcher after committing rows for it.
+#[derive(Default)]
+pub(super) struct Wakers(Mutex<HashMap<String, Arc<Notify>>>);
+
+impl Wakers {
+    pub(super) fn get(&self, sink: &str) -> Arc<Notify> {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(map.entry(sink.to_owned()).or_default())
+    }
+
+    fn wake(&self, sinks: &HashSet<Arc<str>>) {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for sink in sinks {
+            if let Some(n) = map.get(&**sink) {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+impl Op {
+    /// The caller has stopped waiting for the answer.
+    fn withdrawn(&self) -> bool {
+        match self {
+            Op::Ingest { reply, .. } => reply.is_closed(),
+            Op::Quarantine { reply, .. } => reply.is_closed(),
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } => reply.is_closed(),
+            Op::Prune { reply, .. } => reply.is_closed(),
+            Op::Replay { reply, .. } => reply.is_closed(),
+            Op::Close => false,
+        }
+    }
+
+    fn apply(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        now: i64,
+        limits: &Limits,
+    ) -> rusqlite::Result<()> {
+        match self {
+            Op::Ingest {
+                event,
+                sinks,
+                track,
+                outcome,
+                ..
+            } => {
+                let inserted = tx
+                    .prepare_cached(
+                        "INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (dedup_key) DO NOTHING",
+                    )?
+                    .execute(params![
+                        event.dedup_key,
+                        event.name,
+                        event.call_id,
+                        event.source.as_str(),
+                        now,
+                        &event.payload[..]
+                    ])?;
+                if inserted == 0 {
+                    *outcome = Ingested::Duplicate;
+                    return Ok(());
+                }
+                let event_id = tx.last_insert_rowid();
+                let mut row = tx.prepare_cached(
+                    "INSERT INTO outbox (event_id, sink, call_id, status, next_attempt_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4)",
+                )?;
+                for sink in sinks.iter() {
+                    row.execute(params![event_id, &**sink, event.call_id, now])?;
+                }
+                if let (Some(wait), Some(call_id)) = (track, &event.call_id) {
+                    track_call(tx, call_id, &event.name, event.source, now, *wait)?;
+                }
+                *outcome = Ingested::Stored {
+                    deliveries: sinks.len(),
+                };
+                Ok(())
+            }
+            Op::Prune { range, outcome, .. } => {
+                *outcome = prune(tx, range)?;
+                Ok(())
+            }
+            Op::Replay {
+                sink,
+                which,
+                outcome,
+                ..
+            } => {
+                *outcome = admin::replay(tx, sink, which, now)?;
+                Ok(())
+            }
+            Op::Close => Ok(()),
+            Op::Poll {
+                call_id, update, ..
+            } => {
+                match update {
+                    PollUpdate::Again { at, result } => tx
+                        .prepare_cached(
+                            "UPDATE polls SET polls = polls + 1, next_poll_at = ?2, last_result = ?3, updated_at = ?4
+                             WHERE call_id = ?1 AND status = 'waiting'",
+                        )?
+                        .execute(params![&*call_id, to_millis(*at), &*result, now])?,
+                    PollUpdate::Finished { status, result } => tx
+                        .prepare_cached(
+                            "UPDATE polls SET polls = polls + 1, status = ?2, last_result = ?3, updated_at = ?4
+                             WHERE call_id = ?1 AND status = 'waiting'",
+                        )?
+                        .execute(params![&*call_id, status.as_str(), &*result, now])?,
+                };
+                Ok(())
+            }
+            Op::Quarantine { entry, outcome, .. } => {
+                *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
+                Ok(())
+            }
+            Op::Settle { settlements, .. } => {
+                for s in settlements.iter() {
+                    match s {
+                        Settlement::Delivered { id } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1,
+                                 last_error = NULL, updated_at = ?2 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id.row, now])?,
+                        Settlement::Retry { id, at, error } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2,
+                                 last_error = ?3, updated_at = ?4 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id.row, to_millis(*at), error, now])?,
+                        Settlement::Postpone { id, at, error } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3, updated_at = ?4
+                                 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id.row, to_millis(*at), error, now])?,
+                        Settlement::Dead { id, error } => tx
+                            .prepare_cached(
+                                "UPDATE outbox SET status = 'dead', attempts = attempts + 1,
+                                 last_error = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'pending'",
+                            )?
+                            .execute(params![id.row, error, now])?,
+                    };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Answers the caller after the commit (or its failure). A caller that has gone away no
+    /// longer needs the answer, so a failed send is ignored.
+    fn answer(self, result: Result<(), StoreError>, woken: &mut HashSet<Arc<str>>) {
+        match self {
+            Op::Ingest {
+                sinks,
+                outcome,
+                reply,
+                ..
+            } => {
+                if result.is_ok() && outcome != Ingested::Duplicate {
+                    woken.extend(sinks);
+                }
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Quarantine { outcome, reply, .. } => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
+                let _ = reply.send(result);
+            }
+            Op::Prune { outcome, reply, .. } => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Replay { outcome, reply, .. } => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Close => {}
+        }
+    }
+}
+
+/// Inserts a quarantined body unless the same bytes are kept already, then drops the
+/// oldest bodies until the quarantine fits `max_bytes`.
+fn quarantine(
+    tx: &rusqlite::Transaction<'_>,
+    entry: &Quarantined,
+    now: i64,
+    max_bytes: u64,
+) -> rusqlite::Result<Kept> {
+    let hash = Sha256::digest(&entry.body);
+    let stored =
+        tx.prepare_cached(
+            "INSERT INTO quarantine (received_at, reason, event_header, body, body_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (body_hash) DO NOTHING",
+        )?
+        .execute(params![
+            now,
+            entry.reason,
+            entry.event_header,
+            &entry.body[..],
+            &hash[..]
+        ])? > 0;
+    let mut dropped = 0;
+    if stored {
+        let mut total: i64 = tx
+            .prepare_cached("SELECT COALESCE(SUM(length(body)), 0) FROM quarantine")?
+            .query_row([], |r| r.get(0))?;
+        let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let mut oldest = tx.prepare_cached(
+            "DELETE FROM quarantine WHERE id = (SELECT MIN(id) FROM quarantine) RETURNING length(body)",
+        )?;
+        while total > limit {
+            match oldest.query_row([], |r| r.get::<_, i64>(0)).optional()? {
+                Some(freed) => {
+                    total -= freed;
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+    Ok(Kept { stored, dropped })
+}
+
+/// Keeps a call's poll schedule in step with its events: `all_processing_completed` ends
+/// it (whatever its source), any other event (re)starts the wait for the analysis.
+fn track_call(
+    tx: &rusqlite::Transaction<'_>,
+    call_id: &str,
+    event: &str,
+    source: Source,
+    now: i64,
+    wait: Duration,
+) -> rusqlite::Result<usize> {
+    if event == crate::protocol::ALL_PROCESSING_COMPLETED {
+        tx.prepare_cached(
+            "INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+             VALUES (?1, 'done', ?2, ?2, ?2, ?3, ?2)
+             ON CONFLICT (call_id) DO UPDATE SET status = 'done', last_event_at = ?2, last_result = ?3, updated_at = ?2",
+        )?
+        .execute(params![call_id, now, format!("analysis received by {source}")])
+    } else {
+        let due = now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+        tx.prepare_cached(
+            "INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+             VALUES (?1, 'waiting', ?2, ?2, ?3, 'waiting for the analysis webhook', ?2)
+             ON CONFLICT (call_id) DO UPDATE SET last_event_at = ?2, updated_at = ?2,
+                 next_poll_at = CASE WHEN status = 'waiting' THEN MAX(next_poll_at, ?3) ELSE next_poll_at END",
+        )?
+        .execute(params![call_id, now, due])
+    }
+}
+
+/// Empties old payloads and deletes expired dedup keys in one id range, sparing every
+/// event that still has a delivery pending or dead (its payload is needed to deliver or
+/// replay it). Quarantined bodies go with the payloads, finished poll records with the keys.
+fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result<Pruned> {
+    let payloads_before = to_millis(range.payloads_before);
+    let keys_before = to_millis(range.keys_before);
+    let oldest: Option<i64> = tx
+        .prepare_cached("SELECT MIN(received_at) FROM events WHERE id >= ?1 AND id < ?2")?
+        .query_row(params![range.from, range.to], |r| r.get(0))?;
+    let finished = "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = events.id AND o.status != 'delivered')";
+    let payloads = tx
+        .prepare_cached(&format!(
+            "UPDATE events SET payload = X'' WHERE id >= ?1 AND id < ?2 AND received_at < ?3
+             AND length(payload) > 0 AND {finished}"
+        ))?
+        .execute(params![range.from, range.to, payloads_before])?;
+    tx.prepare_cached(&format!(
+        "DELETE FROM outbox WHERE event_id IN (
+             SELECT id FROM events WHERE id >= ?1 AND id < ?2 AND received_at < ?3 AND {finished})"
+    ))?
+    .execute(params![range.from, range.to, keys_before])?;
+    let events = tx
+        .prepare_cached(
+            "DELETE FROM events WHERE id >= ?1 AND id < ?2 AND received_at < ?3
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = events.id)",
+        )?
+        .execute(params![range.from, range.to, keys_before])?;
+    tx.prepare_cached(
+        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 ORDER BY id LIMIT 100)",
+    )?
+    .execute(params![payloads_before])?;
+    tx.prepare_cached(
+        "DELETE FROM polls WHERE call_id IN (
+             SELECT call_id FROM polls WHERE status != 'waiting' AND updated_at < ?1 LIMIT 100)",
+    )?
+    .execute(params![keys_before])?;
+    let next = tx
+        .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
+        .query_row(params![range.to], |r| r.get(0))?;
+    Ok(Pruned {
+        payloads,
+        events,
+        reached_recent: oldest.is_some_and(|t| t >= payloads_before),
+        next,
+    })
+}
+
+/// The writer's bounds that come from the config.
+pub(super) struct Limits {
+    pub(super) quarantine_max_bytes: u64,
+}
+
+fn commit(conn: &mut Connection, ops: &mut [Op], limits: &Limits) -> rusqlite::Result<()> {
+    let now = to_millis(now());
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Checked once the write lock is ours, which can take a while when another process
+    // holds it: a caller that has since answered 503 must not see its event stored.
+    for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
+        op.apply(&tx, now, limits)?;
+    }
+    tx.commit()
+}
+
+/// Copies committed WAL frames into the database file, at most every
+/// [`CHECKPOINT_INTERVAL`] and only after commits, concurrently with the writer, until
+/// the writer thread ends.
+///
+/// Checkpointing inside a commit (SQLite's default) stalls every request waiting on that
+/// commit for as long as the random page writes and the database fsync take: tens of
+/// milliseconds on a large store. Here the writer only finishes the job: a checkpoint on
+/// another connection cannot restart the log while commits keep arriving, so once the WAL
+/// passes [`WAL_TARGET_BYTES`] the writer checkpoints between two groups, which copies only
+/// the frames written since this thread's last pass, and the next transaction restarts
+/// the log.
+pub(super) fn checkpoint_loop(conn: &Connection, commits: &std::sync::mpsc::Receiver<()>) {
+    // Ends when the writer, the only sender, has ended.
+    while commits.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "background checkpoint failed");
+        }
+        std::thread::sleep(CHECKPOINT_INTERVAL);
+    }
+}
+
+/// Keeps the WAL near `target` bytes: past it, a checkpoint lets the log restart; past
+/// `limit`, the log is truncated outright.
+pub(super) fn limit_wal(conn: &Connection, wal: &Path, target: u64, limit: u64) {
+    let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
+    if size <= target {
+        return;
+    }
+    let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
+    match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => tracing::debug!(mode, size, "WAL checkpointed by the writer"),
+        Ok(_) => tracing::debug!(mode, "WAL checkpoint postponed: readers are still using it"),
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+    }
+}
+
+/// What the writer thread shares with the rest of the store.
+pub(super) struct WriterContext {
+    pub(super) wakers: Arc<Wakers>,
+    pub(super) wal: PathBuf,
+    /// Whether the last commit succeeded (readiness).
+    pub(super) writable: Arc<AtomicBool>,
+    pub(super) metrics: Option<Arc<Metrics>>,
+    /// Tells the checkpointer there is something to copy.
+    pub(super) commit_signal: std::sync::mpsc::SyncSender<()>,
+    pub(super) limits: Limits,
+}
+
+pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterContext) {
+    let WriterContext {
+        wakers,
+        wal,
+        writable,
+        metrics,
+        commit_signal,
+        limits,
+    } = ctx;
+    let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
+    let mut woken = HashSet::new();
+    let mut last_checkpoint = std::time::Instant::now();
+    let mut closing = false;
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        // What was queued before a close is committed; nothing after it is taken.
+        if let Some(at) = group.iter().position(|op| matches!(op, Op::Close)) {
+            closing = true;
+            group.truncate(at);
+        }
+        group.retain(|op| !op.withdrawn());
+        if group.is_empty() {
+            if closing {
+                break;
+            }
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let committed = commit(&mut conn, &mut group, limits);
+        if let Some(m) = metrics {
+            m.commit_latency.observe(started.elapsed().as_secs_f64());
+        }
+        match committed {
+            Ok(()) => {
+                writable.store(true, Ordering::Relaxed);
+                for op in group.drain(..) {
+                    op.answer(Ok(()), &mut woken);
+                }
+            }
+            Err(e) if group.len() > 1 => {
+                // One operation's failure must not fail its neighbours: retry each alone.
+                tracing::warn!(error = %e, ops = group.len(), "group commit failed; retrying one by one");
+                let mut any = false;
+                for mut op in group.drain(..) {
+                    let result = commit(&mut conn, std::slice::from_mut(&mut op), limits);
+                    any |= result.is_ok();
+                    op.answer(result.map_err(StoreError::from), &mut woken);
+                }
+                writable.store(any, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store commit failed");
+                writable.store(false, Ordering::Relaxed);
+                if let Some(op) = group.pop() {
+                    op.answer(Err(e.into()), &mut woken);
+                }
+            }
+        }
+        wakers.wake(&woken);
+        woken.clear();
+        // Full means a signal is already waiting: the checkpointer will come anyway.
+        let _ = commit_signal.try_send(());
+        if closing {
+            break;
+        }
+        if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
+            limit_wal(&conn, wal, WAL_TARGET_BYTES, WAL_LIMIT_BYTES);
+            last_checkpoint = std::time::Instant::now();
+        }
+    }
+}
