@@ -8,8 +8,6 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use sha2::{Digest, Sha256};
 
-use crate::protocol;
-
 /// Where an event came from: Vyora's webhook, or our own poll of its REST API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -160,15 +158,6 @@ impl EventError {
             EventError::NameMismatch { .. } | EventError::BadHeaderName(_)
         )
     }
-}
-
-/// An event name as a metric label: one of the events Vyora documents, or `other`. Other
-/// names are routed like these, but no sender may create label values at will.
-pub fn label(name: &str) -> &'static str {
-    protocol::LIFECYCLE
-        .into_iter()
-        .find(|known| *known == name)
-        .unwrap_or("other")
 }
 
 const MAX_NAME_LEN: usize = 64;
@@ -410,8 +399,6 @@ mod tests {
         assert!(bad_header.is_err_and(|e| e.caused_by_header()));
         let bad_body = parse(None, r#"{"event":"a b"}"#);
         assert!(bad_body.is_err_and(|e| !e.caused_by_header()));
-        assert_eq!(label("call_completed"), "call_completed");
-        assert_eq!(label("made_up_by_a_sender"), "other");
     }
 
     #[test]

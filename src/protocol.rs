@@ -20,9 +20,29 @@ pub const ALL_PROCESSING_COMPLETED: &str = "all_processing_completed";
 /// The events Vyora documents, in the order a call produces them.
 pub const LIFECYCLE: [&str; 3] = [CALL_STARTED, CALL_COMPLETED, ALL_PROCESSING_COMPLETED];
 
+/// An event name as a metric label: one of the events Vyora documents, or `other`. Other
+/// names are routed like these, but no sender may create label values at will.
+pub fn label(name: &str) -> &'static str {
+    LIFECYCLE
+        .into_iter()
+        .find(|known| *known == name)
+        .unwrap_or("other")
+}
+
 pub const HEALTH_PATH: &str = "/healthz";
 pub const READY_PATH: &str = "/readyz";
 pub const METRICS_PATH: &str = "/metrics";
 /// Paths the router answers itself on one listener or the other; the webhook path may be
 /// none of them.
 pub const RESERVED_PATHS: [&str; 3] = [HEALTH_PATH, READY_PATH, METRICS_PATH];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_documented_event_names_become_metric_labels() {
+        assert_eq!(label("call_completed"), "call_completed");
+        assert_eq!(label("made_up_by_a_sender"), "other");
+    }
+}

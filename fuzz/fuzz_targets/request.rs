@@ -34,11 +34,10 @@ fn harness() -> &'static Harness {
         ))
         .expect("config");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
-        let (store, writer) = runtime
+        // The store's writer thread lives for the whole fuzzing run.
+        let store = runtime
             .block_on(async { Store::open(&config.store, StoreOptions::default()) })
             .expect("store");
-        // The writer thread lives for the whole fuzzing run.
-        std::mem::forget(writer);
         let live = LiveHandle::new(Live {
             secrets: config.webhook.secrets.clone(),
             router: Router::new(&config.sinks),
