@@ -24,7 +24,7 @@ use crate::sinks::amqp::RoutingKey;
 /// Where `serve` and `check-config` look when no `--config` is given.
 pub const DEFAULT_PATH: &str = "config/router.toml";
 /// The commented example config, built into the binary so that a bare `serve` runs.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/router.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/router.toml");
 /// Prefix of environment overrides: `VYORA_ROUTER_SERVER__LISTEN` sets `server.listen`.
 pub const ENV_PREFIX: &str = "VYORA_ROUTER_";
 /// Webhook secrets from the environment (comma-separated), used when the file has none.
