@@ -186,7 +186,7 @@ impl ConfigArg {
     }
 
     /// The `[api]` settings, for the `calls` and `agents` commands.
-    pub fn api(&self) -> Result<crate::config::ApiConfig, ConfigError> {
+    pub fn api(&self) -> Result<crate::api::ApiConfig, ConfigError> {
         Config::api(&self.source())
     }
 

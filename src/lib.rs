@@ -16,6 +16,10 @@
 //!   and shuts down in order; [`metrics`] counts what happens.
 //! - [`config`], [`cli`] and [`admin`]: the TOML file, environment overrides, commands
 //!   and the operator's view of the store. [`redact`] and [`net`] serve the sinks.
+//!
+//! Settings live with the component they configure: each sink's keys and checks in
+//! `sinks/<kind>/config.rs`, the REST client's in `api/config.rs`. [`config`] reads the
+//! file, checks it section by section and names the key in every error.
 
 pub mod api;
 pub mod app;

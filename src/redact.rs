@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::config::ConfigError;
+use crate::config::error::Invalid;
 
 /// A payload field that can be redacted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,20 +41,21 @@ pub struct Redaction(Vec<Field>);
 const PHONE_DIGITS_KEPT: usize = 4;
 
 impl Redaction {
-    pub fn parse(key: &str, names: &[String]) -> Result<Redaction, ConfigError> {
+    pub fn parse(names: &[String]) -> Result<Redaction, Invalid> {
         let mut fields = Vec::with_capacity(names.len());
         for name in names {
             let field = Field::ALL
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, f)| *f)
-                .ok_or_else(|| ConfigError::Invalid {
-                    key: key.to_owned(),
-                    value: name.clone(),
-                    reason: format!(
-                        "is not a redactable field; use {}",
-                        Field::ALL.map(|(k, _)| k).join(", ")
-                    ),
+                .ok_or_else(|| {
+                    Invalid::new(
+                        name,
+                        format!(
+                            "is not a redactable field; use {}",
+                            Field::ALL.map(|(k, _)| k).join(", ")
+                        ),
+                    )
                 })?;
             if !fields.contains(&field) {
                 fields.push(field);
@@ -111,10 +112,11 @@ fn mask_phone(number: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::error::InvalidAt;
 
     fn redaction(names: &[&str]) -> Redaction {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-        Redaction::parse("sinks[0].redact", &names).expect("valid")
+        Redaction::parse(&names).expect("valid")
     }
 
     #[test]
@@ -145,7 +147,9 @@ mod tests {
 
     #[test]
     fn an_unknown_field_is_a_config_error_naming_it() {
-        let err = Redaction::parse("sinks[0].redact", &["email".to_owned()]).expect_err("invalid");
+        let err = Redaction::parse(&["email".to_owned()])
+            .at("sinks[0].redact")
+            .expect_err("invalid");
         assert!(err.to_string().contains("email") && err.to_string().contains("sinks[0].redact"));
     }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::config::{ConfigError, SinkConfig};
+use crate::config::error::Invalid;
 use crate::event::{Attributes, Event};
 
 /// The event names a sink receives.
@@ -18,13 +18,12 @@ impl EventSelector {
     pub const ALL: &'static str = "*";
 
     /// `["*"]` (or a list containing it) selects everything; otherwise the exact names.
-    pub fn parse(key: &str, names: &[String]) -> Result<EventSelector, ConfigError> {
+    pub fn parse(names: &[String]) -> Result<EventSelector, Invalid> {
         if names.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: key.to_owned(),
-                value: "[]".into(),
-                reason: "names no event; use [\"*\"] for all events".into(),
-            });
+            return Err(Invalid::new(
+                "[]",
+                "names no event; use [\"*\"] for all events",
+            ));
         }
         if names.iter().any(|n| n == Self::ALL) {
             return Ok(EventSelector::All);
@@ -35,11 +34,10 @@ impl EventSelector {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
             if !plain {
-                return Err(ConfigError::Invalid {
-                    key: key.to_owned(),
-                    value: name.clone(),
-                    reason: "is not an event name (e.g. \"call_completed\") or \"*\"".into(),
-                });
+                return Err(Invalid::new(
+                    name,
+                    "is not an event name (e.g. \"call_completed\") or \"*\"",
+                ));
             }
         }
         Ok(EventSelector::Only(names.iter().cloned().collect()))
@@ -89,27 +87,28 @@ impl Attribute {
 pub struct Filter(Vec<(Attribute, BTreeSet<String>)>);
 
 impl Filter {
-    pub fn parse(key: &str, raw: &BTreeMap<String, Vec<String>>) -> Result<Filter, ConfigError> {
+    /// A refusal names the filter's key that is wrong, below the filter's own.
+    pub fn parse(raw: &BTreeMap<String, Vec<String>>) -> Result<Filter, Invalid> {
         let mut conditions = Vec::with_capacity(raw.len());
         for (name, values) in raw {
             let attribute = Attribute::KEYS
                 .iter()
                 .find(|(k, _)| k == name)
                 .map(|(_, a)| *a)
-                .ok_or_else(|| ConfigError::Invalid {
-                    key: format!("{key}.{name}"),
-                    value: name.clone(),
-                    reason: format!(
-                        "is not a filterable field; use {}",
-                        Attribute::KEYS.map(|(k, _)| k).join(", ")
-                    ),
+                .ok_or_else(|| {
+                    Invalid::new(
+                        name,
+                        format!(
+                            "is not a filterable field; use {}",
+                            Attribute::KEYS.map(|(k, _)| k).join(", ")
+                        ),
+                    )
+                    .under(name)
                 })?;
             if values.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: format!("{key}.{name}"),
-                    value: "[]".into(),
-                    reason: "lists no value, so nothing could match".into(),
-                });
+                return Err(
+                    Invalid::new("[]", "lists no value, so nothing could match").under(name)
+                );
             }
             conditions.push((attribute, values.iter().cloned().collect()));
         }
@@ -123,25 +122,25 @@ impl Filter {
     }
 }
 
+/// What sends an event to one sink: its name, and the events and conditions it takes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub sink: Arc<str>,
+    pub events: EventSelector,
+    pub filter: Filter,
+}
+
 /// The routing table built from the configured sinks.
 #[derive(Debug, Clone)]
 pub struct Router {
-    routes: Vec<(Arc<str>, EventSelector, Filter)>,
+    routes: Vec<Route>,
 }
 
 impl Router {
-    pub fn new(sinks: &[SinkConfig]) -> Router {
+    /// The table from each sink's route, in config order: `Router::new(&config.sinks)`.
+    pub fn new<R: Into<Route>>(routes: impl IntoIterator<Item = R>) -> Router {
         Router {
-            routes: sinks
-                .iter()
-                .map(|s| {
-                    (
-                        Arc::from(s.name.as_str()),
-                        s.events.clone(),
-                        s.filter.clone(),
-                    )
-                })
-                .collect(),
+            routes: routes.into_iter().map(Into::into).collect(),
         }
     }
 
@@ -149,10 +148,8 @@ impl Router {
     pub fn sinks_for(&self, event: &Event) -> Vec<Arc<str>> {
         self.routes
             .iter()
-            .filter(|(_, selector, filter)| {
-                selector.matches(&event.name) && filter.matches(&event.attributes)
-            })
-            .map(|(name, _, _)| Arc::clone(name))
+            .filter(|r| r.events.matches(&event.name) && r.filter.matches(&event.attributes))
+            .map(|r| Arc::clone(&r.sink))
             .collect()
     }
 }
@@ -160,6 +157,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::error::{ConfigError, InvalidAt};
 
     fn names(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()
@@ -167,24 +165,25 @@ mod tests {
 
     #[test]
     fn a_star_selects_every_event() {
-        let s = EventSelector::parse("k", &names(&["*"])).expect("valid");
+        let s = EventSelector::parse(&names(&["*"])).expect("valid");
         assert!(s.matches("call_started") && s.matches("something_new"));
     }
 
     #[test]
     fn a_list_selects_only_the_events_it_names() {
-        let s = EventSelector::parse("k", &names(&["call_completed", "all_processing_completed"]))
+        let s = EventSelector::parse(&names(&["call_completed", "all_processing_completed"]))
             .expect("valid");
         assert!(s.matches("call_completed"));
         assert!(!s.matches("call_started"));
     }
 
+    /// Named as config validation names it.
     fn filter(pairs: &[(&str, &[&str])]) -> Result<Filter, ConfigError> {
         let raw = pairs
             .iter()
             .map(|(k, vs)| ((*k).to_owned(), names(vs)))
             .collect();
-        Filter::parse("sinks[0].filter", &raw)
+        Filter::parse(&raw).at("sinks[0].filter")
     }
 
     #[test]
@@ -218,6 +217,6 @@ mod tests {
 
     #[test]
     fn an_empty_list_is_a_config_error() {
-        assert!(EventSelector::parse("sinks[0].events", &[]).is_err());
+        assert!(EventSelector::parse(&[]).is_err());
     }
 }

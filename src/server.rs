@@ -311,7 +311,10 @@ async fn webhook<B: RequestBody>(state: &State, req: Request<B>) -> Reply {
     let latency_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     // Only verified, documented event names become labels: no sender may create label
     // values at will.
-    let label = seen.event.as_deref().map_or("unknown", crate::protocol::label);
+    let label = seen
+        .event
+        .as_deref()
+        .map_or("unknown", crate::protocol::label);
     let event = seen.event.as_deref().unwrap_or("unknown");
     let call_id = seen.call_id.as_deref().unwrap_or("-");
     let outcome = match &result {

@@ -1,4 +1,10 @@
-//! Sinks: where events go. One [`Sink`] trait, one file per kind; the dispatcher drives them.
+//! Sinks: where events go. One [`Sink`] trait, one folder per kind; the dispatcher drives
+//! them.
+//!
+//! Each kind owns its settings (`<kind>/config.rs`: its keys, defaults and checks), and
+//! [`SinkConfig`] holds one configured sink: which events it gets and what it must not
+//! see, besides its kind's settings. `config` reads the file into these types and
+//! re-exports them; nothing here imports `config` but its leaf `config::error`.
 
 pub mod amqp;
 pub mod file;
@@ -10,8 +16,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{SinkConfig, SinkKind};
 use crate::event::Delivery;
+use crate::redact::Redaction;
+use crate::routing::{EventSelector, Filter, Route};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -44,6 +51,37 @@ pub trait Sink: Send + Sync + 'static {
     /// Closes connections cleanly at shutdown.
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
+    }
+}
+
+/// One `[[sinks]]` table, checked.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// The sink's table as written: a reload restarts a sink only when this changed.
+    pub fingerprint: String,
+    pub name: String,
+    pub events: EventSelector,
+    pub filter: Filter,
+    pub redact: Redaction,
+    pub kind: SinkKind,
+}
+
+/// A sink's own settings, by its `type`.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    File(file::FileSinkConfig),
+    Http(Box<http::HttpSinkConfig>),
+    Amqp(Box<amqp::AmqpSinkConfig>),
+}
+
+/// `Router::new(&config.sinks)`: each sink's route is its name, events and filter.
+impl From<&SinkConfig> for Route {
+    fn from(sink: &SinkConfig) -> Route {
+        Route {
+            sink: Arc::from(sink.name.as_str()),
+            events: sink.events.clone(),
+            filter: sink.filter.clone(),
+        }
     }
 }
 
@@ -122,7 +160,7 @@ pub enum BuildError {
 /// (`delivery.backoff_max`).
 pub fn build(config: &SinkConfig, max_wait: Duration) -> Result<Arc<dyn Sink>, BuildError> {
     match &config.kind {
-        SinkKind::File { path } => Ok(Arc::new(file::FileSink::open(&config.name, path)?)),
+        SinkKind::File(file) => Ok(Arc::new(file::FileSink::open(&config.name, &file.path)?)),
         SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http, max_wait)?)),
         SinkKind::Amqp(amqp) => Ok(amqp::AmqpSink::start(&config.name, amqp)),
     }

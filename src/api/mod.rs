@@ -1,116 +1,25 @@
-//! Vyora's REST API: the client the poller and the `calls` / `agents` commands share, and
-//! the rate limiter every request passes through.
+//! Vyora's REST API: the client the poller and the `calls` / `agents` commands share.
+//!
+//! - `config`: the `[api]` table, its checks and the secret [`ApiKey`].
+//! - `limiter`: the [`RateLimiter`] every request passes through.
 
-use std::collections::VecDeque;
-use std::fmt;
+mod config;
+mod limiter;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
-use reqwest::header::{HeaderValue, RETRY_AFTER};
+use reqwest::header::RETRY_AFTER;
 use serde::Deserialize;
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+pub use config::{API_KEY_ENV, ApiConfig, ApiKey, ApiOptions};
+pub use limiter::RateLimiter;
+
 use crate::backoff::Backoff;
-use crate::config::ApiConfig;
 use crate::metrics::Metrics;
-
-/// The API key. Its `Debug` never shows it.
-#[derive(Clone)]
-pub struct ApiKey(HeaderValue);
-
-impl ApiKey {
-    pub fn new(key: &str) -> Option<ApiKey> {
-        let mut value = HeaderValue::from_str(key).ok()?;
-        value.set_sensitive(true);
-        Some(ApiKey(value))
-    }
-}
-
-/// Compared in constant time: a reload compares keys, and a key is a secret.
-impl PartialEq for ApiKey {
-    fn eq(&self, other: &ApiKey) -> bool {
-        use subtle::ConstantTimeEq;
-        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
-    }
-}
-
-impl Eq for ApiKey {}
-
-impl fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-/// At most `limit` requests in any `window` (sliding, not fixed buckets): a request waits
-/// until the one sent `limit` requests earlier is a full window old. A token bucket of the
-/// same rate would allow twice the limit in the first window after an idle spell.
-pub struct RateLimiter {
-    limit: usize,
-    window: Duration,
-    state: Mutex<LimiterState>,
-}
-
-struct LimiterState {
-    sent: VecDeque<Instant>,
-    /// Set after a 429: nobody sends before this.
-    paused_until: Option<Instant>,
-}
-
-impl RateLimiter {
-    pub fn new(limit: usize, window: Duration) -> RateLimiter {
-        RateLimiter {
-            limit: limit.max(1),
-            window,
-            state: Mutex::new(LimiterState {
-                sent: VecDeque::with_capacity(limit),
-                paused_until: None,
-            }),
-        }
-    }
-
-    /// Waits for a slot and records the request as sent now. Returns how long it waited.
-    pub async fn acquire(&self) -> Duration {
-        let started = Instant::now();
-        // Holding the lock while waiting keeps callers in arrival order.
-        let mut state = self.state.lock().await;
-        loop {
-            let now = Instant::now();
-            if let Some(until) = state.paused_until {
-                if now < until {
-                    tokio::time::sleep_until(until).await;
-                    continue;
-                }
-                state.paused_until = None;
-            }
-            while state
-                .sent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= self.window)
-            {
-                state.sent.pop_front();
-            }
-            if state.sent.len() < self.limit {
-                state.sent.push_back(now);
-                return now - started;
-            }
-            if let Some(oldest) = state.sent.front().copied() {
-                tokio::time::sleep_until(oldest + self.window).await;
-            }
-        }
-    }
-
-    /// Stops every request until `until` (after the API answered 429).
-    pub async fn pause_until(&self, until: Instant) {
-        let mut state = self.state.lock().await;
-        if state.paused_until.is_none_or(|p| p < until) {
-            state.paused_until = Some(until);
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -338,8 +247,10 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use reqwest::header::HeaderValue;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
 
     #[tokio::test(start_paused = true)]
     async fn a_huge_retry_after_is_capped_and_never_panics() {
@@ -435,28 +346,5 @@ mod tests {
         .await;
         let body = get_call(&at_limit).await.expect("a body at the limit");
         assert_eq!(body.len(), MAX_BODY_BYTES);
-    }
-
-    #[test]
-    fn api_keys_compare_by_value() {
-        let key = ApiKey::new("vya_live_a").expect("valid");
-        assert_eq!(key, ApiKey::new("vya_live_a").expect("valid"));
-        assert_ne!(key, ApiKey::new("vya_live_b").expect("valid"));
-        assert_ne!(key, ApiKey::new("vya_live_a2").expect("valid"));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pause_after_429_holds_every_request() {
-        let limiter = RateLimiter::new(60, Duration::from_secs(60));
-        let start = Instant::now();
-        limiter.pause_until(start + Duration::from_secs(4)).await;
-        limiter.acquire().await;
-        assert!(Instant::now() - start >= Duration::from_secs(4));
-    }
-
-    #[test]
-    fn the_api_key_never_shows_in_debug_output() {
-        let key = ApiKey::new("vya_live_secret").expect("valid");
-        assert!(!format!("{key:?}").contains("vya_live_secret"));
     }
 }

@@ -7,6 +7,11 @@
 //! that were never confirmed are simply published again from the store (lapin does not
 //! republish; the store is the source of truth). Duplicates after a reconnect carry the
 //! same `message_id`.
+//!
+//! Its settings are in `config`, the routing key template in `routing_key`.
+
+mod config;
+mod routing_key;
 
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::{Duration, UNIX_EPOCH};
@@ -17,9 +22,11 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+pub use config::{AmqpOptions, AmqpSinkConfig};
+pub use routing_key::RoutingKey;
+
 use super::{BoxFuture, Sink, SinkError};
 use crate::backoff::Backoff;
-use crate::config::AmqpSinkConfig;
 use crate::event::Delivery;
 use crate::protocol::{CALL_ID_HEADER, EVENT_HEADER, SOURCE_HEADER};
 
@@ -30,96 +37,6 @@ const RECONNECT: Backoff = Backoff::new(Duration::from_millis(400), Duration::fr
 /// How often a sink without a connection tries to make one even when nothing is pending,
 /// so that readiness reflects the broker before the first event needs it.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);
-
-/// A routing key template: text with `{event}`, `{call_id}`, `{agent_id}`, `{source}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoutingKey(Vec<Part>);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Text(String),
-    Event,
-    CallId,
-    AgentId,
-    Source,
-}
-
-impl RoutingKey {
-    /// Parses a template; the error names what is wrong with it.
-    pub fn parse(template: &str) -> Result<RoutingKey, String> {
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Text(rest[..open].to_owned()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| "has a `{` without its `}`".to_owned())?;
-            let part = match &rest[open + 1..open + close] {
-                "event" => Part::Event,
-                "call_id" => Part::CallId,
-                "agent_id" => Part::AgentId,
-                "source" => Part::Source,
-                other => {
-                    return Err(format!(
-                        "has an unknown placeholder {{{other}}}; use {{event}}, {{call_id}}, {{agent_id}} or {{source}}"
-                    ));
-                }
-            };
-            parts.push(part);
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err("has a `}` without its `{`".into());
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_owned()));
-        }
-        Ok(RoutingKey(parts))
-    }
-
-    /// The key for one delivery. A placeholder's value is confined to its own words: `.`
-    /// (the topic word separator) and the wildcards `*` and `#` in a value become `_`, so
-    /// a call id like `a.b` or `#` can neither shift a binding's words nor match as a
-    /// wildcard.
-    pub fn render(&self, d: &Delivery) -> String {
-        let mut key = String::new();
-        for part in &self.0 {
-            match part {
-                Part::Text(t) => key.push_str(t),
-                Part::Event => push_value(&mut key, &d.event),
-                Part::CallId => push_value(&mut key, d.call_id.as_deref().unwrap_or("none")),
-                Part::AgentId => push_value(
-                    &mut key,
-                    &agent_id(&d.payload).unwrap_or_else(|| "none".into()),
-                ),
-                Part::Source => push_value(&mut key, d.source.as_str()),
-            }
-        }
-        key
-    }
-}
-
-fn push_value(key: &mut String, value: &str) {
-    key.extend(value.chars().map(|c| match c {
-        '.' | '*' | '#' => '_',
-        c => c,
-    }));
-}
-
-/// The payload's `agent_id`, read only when a routing key asks for it.
-fn agent_id(payload: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Agent {
-        agent_id: Option<serde_json::Value>,
-    }
-    match serde_json::from_slice::<Agent>(payload).ok()?.agent_id? {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
 
 /// An AMQP short string (at most 255 bytes) from our data; too long is a permanent failure
 /// of this delivery (the same bytes would fail on every retry), named in its last error.
@@ -452,46 +369,8 @@ impl Sink for AmqpSink {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
+    use super::routing_key::tests::delivery;
     use super::*;
-    use crate::event::Source;
-
-    fn delivery() -> Delivery {
-        Delivery {
-            id: crate::event::DeliveryId::row(1),
-            attempts: 0,
-            event: "call_completed".into(),
-            call_id: Some("abc".into()),
-            dedup_key: "abc:call_completed".into(),
-            source: Source::Poll,
-            received_at: UNIX_EPOCH,
-            payload: Bytes::from_static(br#"{"agent_id":"agent-7"}"#),
-        }
-    }
-
-    #[test]
-    fn a_routing_key_template_fills_every_placeholder() {
-        let key = RoutingKey::parse("vyora.{event}.{source}.{agent_id}.{call_id}").expect("valid");
-        assert_eq!(
-            key.render(&delivery()),
-            "vyora.call_completed.poll.agent-7.abc"
-        );
-        assert_eq!(
-            RoutingKey::parse("plain")
-                .expect("valid")
-                .render(&delivery()),
-            "plain"
-        );
-    }
-
-    #[test]
-    fn a_placeholder_value_cannot_add_topic_words_or_wildcards() {
-        let mut d = delivery();
-        d.call_id = Some("a.b.#.*".into());
-        let key = RoutingKey::parse("vyora.{call_id}.x").expect("valid");
-        assert_eq!(key.render(&d), "vyora.a_b____.x");
-    }
 
     #[test]
     fn a_property_over_255_bytes_fails_the_delivery_permanently_instead_of_panicking() {
@@ -508,16 +387,5 @@ mod tests {
             other => panic!("expected a permanent failure, got {other:?}"),
         }
         assert!(AmqpSink::properties(&delivery()).is_ok());
-    }
-
-    #[test]
-    fn an_unknown_or_unbalanced_placeholder_is_refused() {
-        assert!(
-            RoutingKey::parse("vyora.{evnt}")
-                .expect_err("unknown")
-                .contains("{evnt}")
-        );
-        assert!(RoutingKey::parse("vyora.{event").is_err());
-        assert!(RoutingKey::parse("vyora.event}").is_err());
     }
 }

@@ -5,6 +5,9 @@
 //! JSON Lines. Only a tail that looks like one of our lines is cut: a path pointing at some
 //! other file is refused, never truncated, and so is a symlink. The file is the owner's
 //! alone (0600). A file moved away by log rotation is noticed and reopened at its path.
+//! Its settings are in `config`.
+
+mod config;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -14,6 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
+
+pub use config::{FileOptions, FileSinkConfig};
 
 use super::{BoxFuture, BuildError, Sink, SinkError};
 use crate::event::Delivery;

@@ -2,7 +2,9 @@
 //!
 //! Only a 2xx counts as delivered. 408, 429, 5xx, 3xx (redirects are not followed),
 //! timeouts and connection errors are retried, honouring `Retry-After`; any other 4xx
-//! is permanent: retrying the same request cannot succeed.
+//! is permanent: retrying the same request cannot succeed. Its settings are in `config`.
+
+mod config;
 
 use crate::protocol::{EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SOURCE_HEADER};
 use std::sync::{Mutex, PoisonError};
@@ -13,8 +15,9 @@ use tokio::time::Instant;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 
+pub use config::{HttpOptions, HttpSinkConfig};
+
 use super::{BoxFuture, BuildError, Sink, SinkError};
-use crate::config::HttpSinkConfig;
 use crate::event::Delivery;
 use crate::signature::{self, Secret};
 

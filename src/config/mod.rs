@@ -1,0 +1,354 @@
+//! Configuration: one TOML file plus `VYORA_ROUTER_<SECTION>__<KEY>` overrides, read into
+//! raw serde structs and then validated into typed settings, all before a port is bound.
+//!
+//! Every error names the key and the value it refused, so an operator can fix a config
+//! without reading our source.
+//!
+//! - this file: the typed [`Config`] and its sections, and loading (file, environment).
+//! - `raw`: the file's schema and its defaults.
+//! - `validate`: schema to [`Config`], one function per section.
+//! - [`error`]: [`ConfigError`], the [`Invalid`] that other modules' parsers return, and
+//!   secret-free figment errors. A leaf, so that sinks, routing, redaction and the API
+//!   client can use it without importing the rest of this module.
+//! - `redacted`: the effective config as `check-config` prints it.
+//!
+//! The components own their settings: each sink's keys and checks are in
+//! `sinks/<kind>/config.rs`, the `[api]` table's in `api/config.rs`; this module puts
+//! them together and names the keys.
+
+pub mod error;
+mod raw;
+mod redacted;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+
+pub use crate::api::API_KEY_ENV;
+use crate::api::ApiConfig;
+use crate::signature::Secret;
+pub use crate::sinks::{SinkConfig, SinkKind};
+use error::InvalidAt;
+pub use error::{ConfigError, FigmentReport, Invalid};
+use raw::RawConfig;
+use redacted::Redacted;
+
+/// Where `serve` and `check-config` look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "config/router.toml";
+/// The commented example config, built into the binary so that a bare `serve` runs.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/router.toml");
+/// Prefix of environment overrides: `VYORA_ROUTER_SERVER__LISTEN` sets `server.listen`.
+pub const ENV_PREFIX: &str = "VYORA_ROUTER_";
+/// Webhook secrets from the environment (comma-separated), used when the file has none.
+pub const SECRET_ENV: &str = "VYORA_WEBHOOK_SECRET";
+
+/// Where the config text comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// The built-in default, used when the default path does not exist.
+    Embedded,
+}
+
+impl ConfigSource {
+    /// `--config PATH` if given; else the default path if it exists; else the built-in copy.
+    pub fn resolve(explicit: Option<PathBuf>) -> ConfigSource {
+        match explicit {
+            Some(path) => ConfigSource::File(path),
+            None if Path::new(DEFAULT_PATH).exists() => ConfigSource::File(DEFAULT_PATH.into()),
+            None => ConfigSource::Embedded,
+        }
+    }
+}
+
+/// The settings the rest of the program uses: every value checked and typed (durations,
+/// addresses, URLs, secrets), so no other module parses a config string or meets a
+/// default.
+///
+/// Why two layers (ripgrep's `lowargs` and `hiargs`): the raw structs say exactly what
+/// the file may say, so serde refuses an unknown key and fills defaults, and nothing
+/// else; the checks that need more than a type (a key naming a file, one duration not
+/// exceeding another, a URL that must be https) run once, over the whole file, before a
+/// port is bound, and each names its key. Code using a `Config` cannot meet a value
+/// that was not checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub webhook: WebhookConfig,
+    pub store: StoreConfig,
+    pub delivery: DeliveryConfig,
+    pub api: ApiConfig,
+    pub poller: PollerConfig,
+    pub log: LogConfig,
+    pub sinks: Vec<SinkConfig>,
+    /// The effective settings as TOML with every secret replaced, for `check-config`.
+    redacted: Redacted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PollerConfig {
+    pub enabled: bool,
+    pub wait_for_analysis: Duration,
+    pub interval: Duration,
+    pub give_up_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub webhook_path: String,
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub max_connections: usize,
+    /// How long connections and deliveries get to finish at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Request body bytes buffered at once across all connections; beyond, 503.
+    pub max_buffered_body_bytes: usize,
+}
+
+/// The operator listener: `/metrics`, `/readyz`, `/healthz`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub secrets: Vec<Secret>,
+    /// Events whose payload `timestamp` is older are refused: a replay must never
+    /// outlive its dedup record.
+    pub max_event_age: Duration,
+    /// Events whose `timestamp` is further ahead of our clock are refused like old ones:
+    /// otherwise a far-future date would pass the age check for as long as it likes.
+    pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// Payloads of events delivered to every sink are emptied after this.
+    pub retention: Duration,
+    /// Dedup keys of such events are kept this long (the only replay guard).
+    pub dedup_window: Duration,
+    /// Quarantined bodies kept at most, in bytes; the oldest go first.
+    pub quarantine_max_bytes: u64,
+}
+
+/// SQLite's `synchronous` pragma: `Full` fsyncs every commit, so a power loss keeps every
+/// acknowledged event; `Normal` may lose the last commits on power loss (not on a crash).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Reads, merges the environment, and validates.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        let mut raw = Config::raw(source)?;
+        raw.apply_env(
+            std::env::var(SECRET_ENV).ok(),
+            std::env::var(API_KEY_ENV).ok(),
+        );
+        raw.validate()
+    }
+
+    /// Only `[store]` (and `[server]`, which bounds it), for operator commands: the file
+    /// must still be valid there, but no secret is needed to look at the store.
+    pub fn store(source: &ConfigSource) -> Result<StoreConfig, ConfigError> {
+        let raw = Config::raw(source)?;
+        validate::store(&raw.store, &validate::server(&raw.server)?)
+    }
+
+    /// Only `[api]`, for the `calls` and `agents` commands.
+    pub fn api(source: &ConfigSource) -> Result<ApiConfig, ConfigError> {
+        let mut raw = Config::raw(source)?;
+        raw.apply_env(None, std::env::var(API_KEY_ENV).ok());
+        raw.api.validate().at("api")
+    }
+
+    fn raw(source: &ConfigSource) -> Result<RawConfig, ConfigError> {
+        Config::extract(Config::figment(source)?)
+    }
+
+    fn extract(figment: Figment) -> Result<RawConfig, ConfigError> {
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))
+    }
+
+    fn figment(source: &ConfigSource) -> Result<Figment, ConfigError> {
+        let toml = match source {
+            ConfigSource::File(path) => {
+                // figment treats a missing file as empty; a missing config is an error.
+                std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Toml::file_exact(path)
+            }
+            ConfigSource::Embedded => Toml::string(EMBEDDED_DEFAULT),
+        };
+        Ok(Figment::new()
+            .merge(toml)
+            .merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// Parses a TOML string alone, without the environment (tests and tools).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::new().merge(Toml::string(text)), None)
+    }
+
+    fn from_figment(figment: Figment, env_secrets: Option<String>) -> Result<Config, ConfigError> {
+        let mut raw = Config::extract(figment)?;
+        raw.apply_env(env_secrets, None);
+        raw.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) const MINIMAL: &str = "[webhook]\nsecrets = [\"s3cret-value\"]\n";
+
+    pub(super) fn error_of(text: &str) -> String {
+        match Config::from_toml(text) {
+            Ok(_) => panic!("config unexpectedly valid:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    pub(super) const HTTP_SINK: &str = r#"
+[[sinks]]
+name = "crm"
+type = "http"
+url = "https://user:url-password@crm.internal/hooks/vyora"
+secret = "sink-secret-value"
+timeout = "3s"
+concurrency = 4
+headers = { "Authorization" = "Bearer header-secret-value" }
+events = ["call_completed"]
+filter = { agent_name = ["Home Loan Agent"], classification = ["Interested"] }
+redact = ["transcript", "phone_number"]
+"#;
+
+    #[test]
+    fn the_embedded_default_is_valid_once_a_secret_is_given() {
+        let figment = Figment::new().merge(Toml::string(EMBEDDED_DEFAULT));
+        let config = Config::from_figment(figment, Some("a, b".into())).expect("valid default");
+        assert_eq!(config.webhook.secrets.len(), 2);
+        assert_eq!(
+            config.server.listen,
+            "127.0.0.1:8080".parse().expect("address")
+        );
+        assert_eq!(config.sinks.len(), 1);
+    }
+
+    #[test]
+    fn defaults_fill_every_key_left_out() {
+        let c = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(c.server.webhook_path, "/webhook");
+        assert_eq!(c.server.max_body_bytes, 1_048_576);
+        assert_eq!(c.server.ack_timeout, Duration::from_secs(4));
+        assert_eq!(c.store.synchronous, Synchronous::Full);
+        assert_eq!(c.delivery.max_attempts, 12);
+        assert_eq!(c.delivery.backoff_max, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn a_missing_secret_says_how_to_set_one() {
+        let e = error_of("");
+        assert!(
+            e.contains("webhook.secrets") && e.contains(SECRET_ENV),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_named_but_never_printed() {
+        // As `VYORA_ROUTER_WEBHOOK__SECRETS=whsec_x` gives it: a string, not a list.
+        let figment = Figment::new()
+            .merge(Toml::string(""))
+            .merge(("webhook.secrets", "whsec_x"));
+        let e = Config::from_figment(figment, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("webhook.secrets") && e.contains("found a string, expected a sequence"),
+            "{e}"
+        );
+        assert!(!e.contains("whsec_x"), "{e}");
+
+        let http = "[[sinks]]\nname = \"crm\"\ntype = \"http\"\n";
+        let cases = [
+            (
+                "[webhook]\nsecrets = \"whsec_in_file\"\n".to_owned(),
+                "whsec_in_file",
+            ),
+            ("[webhook]\nsecrets = [424242424]\n".to_owned(), "424242424"),
+            (
+                format!("{MINIMAL}[api]\napi_key = 1234567890\n"),
+                "1234567890",
+            ),
+            (
+                format!("{MINIMAL}{http}url = \"http://x\"\nsecret = 987654321\n"),
+                "987654321",
+            ),
+            (
+                format!("{MINIMAL}{http}url = \"http://x\"\nheaders = \"Bearer tok-in-header\"\n"),
+                "tok-in-header",
+            ),
+            (format!("{MINIMAL}{http}url = 135792468\n"), "135792468"),
+        ];
+        for (text, secret) in cases {
+            let e = error_of(&text);
+            assert!(!e.contains(secret), "{secret} printed in {e:?}");
+            assert!(e.contains("invalid type: found"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_printed_for_keys_that_are_not_secret() {
+        let e = error_of(&format!("{MINIMAL}[server]\nmax_connections = \"many\"\n"));
+        assert!(
+            e.contains("server.max_connections") && e.contains("many"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_toml_syntax_error_gives_line_column_and_reason_but_not_the_line() {
+        let e = error_of("[webhook]\nsecrets = [\"whsec_unterminated\n");
+        assert!(e.contains("line 2, column"), "{e}");
+        assert!(e.contains("string"), "the parser's reason: {e}");
+        assert!(!e.contains("whsec_unterminated"), "{e}");
+    }
+}
