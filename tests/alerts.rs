@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use vyora_router::admin::{self, Replay};
+use vyora_router::store::operator::Replay;
 
 const RULES: &str = "deploy/prometheus/alerts.yml";
 const DASHBOARD: &str = "deploy/grafana/vyora-router.json";
@@ -928,7 +928,9 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
         .value("sum(vyora_router_outbox_dead{sink=\"crm\"})")
         .await;
     assert!(dead.is_some_and(|d| d > 0.0), "dead deliveries: {dead:?}");
-    let replayed = admin::replay(&router.db(), "crm", &Replay::Dead).expect("replay");
+    let store = router.operator_store();
+    let replayed = store.replay("crm", &Replay::Dead).await.expect("replay");
+    store.close().await;
     assert!(replayed > 0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while prometheus
