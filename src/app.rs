@@ -94,6 +94,7 @@ impl SinkSet {
                 Arc::clone(&self.metrics),
             );
             let stop = CancellationToken::new();
+            self.metrics.sink_added(&config.name);
             let task = tokio::spawn(dispatcher.run(stop.clone(), self.drain));
             tracing::info!(sink = %config.name, "sink running");
             self.running.insert(
@@ -229,6 +230,9 @@ pub async fn run(
     mut reloads: mpsc::Receiver<Config>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .quarantine_max_bytes
+        .set(i64::try_from(config.store.quarantine_max_bytes).unwrap_or(i64::MAX));
     let options = StoreOptions {
         track_calls: config
             .poller
@@ -258,6 +262,7 @@ pub async fn run(
         let client =
             Arc::new(api::Client::new(&config.api, limiter)?.with_metrics(Arc::clone(&metrics)));
         let health = Arc::new(PollerHealth::default());
+        metrics.poller_started();
         let poller = Poller::new(
             client,
             store.clone(),
@@ -425,6 +430,9 @@ async fn refresh_backlog(
         match store.stats().await {
             Ok(stats) => {
                 let now = std::time::SystemTime::now();
+                for sink in &live.current().sinks {
+                    metrics.set_sink_ready(sink.name(), sink.unready().is_none());
+                }
                 for sink in live.sink_names() {
                     let s = stats.sinks.iter().find(|s| s.sink == sink);
                     let age = s

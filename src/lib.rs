@@ -1,30 +1,47 @@
 //! vyora-router receives Vyora's call webhooks, proves each one genuine, stores it
 //! durably, acknowledges it, and delivers it to the configured sinks in the background.
 //!
-//! The data flows one way:
+//! # Layout
 //!
-//! - [`server`]: HTTP accept loop, body limits, status codes. Verifies with [`signature`],
-//!   reads the [`event`], asks [`routing`] which sinks want it, and hands both to the store.
-//! - [`store`]: SQLite (WAL) with a single writer thread and group commit. An event and one
-//!   outbox row per matching sink are committed together before the 200 goes out.
-//! - [`dispatch`]: one dispatcher per sink claims due outbox rows, delivers them, and
-//!   records delivered / retry-later / dead.
-//! - [`sinks`]: the destinations behind one trait: a JSON Lines file, HTTP, RabbitMQ.
-//! - [`poller`]: recovers analyses whose webhook never came, through [`api`] (Vyora's
+//! The data flows one way: server -> store -> dispatch -> sinks.
+//!
+//! - [`server`]: the two listeners (webhooks; operators), limits, and the one place
+//!   outcomes become status codes. Verifies with [`signature`], reads the [`event`]
+//!   (bodies read within a memory budget by `body`), asks [`routing`] which sinks want
+//!   it, and hands both to the store.
+//! - [`store`]: the seam every engine implements ([`store::Backend`]): ingest with
+//!   dedup, claims and settlements of deliveries, the poll schedule, pruning, the
+//!   operator's queries. SQLite lives in `store/sqlite/`.
+//! - [`dispatch`]: one dispatcher per sink claims due deliveries, hands them to the sink,
+//!   and settles delivered / retry later / dead, with the one `backoff` schedule.
+//! - [`sinks`]: the destinations behind one trait; each kind in its folder with its own
+//!   settings (`sinks/<kind>/config.rs`).
+//! - `poller`: recovers analyses whose webhook never came, through [`api`] (Vyora's
 //!   REST API, rate-limited), storing them like webhooks.
-//! - [`app`]: starts all of the above, applies reloads ([`live`]), prunes old events,
-//!   and shuts down in order; [`metrics`] counts what happens.
-//! - [`config`], [`cli`] and [`admin`]: the TOML file, environment overrides, commands
-//!   and the operator's view of the store. [`redact`] and [`net`] serve the sinks.
+//! - `app`: starts all of the above, applies reloads ([`live`]), prunes, refreshes the
+//!   backlog gauges of [`metrics`], and shuts down in order.
+//! - [`config`]: the file and its overrides, checked section by section; [`cli`],
+//!   [`render`] and [`trigger`] serve the commands in `main.rs`.
 //!
-//! Settings live with the component they configure: each sink's keys and checks in
-//! `sinks/<kind>/config.rs`, the REST client's in `api/config.rs`. [`config`] reads the
-//! file, checks it section by section and names the key in every error.
+//! # The dependency rule
+//!
+//! Imports point down this list and never back (`tests/layout.rs` enforces it):
+//!
+//! 1. Leaves, which import nothing of the crate: `protocol` (header names, event names,
+//!    reserved paths), [`event`], [`signature`], `backoff`, [`metrics`], [`net`], `body`,
+//!    and `config::error`.
+//! 2. Rules and destinations: [`routing`], `redact`, [`api`], [`sinks`] (which never
+//!    import the store).
+//! 3. [`config`], which knows every component's settings.
+//! 4. [`store`] and [`live`].
+//! 5. The moving parts: [`server`], [`dispatch`], `poller`.
+//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`]) and `main.rs`; only
+//!    `app` and `main.rs` import [`server`].
 
 pub mod api;
-pub mod app;
-pub mod backoff;
-pub mod body;
+mod app;
+mod backoff;
+mod body;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
@@ -32,9 +49,9 @@ pub mod event;
 pub mod live;
 pub mod metrics;
 pub mod net;
-pub mod poller;
-pub mod protocol;
-pub mod redact;
+mod poller;
+mod protocol;
+mod redact;
 pub mod render;
 pub mod routing;
 pub mod server;
@@ -43,4 +60,6 @@ pub mod sinks;
 pub mod store;
 pub mod trigger;
 
-pub use app::{Listeners, RunError, run};
+pub use app::{BindError, Listeners, RunError, run};
+pub use poller::PollerHealth;
+pub use redact::Redaction;

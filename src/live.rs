@@ -8,14 +8,22 @@ use crate::routing::Router;
 use crate::signature::Secret;
 use crate::sinks::Sink;
 
+/// One generation of the reloadable settings.
 pub struct Live {
+    /// Every secret that verifies a signature; several while one is being rotated.
     pub secrets: Vec<Secret>,
+    /// Which sinks an event is stored for, decided when it is stored.
     pub router: Router,
+    /// The running sinks, for readiness and the backlog gauges.
     pub sinks: Vec<Arc<dyn Sink>>,
+    /// The replay guard: how old an event's `timestamp` may be.
     pub max_event_age: Duration,
+    /// The replay guard: how far ahead of our clock an event's `timestamp` may be.
     pub max_clock_skew: Duration,
 }
 
+/// The current [`Live`], swapped whole by a reload: a request clones the `Arc` once and
+/// keeps that snapshot, so the lock is held only for the clone.
 #[derive(Clone)]
 pub struct LiveHandle(Arc<RwLock<Arc<Live>>>);
 

@@ -18,25 +18,59 @@ use prometheus_client::registry::{Registry, Unit};
 type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
 
+/// Every metric the router exposes; registered once, updated where things happen.
 pub struct Metrics {
+    /// What `encode` writes out; every family below is registered in it.
     registry: Registry,
+    /// Webhooks by (documented) event name and outcome.
     webhooks: Family<Labels2, Counter>,
+    /// Which configured secret verified: an old one that stops counting can go.
     secret_verified: Family<Labels1, Counter>,
+    /// Accepted without the age check (no readable timestamp).
     without_timestamp: Family<Labels1, Counter>,
+    /// Request start to answer, for webhooks.
     pub ack_latency: Histogram,
+    /// One group commit of the store.
     pub commit_latency: Histogram,
+    /// Delivery attempts by sink and outcome.
     deliveries: Family<Labels2, Counter>,
+    /// The backlog per sink, set from the store every few seconds.
     pending: Family<Labels1, Gauge>,
     dead: Family<Labels1, Gauge>,
     oldest_pending_age: Family<Labels1, Gauge<f64, AtomicU64>>,
+    /// Whether each sink can deliver now (connected, not paused).
+    sink_ready: Family<Labels1, Gauge>,
+    /// Whether `/readyz` would answer 200, as of the last scrape or refresh.
+    ready: Gauge,
+    /// Requests to Vyora's API by status.
     poller_requests: Family<Labels1, Counter>,
     pub rate_limit_waits: Counter,
     pub calls_tracked: Gauge,
     pub poller_gave_up: Counter,
+    pub poller_restarts: Counter,
     pub quarantine_dropped: Counter,
     quarantine_bytes: Gauge,
-    pub poller_restarts: Counter,
+    /// `store.quarantine_max_bytes`, so an alert can use a ratio.
+    pub quarantine_max_bytes: Gauge,
+    /// Settlements refused because another replica holds the delivery's claim now.
+    pub settlements_rejected: Counter,
 }
+
+/// Every outcome a webhook can have; each is created at 0, so the first of its kind
+/// after a start already shows as an increase.
+const WEBHOOK_OUTCOMES: [&str; 9] = [
+    "accepted",
+    "duplicate",
+    "invalid_signature",
+    "bad_request",
+    "too_old",
+    "too_large",
+    "unavailable",
+    "overloaded",
+    "not_routed",
+];
+/// Every outcome of a delivery attempt.
+const DELIVERY_OUTCOMES: [&str; 4] = ["delivered", "retried", "postponed", "dead"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -148,6 +182,51 @@ impl Metrics {
             "Times the poller stopped unexpectedly and was restarted",
             poller_restarts.clone(),
         );
+        let sink_ready = Family::<Labels1, Gauge>::default();
+        registry.register(
+            "sink_ready",
+            "Whether a sink can deliver now: 1 connected and not paused, 0 not",
+            sink_ready.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "Whether /readyz answers 200: 1 ready, 0 not",
+            ready.clone(),
+        );
+        let quarantine_max_bytes = Gauge::default();
+        registry.register_with_unit(
+            "quarantine_max",
+            "store.quarantine_max_bytes: the most quarantined bodies kept",
+            Unit::Bytes,
+            quarantine_max_bytes.clone(),
+        );
+        let settlements_rejected = Counter::default();
+        registry.register(
+            "settlements_rejected",
+            "Delivery outcomes not recorded because the claim had passed to another replica",
+            settlements_rejected.clone(),
+        );
+        let start_time = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "start_time",
+            "When this process started, in seconds since the Unix epoch",
+            Unit::Seconds,
+            start_time.clone(),
+        );
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+        for outcome in WEBHOOK_OUTCOMES {
+            webhooks
+                .get_or_create(&[
+                    ("event", "unknown".to_owned()),
+                    ("outcome", outcome.to_owned()),
+                ])
+                .inc_by(0);
+        }
         registry.register(
             "build",
             "The running build",
@@ -170,6 +249,10 @@ impl Metrics {
             poller_gave_up,
             quarantine_dropped,
             quarantine_bytes,
+            sink_ready,
+            ready,
+            quarantine_max_bytes,
+            settlements_rejected,
             poller_restarts,
         }
     }
@@ -190,6 +273,38 @@ impl Metrics {
         self.without_timestamp
             .get_or_create(&[("reason", reason.to_owned())])
             .inc();
+    }
+
+    /// Creates a sink's delivery series at 0, so its first dead delivery after a start
+    /// shows as an increase.
+    pub fn sink_added(&self, sink: &str) {
+        for outcome in DELIVERY_OUTCOMES {
+            self.deliveries
+                .get_or_create(&[("sink", sink.to_owned()), ("outcome", outcome.to_owned())])
+                .inc_by(0);
+        }
+    }
+
+    /// Whether `sink` can deliver now.
+    pub fn set_sink_ready(&self, sink: &str, ready: bool) {
+        self.sink_ready
+            .get_or_create(&[("sink", sink.to_owned())])
+            .set(i64::from(ready));
+    }
+
+    /// Whether the router as a whole is ready (what `/readyz` answers).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Creates the poller's refusal series at 0 (an API key refused is the first of its
+    /// kind by nature).
+    pub fn poller_started(&self) {
+        for status in ["401", "403"] {
+            self.poller_requests
+                .get_or_create(&[("status", status.to_owned())])
+                .inc_by(0);
+        }
     }
 
     pub fn delivery(&self, sink: &str, outcome: &'static str) {
@@ -250,6 +365,10 @@ mod tests {
             "vyora_router_deliveries_total",
             "vyora_router_poller_requests_total",
             "vyora_router_build_info",
+            "vyora_router_ready",
+            "vyora_router_start_time_seconds",
+            "vyora_router_quarantine_max_bytes",
+            "vyora_router_settlements_rejected_total",
         ] {
             assert!(
                 names.contains(&expected),

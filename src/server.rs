@@ -41,15 +41,23 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 
 /// What the request path needs, shared by every connection.
 pub struct State {
+    /// `server.webhook_path`: the one path that takes webhooks.
     webhook_path: String,
+    /// Larger bodies get 413, by their length before a byte is read.
     max_body_bytes: usize,
     /// Bytes of request bodies buffered at once, across every connection.
     body_budget: Arc<Semaphore>,
+    /// A body that has not arrived by then gets 408 (it would hold a connection).
     body_timeout: Duration,
+    /// A commit that has not happened by then gets 503: Vyora sends the event again.
     ack_timeout: Duration,
+    /// Where every accepted event goes before its 200.
     store: Store,
+    /// Secrets, routes and sinks, replaced by reloads between requests.
     live: LiveHandle,
+    /// The poller's state, for readiness (none when it does not run).
     poller: Option<Arc<PollerHealth>>,
+    /// Counted per request; encoded for `/metrics`.
     metrics: Arc<Metrics>,
 }
 
@@ -264,6 +272,7 @@ pub async fn handle<B: RequestBody>(
         } else if path == HEALTH_PATH {
             Ok(Accepted::Healthy)
         } else if path == METRICS_PATH {
+            state.metrics.set_ready(readiness(&state).is_ok());
             Ok(Accepted::Metrics(state.metrics.encode()))
         } else {
             readiness(&state)

@@ -102,6 +102,32 @@ async fn every_outcome_moves_its_counter_and_the_exposition_parses() {
 }
 
 #[tokio::test]
+async fn readiness_sink_availability_and_first_failures_are_exposed_before_they_happen() {
+    let router = TestRouter::start().await;
+    let samples = router.scrape().await;
+    assert_eq!(metric(&samples, "vyora_router_ready", &[]), 1.0);
+    assert_eq!(
+        metric(&samples, "vyora_router_sink_ready", &[("sink", "archive")]),
+        1.0
+    );
+    assert!(metric(&samples, "vyora_router_start_time_seconds", &[]) > 1.7e9);
+    // Created at 0, so the first dead delivery or 503 after a start is an increase.
+    let series = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .any(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+    };
+    assert!(series(
+        "vyora_router_deliveries_total",
+        &[("sink", "archive"), ("outcome", "dead")]
+    ));
+    assert!(series(
+        "vyora_router_webhooks_received_total",
+        &[("event", "unknown"), ("outcome", "unavailable")]
+    ));
+}
+
+#[tokio::test]
 async fn an_event_older_than_max_event_age_is_refused_and_not_stored() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let config =

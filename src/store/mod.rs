@@ -1,7 +1,7 @@
 //! The durable store's contract: what the server, the dispatchers, the poller, the pruner
 //! and the operator commands may ask of a store, whatever engine is behind it.
 //!
-//! [`Backend`] is the seam. SQLite ([`sqlite`]) is the embedded default for one sidecar;
+//! [`Backend`] is the seam. SQLite (`store::sqlite`) is the embedded default for one sidecar;
 //! each engine lives in a folder of its own and is chosen once, in [`Store::open`]. The
 //! callers hold a [`Store`] and never see which engine answers: like a sink, a backend
 //! returns boxed futures, so one allocation per call buys a handle without generics

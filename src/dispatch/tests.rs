@@ -1,0 +1,242 @@
+//! The dispatcher against real SQLite stores and sinks that fail, panic or hang.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use rusqlite::Connection;
+
+use super::*;
+use crate::config::{StoreConfig, Synchronous};
+use crate::event::Event;
+use crate::sinks::BoxFuture;
+
+/// Fails the first `failures` deliveries, then records what it delivered.
+struct Flaky {
+    failures: usize,
+    calls: AtomicUsize,
+    delivered: std::sync::Mutex<Vec<String>>,
+}
+
+impl Sink for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            batch
+                .iter()
+                .map(|d| {
+                    if call < self.failures {
+                        Err(SinkError::FileIo {
+                            path: "flaky".into(),
+                            source: Arc::new(std::io::Error::other("down")),
+                        })
+                    } else {
+                        self.delivered
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(d.dedup_key.clone());
+                        Ok(())
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+fn policy(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(40)),
+    }
+}
+
+fn open_store(dir: &tempfile::TempDir) -> Store {
+    let config = StoreConfig {
+        path: dir.path().join("router.db"),
+        synchronous: Synchronous::Normal,
+        retention: Duration::from_secs(3600),
+        dedup_window: Duration::from_secs(7200),
+        quarantine_max_bytes: 1 << 20,
+    };
+    Store::open(&config, crate::store::StoreOptions::default()).expect("store")
+}
+
+async fn setup(
+    failures: usize,
+    max_attempts: u32,
+) -> (tempfile::TempDir, Store, Arc<Flaky>, CancellationToken) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&dir);
+    let sink = Arc::new(Flaky {
+        failures,
+        calls: AtomicUsize::new(0),
+        delivered: std::sync::Mutex::new(Vec::new()),
+    });
+    let stop = CancellationToken::new();
+    let dispatcher = Dispatcher::new(
+        sink.clone(),
+        store.clone(),
+        policy(max_attempts),
+        Redaction::default(),
+        Arc::new(Metrics::new()),
+    );
+    tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));
+    let event = Event::from_webhook(
+        None,
+        Bytes::from_static(br#"{"event":"call_completed","call_id":"c1"}"#),
+    )
+    .expect("event");
+    store
+        .ingest(event, vec![Arc::from("flaky")])
+        .await
+        .expect("stored");
+    (dir, store, sink, stop)
+}
+
+fn row(dir: &tempfile::TempDir) -> (String, u32, Option<String>) {
+    Connection::open(dir.path().join("router.db"))
+        .expect("open")
+        .query_row("SELECT status, attempts, last_error FROM outbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .expect("one row")
+}
+
+async fn wait_for_status(dir: &tempfile::TempDir, status: &str) -> (String, u32, Option<String>) {
+    for _ in 0..500 {
+        let r = row(dir);
+        if r.0 == status {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("row never became {status}: {:?}", row(dir));
+}
+
+#[tokio::test]
+async fn a_sink_that_fails_twice_is_retried_and_delivers_once() {
+    let (dir, _store, sink, stop) = setup(2, 12).await;
+    let (_, attempts, error) = wait_for_status(&dir, "delivered").await;
+    assert_eq!(attempts, 3);
+    assert_eq!(error, None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        *sink.delivered.lock().expect("lock"),
+        vec!["c1:call_completed".to_owned()]
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_row_that_keeps_failing_goes_dead_after_max_attempts() {
+    let (dir, _store, sink, stop) = setup(usize::MAX, 3).await;
+    let (_, attempts, error) = wait_for_status(&dir, "dead").await;
+    assert_eq!(attempts, 3);
+    assert!(
+        error
+            .unwrap_or_default()
+            .contains("gave up after 3 attempts")
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sink.calls.load(Ordering::SeqCst),
+        3,
+        "no attempt after dead"
+    );
+    stop.cancel();
+}
+
+/// Panics on call `c1`; holds call `c2` until released, counting its deliveries.
+struct Panicky {
+    release: tokio::sync::Notify,
+    slow_calls: AtomicUsize,
+    panics: AtomicUsize,
+}
+
+impl Sink for Panicky {
+    fn name(&self) -> &str {
+        "panicky"
+    }
+
+    fn concurrency(&self) -> usize {
+        2
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            if batch.iter().any(|d| d.call_id.as_deref() == Some("c1")) {
+                self.panics.fetch_add(1, Ordering::SeqCst);
+                panic!("poison");
+            }
+            self.slow_calls.fetch_add(1, Ordering::SeqCst);
+            self.release.notified().await;
+            batch.iter().map(|_| Ok(())).collect()
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&dir);
+    for call in ["c2", "c1"] {
+        let body = format!(r#"{{"event":"call_completed","call_id":"{call}"}}"#);
+        let event = Event::from_webhook(None, Bytes::from(body)).expect("event");
+        store
+            .ingest(event, vec![Arc::from("panicky")])
+            .await
+            .expect("stored");
+    }
+    let sink = Arc::new(Panicky {
+        release: tokio::sync::Notify::new(),
+        slow_calls: AtomicUsize::new(0),
+        panics: AtomicUsize::new(0),
+    });
+    let policy = RetryPolicy {
+        max_attempts: 12,
+        backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+    };
+    let dispatcher = Dispatcher::new(
+        sink.clone(),
+        store.clone(),
+        policy,
+        Redaction::default(),
+        Arc::new(Metrics::new()),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_millis(100)));
+
+    let db = Connection::open(dir.path().join("router.db")).expect("open");
+    let poisoned = || -> (u32, Option<String>) {
+        db.query_row(
+            "SELECT o.attempts, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id
+             WHERE e.call_id = 'c1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("row")
+    };
+    for _ in 0..500 {
+        if poisoned().0 > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Give a busy loop time to show itself.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (attempts, error) = poisoned();
+    assert_eq!(attempts, 1, "one failed attempt, then the backoff");
+    assert!(error.unwrap_or_default().contains("poison"));
+    assert_eq!(sink.panics.load(Ordering::SeqCst), 1, "no busy loop");
+    assert_eq!(
+        sink.slow_calls.load(Ordering::SeqCst),
+        1,
+        "the row still in flight was not handed out a second time"
+    );
+    sink.release.notify_waiters();
+    stop.cancel();
+    running.await.expect("dispatcher ends");
+}
