@@ -163,7 +163,7 @@ max_in_flight = {window}
 "#,
         db = dir.path().join("bench.db").display()
     ))?;
-    let store = Store::open(&config.store, StoreOptions::default())?;
+    let store = Store::open(&config.store, StoreOptions::default()).await?;
     // Fill the outbox first, so the measurement is outbox -> confirmed publish only.
     let sink_name: Arc<str> = Arc::from("queue");
     let mut fills = tokio::task::JoinSet::new();

@@ -240,7 +240,7 @@ pub async fn run(
             .then_some(config.poller.wait_for_analysis),
         metrics: Some(Arc::clone(&metrics)),
     };
-    let store = Store::open(&config.store, options)?;
+    let store = Store::open(&config.store, options).await?;
     let mut sinks = SinkSet {
         running: BTreeMap::new(),
         store: store.clone(),

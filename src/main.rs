@@ -143,7 +143,7 @@ fn with_store<T>(
 ) -> anyhow::Result<T> {
     let config = arg.store()?;
     runtime()?.block_on(async {
-        let store = Store::open_existing(&config)?;
+        let store = Store::open_existing(&config).await?;
         let result = command(&store).await;
         store.close().await;
         Ok(result?)

@@ -235,6 +235,21 @@ impl Poller {
                 }
             }
         };
+        // The budget every process sharing the store spends: with several replicas, the
+        // account's limit holds across all of them, not per process.
+        let (limit, window) = self.client.budget();
+        loop {
+            match self.store.reserve_api_call(limit, window).await {
+                Ok(None) => break,
+                Ok(Some(wait)) => tokio::time::sleep(wait.max(Duration::from_millis(50))).await,
+                Err(e) => {
+                    tracing::warn!(call_id = %call.call_id, error = %e, "cannot check the shared API budget; trying later");
+                    // The call stays due: pause, or the loop would spin on the error.
+                    tokio::time::sleep(MAX_IDLE).await;
+                    return Outcome::Retry;
+                }
+            }
+        }
         let body = match self.client.call(&call.call_id).await {
             Ok(body) => body,
             Err(ApiError::NotFound) => {

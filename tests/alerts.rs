@@ -928,7 +928,7 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
         .value("sum(vyora_router_outbox_dead{sink=\"crm\"})")
         .await;
     assert!(dead.is_some_and(|d| d > 0.0), "dead deliveries: {dead:?}");
-    let store = router.operator_store();
+    let store = router.operator_store().await;
     let replayed = store.replay("crm", &Replay::Dead).await.expect("replay");
     store.close().await;
     assert!(replayed > 0);

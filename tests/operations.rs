@@ -256,7 +256,7 @@ async fn pruning_empties_old_payloads_and_keeps_dedup_keys_for_the_dedup_window(
         serde_json::json!({"received": true, "duplicate": true})
     );
     // And an operator's replay cannot send an empty payload.
-    let store = router.operator_store();
+    let store = router.operator_store().await;
     let call = vyora_router::store::operator::Replay::CallId("call-prune".into());
     assert_eq!(store.replay("archive", &call).await.expect("replay"), 0);
     store.close().await;

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use proptest::prelude::*;
@@ -90,21 +89,18 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig {
-            path: dir.path().join("router.db"),
             synchronous: Synchronous::Normal,
-            retention: Duration::from_secs(3600),
-            dedup_window: Duration::from_secs(7200),
-            quarantine_max_bytes: 1 << 20,
+            ..StoreConfig::sqlite(dir.path().join("router.db"))
         };
         let mut model: HashSet<String> = HashSet::new();
-        let mut store = Some(Store::open(&config, StoreOptions::default()).expect("store"));
+        let mut store = Some(rt.block_on(Store::open(&config, StoreOptions::default())).expect("store"));
         for step in steps {
             match step {
                 Step::Restart => {
                     if let Some(s) = store.take() {
                         rt.block_on(s.close());
                     }
-                    store = Some(Store::open(&config, StoreOptions::default()).expect("store"));
+                    store = Some(rt.block_on(Store::open(&config, StoreOptions::default())).expect("store"));
                 }
                 Step::Deliver { call, event, copies } => {
                     let Some(s) = store.as_ref() else { continue };

@@ -36,7 +36,7 @@ fn harness() -> &'static Harness {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
         // The store's writer thread lives for the whole fuzzing run.
         let store = runtime
-            .block_on(async { Store::open(&config.store, StoreOptions::default()) })
+            .block_on(Store::open(&config.store, StoreOptions::default()))
             .expect("store");
         let live = LiveHandle::new(Live {
             secrets: config.webhook.secrets.clone(),

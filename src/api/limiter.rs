@@ -34,6 +34,11 @@ impl RateLimiter {
         }
     }
 
+    /// The budget: at most `limit` requests in any `window`.
+    pub fn budget(&self) -> (usize, Duration) {
+        (self.limit, self.window)
+    }
+
     /// Waits for a slot and records the request as sent now. Returns how long it waited.
     pub async fn acquire(&self) -> Duration {
         let started = Instant::now();

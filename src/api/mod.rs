@@ -216,6 +216,11 @@ impl Client {
         }
     }
 
+    /// The rate limit every request of this client keeps: `limit` in any `window`.
+    pub fn budget(&self) -> (usize, Duration) {
+        self.limiter.budget()
+    }
+
     /// `GET /v1/calls/{call_id}`: the raw call record.
     pub async fn call(&self, call_id: &str) -> Result<Bytes, ApiError> {
         self.get(self.url(&["v1", "calls", call_id])).await

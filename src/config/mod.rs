@@ -45,6 +45,8 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/router.toml");
 pub const ENV_PREFIX: &str = "VYORA_ROUTER_";
 /// Webhook secrets from the environment (comma-separated), used when the file has none.
 pub const SECRET_ENV: &str = "VYORA_WEBHOOK_SECRET";
+/// The PostgreSQL URL from the environment, used when `store.url` is empty.
+pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
 
 /// Where the config text comes from.
 #[derive(Debug, Clone)]
@@ -131,7 +133,11 @@ pub struct WebhookConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// Which engine holds the events; the keys below it say how to reach it.
+    pub backend: StoreBackend,
+    /// SQLite's database file.
     pub path: PathBuf,
+    /// SQLite's `synchronous` pragma.
     pub synchronous: Synchronous,
     /// Payloads of events delivered to every sink are emptied after this.
     pub retention: Duration,
@@ -139,6 +145,52 @@ pub struct StoreConfig {
     pub dedup_window: Duration,
     /// Quarantined bodies kept at most, in bytes; the oldest go first.
     pub quarantine_max_bytes: u64,
+    /// With a shared store: how long a replica's claim on a delivery, or its role
+    /// (pruner, poller), holds without renewal; a replica that dies loses them after it.
+    pub lease: Duration,
+}
+
+impl StoreConfig {
+    /// A SQLite store at `path` with the defaults of every other key (operator tools,
+    /// the migration's source, tests).
+    pub fn sqlite(path: PathBuf) -> StoreConfig {
+        StoreConfig {
+            backend: StoreBackend::Sqlite,
+            path,
+            synchronous: Synchronous::Full,
+            retention: Duration::from_secs(30 * 86_400),
+            dedup_window: Duration::from_secs(90 * 86_400),
+            quarantine_max_bytes: 4 * 1024 * 1024,
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The engine behind the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// One file beside one router: the embedded default for a sidecar.
+    Sqlite,
+    /// A database several replicas share.
+    Postgres(PostgresConfig),
+}
+
+/// How to reach PostgreSQL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// A `postgres://` URL or `key=value` string; may hold a password, so never shown.
+    pub url: String,
+    /// Connections each replica keeps open at most.
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &error::without_password(&self.url))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
 }
 
 /// SQLite's `synchronous` pragma: `Full` fsyncs every commit, so a power loss keeps every
@@ -176,13 +228,15 @@ impl Config {
             std::env::var(SECRET_ENV).ok(),
             std::env::var(API_KEY_ENV).ok(),
         );
+        raw.store.url_from_env(std::env::var(DATABASE_URL_ENV).ok());
         raw.validate()
     }
 
     /// Only `[store]` (and `[server]`, which bounds it), for operator commands: the file
     /// must still be valid there, but no secret is needed to look at the store.
     pub fn store(source: &ConfigSource) -> Result<StoreConfig, ConfigError> {
-        let raw = Config::raw(source)?;
+        let mut raw = Config::raw(source)?;
+        raw.store.url_from_env(std::env::var(DATABASE_URL_ENV).ok());
         validate::store(&raw.store, &validate::server(&raw.server)?)
     }
 

@@ -127,8 +127,12 @@ impl Default for RawWebhook {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawStore {
+    pub(super) backend: String,
     pub(super) path: String,
     pub(super) synchronous: String,
+    pub(super) url: String,
+    pub(super) pool_size: u64,
+    pub(super) lease: String,
     pub(super) retention: String,
     pub(super) dedup_window: String,
     pub(super) quarantine_max_bytes: u64,
@@ -137,11 +141,24 @@ pub(super) struct RawStore {
 impl Default for RawStore {
     fn default() -> Self {
         RawStore {
+            backend: "sqlite".into(),
             path: "data/router.db".into(),
             synchronous: "full".into(),
+            url: String::new(),
+            pool_size: 16,
+            lease: "30s".into(),
             retention: "30d".into(),
             dedup_window: "90d".into(),
             quarantine_max_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl RawStore {
+    /// `DATABASE_URL` fills an empty `store.url`, as most PostgreSQL tools read it.
+    pub(super) fn url_from_env(&mut self, url: Option<String>) {
+        if self.url.is_empty() {
+            self.url = url.unwrap_or_default().trim().to_owned();
         }
     }
 }

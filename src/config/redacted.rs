@@ -53,6 +53,14 @@ fn rendering(raw: &RawConfig, urls: Urls) -> String {
         shown.api.api_key = REDACTED.to_owned();
     }
     shown.api.base_url = shown_url(&shown.api.base_url, urls, false);
+    if !shown.store.url.is_empty() {
+        // A connection string may hold its password in key=value form too.
+        shown.store.url = if shown.store.url.contains("://") {
+            shown_url(&shown.store.url, urls, false)
+        } else {
+            REDACTED.to_owned()
+        };
+    }
     for sink in &mut shown.sinks {
         redact_sink(sink, urls);
     }

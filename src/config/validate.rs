@@ -16,8 +16,9 @@ use super::raw::{
 };
 use super::redacted::Redacted;
 use super::{
-    AdminConfig, Config, DeliveryConfig, LogConfig, LogFormat, PollerConfig, SECRET_ENV,
-    ServerConfig, StoreConfig, Synchronous, WebhookConfig,
+    AdminConfig, Config, DATABASE_URL_ENV, DeliveryConfig, LogConfig, LogFormat, PollerConfig,
+    PostgresConfig, SECRET_ENV, ServerConfig, StoreBackend, StoreConfig, Synchronous,
+    WebhookConfig,
 };
 use crate::api::{API_KEY_ENV, ApiConfig};
 use crate::protocol::RESERVED_PATHS;
@@ -125,7 +126,18 @@ fn admin(a: &RawAdmin, server: &ServerConfig) -> Result<AdminConfig, ConfigError
 }
 
 pub(super) fn store(s: &RawStore, server: &ServerConfig) -> Result<StoreConfig, ConfigError> {
-    if s.path.is_empty() {
+    let backend = match s.backend.as_str() {
+        "sqlite" => StoreBackend::Sqlite,
+        "postgres" => StoreBackend::Postgres(postgres(s)?),
+        other => {
+            return Err(ConfigError::invalid(
+                "store.backend",
+                other,
+                "must be \"sqlite\" or \"postgres\"",
+            ));
+        }
+    };
+    if backend == StoreBackend::Sqlite && s.path.is_empty() {
         return Err(ConfigError::invalid(
             "store.path",
             &s.path,
@@ -163,11 +175,36 @@ pub(super) fn store(s: &RawStore, server: &ServerConfig) -> Result<StoreConfig, 
         }
     };
     Ok(StoreConfig {
+        lease: error::duration(&s.lease).at("store.lease")?,
+        backend,
         path: PathBuf::from(&s.path),
         synchronous,
         retention,
         dedup_window,
         quarantine_max_bytes: s.quarantine_max_bytes,
+    })
+}
+
+/// `store.url` and `store.pool_size`, for `backend = "postgres"`.
+fn postgres(s: &RawStore) -> Result<PostgresConfig, ConfigError> {
+    if s.url.is_empty() {
+        return Err(ConfigError::invalid(
+            "store.url",
+            "",
+            format!("is needed with backend = \"postgres\": set it, or {DATABASE_URL_ENV}"),
+        ));
+    }
+    if let Err(e) = s.url.parse::<tokio_postgres::Config>() {
+        return Err(ConfigError::invalid(
+            "store.url",
+            error::without_password(&s.url),
+            format!("not a PostgreSQL URL or connection string ({e})"),
+        ));
+    }
+    let pool_size = error::count(s.pool_size).at("store.pool_size")?;
+    Ok(PostgresConfig {
+        url: s.url.clone(),
+        pool_size,
     })
 }
 

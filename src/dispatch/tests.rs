@@ -53,15 +53,14 @@ fn policy(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-fn open_store(dir: &tempfile::TempDir) -> Store {
+async fn open_store(dir: &tempfile::TempDir) -> Store {
     let config = StoreConfig {
-        path: dir.path().join("router.db"),
         synchronous: Synchronous::Normal,
-        retention: Duration::from_secs(3600),
-        dedup_window: Duration::from_secs(7200),
-        quarantine_max_bytes: 1 << 20,
+        ..StoreConfig::sqlite(dir.path().join("router.db"))
     };
-    Store::open(&config, crate::store::StoreOptions::default()).expect("store")
+    Store::open(&config, crate::store::StoreOptions::default())
+        .await
+        .expect("store")
 }
 
 async fn setup(
@@ -69,7 +68,7 @@ async fn setup(
     max_attempts: u32,
 ) -> (tempfile::TempDir, Store, Arc<Flaky>, CancellationToken) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(&dir);
+    let store = open_store(&dir).await;
     let sink = Arc::new(Flaky {
         failures,
         calls: AtomicUsize::new(0),
@@ -181,7 +180,7 @@ impl Sink for Panicky {
 #[tokio::test]
 async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open_store(&dir);
+    let store = open_store(&dir).await;
     for call in ["c2", "c1"] {
         let body = format!(r#"{{"event":"call_completed","call_id":"{call}"}}"#);
         let event = Event::from_webhook(None, Bytes::from(body)).expect("event");

@@ -13,7 +13,9 @@
 //! event is not claimed for a sink while an earlier one is pending there.
 
 pub mod operator;
+mod postgres;
 mod sqlite;
+mod wakers;
 
 use std::future::Future;
 use std::ops::Deref;
@@ -25,7 +27,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::config::StoreConfig;
+use crate::config::{StoreBackend, StoreConfig};
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
 use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
@@ -76,6 +78,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether this process holds `role` now: a store shared by several processes lets
     /// one of them at a time prune or poll.
     fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>>;
+
+    /// Records one request to Vyora's API against the budget that every process sharing
+    /// this store spends (`limit` in any `window`), or says how long until it has room.
+    fn reserve_api_call(
+        &self,
+        limit: usize,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Option<Duration>>>;
 
     /// Empties the payloads of events received before `payloads_before` and deletes the
     /// events (dedup keys) received before `keys_before`, sparing every event with a
@@ -137,20 +147,32 @@ impl Deref for Store {
 
 impl Store {
     /// Opens the store `config` names, creating and migrating it as needed, and starts
-    /// what it needs in the background (SQLite: its writer and checkpointer threads).
-    pub fn open(config: &StoreConfig, options: StoreOptions) -> Result<Store> {
-        Ok(Store(Arc::new(sqlite::SqliteStore::open(config, options)?)))
+    /// what it needs in the background (SQLite: its writer and checkpointer threads;
+    /// PostgreSQL: its writers, its listener and the heartbeat of its claims).
+    pub async fn open(config: &StoreConfig, options: StoreOptions) -> Result<Store> {
+        Ok(match &config.backend {
+            StoreBackend::Sqlite => Store(Arc::new(sqlite::SqliteStore::open(config, options)?)),
+            StoreBackend::Postgres(pg) => Store(Arc::new(
+                postgres::PostgresStore::open(
+                    pg,
+                    config.lease,
+                    config.quarantine_max_bytes,
+                    options,
+                )
+                .await?,
+            )),
+        })
     }
 
-    /// Opens an existing store for an operator command: a wrong path is an error, not a
-    /// new empty database.
-    pub fn open_existing(config: &StoreConfig) -> Result<Store> {
-        if !config.path.exists() {
+    /// Opens an existing store for an operator command: a wrong SQLite path is an error,
+    /// not a new empty database.
+    pub async fn open_existing(config: &StoreConfig) -> Result<Store> {
+        if config.backend == StoreBackend::Sqlite && !config.path.exists() {
             return Err(StoreError::Missing {
                 path: config.path.clone(),
             });
         }
-        Store::open(config, StoreOptions::default())
+        Store::open(config, StoreOptions::default()).await
     }
 }
 
@@ -324,6 +346,18 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("no database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("cannot set up the database connections: {0}")]
+    Setup(String),
+    #[error(
+        "the database has schema version {found}, newer than this build knows ({known}); run the newer build"
+    )]
+    SchemaTooNew { found: i64, known: usize },
+    #[error("the store cannot take writes: {0}")]
+    Unavailable(String),
     #[error("cannot start the store's writer thread: {0}")]
     Thread(std::io::Error),
     #[error("the store's writer has stopped")]

@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod downstream;
+pub mod pg;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -177,9 +178,11 @@ impl TestRouter {
 
     /// A store handle of its own on the router's database, as an operator command opens
     /// one beside the running server.
-    pub fn operator_store(&self) -> vyora_router::store::Store {
+    pub async fn operator_store(&self) -> vyora_router::store::Store {
         let config = Config::from_toml(&base_config(self.path())).expect("config");
-        vyora_router::store::Store::open_existing(&config.store).expect("the store opens")
+        vyora_router::store::Store::open_existing(&config.store)
+            .await
+            .expect("the store opens")
     }
 
     /// `GET /readyz` on the admin listener.

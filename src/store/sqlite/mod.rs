@@ -23,12 +23,13 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::config::StoreConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
     Stats, StoreError, StoreOptions, TrackedCall, now,
 };
 use reader::Readers;
-use writer::{Op, PruneRange, Wakers, WriterContext};
+use writer::{Op, PruneRange, WriterContext};
 
 /// Events examined per pruning step (one short write transaction each).
 const PRUNE_BATCH: i64 = 500;
@@ -281,6 +282,15 @@ impl Backend for SqliteStore {
     fn lead(&self, _role: Role) -> BoxFuture<'_, Result<bool>> {
         // One process owns the file: it leads everything.
         Box::pin(async { Ok(true) })
+    }
+
+    fn reserve_api_call(
+        &self,
+        _limit: usize,
+        _window: Duration,
+    ) -> BoxFuture<'_, Result<Option<Duration>>> {
+        // One process spends the budget; its own rate limiter keeps it.
+        Box::pin(async { Ok(None) })
     }
 
     fn prune(

@@ -14,16 +14,15 @@ use crate::store::{Ingested, Settlement, Store, StoreOptions, now};
 
 fn config(dir: &Path) -> StoreConfig {
     StoreConfig {
-        path: dir.join("router.db"),
-        synchronous: Synchronous::Full,
-        retention: Duration::from_secs(3600),
-        dedup_window: Duration::from_secs(7200),
         quarantine_max_bytes: 1000,
+        ..StoreConfig::sqlite(dir.join("router.db"))
     }
 }
 
-fn open(dir: &Path) -> Store {
-    Store::open(&config(dir), StoreOptions::default()).expect("store opens")
+async fn open(dir: &Path) -> Store {
+    Store::open(&config(dir), StoreOptions::default())
+        .await
+        .expect("store opens")
 }
 
 fn event(call: &str, name: &str) -> Event {
@@ -49,7 +48,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 #[tokio::test]
 async fn the_database_its_journal_files_and_new_directories_are_private_to_the_owner() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir.path().join("data/store"));
+    let store = open(&dir.path().join("data/store")).await;
     store
         .ingest(event("c1", "call_started"), sinks(&["a"]))
         .await
@@ -67,8 +66,8 @@ async fn the_database_its_journal_files_and_new_directories_are_private_to_the_o
     }
 }
 
-#[test]
-fn an_existing_database_readable_by_others_is_restricted_and_its_directory_left_alone() {
+#[tokio::test]
+async fn an_existing_database_readable_by_others_is_restricted_and_its_directory_left_alone() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let shared = dir.path().join("shared");
@@ -89,7 +88,7 @@ fn an_existing_database_readable_by_others_is_restricted_and_its_directory_left_
     for file in &files {
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
-    let _store = open(&shared);
+    let _store = open(&shared).await;
     for file in &files {
         assert_eq!(mode(file), 0o600, "{}", file.display());
     }
@@ -99,7 +98,7 @@ fn an_existing_database_readable_by_others_is_restricted_and_its_directory_left_
 #[tokio::test]
 async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     let got = store
         .ingest(event("c1", "call_completed"), sinks(&["a", "b"]))
         .await;
@@ -117,7 +116,7 @@ async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
 #[tokio::test]
 async fn concurrent_copies_of_one_event_store_exactly_one_row() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let store = store.clone();
@@ -144,7 +143,7 @@ async fn concurrent_copies_of_one_event_store_exactly_one_row() {
 #[tokio::test]
 async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     for call in ["c1", "c2", "c3"] {
         store
             .ingest(event(call, "call_started"), sinks(&["a"]))
@@ -186,7 +185,7 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
 #[tokio::test]
 async fn busy_rows_are_skipped_and_batches_stop_at_the_byte_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     for call in ["c1", "c2", "c3", "c4"] {
         store
             .ingest(event(call, "call_started"), sinks(&["a"]))
@@ -235,7 +234,7 @@ fn a_wal_past_its_limit_is_truncated() {
 #[tokio::test]
 async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     store
         .ingest(event("c1", "call_completed"), sinks(&["a"]))
         .await
@@ -282,14 +281,14 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
 #[tokio::test]
 async fn reopening_keeps_the_schema_and_the_data() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     store
         .ingest(event("c1", "call_started"), sinks(&["a"]))
         .await
         .expect("stored");
     store.close().await;
     drop(store);
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     let again = store
         .ingest(event("c1", "call_started"), sinks(&["a"]))
         .await;
@@ -299,7 +298,7 @@ async fn reopening_keeps_the_schema_and_the_data() {
 #[tokio::test]
 async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path());
+    let store = open(dir.path()).await;
     let many = |calls: std::ops::Range<usize>| {
         let tasks: Vec<_> = calls
             .map(|call| {

@@ -5,21 +5,22 @@
 //! Under load many requests share one fsync, which is what lets `synchronous = FULL` keep
 //! up. Checkpoints run on a thread of their own (see [`checkpoint_loop`]).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
 use super::{now, to_millis};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
 use crate::store::operator::Replay;
+use crate::store::wakers::Wakers;
 use crate::store::{Ingested, Kept, PollUpdate, Quarantined, Settlement, StoreError};
 
 /// Most operations committed in one transaction.
@@ -100,26 +101,6 @@ pub(super) struct Pruned {
     /// The first event id at or after the range's end: where the next step starts, so a
     /// run of deleted ids (behind an event kept for its dead delivery) is skipped.
     pub next: Option<i64>,
-}
-
-/// Per-sink wake-ups: the writer signals a sink's dispatcher after committing rows for it.
-#[derive(Default)]
-pub(super) struct Wakers(Mutex<HashMap<String, Arc<Notify>>>);
-
-impl Wakers {
-    pub(super) fn get(&self, sink: &str) -> Arc<Notify> {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(map.entry(sink.to_owned()).or_default())
-    }
-
-    fn wake(&self, sinks: &HashSet<Arc<str>>) {
-        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        for sink in sinks {
-            if let Some(n) = map.get(&**sink) {
-                n.notify_one();
-            }
-        }
-    }
 }
 
 impl Op {
@@ -534,7 +515,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
                 }
             }
         }
-        wakers.wake(&woken);
+        wakers.wake(woken.iter());
         woken.clear();
         // Full means a signal is already waiting: the checkpointer will come anyway.
         let _ = commit_signal.try_send(());

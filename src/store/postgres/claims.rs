@@ -1,0 +1,244 @@
+//! Claims on PostgreSQL: every replica dispatches, so a delivery is taken with
+//! `FOR UPDATE SKIP LOCKED` and leased to one replica under a random token until a time
+//! of the database's clock. A heartbeat renews the leases this replica still holds; an
+//! outcome is recorded only under the token it was claimed with, so a replica that was
+//! paused past its lease cannot overwrite the result of the replica that took over; an
+//! expired lease makes the delivery free to claim again.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use deadpool_postgres::Pool;
+
+use crate::event::{Delivery, DeliveryId, Source};
+use crate::store::{Settlement, StoreError};
+
+/// Due deliveries of a sink that nobody holds, none whose call has an earlier delivery
+/// pending on the sink; locked (others skip them) until this transaction ends.
+const CANDIDATES: &str = "
+SELECT d.id, octet_length(e.payload) FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
+  AND (d.lease_until IS NULL OR d.lease_until < now())
+  AND NOT EXISTS (
+      SELECT 1 FROM deliveries p
+      WHERE p.sink = d.sink AND p.call_id = d.call_id AND p.status = 'pending'
+        AND p.event_id < d.event_id)
+ORDER BY d.next_attempt_at, d.id
+LIMIT $2
+FOR UPDATE OF d SKIP LOCKED";
+
+const LEASE: &str = "
+UPDATE deliveries SET lease_owner = $1, lease_token = $2,
+    lease_until = now() + make_interval(secs => $3)
+WHERE id = ANY($4)";
+
+const FETCH: &str = "
+SELECT d.id, d.attempts, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.payload
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.id = ANY($1)
+ORDER BY d.next_attempt_at, d.id";
+
+/// Outcomes recorded only where the claim still holds; the rows it returns were recorded.
+const SETTLE: &str = "
+UPDATE deliveries d SET
+    status = u.status,
+    attempts = d.attempts + u.counted,
+    next_attempt_at = COALESCE(u.at, d.next_attempt_at),
+    last_error = u.error,
+    updated_at = now(),
+    lease_owner = NULL, lease_token = NULL, lease_until = NULL
+FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::timestamptz[], $6::text[])
+    AS u(id, token, status, counted, at, error)
+WHERE d.id = u.id AND d.lease_token = u.token AND d.status = 'pending'
+RETURNING d.id";
+
+const RENEW: &str = "
+UPDATE deliveries d SET lease_until = now() + make_interval(secs => $3)
+FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+WHERE d.id = u.id AND d.lease_token = u.token AND d.status = 'pending'";
+
+const RELEASE: &str = "
+UPDATE deliveries d SET lease_owner = NULL, lease_token = NULL, lease_until = NULL
+FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+WHERE d.id = u.id AND d.lease_token = u.token";
+
+/// The claims this replica holds: row -> token, for the heartbeat and for release.
+#[derive(Default)]
+pub(super) struct Held(Mutex<HashMap<i64, i64>>);
+
+impl Held {
+    fn insert(&self, rows: &[i64], token: i64) {
+        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for row in rows {
+            held.insert(*row, token);
+        }
+    }
+
+    fn remove(&self, ids: &[DeliveryId]) {
+        let mut held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            held.remove(&id.row);
+        }
+    }
+
+    /// Every claim held, as (rows, tokens).
+    pub(super) fn all(&self) -> (Vec<i64>, Vec<i64>) {
+        let held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        held.iter().map(|(row, token)| (*row, *token)).unzip()
+    }
+}
+
+fn token_of(id: DeliveryId) -> i64 {
+    i64::from_ne_bytes(id.claim.to_ne_bytes())
+}
+
+/// Claims up to `limit` due deliveries of `sink`, about `max_bytes` of payload at most
+/// (at least one), for `lease`.
+pub(super) async fn claim(
+    pool: &Pool,
+    held: &Held,
+    owner: &str,
+    lease: Duration,
+    sink: &str,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<Delivery>, StoreError> {
+    let token = fastrand::i64(1..);
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let candidates = tx.query(CANDIDATES, &[&sink, &limit]).await?;
+    let mut rows = Vec::with_capacity(candidates.len());
+    let mut bytes = 0usize;
+    for candidate in &candidates {
+        let length: Option<i32> = candidate.get(1);
+        bytes += usize::try_from(length.unwrap_or(0)).unwrap_or(0);
+        rows.push(candidate.get::<_, i64>(0));
+        if bytes >= max_bytes {
+            break;
+        }
+    }
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    tx.execute(LEASE, &[&owner, &token, &lease.as_secs_f64(), &rows])
+        .await?;
+    tx.commit().await?;
+    held.insert(&rows, token);
+    let claimed = client.query(FETCH, &[&rows]).await?;
+    let claim = u64::from_ne_bytes(token.to_ne_bytes());
+    claimed
+        .iter()
+        .map(|row| {
+            let attempts: i32 = row.get(1);
+            let source: String = row.get(5);
+            let received_at: SystemTime = row.get(6);
+            let payload: Vec<u8> = row.get(7);
+            Ok(Delivery {
+                id: DeliveryId {
+                    row: row.get(0),
+                    claim,
+                },
+                attempts: u32::try_from(attempts).unwrap_or(0),
+                event: row.get(2),
+                call_id: row.get(3),
+                dedup_key: row.get(4),
+                source: Source::parse(&source).unwrap_or(Source::Webhook),
+                received_at,
+                payload: Bytes::from(payload),
+            })
+        })
+        .collect()
+}
+
+/// Records outcomes under their claims; returns how many were refused because the claim
+/// had passed to another replica.
+pub(super) async fn settle(
+    pool: &Pool,
+    held: &Held,
+    settlements: &[Settlement],
+) -> Result<u64, StoreError> {
+    let mut ids = Vec::with_capacity(settlements.len());
+    let mut tokens = Vec::with_capacity(settlements.len());
+    let mut statuses = Vec::with_capacity(settlements.len());
+    let mut counted = Vec::with_capacity(settlements.len());
+    let mut ats: Vec<Option<SystemTime>> = Vec::with_capacity(settlements.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(settlements.len());
+    for s in settlements {
+        let id = s.id();
+        ids.push(id.row);
+        tokens.push(token_of(id));
+        let (status, count, at, error) = match s {
+            Settlement::Delivered { .. } => ("delivered", 1i32, None, None),
+            Settlement::Retry { at, error, .. } => ("pending", 1, Some(*at), Some(error.as_str())),
+            Settlement::Postpone { at, error, .. } => {
+                ("pending", 0, Some(*at), Some(error.as_str()))
+            }
+            Settlement::Dead { error, .. } => ("dead", 1, None, Some(error.as_str())),
+        };
+        statuses.push(status);
+        counted.push(count);
+        ats.push(at);
+        errors.push(error);
+    }
+    let recorded = pool
+        .get()
+        .await?
+        .query(SETTLE, &[&ids, &tokens, &statuses, &counted, &ats, &errors])
+        .await;
+    // Recorded or not, the claim ends here: an unrecorded outcome leaves the delivery
+    // pending, and its lease runs out.
+    let settled: Vec<DeliveryId> = settlements.iter().map(Settlement::id).collect();
+    held.remove(&settled);
+    let recorded = recorded?;
+    Ok(u64::try_from(settlements.len().saturating_sub(recorded.len())).unwrap_or(0))
+}
+
+/// Ends claims without an outcome, so another dispatcher may take the rows at once.
+pub(super) async fn release(
+    pool: &Pool,
+    held: &Held,
+    ids: &[DeliveryId],
+) -> Result<(), StoreError> {
+    held.remove(ids);
+    let rows: Vec<i64> = ids.iter().map(|id| id.row).collect();
+    let tokens: Vec<i64> = ids.iter().map(|id| token_of(*id)).collect();
+    pool.get()
+        .await?
+        .execute(RELEASE, &[&rows, &tokens])
+        .await?;
+    Ok(())
+}
+
+/// Extends every lease this replica holds.
+pub(super) async fn renew(pool: &Pool, held: &Held, lease: Duration) -> Result<(), StoreError> {
+    let (rows, tokens) = held.all();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    pool.get()
+        .await?
+        .execute(RENEW, &[&rows, &tokens, &lease.as_secs_f64()])
+        .await?;
+    Ok(())
+}
+
+/// Gives up every lease this replica holds (it is shutting down).
+pub(super) async fn release_all(pool: &Pool, held: &Held) -> Result<(), StoreError> {
+    let (rows, tokens) = held.all();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<DeliveryId> = rows
+        .iter()
+        .zip(&tokens)
+        .map(|(row, token)| DeliveryId {
+            row: *row,
+            claim: u64::from_ne_bytes(token.to_ne_bytes()),
+        })
+        .collect();
+    release(pool, held, &ids).await
+}

@@ -1,0 +1,236 @@
+//! Ingest on PostgreSQL with group commit: a few writer tasks each take whatever is queued
+//! (up to [`MAX_GROUP`] events), store it in one transaction, and answer every caller once
+//! `COMMIT` has returned. Concurrent requests share a commit, so throughput is not one
+//! fsync per event; within the transaction the statements are pipelined.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use deadpool_postgres::Pool;
+use futures_util::future::join_all;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::CHANNEL;
+use crate::event::Event;
+use crate::protocol::ALL_PROCESSING_COMPLETED;
+use crate::store::wakers::Wakers;
+use crate::store::{Ingested, StoreError};
+
+/// Events stored in one transaction at most.
+const MAX_GROUP: usize = 256;
+
+/// One event waiting to be stored.
+pub(super) struct Op {
+    pub(super) event: Event,
+    pub(super) sinks: Vec<Arc<str>>,
+    pub(super) reply: oneshot::Sender<Result<Ingested, StoreError>>,
+}
+
+/// What the writers share.
+pub(super) struct Writers {
+    pub(super) pool: Pool,
+    pub(super) queue: Mutex<mpsc::Receiver<Option<Op>>>,
+    pub(super) wakers: Arc<Wakers>,
+    /// Whether the last commit succeeded (readiness).
+    pub(super) writable: Arc<AtomicBool>,
+    /// When the poller runs: seconds after a call's latest event to poll it.
+    pub(super) track_calls: Option<f64>,
+}
+
+/// A stored event's key, its call and the deliveries it fans out to; the event goes in
+/// only if its key is new.
+const INSERT: &str = "
+WITH e AS (
+    INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
+    VALUES ($1, $2, $3, $4, now(), $5)
+    ON CONFLICT (dedup_key) DO NOTHING
+    RETURNING id, call_id),
+d AS (
+    INSERT INTO deliveries (event_id, sink, call_id, status, next_attempt_at, updated_at)
+    SELECT e.id, s.sink, e.call_id, 'pending', now(), now()
+    FROM e CROSS JOIN unnest($6::text[]) AS s(sink)
+    RETURNING 1)
+SELECT count(*) FROM e";
+
+/// Any event but the analysis (re)starts the wait for it.
+const TRACK_WAITING: &str = "
+INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+VALUES ($1, 'waiting', now(), now(), now() + make_interval(secs => $2), 'waiting for the analysis webhook', now())
+ON CONFLICT (call_id) DO UPDATE SET last_event_at = now(), updated_at = now(),
+    next_poll_at = CASE WHEN polls.status = 'waiting'
+        THEN GREATEST(polls.next_poll_at, EXCLUDED.next_poll_at) ELSE polls.next_poll_at END";
+
+/// The analysis, from whatever source, ends it.
+const TRACK_DONE: &str = "
+INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+VALUES ($1, 'done', now(), now(), now(), $2, now())
+ON CONFLICT (call_id) DO UPDATE SET status = 'done', last_event_at = now(), last_result = $2,
+    updated_at = now()";
+
+/// Takes groups off the queue until it hands out `None` (the store is closing).
+pub(super) async fn run(writers: Arc<Writers>) {
+    loop {
+        let mut group = Vec::new();
+        let mut closing = false;
+        {
+            let mut queue = writers.queue.lock().await;
+            match queue.recv().await {
+                Some(Some(op)) => group.push(op),
+                Some(None) | None => return,
+            }
+            while group.len() < MAX_GROUP {
+                match queue.try_recv() {
+                    Ok(Some(op)) => group.push(op),
+                    Ok(None) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        // A caller whose deadline passed got its 503: what it was refused is not stored.
+        group.retain(|op| !op.reply.is_closed());
+        if !group.is_empty() {
+            commit_group(&writers, group).await;
+        }
+        if closing {
+            return;
+        }
+    }
+}
+
+async fn commit_group(writers: &Writers, group: Vec<Op>) {
+    match commit(writers, &group).await {
+        Ok(outcomes) => {
+            writers.writable.store(true, Ordering::Relaxed);
+            answer(writers, group, outcomes);
+        }
+        // Without a connection every event fails alike: no point in one by one.
+        Err(e) if group.len() > 1 && !matches!(e, StoreError::Pool(_)) => {
+            // One event's failure must not fail its neighbours: retry each alone.
+            tracing::warn!(error = %e, events = group.len(), "group commit failed; retrying one by one");
+            let mut any = false;
+            for op in group {
+                if op.reply.is_closed() {
+                    continue;
+                }
+                let single = std::slice::from_ref(&op);
+                match commit(writers, single).await {
+                    Ok(outcomes) => {
+                        any = true;
+                        answer(writers, vec![op], outcomes);
+                    }
+                    Err(e) => {
+                        let _ = op.reply.send(Err(e));
+                    }
+                }
+            }
+            writers.writable.store(any, Ordering::Relaxed);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "store commit failed");
+            writers.writable.store(false, Ordering::Relaxed);
+            for op in group {
+                let _ = op.reply.send(Err(StoreError::Unavailable(e.to_string())));
+            }
+        }
+    }
+}
+
+/// Answers each caller and wakes the dispatchers of the sinks that got new rows; the
+/// other replicas learn of them from the `NOTIFY` sent at commit.
+fn answer(writers: &Writers, group: Vec<Op>, outcomes: Vec<Ingested>) {
+    let mut woken = BTreeSet::new();
+    for (op, outcome) in group.into_iter().zip(outcomes) {
+        if outcome != Ingested::Duplicate {
+            woken.extend(op.sinks.iter().cloned());
+        }
+        // A caller that has gone away no longer needs the answer.
+        let _ = op.reply.send(Ok(outcome));
+    }
+    writers.wakers.wake(woken.iter());
+}
+
+/// Stores the group in one transaction; the outcome of each event, in order.
+async fn commit(writers: &Writers, group: &[Op]) -> Result<Vec<Ingested>, StoreError> {
+    let mut client = writers.pool.get().await?;
+    let tx = client.transaction().await?;
+    let insert = tx.prepare_cached(INSERT).await?;
+    let inserted = join_all(group.iter().map(|op| {
+        let e = &op.event;
+        let sinks: Vec<&str> = op.sinks.iter().map(|s| &**s).collect();
+        let insert = &insert;
+        let tx = &tx;
+        async move {
+            tx.query_one(
+                insert,
+                &[
+                    &e.dedup_key,
+                    &e.name,
+                    &e.call_id,
+                    &e.source.as_str(),
+                    &&e.payload[..],
+                    &sinks,
+                ],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0) > 0)
+        }
+    }))
+    .await
+    .into_iter()
+    .collect::<Result<Vec<bool>, _>>()?;
+
+    if let Some(wait) = writers.track_calls {
+        let waiting = tx.prepare_cached(TRACK_WAITING).await?;
+        let done = tx.prepare_cached(TRACK_DONE).await?;
+        let tracked = group
+            .iter()
+            .zip(&inserted)
+            .filter(|(_, new)| **new)
+            .filter_map(|(op, _)| op.event.call_id.as_ref().map(|call| (op, call)));
+        join_all(tracked.map(|(op, call)| {
+            let (tx, waiting, done) = (&tx, &waiting, &done);
+            async move {
+                if op.event.name == ALL_PROCESSING_COMPLETED {
+                    let result = format!("analysis received by {}", op.event.source);
+                    tx.execute(done, &[call, &result]).await
+                } else {
+                    tx.execute(waiting, &[call, &wait]).await
+                }
+            }
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<u64>, _>>()?;
+    }
+
+    let sinks: BTreeSet<&str> = group
+        .iter()
+        .zip(&inserted)
+        .filter(|(_, new)| **new)
+        .flat_map(|(op, _)| op.sinks.iter().map(|s| &**s))
+        .collect();
+    if !sinks.is_empty() {
+        // Sent by PostgreSQL at COMMIT, to every replica listening.
+        let payload = sinks.into_iter().collect::<Vec<_>>().join(",");
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(group
+        .iter()
+        .zip(inserted)
+        .map(|(op, new)| {
+            if new {
+                Ingested::Stored {
+                    deliveries: op.sinks.len(),
+                }
+            } else {
+                Ingested::Duplicate
+            }
+        })
+        .collect())
+}

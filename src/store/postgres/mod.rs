@@ -1,0 +1,338 @@
+//! The PostgreSQL store: one database that several replicas share, with the same
+//! promises as SQLite across all of them. Dedup is the events table's unique key; every
+//! replica dispatches, claiming deliveries under leases ([`claims`]); one replica at a
+//! time prunes and polls, by a lease row; wake-ups travel by `LISTEN/NOTIFY`.
+
+mod claims;
+mod ingest;
+mod listen;
+mod queries;
+mod schema;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PostgresConfig;
+use crate::event::{Delivery, DeliveryId, Event};
+use crate::metrics::Metrics;
+use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use crate::store::wakers::Wakers;
+use crate::store::{
+    Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
+    Stats, StoreError, StoreOptions, TrackedCall,
+};
+use claims::Held;
+
+/// The `LISTEN/NOTIFY` channel; a notification's payload names the sinks.
+const CHANNEL: &str = "vyora_router";
+/// Events waiting for a writer; callers beyond this wait for room (and time out).
+const QUEUE_DEPTH: usize = 4096;
+/// How long a request waits for a pooled connection before failing.
+const POOL_WAIT: Duration = Duration::from_secs(5);
+
+pub(super) struct PostgresStore {
+    pool: Pool,
+    /// This process among the replicas: the holder of its claims and roles.
+    owner: String,
+    /// How long a claim or a role holds without renewal.
+    lease: Duration,
+    /// The ingest writers' queue; `None` tells a writer to stop.
+    ingest: mpsc::Sender<Option<ingest::Op>>,
+    /// Writers that store the queued events.
+    writers: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    wakers: Arc<Wakers>,
+    /// Whether the last commit succeeded (readiness).
+    writable: Arc<AtomicBool>,
+    /// The claims this replica holds, renewed by the heartbeat.
+    held: Arc<Held>,
+    quarantine_max_bytes: u64,
+    metrics: Option<Arc<Metrics>>,
+    /// Stops the listener and the heartbeat.
+    stop: CancellationToken,
+}
+
+/// rustls for the database connection, with the platform's roots (no OpenSSL).
+fn tls() -> MakeRustlsConnect {
+    crate::net::install_tls_provider();
+    match MakeRustlsConnect::with_native_certs() {
+        Ok((tls, _)) => tls,
+        // No roots here: plain connections still work, TLS ones fail verification.
+        Err(_) => MakeRustlsConnect::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        ),
+    }
+}
+
+impl PostgresStore {
+    /// Connects, applies migrations, and starts the writers, the listener and the
+    /// heartbeat.
+    pub(super) async fn open(
+        pg: &PostgresConfig,
+        lease: Duration,
+        quarantine_max_bytes: u64,
+        options: StoreOptions,
+    ) -> Result<PostgresStore> {
+        let config: tokio_postgres::Config = pg
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::Setup(e.to_string()))?;
+        let tls = tls();
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pg.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| StoreError::Setup(e.to_string()))?;
+        schema::migrate(&mut pool.get().await?).await?;
+
+        let owner = format!(
+            "{}-{}-{:08x}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "router".into()),
+            std::process::id(),
+            fastrand::u32(..)
+        );
+        let wakers = Arc::new(Wakers::default());
+        let writable = Arc::new(AtomicBool::new(true));
+        let held = Arc::new(Held::default());
+        let stop = CancellationToken::new();
+        let (ingest, queue) = mpsc::channel(QUEUE_DEPTH);
+        let shared = Arc::new(ingest::Writers {
+            pool: pool.clone(),
+            queue: tokio::sync::Mutex::new(queue),
+            wakers: Arc::clone(&wakers),
+            writable: Arc::clone(&writable),
+            track_calls: options.track_calls.map(|d| d.as_secs_f64()),
+        });
+        // A few transactions in flight at once keep the database busy while each waits
+        // for its commit.
+        let writers = (0..(pg.pool_size / 2).clamp(1, 4))
+            .map(|_| tokio::spawn(ingest::run(Arc::clone(&shared))))
+            .collect();
+        tokio::spawn(listen::run(config, tls, Arc::clone(&wakers), stop.clone()));
+        tokio::spawn(heartbeat(
+            pool.clone(),
+            Arc::clone(&held),
+            lease,
+            stop.clone(),
+        ));
+        Ok(PostgresStore {
+            pool,
+            owner,
+            lease,
+            ingest,
+            writers: std::sync::Mutex::new(writers),
+            wakers,
+            writable,
+            held,
+            quarantine_max_bytes,
+            metrics: options.metrics,
+            stop,
+        })
+    }
+}
+
+/// Renews this replica's claims three times per lease, so only a replica that stopped
+/// (or stalled past its lease) loses them.
+async fn heartbeat(pool: Pool, held: Arc<Held>, lease: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(lease / 3) => {}
+        }
+        if let Err(e) = claims::renew(&pool, &held, lease).await {
+            tracing::warn!(error = %e, "cannot renew this replica's claims");
+        }
+    }
+}
+
+impl Backend for PostgresStore {
+    fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> BoxFuture<'_, Result<Ingested>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = ingest::Op {
+                event,
+                sinks,
+                reply,
+            };
+            self.ingest
+                .send(Some(op))
+                .await
+                .map_err(|_| StoreError::WriterGone)?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        })
+    }
+
+    fn quarantine(&self, entry: Quarantined) -> BoxFuture<'_, Result<Kept>> {
+        Box::pin(
+            async move { queries::quarantine(&self.pool, &entry, self.quarantine_max_bytes).await },
+        )
+    }
+
+    fn unready(&self) -> Option<String> {
+        if self.ingest.is_closed() {
+            Some("the store's writers have stopped".into())
+        } else if !self.writable.load(Ordering::Relaxed) {
+            Some("the last commit failed (database unreachable?)".into())
+        } else {
+            None
+        }
+    }
+
+    fn claim<'a>(
+        &'a self,
+        sink: &'a str,
+        limit: usize,
+        max_bytes: usize,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
+        Box::pin(claims::claim(
+            &self.pool,
+            &self.held,
+            &self.owner,
+            self.lease,
+            sink,
+            limit,
+            max_bytes,
+        ))
+    }
+
+    fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let rejected = claims::settle(&self.pool, &self.held, &settlements).await?;
+            if rejected > 0 {
+                tracing::warn!(
+                    rejected,
+                    "outcomes not recorded: another replica took these deliveries over after this one's claim expired"
+                );
+                if let Some(m) = &self.metrics {
+                    m.settlements_rejected.inc_by(rejected);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn release(&self, ids: Vec<DeliveryId>) {
+        let (pool, held) = (self.pool.clone(), Arc::clone(&self.held));
+        tokio::spawn(async move {
+            if let Err(e) = claims::release(&pool, &held, &ids).await {
+                tracing::warn!(error = %e, "cannot release claims; they expire with their lease");
+            }
+        });
+    }
+
+    fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
+        Box::pin(queries::next_due(&self.pool, sink))
+    }
+
+    fn waker(&self, sink: &str) -> Arc<Notify> {
+        self.wakers.get(sink)
+    }
+
+    fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(queries::lead(&self.pool, &self.owner, role, self.lease))
+    }
+
+    fn reserve_api_call(
+        &self,
+        limit: usize,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Option<Duration>>> {
+        Box::pin(queries::reserve_api_call(&self.pool, limit, window))
+    }
+
+    fn prune(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> BoxFuture<'_, Result<Pruned>> {
+        Box::pin(queries::prune(&self.pool, payloads_before, keys_before))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
+        Box::pin(queries::stats(&self.pool))
+    }
+
+    fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>> {
+        Box::pin(queries::due_polls(&self.pool, limit))
+    }
+
+    fn next_poll(&self) -> BoxFuture<'_, Result<Option<SystemTime>>> {
+        Box::pin(queries::next_poll(&self.pool))
+    }
+
+    fn record_poll<'a>(
+        &'a self,
+        call_id: &'a str,
+        update: PollUpdate,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { queries::record_poll(&self.pool, call_id, &update).await })
+    }
+
+    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(queries::has_event(&self.pool, dedup_key))
+    }
+
+    fn list_deliveries<'a>(
+        &'a self,
+        filter: &'a ListFilter,
+    ) -> BoxFuture<'a, Result<Vec<DeliveryRow>>> {
+        Box::pin(queries::list_deliveries(&self.pool, filter))
+    }
+
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(queries::replay(&self.pool, sink, which))
+    }
+
+    fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>> {
+        Box::pin(queries::show_events(&self.pool, call_id))
+    }
+
+    fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>> {
+        Box::pin(queries::poll_status(&self.pool, limit))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // One stop per writer; each finishes what was queued before it.
+            let writers = std::mem::take(
+                &mut *self
+                    .writers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for _ in &writers {
+                if self.ingest.send(None).await.is_err() {
+                    break;
+                }
+            }
+            for writer in writers {
+                if writer.await.is_err() {
+                    tracing::error!("a store writer failed");
+                }
+            }
+            self.stop.cancel();
+            // Whatever this replica still holds goes back now, not when its lease ends.
+            if let Err(e) = claims::release_all(&self.pool, &self.held).await {
+                tracing::warn!(error = %e, "cannot release claims; they expire with their lease");
+            }
+            self.pool.close();
+        })
+    }
+}

@@ -1,0 +1,470 @@
+//! The rest of the store's contract on PostgreSQL: quarantine, the poll schedule, roles,
+//! the shared API budget, pruning, backlog figures and the operator's queries.
+
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
+
+use super::CHANNEL;
+use crate::store::operator::{
+    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, SinkStatus,
+};
+use crate::store::{
+    Kept, PollUpdate, Pruned, Quarantined, Role, SinkStats, Stats, StoreError, TrackedCall,
+};
+
+/// Rows examined per pruning statement, so no statement holds locks for long.
+const PRUNE_BATCH: i64 = 500;
+/// Serializes the API budget's check-and-record across replicas.
+const API_BUDGET_LOCK: i64 = 0x7679_6f72_6130_0002;
+
+pub(super) async fn quarantine(
+    pool: &Pool,
+    entry: &Quarantined,
+    max_bytes: u64,
+) -> Result<Kept, StoreError> {
+    let hash = Sha256::digest(&entry.body).to_vec();
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let stored = tx
+        .execute(
+            "INSERT INTO quarantine (received_at, reason, event_header, body, body_hash)
+             VALUES (now(), $1, $2, $3, $4) ON CONFLICT (body_hash) DO NOTHING",
+            &[&entry.reason, &entry.event_header, &&entry.body[..], &hash],
+        )
+        .await?
+        > 0;
+    let mut dropped = 0;
+    if stored {
+        let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let mut total: i64 = tx
+            .query_one(
+                "SELECT COALESCE(SUM(octet_length(body)), 0)::bigint FROM quarantine",
+                &[],
+            )
+            .await?
+            .get(0);
+        while total > limit {
+            let freed = tx
+                .query_opt(
+                    "DELETE FROM quarantine WHERE id = (SELECT MIN(id) FROM quarantine)
+                     RETURNING octet_length(body)::bigint",
+                    &[],
+                )
+                .await?;
+            match freed {
+                Some(row) => {
+                    total -= row.get::<_, i64>(0);
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(Kept { stored, dropped })
+}
+
+/// Takes or keeps `role` for `lease`: the holder renews; anyone takes an expired one.
+pub(super) async fn lead(
+    pool: &Pool,
+    owner: &str,
+    role: Role,
+    lease: Duration,
+) -> Result<bool, StoreError> {
+    let role = match role {
+        Role::Pruner => "pruner",
+        Role::Poller => "poller",
+    };
+    let row = pool
+        .get()
+        .await?
+        .query_opt(
+            "INSERT INTO leases (role, holder, until)
+             VALUES ($1, $2, now() + make_interval(secs => $3))
+             ON CONFLICT (role) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
+             WHERE leases.holder = EXCLUDED.holder OR leases.until < now()
+             RETURNING holder",
+            &[&role, &owner, &lease.as_secs_f64()],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Records one API request against the budget every replica shares, or says how long
+/// until the budget has room: never more than `limit` requests in any `window`.
+pub(super) async fn reserve_api_call(
+    pool: &Pool,
+    limit: usize,
+    window: Duration,
+) -> Result<Option<Duration>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let window = window.as_secs_f64();
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&API_BUDGET_LOCK])
+        .await?;
+    tx.execute(
+        "DELETE FROM api_requests WHERE at <= now() - make_interval(secs => $1)",
+        &[&window],
+    )
+    .await?;
+    let row = tx
+        .query_one(
+            "SELECT count(*),
+                    EXTRACT(EPOCH FROM (MIN(at) + make_interval(secs => $1) - now()))::float8
+             FROM api_requests",
+            &[&window],
+        )
+        .await?;
+    let (sent, wait): (i64, Option<f64>) = (row.get(0), row.get(1));
+    let verdict = if sent < limit {
+        tx.execute("INSERT INTO api_requests (at) VALUES (now())", &[])
+            .await?;
+        None
+    } else {
+        Some(Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0)))
+    };
+    tx.commit().await?;
+    Ok(verdict)
+}
+
+pub(super) async fn record_poll(
+    pool: &Pool,
+    call_id: &str,
+    update: &PollUpdate,
+) -> Result<(), StoreError> {
+    let client = pool.get().await?;
+    match update {
+        PollUpdate::Again { at, result } => {
+            client
+                .execute(
+                    "UPDATE polls SET polls = polls + 1, next_poll_at = $2, last_result = $3,
+                     updated_at = now() WHERE call_id = $1 AND status = 'waiting'",
+                    &[&call_id, at, result],
+                )
+                .await?
+        }
+        PollUpdate::Finished { status, result } => {
+            client
+                .execute(
+                    "UPDATE polls SET polls = polls + 1, status = $2, last_result = $3,
+                     updated_at = now() WHERE call_id = $1 AND status = 'waiting'",
+                    &[&call_id, &status.as_str(), result],
+                )
+                .await?
+        }
+    };
+    Ok(())
+}
+
+pub(super) async fn due_polls(pool: &Pool, limit: usize) -> Result<Vec<TrackedCall>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = pool
+        .get()
+        .await?
+        .query(
+            "SELECT call_id, first_seen_at, polls FROM polls
+             WHERE status = 'waiting' AND next_poll_at <= now() ORDER BY next_poll_at LIMIT $1",
+            &[&limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TrackedCall {
+            call_id: r.get(0),
+            first_seen_at: r.get(1),
+            polls: u32::try_from(r.get::<_, i32>(2)).unwrap_or(0),
+        })
+        .collect())
+}
+
+pub(super) async fn next_poll(pool: &Pool) -> Result<Option<SystemTime>, StoreError> {
+    Ok(pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT MIN(next_poll_at) FROM polls WHERE status = 'waiting'",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+pub(super) async fn has_event(pool: &Pool, dedup_key: &str) -> Result<bool, StoreError> {
+    Ok(pool
+        .get()
+        .await?
+        .query_opt("SELECT 1 FROM events WHERE dedup_key = $1", &[&dedup_key])
+        .await?
+        .is_some())
+}
+
+pub(super) async fn next_due(pool: &Pool, sink: &str) -> Result<Option<SystemTime>, StoreError> {
+    Ok(pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT MIN(next_attempt_at) FROM deliveries
+             WHERE sink = $1 AND status = 'pending' AND next_attempt_at > now()",
+            &[&sink],
+        )
+        .await?
+        .get(0))
+}
+
+/// Empties payloads received before `payloads_before` and deletes events received before
+/// `keys_before` (their deliveries with them), sparing any event with a delivery pending
+/// or dead; in short statements, until nothing is left to do.
+pub(super) async fn prune(
+    pool: &Pool,
+    payloads_before: SystemTime,
+    keys_before: SystemTime,
+) -> Result<Pruned, StoreError> {
+    let finished = "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status <> 'delivered')";
+    let empty = format!(
+        "UPDATE events SET payload = ''::bytea WHERE id IN (
+             SELECT e.id FROM events e WHERE e.received_at < $1 AND octet_length(e.payload) > 0
+             AND {finished} LIMIT $2)"
+    );
+    let delete = format!(
+        "DELETE FROM events WHERE id IN (
+             SELECT e.id FROM events e WHERE e.received_at < $1 AND {finished} LIMIT $2)"
+    );
+    let client = pool.get().await?;
+    let mut done = Pruned::default();
+    loop {
+        let n = client
+            .execute(&empty, &[&payloads_before, &PRUNE_BATCH])
+            .await?;
+        done.payloads += usize::try_from(n).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    loop {
+        let n = client
+            .execute(&delete, &[&keys_before, &PRUNE_BATCH])
+            .await?;
+        done.events += usize::try_from(n).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    client
+        .execute(
+            "DELETE FROM quarantine WHERE received_at < $1",
+            &[&payloads_before],
+        )
+        .await?;
+    client
+        .execute(
+            "DELETE FROM polls WHERE status <> 'waiting' AND updated_at < $1",
+            &[&keys_before],
+        )
+        .await?;
+    Ok(done)
+}
+
+pub(super) async fn stats(pool: &Pool) -> Result<Stats, StoreError> {
+    let client = pool.get().await?;
+    let mut sinks: Vec<SinkStats> = Vec::new();
+    for row in client
+        .query(
+            "SELECT d.sink, count(*), MIN(d.event_id) FROM deliveries d
+             WHERE d.status = 'pending' GROUP BY d.sink",
+            &[],
+        )
+        .await?
+    {
+        let oldest: Option<SystemTime> = client
+            .query_opt(
+                "SELECT received_at FROM events WHERE id = $1",
+                &[&row.get::<_, i64>(2)],
+            )
+            .await?
+            .map(|r| r.get(0));
+        sinks.push(SinkStats {
+            sink: row.get(0),
+            pending: row.get(1),
+            dead: 0,
+            oldest_pending: oldest,
+        });
+    }
+    for row in client
+        .query(
+            "SELECT sink, count(*) FROM deliveries WHERE status = 'dead' GROUP BY sink",
+            &[],
+        )
+        .await?
+    {
+        let (sink, count): (String, i64) = (row.get(0), row.get(1));
+        match sinks.iter_mut().find(|s| s.sink == sink) {
+            Some(s) => s.dead = count,
+            None => sinks.push(SinkStats {
+                sink,
+                pending: 0,
+                dead: count,
+                oldest_pending: None,
+            }),
+        }
+    }
+    let calls_waiting = client
+        .query_one("SELECT count(*) FROM polls WHERE status = 'waiting'", &[])
+        .await?
+        .get(0);
+    let quarantine_bytes = client
+        .query_one(
+            "SELECT COALESCE(SUM(octet_length(body)), 0)::bigint FROM quarantine",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(Stats {
+        sinks,
+        calls_waiting,
+        quarantine_bytes,
+    })
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+pub(super) async fn list_deliveries(
+    pool: &Pool,
+    filter: &ListFilter,
+) -> Result<Vec<DeliveryRow>, StoreError> {
+    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+    let status = filter.status.map(DeliveryStatus::as_str);
+    let rows = pool
+        .get()
+        .await?
+        .query(
+            "SELECT d.id, e.call_id, e.event, d.sink, d.status, d.attempts, d.next_attempt_at,
+                    d.last_error
+             FROM deliveries d JOIN events e ON e.id = d.event_id
+             WHERE ($1::text IS NULL OR d.sink = $1) AND ($2::text IS NULL OR d.status = $2)
+               AND ($3::text IS NULL OR d.call_id = $3)
+             ORDER BY d.id DESC LIMIT $4",
+            &[&filter.sink, &status, &filter.call_id, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let status: String = r.get(4);
+            let next: SystemTime = r.get(6);
+            DeliveryRow {
+                id: r.get(0),
+                call_id: r.get(1),
+                event: r.get(2),
+                sink: r.get(3),
+                next_attempt_at: (status == "pending").then(|| rfc3339(next)),
+                status,
+                attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
+                last_error: r.get(7),
+            }
+        })
+        .collect())
+}
+
+pub(super) async fn replay(pool: &Pool, sink: &str, which: &Replay) -> Result<usize, StoreError> {
+    let reset = "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),
+                 last_error = NULL, updated_at = now(),
+                 lease_owner = NULL, lease_token = NULL, lease_until = NULL
+                 WHERE sink = $1 AND status <> 'pending'
+                   AND event_id IN (SELECT id FROM events WHERE octet_length(payload) > 0)";
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let changed = match which {
+        Replay::Dead => {
+            tx.execute(&format!("{reset} AND status = 'dead'"), &[&sink])
+                .await?
+        }
+        Replay::CallId(call) => {
+            tx.execute(&format!("{reset} AND call_id = $2"), &[&sink, call])
+                .await?
+        }
+        Replay::Id(id) => {
+            tx.execute(&format!("{reset} AND id = $2"), &[&sink, id])
+                .await?
+        }
+    };
+    if changed > 0 {
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &sink])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(usize::try_from(changed).unwrap_or(usize::MAX))
+}
+
+pub(super) async fn show_events(pool: &Pool, call_id: &str) -> Result<Vec<EventRow>, StoreError> {
+    let client = pool.get().await?;
+    let events = client
+        .query(
+            "SELECT id, dedup_key, event, source, received_at FROM events
+             WHERE call_id = $1 ORDER BY id",
+            &[&call_id],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(events.len());
+    for e in &events {
+        let event_id: i64 = e.get(0);
+        let deliveries = client
+            .query(
+                "SELECT sink, status, attempts, last_error FROM deliveries
+                 WHERE event_id = $1 ORDER BY id",
+                &[&event_id],
+            )
+            .await?
+            .iter()
+            .map(|d| SinkStatus {
+                sink: d.get(0),
+                status: d.get(1),
+                attempts: u32::try_from(d.get::<_, i32>(2)).unwrap_or(0),
+                last_error: d.get(3),
+            })
+            .collect();
+        out.push(EventRow {
+            id: e.get(1),
+            event: e.get(2),
+            source: e.get(3),
+            received_at: rfc3339(e.get(4)),
+            deliveries,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn poll_status(pool: &Pool, limit: usize) -> Result<Vec<PollRow>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = pool
+        .get()
+        .await?
+        .query(
+            "SELECT call_id, status, next_poll_at, polls, first_seen_at, last_result FROM polls
+             ORDER BY status <> 'waiting',
+                      CASE WHEN status = 'waiting' THEN next_poll_at END,
+                      updated_at DESC
+             LIMIT $1",
+            &[&limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let status: String = r.get(1);
+            let next: SystemTime = r.get(2);
+            PollRow {
+                call_id: r.get(0),
+                next_poll_at: (status == "waiting").then(|| rfc3339(next)),
+                status,
+                polls: u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
+                first_seen_at: rfc3339(r.get(4)),
+                last_result: r.get(5),
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,337 @@
+//! The PostgreSQL store against a real server (each test in a database of its own):
+//! dedup across processes, claims under leases, roles, the shared API budget, migrations,
+//! and a router on it end to end.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::pg::TestDb;
+use common::*;
+use vyora_router::config::{PostgresConfig, StoreBackend, StoreConfig};
+use vyora_router::event::Event;
+use vyora_router::metrics::Metrics;
+use vyora_router::store::operator::{ListFilter, Replay};
+use vyora_router::store::{Ingested, Role, Settlement, Store, StoreError, StoreOptions};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config(db: &TestDb, lease: Duration) -> StoreConfig {
+    StoreConfig {
+        backend: StoreBackend::Postgres(PostgresConfig {
+            url: db.url.clone(),
+            pool_size: 4,
+        }),
+        lease,
+        ..StoreConfig::sqlite("unused".into())
+    }
+}
+
+async fn open(db: &TestDb, lease: Duration) -> Store {
+    open_with(db, lease, StoreOptions::default()).await
+}
+
+async fn open_with(db: &TestDb, lease: Duration, options: StoreOptions) -> Store {
+    Store::open(&config(db, lease), options)
+        .await
+        .expect("the store opens")
+}
+
+fn event(call: &str, name: &str) -> Event {
+    let body = format!(r#"{{"event":"{name}","call_id":"{call}"}}"#);
+    Event::from_webhook(None, Bytes::from(body)).expect("event")
+}
+
+fn sinks(names: &[&str]) -> Vec<Arc<str>> {
+    names.iter().map(|n| Arc::from(*n)).collect()
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn fifty_concurrent_copies_through_three_processes_store_one_event_and_one_fan_out() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let stores = [
+        open(&db, lease).await,
+        open(&db, lease).await,
+        open(&db, lease).await,
+    ];
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = stores[i % 3].clone();
+            tokio::spawn(async move {
+                store
+                    .ingest(event("c1", "call_completed"), sinks(&["a", "b"]))
+                    .await
+            })
+        })
+        .collect();
+    let mut stored = 0;
+    for t in tasks {
+        if t.await.expect("task").expect("ingest") != Ingested::Duplicate {
+            stored += 1;
+        }
+    }
+    assert_eq!(stored, 1);
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 1);
+    assert_eq!(db.count("SELECT count(*) FROM deliveries").await, 2);
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_claim_is_exclusive_and_a_later_event_of_the_call_waits_across_replicas() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let (a, b) = (open(&db, lease).await, open(&db, lease).await);
+    a.ingest(event("c1", "call_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    a.ingest(event("c1", "all_processing_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    a.ingest(event("c2", "call_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    let first = a.claim("s", 1, usize::MAX).await.expect("claim");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].dedup_key, "c1:call_completed");
+    // The other replica gets neither the claimed row nor the call's later event.
+    let other = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let keys: Vec<_> = other.iter().map(|d| d.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["c2:call_completed"]);
+    a.settle(vec![Settlement::Delivered { id: first[0].id }])
+        .await
+        .expect("settled");
+    let next = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let keys: Vec<_> = next.iter().map(|d| d.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["c1:all_processing_completed"]);
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result() {
+    let db = TestDb::create().await;
+    let metrics = Arc::new(Metrics::new());
+    let options = StoreOptions {
+        metrics: Some(Arc::clone(&metrics)),
+        ..StoreOptions::default()
+    };
+    let lease = Duration::from_secs(30);
+    let paused = open_with(&db, lease, options).await;
+    let other = open(&db, lease).await;
+    paused
+        .ingest(event("c1", "call_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    let late = paused.claim("s", 10, usize::MAX).await.expect("claim");
+    assert_eq!(late.len(), 1);
+    assert!(
+        other
+            .claim("s", 10, usize::MAX)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "held by its lease"
+    );
+    // Its lease runs out while it is paused (as the database's clock sees it).
+    db.client()
+        .await
+        .execute(
+            "UPDATE deliveries SET lease_until = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .expect("expire");
+    let taken = other.claim("s", 10, usize::MAX).await.expect("claim");
+    assert_eq!(
+        taken.len(),
+        1,
+        "an expired lease returns the row to pending"
+    );
+    assert_ne!(taken[0].id, late[0].id, "a new claim, a new token");
+    other
+        .settle(vec![Settlement::Delivered { id: taken[0].id }])
+        .await
+        .expect("settled");
+    // The paused replica wakes up and reports its (stale) failure.
+    paused
+        .settle(vec![Settlement::Dead {
+            id: late[0].id,
+            error: "stale".into(),
+        }])
+        .await
+        .expect("answered");
+    let (status, error): (String, Option<String>) = {
+        let row = db
+            .client()
+            .await
+            .query_one("SELECT status, last_error FROM deliveries", &[])
+            .await
+            .expect("row");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(status, "delivered");
+    assert_eq!(error, None);
+    let samples = {
+        let text = metrics.encode();
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+            .expect("parses")
+            .samples
+    };
+    assert_eq!(
+        metric(&samples, "vyora_router_settlements_rejected_total", &[]),
+        1.0
+    );
+    paused.close().await;
+    other.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn one_replica_holds_a_role_until_its_lease_runs_out() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let (a, b) = (open(&db, lease).await, open(&db, lease).await);
+    assert!(a.lead(Role::Poller).await.expect("lead"));
+    assert!(!b.lead(Role::Poller).await.expect("lead"));
+    assert!(
+        a.lead(Role::Poller).await.expect("renew"),
+        "the holder renews"
+    );
+    assert!(
+        b.lead(Role::Pruner).await.expect("lead"),
+        "roles are separate"
+    );
+    db.client()
+        .await
+        .execute(
+            "UPDATE leases SET until = now() - interval '1 second' WHERE role = 'poller'",
+            &[],
+        )
+        .await
+        .expect("expire");
+    assert!(b.lead(Role::Poller).await.expect("take over"));
+    assert!(!a.lead(Role::Poller).await.expect("lead"));
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn the_api_budget_holds_across_every_replica() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let stores = [
+        open(&db, lease).await,
+        open(&db, lease).await,
+        open(&db, lease).await,
+    ];
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let store = stores[i % 3].clone();
+            tokio::spawn(async move {
+                store
+                    .reserve_api_call(5, Duration::from_secs(60))
+                    .await
+                    .expect("budget")
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            None => granted += 1,
+            Some(wait) => assert!(wait > Duration::from_secs(50), "{wait:?}"),
+        }
+    }
+    assert_eq!(granted, 5);
+    for store in stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let (a, b, c) = tokio::join!(open(&db, lease), open(&db, lease), open(&db, lease));
+    assert_eq!(
+        db.count("SELECT count(*) FROM vyora_router_schema").await,
+        1
+    );
+    for store in [a, b, c] {
+        store.close().await;
+    }
+    db.client()
+        .await
+        .execute("UPDATE vyora_router_schema SET version = 99", &[])
+        .await
+        .expect("bump");
+    match Store::open(&config(&db, lease), StoreOptions::default()).await {
+        Err(e @ StoreError::SchemaTooNew { .. }) => {
+            assert!(e.to_string().contains("99"), "{e}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("a newer schema was accepted"),
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_router_on_postgres_acknowledges_delivers_and_answers_operator_commands() {
+    let db = TestDb::create().await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = base_config(dir.path()).replace("[store]\n", &db.store_toml(""));
+    let router = TestRouter::start_with(dir, &config).await;
+    let body = payload("call-pg", "call_completed");
+    assert_eq!(
+        router.post_signed(&body).await.json(),
+        serde_json::json!({"received": true})
+    );
+    assert_eq!(
+        router.post_signed(&body).await.json(),
+        serde_json::json!({"received": true, "duplicate": true})
+    );
+    let lines = wait_for_lines(&router.events_file(), 1, WAIT).await;
+    assert_eq!(lines[0]["id"], "call-pg:call_completed");
+
+    let store = Store::open_existing(&StoreConfig {
+        backend: StoreBackend::Postgres(PostgresConfig {
+            url: db.url.clone(),
+            pool_size: 2,
+        }),
+        ..StoreConfig::sqlite("unused".into())
+    })
+    .await
+    .expect("operator's store");
+    let rows = store
+        .list_deliveries(&ListFilter {
+            limit: 10,
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].status, "delivered");
+    let events = store.show_events("call-pg").await.expect("show");
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        store
+            .replay("archive", &Replay::CallId("call-pg".into()))
+            .await
+            .expect("replay"),
+        1
+    );
+    // Replayed: the router's dispatcher is woken by the notification and writes it again.
+    wait_for_lines(&router.events_file(), 2, WAIT).await;
+    store.close().await;
+    router.stop().await;
+}
