@@ -430,18 +430,15 @@ async fn refresh_backlog(
         match store.stats().await {
             Ok(stats) => {
                 let now = std::time::SystemTime::now();
-                for sink in &live.current().sinks {
-                    metrics.set_sink_ready(sink.name(), sink.unready().is_none());
-                }
-                for sink in live.sink_names() {
+                metrics.set_backlogs(live.sink_names().into_iter().map(|sink| {
                     let s = stats.sinks.iter().find(|s| s.sink == sink);
                     let age = s
                         .and_then(|s| s.oldest_pending)
                         .and_then(|at| now.duration_since(at).ok())
                         .unwrap_or_default();
                     let (pending, dead) = s.map_or((0, 0), |s| (s.pending, s.dead));
-                    metrics.set_backlog(&sink, pending, dead, age);
-                }
+                    (sink, pending, dead, age)
+                }));
                 metrics.calls_tracked.set(stats.calls_waiting);
                 metrics.set_quarantine_bytes(stats.quarantine_bytes);
             }

@@ -4,7 +4,9 @@
 //! a background task that reads the store (the app's), so a scrape never runs a query and
 //! a large backlog never slows the request path. A leaf: it knows nothing of the crate.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -54,6 +56,10 @@ pub struct Metrics {
     pub quarantine_max_bytes: Gauge,
     /// Settlements refused because another replica holds the delivery's claim now.
     pub settlements_rejected: Counter,
+    /// The sinks whose readiness, and whose backlog, are shown: a sink dropped by a
+    /// reload is removed from both, not left frozen at its last value.
+    ready_sinks: Mutex<BTreeSet<String>>,
+    backlog_sinks: Mutex<BTreeSet<String>>,
 }
 
 /// Every outcome a webhook can have; each is created at 0, so the first of its kind
@@ -253,6 +259,8 @@ impl Metrics {
             ready,
             quarantine_max_bytes,
             settlements_rejected,
+            ready_sinks: Mutex::new(BTreeSet::new()),
+            backlog_sinks: Mutex::new(BTreeSet::new()),
             poller_restarts,
         }
     }
@@ -285,11 +293,45 @@ impl Metrics {
         }
     }
 
-    /// Whether `sink` can deliver now.
-    pub fn set_sink_ready(&self, sink: &str, ready: bool) {
-        self.sink_ready
-            .get_or_create(&[("sink", sink.to_owned())])
-            .set(i64::from(ready));
+    /// Whether each running sink can deliver now. A sink no longer running disappears
+    /// (after the others are set, so a scrape never sees a running sink missing).
+    pub fn set_sinks_ready<'a>(&self, sinks: impl IntoIterator<Item = (&'a str, bool)>) {
+        let mut current = BTreeSet::new();
+        for (sink, ready) in sinks {
+            self.sink_ready
+                .get_or_create(&[("sink", sink.to_owned())])
+                .set(i64::from(ready));
+            current.insert(sink.to_owned());
+        }
+        let mut shown = self
+            .ready_sinks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in shown.difference(&current) {
+            self.sink_ready.remove(&[("sink", gone.clone())]);
+        }
+        *shown = current;
+    }
+
+    /// The backlog of every running sink: (name, pending, dead, age of the oldest
+    /// pending). A sink no longer running disappears, as in [`Metrics::set_sinks_ready`].
+    pub fn set_backlogs(&self, backlogs: impl IntoIterator<Item = (String, i64, i64, Duration)>) {
+        let mut current = BTreeSet::new();
+        for (sink, pending, dead, oldest_age) in backlogs {
+            self.set_backlog(&sink, pending, dead, oldest_age);
+            current.insert(sink);
+        }
+        let mut shown = self
+            .backlog_sinks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for gone in shown.difference(&current) {
+            let label = [("sink", gone.clone())];
+            self.pending.remove(&label);
+            self.dead.remove(&label);
+            self.oldest_pending_age.remove(&label);
+        }
+        *shown = current;
     }
 
     /// Whether the router as a whole is ready (what `/readyz` answers).
@@ -328,7 +370,7 @@ impl Metrics {
     }
 
     /// One sink's backlog, as the store last reported it.
-    pub fn set_backlog(&self, sink: &str, pending: i64, dead: i64, oldest_age: Duration) {
+    fn set_backlog(&self, sink: &str, pending: i64, dead: i64, oldest_age: Duration) {
         let label = [("sink", sink.to_owned())];
         self.pending.get_or_create(&label).set(pending);
         self.dead.get_or_create(&label).set(dead);

@@ -272,6 +272,11 @@ pub async fn handle<B: RequestBody>(
         } else if path == HEALTH_PATH {
             Ok(Accepted::Healthy)
         } else if path == METRICS_PATH {
+            // Read at the scrape, like /readyz, so the two never disagree.
+            let live = state.live.current();
+            state
+                .metrics
+                .set_sinks_ready(live.sinks.iter().map(|s| (s.name(), s.unready().is_none())));
             state.metrics.set_ready(readiness(&state).is_ok());
             Ok(Accepted::Metrics(state.metrics.encode()))
         } else {

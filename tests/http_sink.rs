@@ -125,10 +125,31 @@ async fn retry_after_from_the_downstream_is_honoured() {
             .status,
         200
     );
+    downstream.wait_for(1, WAIT).await;
+    // Paused, the sink says so: in /readyz and its gauge.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !router.readyz().await.body.contains("Retry-After") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pause never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let paused = metric(
+        &router.scrape().await,
+        "vyora_router_sink_ready",
+        &[("sink", "crm")],
+    );
+    assert_eq!(paused, 0.0);
     let got = downstream.wait_for(2, WAIT).await;
     let gap = got[1].at - got[0].at;
     assert!(gap >= Duration::from_millis(1950), "retried after {gap:?}");
     wait_status(&router, "call-h3:call_completed", "delivered").await;
+    assert_eq!(
+        router.readyz().await.status,
+        200,
+        "ready again after the pause"
+    );
 }
 
 #[tokio::test]

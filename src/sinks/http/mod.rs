@@ -149,6 +149,21 @@ impl Sink for HttpSink {
         self.concurrency
     }
 
+    fn unready(&self) -> Option<String> {
+        let paused = *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        paused
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+            .map(|left| {
+                format!(
+                    "paused for {}s more: the destination asked to wait (Retry-After)",
+                    left.as_secs() + 1
+                )
+            })
+    }
+
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(async move {
             let mut results = Vec::with_capacity(batch.len());
