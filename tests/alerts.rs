@@ -1,7 +1,9 @@
 //! The shipped Prometheus rules and Grafana dashboard (`deploy/`) against the router: every
-//! metric, label and recording rule they use exists, every alert has its runbook, and a
-//! real Prometheus scraping a real router fires and resolves the dead-letter and backlog
-//! alerts when a sink's downstream goes down and comes back.
+//! metric, label and recording rule they use exists, the series whose first increase an
+//! alert must see exist at 0 from the start, every alert has its runbook, and a real
+//! Prometheus scraping a real router fires and resolves the dead-letter and backlog alerts
+//! when an HTTP sink's downstream goes down and comes back, and the sink-unavailable and
+//! not-ready alerts when an AMQP sink's broker does.
 
 mod common;
 
@@ -418,6 +420,84 @@ async fn every_metric_and_label_the_rules_and_the_dashboard_use_is_in_the_router
     );
 }
 
+/// The value of the sample of `name` whose labels include `labels`, if there is one.
+fn sample(
+    samples: &[prometheus_parse::Sample],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+/// What the rules read before anything happened: `increase()` and `changes()` see only
+/// what follows a series' first sample, so VyoraRouterDeliveriesDead relies on every
+/// sink's series existing at 0 before its first dead delivery, and the availability,
+/// readiness, restart and quarantine alerts on their gauges existing without traffic.
+#[tokio::test]
+async fn a_router_that_received_nothing_exposes_what_the_rules_read_at_zero() {
+    let crm = Downstream::start(|_, _| Reply::Status(200)).await;
+    let api = Downstream::start(|_, _| Reply::Status(404)).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\n\n[api]\nbase_url = \"{}\"\napi_key = \"vya_test_key\"\n\n[poller]\nenabled = true\n",
+        base_config(dir.path()).replace("[store]\n", "[store]\nquarantine_max_bytes = 2097152\n"),
+        crm.url("/in"),
+        api.url(""),
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    // The sink gauges come with the first backlog refresh, at start.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let samples = loop {
+        let samples = router.scrape().await;
+        if sample(&samples, "vyora_router_sink_ready", &[("sink", "crm")]).is_some() {
+            break samples;
+        }
+        assert!(Instant::now() < deadline, "no vyora_router_sink_ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        sample(&samples, name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} before any traffic"))
+    };
+    for sink in ["archive", "crm"] {
+        for outcome in ["delivered", "retried", "postponed", "dead"] {
+            let labels = [("sink", sink), ("outcome", outcome)];
+            assert_eq!(value("vyora_router_deliveries_total", &labels), 0.0);
+        }
+        // A file sink and an HTTP sink need no connection: available from the start.
+        assert_eq!(value("vyora_router_sink_ready", &[("sink", sink)]), 1.0);
+    }
+    for outcome in ["invalid_signature", "unavailable", "bad_request"] {
+        let labels = [("event", "unknown"), ("outcome", outcome)];
+        assert_eq!(value("vyora_router_webhooks_received_total", &labels), 0.0);
+    }
+    for status in ["401", "403"] {
+        let labels = [("status", status)];
+        assert_eq!(value("vyora_router_poller_requests_total", &labels), 0.0);
+    }
+    assert_eq!(value("vyora_router_ready", &[]), 1.0);
+    assert_eq!(value("vyora_router_quarantine_max_bytes", &[]), 2_097_152.0);
+    assert_eq!(value("vyora_router_quarantine_dropped_total", &[]), 0.0);
+    assert_eq!(value("vyora_router_settlements_rejected_total", &[]), 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let started = value("vyora_router_start_time_seconds", &[]);
+    assert!(
+        (now - 120.0..=now).contains(&started),
+        "start time {started}, now {now}"
+    );
+}
+
 /// Waits until the router's exposition has a sample of `name` with `labels`.
 async fn wait_for_sample(router: &TestRouter, name: &str, labels: &[(&str, &str)]) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -785,6 +865,19 @@ async fn wait_for_alerts(
     }
 }
 
+/// Waits until the instant query `query` returns one sample of value `want`.
+async fn wait_for_value(prometheus: &Prometheus, query: &str, want: f64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while prometheus.value(query).await != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "{query} never was {want} within {within:?}:\n{}",
+            prometheus.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn firing(alerts: &[(String, String, String)], name: &str, sink: &str) -> bool {
     alerts
         .iter()
@@ -821,15 +914,7 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
     let prometheus = Prometheus::start(router.admin, &compressed(&repo_file(RULES))).await;
 
     // Prometheus scrapes the router and sees it as a router (the recording rule).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while prometheus.value("vyora_router:up").await != Some(1.0) {
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus never scraped the router:\n{}",
-            prometheus.log()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for_value(&prometheus, "vyora_router:up", 1.0, Duration::from_secs(30)).await;
     // Every alerting rule Prometheus loaded carries what an on-call engineer needs.
     let groups = prometheus.api("/api/v1/rules", &[("type", "alert")]).await;
     let loaded: Vec<serde_json::Value> = groups["groups"]
@@ -892,7 +977,10 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
     })
     .await;
     let backlog_fired = down.elapsed();
-    // The file sink kept delivering: the alerts name only the sink that is down.
+    // The file sink kept delivering: the alerts name only the sink that is down. An HTTP
+    // destination that is down costs attempts, not availability: the router stays ready,
+    // the sink is not "unavailable" (that is for a broker or a Retry-After pause), and
+    // nothing restarted.
     let alerts = prometheus.alerts().await;
     assert!(
         alerts
@@ -900,6 +988,13 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
             .all(|(_, sink, _)| sink.is_empty() || sink == "crm"),
         "{alerts:?}"
     );
+    for quiet in [
+        "VyoraRouterNotReady",
+        "VyoraRouterSinkUnavailable",
+        "VyoraRouterRestartLoop",
+    ] {
+        assert!(!active(&alerts, quiet), "{alerts:?}");
+    }
 
     gate.reopen();
     let back = Instant::now();
@@ -944,5 +1039,95 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    prometheus.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs Prometheus and RabbitMQ (VYORA_TEST_AMQP_URL); .ci/run provides both"]
+async fn a_real_prometheus_fires_sink_unavailable_and_not_ready_while_a_broker_is_unreachable_with_nothing_waiting_and_resolves_them_when_it_is_back()
+ {
+    const UNAVAILABLE: &str = "VyoraRouterSinkUnavailable";
+    const NOT_READY: &str = "VyoraRouterNotReady";
+    let gate = Gate::start(common::amqp::broker_addr()).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"queue\"\ntype = \"amqp\"\nurl = \"{}\"\nexchange = \"{}\"\n",
+        base_config(dir.path()),
+        common::amqp::url_via(gate.addr),
+        common::amqp::unique("vyora-alerts-x"),
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    let prometheus = Prometheus::start(router.admin, &compressed(&repo_file(RULES))).await;
+    let within = Duration::from_secs(120);
+
+    // Connected and ready, as Prometheus sees it, with neither alert active. (The sink's
+    // gauge is 0 until its first connection and is refreshed every 10 s, which the
+    // compressed `for:` of 5 s does not cover: an alert may come and go at the start.)
+    wait_for_value(
+        &prometheus,
+        "vyora_router_sink_ready{sink=\"queue\"}",
+        1.0,
+        within,
+    )
+    .await;
+    wait_for_value(&prometheus, "vyora_router_ready", 1.0, within).await;
+    wait_for_alerts(&prometheus, "no alert while connected", within, |a| {
+        !active(a, UNAVAILABLE) && !active(a, NOT_READY)
+    })
+    .await;
+
+    // The broker goes away; no webhook comes, so nothing waits for the sink.
+    gate.close().await;
+    let down = Instant::now();
+    wait_for_alerts(
+        &prometheus,
+        "sink-unavailable and not-ready alerts firing",
+        within,
+        |a| firing(a, UNAVAILABLE, "queue") && firing(a, NOT_READY, ""),
+    )
+    .await;
+    let fired = down.elapsed();
+    let samples = router.scrape().await;
+    for outcome in ["postponed", "retried", "dead"] {
+        let labels = [("sink", "queue"), ("outcome", outcome)];
+        assert_eq!(
+            metric(&samples, "vyora_router_deliveries_total", &labels),
+            0.0
+        );
+    }
+    assert_eq!(
+        metric(
+            &samples,
+            "vyora_router_outbox_pending",
+            &[("sink", "queue")]
+        ),
+        0.0
+    );
+    // The file sink stays available: the alerts name only the sink that is down.
+    let alerts = prometheus.alerts().await;
+    assert!(
+        alerts
+            .iter()
+            .all(|(_, sink, _)| sink.is_empty() || sink == "queue"),
+        "{alerts:?}"
+    );
+    let readyz = router.readyz().await;
+    assert_eq!(readyz.status, 503);
+    assert!(
+        readyz.json()["problems"]["sink:queue"].is_string(),
+        "/readyz names the sink: {}",
+        readyz.body
+    );
+
+    gate.reopen();
+    let back = Instant::now();
+    wait_for_alerts(&prometheus, "both alerts resolved", within, |a| {
+        !active(a, UNAVAILABLE) && !active(a, NOT_READY)
+    })
+    .await;
+    eprintln!(
+        "broker unreachable: both alerts firing after {fired:?}; back: resolved after {:?}",
+        back.elapsed()
+    );
     prometheus.stop().await;
 }
