@@ -51,6 +51,9 @@ pub enum Command {
     /// The missed-analysis poller.
     #[command(subcommand)]
     Poller(PollerCommand),
+    /// The store itself.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Send realistic, correctly signed test events (`call`: the whole lifecycle).
     Trigger {
         event: Trigger,
@@ -94,6 +97,23 @@ pub enum AgentsCommand {
         limit: Option<u64>,
         #[arg(long)]
         offset: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a SQLite store into PostgreSQL (events, deliveries as they are, poll
+    /// schedule, quarantine); stop the router that writes the SQLite file first. Safe to
+    /// run again: what is already there is skipped.
+    Migrate {
+        /// The SQLite database (`store.path` of the sidecar).
+        #[arg(long, value_name = "PATH")]
+        from: PathBuf,
+        /// The PostgreSQL URL [default: DATABASE_URL]
+        #[arg(long, value_name = "URL", env = "DATABASE_URL", hide_env_values = true)]
+        to: String,
         #[arg(long)]
         json: bool,
     },

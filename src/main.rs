@@ -14,9 +14,9 @@ use tracing_subscriber::EnvFilter;
 use vyora_router::api::RateLimiter;
 use vyora_router::cli::{
     AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
-    PollerCommand,
+    PollerCommand, StoreCommand,
 };
-use vyora_router::config::{Config, ConfigSource, LogFormat};
+use vyora_router::config::{Config, ConfigSource, LogFormat, PostgresConfig};
 use vyora_router::render;
 use vyora_router::signature::Secret;
 use vyora_router::store::operator::{ListFilter, Replay};
@@ -96,6 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             call_id,
         } => trigger(event, &url, &secret, call_id),
         Command::Sign { secret, file } => sign(&secret, file.as_deref()),
+        Command::Store(StoreCommand::Migrate { from, to, json }) => store_migrate(&from, to, json),
     }
 }
 
@@ -205,6 +206,32 @@ fn poller_status(arg: &ConfigArg, limit: usize, json: bool) -> anyhow::Result<Ex
         println!("no calls are tracked (is poller.enabled set?)");
     } else {
         println!("{}", render::polls(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `store migrate`: a SQLite store copied into PostgreSQL.
+fn store_migrate(from: &std::path::Path, to: String, json: bool) -> anyhow::Result<ExitCode> {
+    let to = PostgresConfig {
+        url: to,
+        pool_size: 2,
+    };
+    let migrated = runtime()?
+        .block_on(vyora_router::store::migrate_sqlite_to_postgres(from, &to))
+        .with_context(|| format!("copying {} into PostgreSQL", from.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&migrated)?);
+    } else {
+        println!(
+            "copied {} events ({} were there already) with {} pending, {} delivered and {} dead deliveries, {} tracked calls and {} quarantined bodies",
+            migrated.events,
+            migrated.skipped,
+            migrated.pending,
+            migrated.delivered,
+            migrated.dead,
+            migrated.polls,
+            migrated.quarantined
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -335,3 +335,100 @@ async fn a_router_on_postgres_acknowledges_delivers_and_answers_operator_command
     store.close().await;
     router.stop().await;
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history_over() {
+    let db = TestDb::create().await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let sqlite = dir.path().join("router.db");
+    // A sidecar's store: one delivery pending, one delivered, one dead; a tracked call; a
+    // quarantined body.
+    {
+        let store = Store::open(
+            &StoreConfig::sqlite(sqlite.clone()),
+            StoreOptions {
+                track_calls: Some(Duration::from_secs(300)),
+                ..StoreOptions::default()
+            },
+        )
+        .await
+        .expect("sqlite store");
+        for call in ["m1", "m2", "m3"] {
+            let body = payload(call, "call_completed");
+            let e = Event::from_webhook(None, Bytes::from(body)).expect("event");
+            store.ingest(e, sinks(&["archive"])).await.expect("stored");
+        }
+        let rows = store.claim("archive", 10, usize::MAX).await.expect("claim");
+        let (delivered, dead) = (rows[0].id, rows[1].id);
+        store
+            .settle(vec![
+                Settlement::Delivered { id: delivered },
+                Settlement::Dead {
+                    id: dead,
+                    error: "gone".into(),
+                },
+            ])
+            .await
+            .expect("settled");
+        store.release(vec![rows[2].id]);
+        store
+            .quarantine(vyora_router::store::Quarantined {
+                reason: "not json".into(),
+                event_header: None,
+                body: Bytes::from_static(b"not json"),
+            })
+            .await
+            .expect("quarantined");
+        store.close().await;
+    }
+    let migrate = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vyora-router"));
+        cmd.args(["store", "migrate", "--from"])
+            .arg(&sqlite)
+            .args(extra)
+            .env("DATABASE_URL", &db.url);
+        cmd.output().expect("run store migrate")
+    };
+    let out = migrate(&["--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["events"], 3);
+    assert_eq!(
+        (&report["pending"], &report["delivered"], &report["dead"]),
+        (&1.into(), &1.into(), &1.into())
+    );
+    assert_eq!(report["polls"], 3);
+    assert_eq!(report["quarantined"], 1);
+    let again = migrate(&["--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
+    assert_eq!(
+        (&report["events"], &report["skipped"]),
+        (&0.into(), &3.into())
+    );
+    assert_eq!(db.count("SELECT count(*) FROM deliveries").await, 3);
+
+    // Replicas on PostgreSQL deliver the backlog and know the history.
+    let config = base_config(dir.path()).replace("[store]\n", &db.store_toml(""));
+    let router = TestRouter::start_with(Arc::clone(&dir), &config).await;
+    let lines = wait_for_lines(&router.events_file(), 1, WAIT).await;
+    assert_eq!(lines.len(), 1, "only the pending delivery is sent");
+    assert_eq!(
+        router
+            .post_signed(&payload("m1", "call_completed"))
+            .await
+            .json(),
+        serde_json::json!({"received": true, "duplicate": true})
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM deliveries WHERE status = 'dead'")
+            .await,
+        1,
+        "the dead letter is still there to replay"
+    );
+    router.stop().await;
+}

@@ -176,6 +176,23 @@ impl Store {
     }
 }
 
+pub use postgres::Migrated;
+
+/// `store migrate`: copies the SQLite store at `from` into PostgreSQL (migrating its
+/// schema first); pending deliveries stay pending, and the dedup history comes along.
+/// The router that writes `from` must be stopped.
+pub async fn migrate_sqlite_to_postgres(
+    from: &std::path::Path,
+    to: &crate::config::PostgresConfig,
+) -> Result<Migrated> {
+    if !from.exists() {
+        return Err(StoreError::Missing {
+            path: from.to_owned(),
+        });
+    }
+    postgres::import_sqlite(from, to).await
+}
+
 /// What the store is opened with beyond its config.
 #[derive(Default, Clone)]
 pub struct StoreOptions {

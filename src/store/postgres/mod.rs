@@ -4,6 +4,7 @@
 //! time prunes and polls, by a lease row; wake-ups travel by `LISTEN/NOTIFY`.
 
 mod claims;
+mod import;
 mod ingest;
 mod listen;
 mod queries;
@@ -72,6 +73,40 @@ fn tls() -> MakeRustlsConnect {
     }
 }
 
+pub use import::Migrated;
+
+/// The connection pool for `pg`, with rustls.
+fn pool(pg: &PostgresConfig) -> Result<(Pool, tokio_postgres::Config, MakeRustlsConnect)> {
+    let config: tokio_postgres::Config = pg
+        .url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Setup(e.to_string()))?;
+    let tls = tls();
+    let manager = Manager::from_config(
+        config.clone(),
+        tls.clone(),
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(pg.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(POOL_WAIT))
+        .build()
+        .map_err(|e| StoreError::Setup(e.to_string()))?;
+    Ok((pool, config, tls))
+}
+
+/// Copies the SQLite store at `from` into the PostgreSQL database `to` names.
+pub(super) async fn import_sqlite(from: &std::path::Path, to: &PostgresConfig) -> Result<Migrated> {
+    let (pool, _, _) = pool(to)?;
+    let migrated = import::from_sqlite(from, &mut pool.get().await?).await;
+    pool.close();
+    migrated
+}
+
 impl PostgresStore {
     /// Connects, applies migrations, and starts the writers, the listener and the
     /// heartbeat.
@@ -81,25 +116,7 @@ impl PostgresStore {
         quarantine_max_bytes: u64,
         options: StoreOptions,
     ) -> Result<PostgresStore> {
-        let config: tokio_postgres::Config = pg
-            .url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| StoreError::Setup(e.to_string()))?;
-        let tls = tls();
-        let manager = Manager::from_config(
-            config.clone(),
-            tls.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pg.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
-            .build()
-            .map_err(|e| StoreError::Setup(e.to_string()))?;
+        let (pool, config, tls) = pool(pg)?;
         schema::migrate(&mut pool.get().await?).await?;
 
         let owner = format!(
