@@ -20,6 +20,8 @@ closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 cat > "$work/router.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
+[admin]
+listen = "127.0.0.1:0"
 [webhook]
 secrets = ["$SECRET"]
 [store]

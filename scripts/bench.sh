@@ -45,6 +45,8 @@ start_router() {
   cat > "$work/$name/router.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
+[admin]
+listen = "127.0.0.1:0"
 [webhook]
 secrets = ["$SECRET"]
 [store]
