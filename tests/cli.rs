@@ -337,3 +337,27 @@ fn the_example_deployment_publishes_no_broker_port_and_takes_its_credentials_fro
         "the AMQP URL is built from RABBITMQ_DEFAULT_USER and _PASS: {config}"
     );
 }
+
+#[test]
+fn service_link_variables_named_like_our_prefix_are_not_taken_for_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[webhook]\nsecrets = [\"s\"]\n",
+    )
+    .expect("write");
+    // What Kubernetes sets for a Service named vyora-router, next to a real override.
+    let out = router(
+        dir.path(),
+        &["check-config", "-c", "router.toml"],
+        &[
+            ("VYORA_ROUTER_SERVICE_HOST", "10.0.0.7"),
+            ("VYORA_ROUTER_PORT", "tcp://10.0.0.7:8080"),
+            ("VYORA_ROUTER_PORT_8080_TCP_ADDR", "10.0.0.7"),
+            ("VYORA_ROUTER_LOG__FORMAT", "json"),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("format = \"json\""), "{stdout}");
+}

@@ -271,7 +271,14 @@ impl Config {
         };
         Ok(Figment::new()
             .merge(toml)
-            .merge(Env::prefixed(ENV_PREFIX).split("__")))
+            // Only `<SECTION>__<KEY>`: Kubernetes' service links and Docker's legacy links
+            // put variables such as VYORA_ROUTER_PORT_8080_TCP into the environment of a
+            // pod whose Service is named after us, and they are not settings.
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .filter(|key| key.as_str().contains("__"))
+                    .split("__"),
+            ))
     }
 
     /// Parses a TOML string alone, without the environment (tests and tools).

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Bytes written to disk per accepted event: the router process's `write_bytes` in
+# /proc/<pid>/io over a load run (WAL, checkpoints and the file sink's lines together),
+# divided by the events accepted. Two set-ups, interleaved: one file sink, and three sinks
+# (file, HTTP, RabbitMQ when it answers). The figure is a count of bytes, not a speed, so
+# it compares across machines; the payload is the load tool's (~1.5 KB, as Vyora sends).
+#
+#   scripts/bytes-per-event.sh            # ROUNDS=3 COUNT=20000 CONNS=64
+#   STORE_EXTRA='page_size = 1024' ...    # extra [store] lines, to compare settings
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+COUNT=${COUNT:-20000}
+CONNS=${CONNS:-64}
+AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+STORE_EXTRA=${STORE_EXTRA:-}
+SECRET=bench-secret
+
+cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench >&2
+BIN=target/release/vyora-router
+LOAD=target/release/examples/loadgen
+
+work=$(mktemp -d)
+pids=()
+queue=""
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "$queue" ] && target/release/examples/amqp_bench --url "$AMQP_URL" --delete-queue "$queue" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+write_bytes() { awk '$1 == "write_bytes:" { print $2 }' "/proc/$1/io"; }
+
+target/release/examples/sink_server > "$work/sink.addr" &
+pids+=("$!")
+while [ ! -s "$work/sink.addr" ]; do sleep 0.05; done
+more_sinks="
+[[sinks]]
+name = \"crm\"
+type = \"http\"
+url = \"http://$(cat "$work/sink.addr")/in\"
+concurrency = 16"
+if timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/5672" 2>/dev/null; then
+  exchange="vyora-bytes-$(date +%s)-$$"
+  queue=$(target/release/examples/amqp_bench --url "$AMQP_URL" --declare "$exchange")
+  more_sinks="$more_sinks
+[[sinks]]
+name = \"queue\"
+type = \"amqp\"
+url = \"$AMQP_URL\"
+exchange = \"$exchange\""
+fi
+
+# One run on a fresh store: prints "<label> <bytes per event> <file bytes per event>".
+run() {
+  local label=$1 sinks=$2 dir="$work/$1-$RANDOM" port pid before after
+  port=$(free_port)
+  mkdir -p "$dir"
+  cat > "$dir/router.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+[admin]
+listen = "127.0.0.1:0"
+[webhook]
+secrets = ["$SECRET"]
+[store]
+path = "$dir/router.db"
+$STORE_EXTRA
+[[sinks]]
+name = "archive"
+type = "file"
+path = "$dir/events.jsonl"
+$sinks
+TOML
+  "$BIN" serve --config "$dir/router.toml" > "$dir/router.log" 2>&1 &
+  pid=$!
+  until curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.02; done
+  sleep 1
+  before=$(write_bytes "$pid")
+  "$LOAD" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
+    --count "$COUNT" --duration 600s --check-file "$dir/events.jsonl" --label "$label" >&2
+  # Every sink done and the checkpoints caught up: what the run cost, all of it.
+  sleep 5
+  after=$(write_bytes "$pid")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  echo "$label $(( (after - before) / COUNT )) $(( $(stat -c %s "$dir/events.jsonl") / COUNT ))"
+}
+
+for round in $(seq "$ROUNDS"); do
+  run one-sink ""
+  run three-sinks "$more_sinks"
+done | tee "$work/results.txt"
+python3 - "$work/results.txt" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+for label in ("one-sink", "three-sinks"):
+    mine = [r for r in rows if r[0] == label]
+    per_event = statistics.median(int(r[1]) for r in mine)
+    line = statistics.median(int(r[2]) for r in mine)
+    print(f"{label:12}: {per_event} bytes written per event (median of {len(mine)}); file line {line} bytes")
+PY
