@@ -271,14 +271,7 @@ async fn a_filter_selects_events_and_redaction_hides_fields_from_the_sink_only()
         "signed over the redacted bytes"
     );
 
-    let stored: Vec<u8> = router
-        .db()
-        .query_row(
-            "SELECT payload FROM events WHERE dedup_key = 'call-h7:all_processing_completed'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("stored");
+    let stored = router.stored_payload("call-h7:all_processing_completed");
     assert_eq!(
         stored,
         interested.as_bytes(),
@@ -320,7 +313,7 @@ async fn a_calls_later_event_waits_for_its_earlier_one_while_other_calls_go_on()
             .filter(|(_, x)| *x == k)
             .nth(nth)
             .map(|(i, _)| i)
-            .expect("requested")
+            .unwrap_or_else(|| panic!("{k} #{nth} not in {keys:?}"))
     };
     // The second call was not held up by the first one's retries.
     assert!(

@@ -190,6 +190,14 @@ pub async fn migrate_sqlite_to_postgres(
             path: from.to_owned(),
         });
     }
+    // Brings an older store to the current layout first (it is read as that).
+    Store::open(
+        &StoreConfig::sqlite(from.to_owned()),
+        StoreOptions::default(),
+    )
+    .await?
+    .close()
+    .await;
     postgres::import_sqlite(from, to).await
 }
 

@@ -161,6 +161,23 @@ impl TestRouter {
         rusqlite::Connection::open(self.path().join("router.db")).expect("open db")
     }
 
+    /// The payload stored for `dedup_key`, as it was signed (stored payloads
+    /// may be zstd-compressed, codec 1).
+    pub fn stored_payload(&self, dedup_key: &str) -> Vec<u8> {
+        let (codec, stored): (i64, Vec<u8>) = self
+            .db()
+            .query_row(
+                "SELECT codec, payload FROM events WHERE dedup_key = ?1",
+                [dedup_key],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("stored");
+        match codec {
+            1 => zstd::decode_all(&stored[..]).expect("zstd payload"),
+            _ => stored,
+        }
+    }
+
     pub fn count(&self, sql: &str) -> i64 {
         self.db()
             .query_row(sql, [], |r| r.get(0))

@@ -89,21 +89,38 @@ pub(crate) async fn from_sqlite(
 
 fn events_after(sqlite: &Connection, after: i64) -> Result<Vec<Row>, StoreError> {
     let mut stmt = sqlite.prepare_cached(
-        "SELECT id, dedup_key, event, call_id, source, received_at, payload FROM events
+        "SELECT id, dedup_key, event, call_id, source, received_at, codec, payload FROM events
          WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after, BATCH], |r| {
-        Ok(Row {
-            id: r.get(0)?,
-            dedup_key: r.get(1)?,
-            event: r.get(2)?,
-            call_id: r.get(3)?,
-            source: r.get(4)?,
-            received_at: at(r.get(5)?),
-            payload: r.get(6)?,
-        })
+        Ok((
+            Row {
+                id: r.get(0)?,
+                dedup_key: r.get(1)?,
+                event: r.get(2)?,
+                call_id: r.get(3)?,
+                source: r.get(4)?,
+                received_at: at(r.get(5)?),
+                payload: r.get(7)?,
+            },
+            r.get::<_, i64>(6)?,
+        ))
     })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    // PostgreSQL keeps payloads as signed.
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut row, codec) = row?;
+        if codec != 0 {
+            row.payload = zstd::decode_all(&row.payload[..]).map_err(|e| {
+                StoreError::Setup(format!(
+                    "the stored payload of event {} is damaged: {e}",
+                    row.id
+                ))
+            })?;
+        }
+        out.push(row);
+    }
+    Ok(out)
 }
 
 async fn copy_batch(
@@ -150,7 +167,7 @@ async fn copy_batch(
         .collect();
     let mut stmt = sqlite.prepare_cached(
         "SELECT event_id, sink, call_id, status, attempts, next_attempt_at, last_error, updated_at
-         FROM outbox WHERE event_id >= ?1 AND event_id <= ?2 ORDER BY id",
+         FROM outbox WHERE event_id >= ?1 AND event_id <= ?2 ORDER BY event_id, sink",
     )?;
     let (first, last) = (rows[0].id, rows[rows.len() - 1].id);
     let mut deliveries: Vec<Delivery> = Vec::new();

@@ -1,12 +1,15 @@
 //! The operator's queries on SQLite: list deliveries, replay them, show a call's events,
 //! the poller's schedule. They work while the server runs: reads never block it (WAL),
 //! and a replay is one short write through the writer, which the dispatchers pick up.
+//!
+//! A delivery is an event and a sink: pending after the sink's cursor, pending or dead
+//! with its row in `retries`, delivered otherwise. Its id is the event's.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 
-use super::reader::same_call;
+use super::{call_range, sink_names};
 use crate::store::operator::{
     DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, SinkStatus,
 };
@@ -16,110 +19,166 @@ fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string()
 }
 
-pub(super) fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<DeliveryRow>> {
-    // With a call, its few events are found by their keys; without, the newest rows.
-    let (from, call) = if filter.call_id.is_some() {
-        ("events e CROSS JOIN outbox o", same_call("e", "?3"))
-    } else {
-        ("outbox o JOIN events e", "?3 IS NULL".to_owned())
-    };
-    let mut stmt = conn.prepare(&format!(
-        "SELECT o.id, e.call_id, e.event, o.sink, o.status, o.attempts, o.next_attempt_at, o.last_error
-         FROM {from} ON e.id = o.event_id
-         WHERE (?1 IS NULL OR o.sink = ?1) AND (?2 IS NULL OR o.status = ?2) AND {call}
-         ORDER BY o.id DESC LIMIT ?4"
-    ))?;
-    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
-    let rows = stmt.query_map(
-        params![
-            filter.sink,
-            filter.status.map(DeliveryStatus::as_str),
-            filter.call_id,
-            limit
-        ],
-        |r| {
-            let status: String = r.get(4)?;
-            let next: i64 = r.get(6)?;
-            Ok(DeliveryRow {
-                id: r.get(0)?,
-                call_id: r.get(1)?,
-                event: r.get(2)?,
-                sink: r.get(3)?,
-                next_attempt_at: (status == "pending").then(|| rfc3339(next)),
-                status,
-                attempts: r.get(5)?,
-                last_error: r.get(7)?,
-            })
-        },
-    )?;
-    rows.collect()
+/// Every (event, sink) delivery, in the old one-row-per-delivery shape (the `outbox` view
+/// computes it from the cursors and the retry rows).
+const DELIVERIES: &str = "
+SELECT o.event_id, e.call_id, e.event, o.sink, o.status, o.attempts, o.next_attempt_at,
+       o.last_error
+FROM outbox o JOIN events e ON e.id = o.event_id";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    let status: String = r.get(4)?;
+    let next: i64 = r.get(6)?;
+    Ok(DeliveryRow {
+        id: r.get(0)?,
+        call_id: r.get(1)?,
+        event: r.get(2)?,
+        sink: r.get(3)?,
+        next_attempt_at: (status == "pending").then(|| rfc3339(next)),
+        status,
+        attempts: r.get(5)?,
+        last_error: r.get(7)?,
+    })
 }
 
-/// Puts the chosen rows of `sink` back to pending with their attempts reset; returns how
-/// many. Rows already pending are left as they are, and so are events whose payload
-/// retention has emptied: they cannot be sent again.
+pub(super) fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<DeliveryRow>> {
+    let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+    let (sink, status) = (&filter.sink, filter.status.map(DeliveryStatus::as_str));
+    match (&filter.call_id, filter.status) {
+        // A call's few events, found by their keys' prefix.
+        (Some(call), _) => {
+            let (low, high) = call_range(call);
+            conn.prepare(&format!(
+                "{DELIVERIES} WHERE e.key BETWEEN ?1 AND ?2 AND e.call_id = ?3
+                 AND (?4 IS NULL OR o.sink = ?4) AND (?5 IS NULL OR o.status = ?5)
+                 ORDER BY o.event_id DESC LIMIT ?6"
+            ))?
+            .query_map(params![&low[..], &high[..], call, sink, status, limit], row)?
+            .collect()
+        }
+        // Dead ones are all in `retries`: no need to walk the log.
+        (None, Some(DeliveryStatus::Dead)) => conn
+            .prepare(
+                "SELECT r.event_id, e.call_id, e.event, r.sink, r.status, r.attempts,
+                        r.next_attempt_at, r.last_error
+                 FROM retries r JOIN events e ON e.id = r.event_id
+                 WHERE r.status = 'dead' AND (?1 IS NULL OR r.sink = ?1)
+                 ORDER BY r.event_id DESC LIMIT ?2",
+            )?
+            .query_map(params![sink, limit], row)?
+            .collect(),
+        (None, _) => conn
+            .prepare(&format!(
+                "{DELIVERIES} WHERE (?1 IS NULL OR o.sink = ?1) AND (?2 IS NULL OR o.status = ?2)
+                 ORDER BY o.event_id DESC LIMIT ?3"
+            ))?
+            .query_map(params![sink, status, limit], row)?
+            .collect(),
+    }
+}
+
+/// Puts the chosen deliveries of `sink` back to pending with their attempts reset;
+/// returns how many. Pending ones are left as they are, and so are events whose payload
+/// retention has emptied: they cannot be sent again. A delivered event gets a retry row,
+/// due now.
 pub(super) fn replay(
     tx: &rusqlite::Transaction<'_>,
     sink: &str,
     which: &Replay,
     now: i64,
 ) -> rusqlite::Result<usize> {
-    let reset = "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = ?2,
-                 last_error = NULL, updated_at = ?2
-                 WHERE sink = ?1 AND status != 'pending'
-                   AND event_id IN (SELECT id FROM events WHERE length(payload) > 0)";
-    match which {
-        Replay::Dead => tx.execute(&format!("{reset} AND status = 'dead'"), params![sink, now]),
-        Replay::CallId(call) => tx.execute(
-            &format!(
-                "{reset} AND event_id IN (SELECT e.id FROM events e WHERE {})",
-                same_call("e", "?3")
-            ),
-            params![sink, now, call],
-        ),
-        Replay::Id(id) => tx.execute(&format!("{reset} AND id = ?3"), params![sink, now, id]),
+    // The delivered and dead deliveries of `sink` (?1) among the events `which` names.
+    let chosen = |events: &str| {
+        format!(
+            "SELECT e.id, e.call_id FROM events e JOIN cursors c ON c.sink = ?1
+             WHERE {events} AND instr(e.sinks, ',' || ?1 || ',') > 0 AND length(e.payload) > 0
+               AND e.id <= c.position
+               AND NOT EXISTS (SELECT 1 FROM retries r WHERE r.sink = ?1 AND r.event_id = e.id
+                               AND r.status = 'pending')"
+        )
+    };
+    let pick = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?));
+    let targets: Vec<(i64, Option<String>)> = match which {
+        Replay::Dead => tx
+            .prepare(&chosen(
+                "e.id IN (SELECT event_id FROM retries WHERE sink = ?1 AND status = 'dead')",
+            ))?
+            .query_map(params![sink], pick)?
+            .collect::<rusqlite::Result<_>>()?,
+        Replay::CallId(call) => {
+            let (low, high) = call_range(call);
+            tx.prepare(&chosen("e.key BETWEEN ?2 AND ?3 AND e.call_id = ?4"))?
+                .query_map(params![sink, &low[..], &high[..], call], pick)?
+                .collect::<rusqlite::Result<_>>()?
+        }
+        Replay::Id(id) => tx
+            .prepare(&chosen("e.id = ?2"))?
+            .query_map(params![sink, id], pick)?
+            .collect::<rusqlite::Result<_>>()?,
+    };
+    let mut reset = tx.prepare_cached(
+        "INSERT INTO retries (sink, event_id, call_id, status, attempts, next_attempt_at,
+                              last_error, updated_at)
+         VALUES (?1, ?2, ?3, 'pending', 0, ?4, NULL, ?4)
+         ON CONFLICT (sink, event_id) DO UPDATE SET status = 'pending', attempts = 0,
+             next_attempt_at = ?4, last_error = NULL, updated_at = ?4",
+    )?;
+    for (event_id, call_id) in &targets {
+        reset.execute(params![sink, event_id, call_id, now])?;
     }
+    Ok(targets.len())
 }
 
 pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<Vec<EventRow>> {
+    let (low, high) = call_range(call_id);
     let mut events = conn.prepare(
-        &format!(
-            "SELECT e.id, e.dedup_key, e.event, e.source, e.received_at FROM events e WHERE {} ORDER BY e.id",
-            same_call("e", "?1")
-        ),
+        "SELECT id, dedup_key, event, source, received_at, sinks FROM events
+         WHERE key BETWEEN ?1 AND ?2 AND call_id = ?3 ORDER BY id",
     )?;
-    let mut deliveries = conn.prepare(
-        "SELECT sink, status, attempts, last_error FROM outbox WHERE event_id = ?1 ORDER BY id",
+    let mut status = conn.prepare(
+        "SELECT CASE WHEN r.status IS NOT NULL THEN r.status
+                     WHEN ?2 > c.position THEN 'pending' ELSE 'delivered' END,
+                COALESCE(r.attempts, CASE WHEN ?2 > c.position THEN 0 ELSE 1 END),
+                r.last_error
+         FROM cursors c LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = ?2
+         WHERE c.sink = ?1",
     )?;
     let found = events
-        .query_map(params![call_id], |r| {
+        .query_map(params![&low[..], &high[..], call_id], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::with_capacity(found.len());
-    for (event_id, id, event, source, received_at) in found {
-        let sinks = deliveries
-            .query_map(params![event_id], |r| {
+    for (event_id, id, event, source, received_at, sinks) in found {
+        let mut deliveries = Vec::new();
+        for sink in sink_names(&sinks) {
+            let found = status.query_row(params![sink, event_id], |r| {
                 Ok(SinkStatus {
-                    sink: r.get(0)?,
-                    status: r.get(1)?,
-                    attempts: r.get(2)?,
-                    last_error: r.get(3)?,
+                    sink: sink.to_owned(),
+                    status: r.get(0)?,
+                    attempts: r.get(1)?,
+                    last_error: r.get(2)?,
                 })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+            });
+            match found {
+                Ok(s) => deliveries.push(s),
+                Err(rusqlite::Error::QueryReturnedNoRows) => {}
+                Err(e) => return Err(e),
+            }
+        }
         out.push(EventRow {
             id,
             event,
             source,
             received_at: rfc3339(received_at),
-            deliveries: sinks,
+            deliveries,
         });
     }
     Ok(out)

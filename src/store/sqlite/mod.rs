@@ -1,23 +1,27 @@
-//! The SQLite store: one database file in WAL mode holding events, their outbox rows (one
-//! per event and sink), the poll schedule and the quarantine.
+//! The SQLite store: one database file in WAL mode holding an append-only event log (each
+//! event with the sinks routing chose, its payload compressed), a cursor per sink, retry
+//! rows for the deliveries that failed, the poll schedule and the quarantine (layout and
+//! reasons: `schema::to_event_log`).
 //!
 //! Every write goes through one writer thread that commits in groups ([`writer`]); reads
 //! use a pool of their own connections ([`reader`]) and never wait for the writer.
-//! Claims live in this process's memory: one process owns the file.
+//! Claims live in this process's memory ([`claims`]): one process owns the file.
 
 mod admin;
+mod claims;
 mod reader;
 mod schema;
 #[cfg(test)]
 mod tests;
 mod writer;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
@@ -28,6 +32,7 @@ use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
     Stats, StoreError, StoreOptions, TrackedCall, now,
 };
+use claims::Claims;
 use reader::Readers;
 use writer::{Op, PruneRange, WriterContext};
 
@@ -46,6 +51,67 @@ fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
+/// The 16 bytes that stand for a dedup key in the index: 8 of the SHA-256 of its call part
+/// (before the last `:`), then 8 of its event part. A fixed, short entry instead of the
+/// text; and a call's events share a prefix, so they are found without an index of their
+/// own. Two keys may share the 16 bytes: the stored text decides.
+fn key(dedup_key: &str) -> [u8; 16] {
+    let (call, event) = dedup_key.rsplit_once(':').unwrap_or((dedup_key, ""));
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&Sha256::digest(call.as_bytes())[..8]);
+    key[8..].copy_from_slice(&Sha256::digest(event.as_bytes())[..8]);
+    key
+}
+
+/// The range of keys of the events of call `call_id`.
+fn call_range(call_id: &str) -> ([u8; 16], [u8; 16]) {
+    let mut low = [0u8; 16];
+    low[..8].copy_from_slice(&Sha256::digest(call_id.as_bytes())[..8]);
+    let mut high = low;
+    high[8..].fill(0xff);
+    (low, high)
+}
+
+/// The sinks an event was routed to, as stored: `,a,b,` (empty for none).
+fn sinks_text(sinks: &[Arc<str>]) -> String {
+    if sinks.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from(",");
+    for sink in sinks {
+        text.push_str(sink);
+        text.push(',');
+    }
+    text
+}
+
+fn sink_names(text: &str) -> impl Iterator<Item = &str> {
+    text.split(',').filter(|s| !s.is_empty())
+}
+
+/// Payloads as signed; [`CODEC_ZSTD`]: zstd-compressed, which JSON with transcripts takes
+/// well (the bytes a sink receives are always the signed ones).
+const CODEC_RAW: i64 = 0;
+const CODEC_ZSTD: i64 = 1;
+/// zstd's level: fast, and most of the gain of the higher ones on JSON this size.
+const ZSTD_LEVEL: i32 = 3;
+
+/// The payload as stored, and how.
+fn compress(payload: &[u8]) -> (Vec<u8>, i64) {
+    match zstd::bulk::compress(payload, ZSTD_LEVEL) {
+        Ok(packed) if packed.len() < payload.len() => (packed, CODEC_ZSTD),
+        _ => (payload.to_vec(), CODEC_RAW),
+    }
+}
+
+/// The payload as signed, from what is stored.
+fn decompress(codec: i64, stored: Vec<u8>) -> std::io::Result<Bytes> {
+    match codec {
+        CODEC_ZSTD => zstd::decode_all(&stored[..]).map(Bytes::from),
+        _ => Ok(Bytes::from(stored)),
+    }
+}
+
 pub(super) struct SqliteStore {
     /// The writer's queue; every write is an [`Op`] on it.
     tx: mpsc::Sender<Op>,
@@ -56,8 +122,8 @@ pub(super) struct SqliteStore {
     /// Set when the poller runs: how long after a call's latest event to poll it.
     track_calls: Option<Duration>,
     readers: Readers,
-    /// Rows handed to a dispatcher and not settled yet, per sink.
-    claimed: Mutex<HashMap<String, HashSet<i64>>>,
+    /// What each sink has in hand, and where its cursor is.
+    claims: Claims,
     /// The writer thread, joined by `close`.
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -121,7 +187,7 @@ impl SqliteStore {
             writable,
             track_calls,
             readers: Readers::new(path),
-            claimed: Mutex::new(HashMap::new()),
+            claims: Claims::default(),
             writer: Mutex::new(Some(handle)),
         })
     }
@@ -174,25 +240,83 @@ impl SqliteStore {
         Ok(done)
     }
 
-    fn unclaim(&self, ids: impl IntoIterator<Item = DeliveryId>) {
-        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
-        for id in ids {
-            for rows in claimed.values_mut() {
-                if rows.remove(&id.row) {
-                    break;
-                }
+    async fn claim_for(&self, sink: &str, limit: usize, max_bytes: usize) -> Result<Vec<Delivery>> {
+        let Some(mut snapshot) = self.claims.snapshot(sink) else {
+            return Ok(Vec::new());
+        };
+        let position = match snapshot.position {
+            Some(position) => position,
+            None => {
+                let name = sink.to_owned();
+                let position = self
+                    .readers
+                    .with(move |conn| reader::position(conn, &name))
+                    .await?;
+                self.claims.set_position(sink, position);
+                snapshot.position = Some(position);
+                position
+            }
+        };
+        let name = sink.to_owned();
+        let found = self
+            .readers
+            .with(move |conn| reader::scan(conn, &name, position, limit, max_bytes, &snapshot))
+            .await?;
+        let in_hand = |rows: &[reader::Row]| -> Vec<(i64, Option<String>)> {
+            rows.iter().map(|r| (r.id, r.call_id.clone())).collect()
+        };
+        let (claim, moved) = self.claims.record(
+            sink,
+            &in_hand(&found.fresh),
+            &in_hand(&found.retries),
+            found.held,
+            found.examined_to,
+        );
+        if let Some(outcome) = moved {
+            let before = outcome.before.clone();
+            let (reply, rx) = oneshot::channel();
+            if let Err(e) = self.submit(Op::Settle { outcome, reply }, rx).await {
+                tracing::warn!(sink, error = %e, "cannot move the cursor");
+                self.claims.forget_progress(&before);
             }
         }
+        let retries = found.retries.into_iter().map(|r| (r, true));
+        let fresh = found.fresh.into_iter().map(|r| (r, false));
+        retries
+            .chain(fresh)
+            .map(|(r, retry)| {
+                let payload = decompress(r.codec, r.payload).map_err(|e| {
+                    StoreError::Setup(format!(
+                        "the stored payload of event {} is damaged: {e}",
+                        r.id
+                    ))
+                })?;
+                Ok(Delivery {
+                    id: Claims::id(claim, r.id, retry),
+                    attempts: r.attempts,
+                    event: r.event,
+                    call_id: r.call_id,
+                    dedup_key: r.dedup_key,
+                    source: r.source,
+                    received_at: r.received_at,
+                    payload,
+                })
+            })
+            .collect()
     }
 }
 
 impl Backend for SqliteStore {
     fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> BoxFuture<'_, Result<Ingested>> {
         Box::pin(async move {
+            // On the request's task: the writer thread only writes.
+            let (stored, codec) = compress(&event.payload);
             let (reply, rx) = oneshot::channel();
             let op = Op::Ingest {
                 track: self.track_calls,
                 event: Box::new(event),
+                stored,
+                codec,
                 sinks,
                 outcome: Ingested::Duplicate,
                 reply,
@@ -230,49 +354,43 @@ impl Backend for SqliteStore {
         limit: usize,
         max_bytes: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
-        Box::pin(async move {
-            let busy = self
-                .claimed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(sink)
-                .cloned()
-                .unwrap_or_default();
-            let name = sink.to_owned();
-            let batch = self
-                .readers
-                .with(move |conn| reader::due(conn, &name, limit, max_bytes, &busy))
-                .await?;
-            // One dispatcher claims for a sink, so nothing else claimed meanwhile.
-            self.claimed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(sink.to_owned())
-                .or_default()
-                .extend(batch.iter().map(|d| d.id.row));
-            Ok(batch)
-        })
+        Box::pin(self.claim_for(sink, limit, max_bytes))
     }
 
     fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let ids: Vec<DeliveryId> = settlements.iter().map(Settlement::id).collect();
+            let outcome = self.claims.settle(&settlements);
+            if outcome.changes.is_empty() && outcome.cursors.is_empty() {
+                return Ok(());
+            }
+            let before = outcome.before.clone();
+            let _writing = self.claims.writing(&outcome);
             let (reply, rx) = oneshot::channel();
-            let settled = self.submit(Op::Settle { settlements, reply }, rx).await;
-            // Recorded or not, the claim ends: an unrecorded outcome leaves the row
-            // pending, and sending it again is what at-least-once allows.
-            self.unclaim(ids);
+            let settled = self.submit(Op::Settle { outcome, reply }, rx).await;
+            if settled.is_err() {
+                // Not written: those events must go out again, not be skipped.
+                self.claims.forget_progress(&before);
+            }
             settled
         })
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {
-        self.unclaim(ids);
+        self.claims.release(&ids);
     }
 
     fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
-        let sink = sink.to_owned();
-        Box::pin(self.readers.with(move |conn| reader::next_due(conn, &sink)))
+        let name = sink.to_owned();
+        Box::pin(async move {
+            let retry = self
+                .readers
+                .with(move |conn| reader::next_due(conn, &name))
+                .await?;
+            Ok([retry, self.claims.paused_until(sink)]
+                .into_iter()
+                .flatten()
+                .min())
+        })
     }
 
     fn waker(&self, sink: &str) -> Arc<Notify> {

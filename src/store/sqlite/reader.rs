@@ -1,17 +1,17 @@
 //! SQLite reads: a small pool of read connections (WAL lets them run beside the writer)
 //! and one function per query the dispatchers, the poller and the metrics make.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
-use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::claims::Snapshot;
 use super::schema;
 use super::{from_millis, to_millis};
-use crate::event::{Delivery, DeliveryId, Source};
+use crate::event::Source;
 use crate::store::{SinkStats, Stats, StoreError, TrackedCall};
 
 /// Idle read connections kept for reuse; more are opened when callers overlap, and the
@@ -59,75 +59,163 @@ impl Readers {
     }
 }
 
-/// An SQL condition: the events of `alias` belong to the call `call`. A call's events
-/// are found through the dedup keys (`<call_id>:<event>`), whose index is needed anyway,
-/// so no index on `call_id` has to be written at random for every event.
-pub(super) fn same_call(alias: &str, call: &str) -> String {
-    format!(
-        "{alias}.dedup_key >= {call} || ':' AND {alias}.dedup_key < {call} || ';' AND {alias}.call_id = {call}"
-    )
+/// A stored event on its way to a sink, its payload as stored.
+pub(super) struct Row {
+    pub(super) id: i64,
+    pub(super) attempts: u32,
+    pub(super) event: String,
+    pub(super) call_id: Option<String>,
+    pub(super) dedup_key: String,
+    pub(super) source: Source,
+    pub(super) received_at: SystemTime,
+    pub(super) codec: i64,
+    pub(super) payload: Vec<u8>,
 }
 
-/// Pending rows of `sink` that are due, oldest first, skipping `busy` (rows already being
-/// delivered) and rows whose call has an earlier row still pending on this sink: a call's
-/// events reach a sink in the order they were stored, while other calls go on. A dead row
-/// no longer holds its call's later rows back. Stops at `limit` rows or once `max_bytes`
-/// of payload are taken, so a batch's memory is bounded whatever the payload sizes.
-pub(super) fn due(
+const COLUMNS: &str =
+    "e.id, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.codec, e.payload";
+
+fn row(r: &rusqlite::Row<'_>, attempts: u32) -> rusqlite::Result<Row> {
+    let source: String = r.get(4)?;
+    Ok(Row {
+        id: r.get(0)?,
+        attempts,
+        event: r.get(1)?,
+        call_id: r.get(2)?,
+        dedup_key: r.get(3)?,
+        source: Source::parse(&source).unwrap_or(Source::Webhook),
+        received_at: from_millis(r.get(5)?),
+        codec: r.get(6)?,
+        payload: r.get(7)?,
+    })
+}
+
+/// What one claim found.
+#[derive(Default)]
+pub(super) struct Scan {
+    pub(super) retries: Vec<Row>,
+    pub(super) fresh: Vec<Row>,
+    /// First attempts skipped to keep a call's order.
+    pub(super) held: BTreeSet<i64>,
+    /// The last event examined after the cursor.
+    pub(super) examined_to: Option<i64>,
+}
+
+/// Up to `limit` deliveries of `sink` (and about `max_bytes` of payload, at least one):
+/// due retries first, then first attempts after `position`, in order. Skips what is in
+/// hand and keeps each call's order: an event waits while an earlier one of its call is
+/// in hand, has a pending retry on this sink, or was skipped itself.
+pub(super) fn scan(
     conn: &Connection,
     sink: &str,
+    position: i64,
     limit: usize,
     max_bytes: usize,
-    busy: &HashSet<i64>,
-) -> rusqlite::Result<Vec<Delivery>> {
-    let now = to_millis(SystemTime::now());
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT o.id, o.attempts, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.payload
-         FROM outbox o JOIN events e ON e.id = o.event_id
-         WHERE o.sink = ?1 AND o.status = 'pending' AND o.next_attempt_at <= ?2
-           AND NOT EXISTS (
-               -- CROSS JOIN keeps this order: the call's few events by key, then
-               -- their rows; the other way round would scan every pending row.
-               SELECT 1 FROM events pe CROSS JOIN outbox po
-               WHERE po.event_id = pe.id AND e.call_id IS NOT NULL AND {same_call}
-                 AND pe.id < e.id AND po.sink = o.sink AND po.status = 'pending')
-         ORDER BY o.next_attempt_at, o.id LIMIT ?3",
-        same_call = same_call("pe", "e.call_id"),
-    ))?;
-    let fetch = i64::try_from(limit + busy.len()).unwrap_or(i64::MAX);
-    let mut rows = stmt.query(params![sink, now, fetch])?;
-    let mut out = Vec::new();
+    snapshot: &Snapshot,
+) -> rusqlite::Result<Scan> {
+    let mut out = Scan::default();
+    let mut blocked = snapshot.calls_in_hand.clone();
     let mut bytes = 0usize;
-    while let Some(row) = rows.next()? {
-        let id: i64 = row.get(0)?;
-        if busy.contains(&id) {
+    let full = |out: &Scan, bytes: usize| {
+        out.retries.len() + out.fresh.len() >= limit || bytes >= max_bytes
+    };
+    let now = to_millis(SystemTime::now());
+    {
+        let mut due = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS}, r.attempts FROM retries r JOIN events e ON e.id = r.event_id
+             WHERE r.sink = ?1 AND r.status = 'pending' AND r.next_attempt_at <= ?2
+               AND NOT EXISTS (
+                   SELECT 1 FROM retries p WHERE p.sink = r.sink AND p.call_id = r.call_id
+                   AND p.status = 'pending' AND p.event_id < r.event_id)
+             ORDER BY r.next_attempt_at, r.event_id LIMIT ?3"
+        ))?;
+        let fetch = i64::try_from(limit + snapshot.retries_in_hand.len()).unwrap_or(i64::MAX);
+        let mut rows = due.query(params![sink, now, fetch])?;
+        while let Some(r) = rows.next()? {
+            let retry = row(r, r.get(8)?)?;
+            if snapshot.retries_in_hand.contains(&retry.id) {
+                continue;
+            }
+            if let Some(call) = &retry.call_id
+                && !blocked.insert(call.clone())
+            {
+                continue;
+            }
+            bytes += retry.payload.len();
+            out.retries.push(retry);
+            if full(&out, bytes) {
+                return Ok(out);
+            }
+        }
+    }
+    let mut fresh = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM events e
+         WHERE e.id > ?1 AND instr(e.sinks, ?2) > 0 ORDER BY e.id LIMIT ?3"
+    ))?;
+    let mut waiting = conn.prepare_cached(
+        "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2 AND status = 'pending'
+         AND event_id < ?3 LIMIT 1",
+    )?;
+    // Enough to see past what is in hand, and past some held events.
+    let fetch = i64::try_from(limit + snapshot.skip.len() + HELD_LOOKAHEAD).unwrap_or(i64::MAX);
+    let mut rows = fresh.query(params![position, tag(sink), fetch])?;
+    while let Some(r) = rows.next()? {
+        let event = row(r, 0)?;
+        out.examined_to = Some(event.id);
+        if snapshot.skip.contains(&event.id) {
             continue;
         }
-        let payload: Vec<u8> = row.get(7)?;
-        bytes += payload.len();
-        let source: String = row.get(5)?;
-        out.push(Delivery {
-            id: DeliveryId::row(id),
-            attempts: row.get(1)?,
-            event: row.get(2)?,
-            call_id: row.get(3)?,
-            dedup_key: row.get(4)?,
-            source: Source::parse(&source).unwrap_or(Source::Webhook),
-            received_at: from_millis(row.get(6)?),
-            payload: Bytes::from(payload),
-        });
-        if out.len() >= limit || bytes >= max_bytes {
+        if let Some(call) = &event.call_id {
+            let earlier = blocked.contains(call)
+                || waiting
+                    .query_row(params![sink, call, event.id], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+            blocked.insert(call.clone());
+            if earlier {
+                out.held.insert(event.id);
+                continue;
+            }
+        }
+        bytes += event.payload.len();
+        out.fresh.push(event);
+        if full(&out, bytes) {
             break;
         }
     }
     Ok(out)
 }
 
-/// When the earliest pending row of `sink` that is not yet due becomes due.
+/// Rows a claim reads beyond its limit and what is in hand, so that events held back for
+/// their call's order do not stop the others.
+const HELD_LOOKAHEAD: usize = 64;
+
+/// How a sink's name appears in `events.sinks`.
+fn tag(sink: &str) -> String {
+    format!(",{sink},")
+}
+
+/// Where `sink` stands: its cursor, or just before its first event if it has none yet.
+pub(super) fn position(conn: &Connection, sink: &str) -> rusqlite::Result<i64> {
+    let cursor: Option<i64> = conn
+        .prepare_cached("SELECT position FROM cursors WHERE sink = ?1")?
+        .query_row(params![sink], |r| r.get(0))
+        .optional()?;
+    match cursor {
+        Some(position) => Ok(position),
+        None => conn
+            .prepare_cached(
+                "SELECT COALESCE(MIN(id), 1) - 1 FROM events WHERE instr(sinks, ?1) > 0",
+            )?
+            .query_row(params![tag(sink)], |r| r.get(0)),
+    }
+}
+
+/// When the earliest pending retry of `sink` that is not yet due becomes due.
 pub(super) fn next_due(conn: &Connection, sink: &str) -> rusqlite::Result<Option<SystemTime>> {
     let now = to_millis(SystemTime::now());
     conn.prepare_cached(
-        "SELECT MIN(next_attempt_at) FROM outbox
+        "SELECT MIN(next_attempt_at) FROM retries
          WHERE sink = ?1 AND status = 'pending' AND next_attempt_at > ?2",
     )?
     .query_row(params![sink, now], |r| r.get::<_, Option<i64>>(0))
@@ -135,49 +223,55 @@ pub(super) fn next_due(conn: &Connection, sink: &str) -> rusqlite::Result<Option
     .map(|v| v.flatten().map(from_millis))
 }
 
-/// Pending and dead counts and the oldest pending event per sink with any, the calls
-/// waiting for their analysis and the quarantine's size.
+/// Backlogs counted exactly up to this many events after a cursor; beyond, the events
+/// after it are counted whether routed to the sink or not (an upper bound), so a scrape's
+/// refresh stays cheap however deep the backlog.
+const EXACT_BACKLOG: i64 = 100_000;
+
+/// Per sink: pending deliveries (first attempts after its cursor, and retries), dead
+/// ones, and when the oldest pending event was received; the calls waiting for their
+/// analysis and the quarantine's size.
 pub(super) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
-    let mut sinks: Vec<SinkStats> = Vec::new();
-    let mut pending = conn.prepare_cached(
-        "SELECT sink, COUNT(*), MIN(id) FROM outbox WHERE status = 'pending' GROUP BY sink",
-    )?;
-    let rows = pending.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    let mut received = conn.prepare_cached(
-        "SELECT e.received_at FROM outbox o JOIN events e ON e.id = o.event_id WHERE o.id = ?1",
-    )?;
-    for row in rows {
-        let (sink, count, oldest_id) = row?;
-        let oldest = received
-            .query_row(params![oldest_id], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map(from_millis);
+    let last: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM events")?
+        .query_row([], |r| r.get(0))?;
+    let cursors: Vec<(String, i64)> = conn
+        .prepare_cached("SELECT sink, position FROM cursors")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut sinks = Vec::with_capacity(cursors.len());
+    for (sink, position) in cursors {
+        let behind = last - position;
+        let fresh: i64 = if behind <= EXACT_BACKLOG {
+            conn.prepare_cached(
+                "SELECT COUNT(*) FROM events WHERE id > ?1 AND instr(sinks, ?2) > 0",
+            )?
+            .query_row(params![position, tag(&sink)], |r| r.get(0))?
+        } else {
+            behind
+        };
+        let (retrying, dead, retry_oldest): (i64, i64, Option<i64>) = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FILTER (WHERE r.status = 'pending'),
+                        COUNT(*) FILTER (WHERE r.status = 'dead'),
+                        MIN(e.received_at) FILTER (WHERE r.status = 'pending')
+                 FROM retries r JOIN events e ON e.id = r.event_id WHERE r.sink = ?1",
+            )?
+            .query_row(params![sink], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let fresh_oldest: Option<i64> = conn
+            .prepare_cached(
+                "SELECT received_at FROM events WHERE id > ?1 AND instr(sinks, ?2) > 0
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row(params![position, tag(&sink)], |r| r.get(0))
+            .optional()?;
+        let oldest = [fresh_oldest, retry_oldest].into_iter().flatten().min();
         sinks.push(SinkStats {
             sink,
-            pending: count,
-            dead: 0,
-            oldest_pending: oldest,
+            pending: fresh + retrying,
+            dead,
+            oldest_pending: oldest.map(from_millis),
         });
-    }
-    let mut dead = conn
-        .prepare_cached("SELECT sink, COUNT(*) FROM outbox WHERE status = 'dead' GROUP BY sink")?;
-    for row in dead.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-        let (sink, count) = row?;
-        match sinks.iter_mut().find(|s| s.sink == sink) {
-            Some(s) => s.dead = count,
-            None => sinks.push(SinkStats {
-                sink,
-                pending: 0,
-                dead: count,
-                oldest_pending: None,
-            }),
-        }
     }
     let calls_waiting = conn
         .prepare_cached("SELECT COUNT(*) FROM polls WHERE status = 'waiting'")?
@@ -225,8 +319,8 @@ pub(super) fn next_poll(conn: &Connection) -> rusqlite::Result<Option<SystemTime
 
 /// Whether an event with this dedup key is stored.
 pub(super) fn has_event(conn: &Connection, dedup_key: &str) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM events WHERE dedup_key = ?1")?
-        .query_row(params![dedup_key], |_| Ok(()))
+    conn.prepare_cached("SELECT 1 FROM events WHERE key = ?1 AND dedup_key = ?2")?
+        .query_row(params![&super::key(dedup_key)[..], dedup_key], |_| Ok(()))
         .optional()
         .map(|found| found.is_some())
 }

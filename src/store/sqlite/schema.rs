@@ -13,7 +13,8 @@ use crate::store::StoreError;
 /// before failing; the caller's own deadline is usually shorter.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Schema versions, applied in order; `PRAGMA user_version` records how many ran.
+/// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
+/// Version 5 is [`to_event_log`].
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -136,33 +137,154 @@ pub(super) fn restrict_to_owner(db: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The schema versions this build knows.
+const VERSIONS: usize = MIGRATIONS.len() + 1;
+
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let applied = usize::try_from(version).unwrap_or(0);
-    if applied > MIGRATIONS.len() {
+    if applied > VERSIONS {
         return Err(StoreError::TooNew {
             path: path.to_owned(),
             found: version,
-            known: MIGRATIONS.len(),
+            known: VERSIONS,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+    for next in applied..VERSIONS {
         let migrate_err = |source| StoreError::Migrate {
             path: path.to_owned(),
-            version: i + 1,
+            version: next + 1,
             source,
         };
+        if next == MIGRATIONS.len() {
+            tracing::info!(path = %path.display(), "moving the store to the event log layout (once)");
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(migrate_err)?;
-        tx.execute_batch(sql).map_err(migrate_err)?;
-        let version = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        match MIGRATIONS.get(next) {
+            Some(sql) => tx.execute_batch(sql),
+            None => to_event_log(&tx),
+        }
+        .map_err(migrate_err)?;
+        let version = i64::try_from(next + 1).unwrap_or(i64::MAX);
         tx.pragma_update(None, "user_version", version)
             .map_err(migrate_err)?;
         tx.commit().map_err(migrate_err)?;
     }
     Ok(())
 }
+
+/// The event log layout (version 5). Events are appended to `events` once, with the sinks
+/// routing chose for them; each sink keeps a cursor in `cursors` (every event up to it is
+/// done for the sink: delivered, or recorded in `retries`); only deliveries that failed
+/// (or were replayed) get a row of their own, in `retries`. Delivering an event therefore
+/// writes nothing per event: the cursor moves once per batch. The dedup index holds a
+/// 16-byte hash, not the text key. `outbox` is a view in the old shape, for people (and
+/// tools) reading the database with SQL.
+///
+/// Existing data moves over: events keep their ids and payloads (codec 0, as signed);
+/// each sink's cursor starts after the last event, and its pending and dead deliveries
+/// become `retries` rows with their attempts, times and errors.
+fn to_event_log(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(EVENT_LOG)?;
+    {
+        let mut read = tx.prepare(
+            "SELECT e.id, e.dedup_key, e.event, e.call_id, e.source, e.received_at, e.payload,
+                    COALESCE((SELECT ',' || group_concat(o.sink, ',') || ',' FROM outbox o
+                              WHERE o.event_id = e.id), '')
+             FROM events e ORDER BY e.id",
+        )?;
+        let mut write = tx.prepare(
+            "INSERT INTO events_log (id, key, dedup_key, event, call_id, source, received_at,
+                                     sinks, codec, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
+        )?;
+        let mut rows = read.query([])?;
+        while let Some(r) = rows.next()? {
+            let dedup_key: String = r.get(1)?;
+            write.execute(rusqlite::params![
+                r.get::<_, i64>(0)?,
+                &super::key(&dedup_key)[..],
+                dedup_key,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, Vec<u8>>(6)?,
+            ])?;
+        }
+    }
+    tx.execute_batch(
+        "INSERT INTO cursors (sink, position)
+             SELECT sink, (SELECT COALESCE(MAX(id), 0) FROM events) FROM outbox GROUP BY sink;
+         INSERT INTO retries (sink, event_id, call_id, status, attempts, next_attempt_at,
+                              last_error, updated_at)
+             SELECT sink, event_id, call_id, status, attempts, next_attempt_at, last_error,
+                    updated_at
+             FROM outbox WHERE status IN ('pending', 'dead');
+         DROP TABLE outbox;
+         DROP TABLE events;
+         ALTER TABLE events_log RENAME TO events;",
+    )?;
+    tx.execute_batch(EVENT_LOG_INDEXES)
+}
+
+const EVENT_LOG: &str = r#"
+CREATE TABLE events_log (
+    id          INTEGER PRIMARY KEY,  -- appended: ids only grow
+    key         BLOB    NOT NULL,     -- 16 bytes: see `key`; not unique, the text decides
+    dedup_key   TEXT    NOT NULL,
+    event       TEXT    NOT NULL,
+    call_id     TEXT,
+    source      TEXT    NOT NULL,
+    received_at INTEGER NOT NULL,     -- milliseconds since the Unix epoch
+    sinks       TEXT    NOT NULL,     -- ',a,b,': where routing sent it when it was stored
+    codec       INTEGER NOT NULL,     -- 0: the bytes as signed; 1: zstd of them
+    payload     BLOB    NOT NULL
+);
+
+-- Every event up to `position` is done for the sink: delivered, or in `retries`.
+CREATE TABLE cursors (
+    sink     TEXT    PRIMARY KEY,
+    position INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Deliveries that failed at least once (or were replayed): their retry state, kept
+-- once delivered too (with the attempts it took) until the event is pruned.
+CREATE TABLE retries (
+    sink            TEXT    NOT NULL,
+    event_id        INTEGER NOT NULL,
+    call_id         TEXT,
+    status          TEXT    NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts        INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    updated_at      INTEGER NOT NULL,
+    PRIMARY KEY (sink, event_id)
+) WITHOUT ROWID;
+CREATE INDEX retries_due ON retries (sink, next_attempt_at) WHERE status = 'pending';
+CREATE INDEX retries_call ON retries (sink, call_id, event_id) WHERE status = 'pending';
+CREATE INDEX retries_dead ON retries (sink) WHERE status = 'dead';
+"#;
+
+const EVENT_LOG_INDEXES: &str = r#"
+CREATE INDEX events_key ON events (key);
+
+-- The old shape, computed: one row per event and sink.
+CREATE VIEW outbox AS
+SELECT e.id AS event_id, c.sink AS sink, e.call_id AS call_id,
+       CASE WHEN r.status IS NOT NULL THEN r.status
+            WHEN e.id > c.position THEN 'pending' ELSE 'delivered' END AS status,
+       COALESCE(r.attempts, CASE WHEN e.id > c.position THEN 0 ELSE 1 END) AS attempts,
+       COALESCE(r.next_attempt_at, e.received_at) AS next_attempt_at,
+       r.last_error AS last_error,
+       COALESCE(r.updated_at, e.received_at) AS updated_at
+FROM events e
+JOIN cursors c ON instr(e.sinks, ',' || c.sink || ',') > 0
+LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = e.id;
+"#;
 
 pub(super) fn wal_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();

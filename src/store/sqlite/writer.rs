@@ -5,7 +5,7 @@
 //! Under load many requests share one fsync, which is what lets `synchronous = FULL` keep
 //! up. Checkpoints run on a thread of their own (see [`checkpoint_loop`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,12 +16,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
+use super::claims::{Change, Outcome};
 use super::{now, to_millis};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
 use crate::store::operator::Replay;
 use crate::store::wakers::Wakers;
-use crate::store::{Ingested, Kept, PollUpdate, Quarantined, Settlement, StoreError};
+use crate::store::{Ingested, Kept, PollUpdate, Quarantined, StoreError};
 
 /// Most operations committed in one transaction.
 pub(super) const MAX_GROUP: usize = 512;
@@ -41,6 +42,9 @@ const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 pub(super) enum Op {
     Ingest {
         event: Box<Event>,
+        /// The payload as stored (`codec` says how).
+        stored: Vec<u8>,
+        codec: i64,
         sinks: Vec<Arc<str>>,
         /// Track the call for the poller: first poll this long after its latest event.
         track: Option<Duration>,
@@ -55,7 +59,7 @@ pub(super) enum Op {
         reply: oneshot::Sender<Result<Kept, StoreError>>,
     },
     Settle {
-        settlements: Vec<Settlement>,
+        outcome: Outcome,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Poll {
@@ -125,35 +129,46 @@ impl Op {
         match self {
             Op::Ingest {
                 event,
+                stored,
+                codec,
                 sinks,
                 track,
                 outcome,
                 ..
             } => {
-                let inserted = tx
-                    .prepare_cached(
-                        "INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (dedup_key) DO NOTHING",
-                    )?
-                    .execute(params![
-                        event.dedup_key,
-                        event.name,
-                        event.call_id,
-                        event.source.as_str(),
-                        now,
-                        &event.payload[..]
-                    ])?;
-                if inserted == 0 {
+                let key = super::key(&event.dedup_key);
+                let seen = tx
+                    .prepare_cached("SELECT 1 FROM events WHERE key = ?1 AND dedup_key = ?2")?
+                    .query_row(params![&key[..], event.dedup_key], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if seen {
                     *outcome = Ingested::Duplicate;
                     return Ok(());
                 }
+                tx.prepare_cached(
+                    "INSERT INTO events (key, dedup_key, event, call_id, source, received_at, sinks,
+                                         codec, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    &key[..],
+                    event.dedup_key,
+                    event.name,
+                    event.call_id,
+                    event.source.as_str(),
+                    now,
+                    super::sinks_text(sinks),
+                    *codec,
+                    &stored[..]
+                ])?;
                 let event_id = tx.last_insert_rowid();
-                let mut row = tx.prepare_cached(
-                    "INSERT INTO outbox (event_id, sink, call_id, status, next_attempt_at, updated_at)
-                     VALUES (?1, ?2, ?3, 'pending', ?4, ?4)",
+                // A sink's cursor starts before its first event; later ones leave it be.
+                let mut cursor = tx.prepare_cached(
+                    "INSERT INTO cursors (sink, position) VALUES (?1, ?2) ON CONFLICT (sink) DO NOTHING",
                 )?;
                 for sink in sinks.iter() {
-                    row.execute(params![event_id, &**sink, event.call_id, now])?;
+                    cursor.execute(params![&**sink, event_id - 1])?;
                 }
                 if let (Some(wait), Some(call_id)) = (track, &event.call_id) {
                     track_call(tx, call_id, &event.name, event.source, now, *wait)?;
@@ -200,37 +215,7 @@ impl Op {
                 *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
             }
-            Op::Settle { settlements, .. } => {
-                for s in settlements.iter() {
-                    match s {
-                        Settlement::Delivered { id } => tx
-                            .prepare_cached(
-                                "UPDATE outbox SET status = 'delivered', attempts = attempts + 1,
-                                 last_error = NULL, updated_at = ?2 WHERE id = ?1 AND status = 'pending'",
-                            )?
-                            .execute(params![id.row, now])?,
-                        Settlement::Retry { id, at, error } => tx
-                            .prepare_cached(
-                                "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2,
-                                 last_error = ?3, updated_at = ?4 WHERE id = ?1 AND status = 'pending'",
-                            )?
-                            .execute(params![id.row, to_millis(*at), error, now])?,
-                        Settlement::Postpone { id, at, error } => tx
-                            .prepare_cached(
-                                "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3, updated_at = ?4
-                                 WHERE id = ?1 AND status = 'pending'",
-                            )?
-                            .execute(params![id.row, to_millis(*at), error, now])?,
-                        Settlement::Dead { id, error } => tx
-                            .prepare_cached(
-                                "UPDATE outbox SET status = 'dead', attempts = attempts + 1,
-                                 last_error = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'pending'",
-                            )?
-                            .execute(params![id.row, error, now])?,
-                    };
-                }
-                Ok(())
-            }
+            Op::Settle { outcome, .. } => settle(tx, outcome, now),
         }
     }
 
@@ -338,33 +323,136 @@ fn track_call(
     }
 }
 
+/// Writes what settling came to: retry rows for failed first attempts, updated or
+/// removed ones for retries, and the cursors that moved.
+fn settle(tx: &rusqlite::Transaction<'_>, outcome: &Outcome, now: i64) -> rusqlite::Result<()> {
+    for change in &outcome.changes {
+        match change {
+            Change::Failed {
+                sink,
+                event_id,
+                call_id,
+                dead,
+                next,
+                error,
+            } => tx
+                .prepare_cached(
+                    "INSERT INTO retries (sink, event_id, call_id, status, attempts,
+                                          next_attempt_at, last_error, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7)
+                     ON CONFLICT (sink, event_id) DO UPDATE SET status = excluded.status,
+                         attempts = retries.attempts + 1,
+                         next_attempt_at = excluded.next_attempt_at,
+                         last_error = excluded.last_error, updated_at = excluded.updated_at",
+                )?
+                .execute(params![
+                    sink,
+                    event_id,
+                    call_id,
+                    status(*dead),
+                    to_millis(*next),
+                    error,
+                    now
+                ])?,
+            Change::Again {
+                sink,
+                event_id,
+                dead,
+                counted,
+                next,
+                error,
+            } => tx
+                .prepare_cached(
+                    "UPDATE retries SET status = ?3, attempts = attempts + ?4,
+                         next_attempt_at = ?5, last_error = ?6, updated_at = ?7
+                     WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
+                )?
+                .execute(params![
+                    sink,
+                    event_id,
+                    status(*dead),
+                    i64::from(*counted),
+                    to_millis(*next),
+                    error,
+                    now
+                ])?,
+            Change::Delivered { sink, event_id } => tx
+                .prepare_cached(
+                    "UPDATE retries SET status = 'delivered', attempts = attempts + 1,
+                         last_error = NULL, updated_at = ?3
+                     WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
+                )?
+                .execute(params![sink, event_id, now])?,
+        };
+    }
+    let mut cursor = tx.prepare_cached(
+        "INSERT INTO cursors (sink, position) VALUES (?1, ?2)
+         ON CONFLICT (sink) DO UPDATE SET position = MAX(position, excluded.position)",
+    )?;
+    for (sink, position) in &outcome.cursors {
+        cursor.execute(params![sink, position])?;
+    }
+    Ok(())
+}
+
+fn status(dead: bool) -> &'static str {
+    if dead { "dead" } else { "pending" }
+}
+
 /// Empties old payloads and deletes expired dedup keys in one id range, sparing every
-/// event that still has a delivery pending or dead (its payload is needed to deliver or
-/// replay it). Quarantined bodies go with the payloads, finished poll records with the keys.
+/// event not yet done for one of its sinks: after that sink's cursor, or with a retry row
+/// (pending or dead: its payload is needed to deliver or replay it). Quarantined bodies
+/// go with the payloads, finished poll records with the keys.
 fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result<Pruned> {
     let payloads_before = to_millis(range.payloads_before);
     let keys_before = to_millis(range.keys_before);
-    let oldest: Option<i64> = tx
-        .prepare_cached("SELECT MIN(received_at) FROM events WHERE id >= ?1 AND id < ?2")?
-        .query_row(params![range.from, range.to], |r| r.get(0))?;
-    let finished = "NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = events.id AND o.status != 'delivered')";
-    let payloads = tx
-        .prepare_cached(&format!(
-            "UPDATE events SET payload = X'' WHERE id >= ?1 AND id < ?2 AND received_at < ?3
-             AND length(payload) > 0 AND {finished}"
-        ))?
-        .execute(params![range.from, range.to, payloads_before])?;
-    tx.prepare_cached(&format!(
-        "DELETE FROM outbox WHERE event_id IN (
-             SELECT id FROM events WHERE id >= ?1 AND id < ?2 AND received_at < ?3 AND {finished})"
-    ))?
-    .execute(params![range.from, range.to, keys_before])?;
-    let events = tx
+    let cursors: HashMap<String, i64> = tx
+        .prepare_cached("SELECT sink, position FROM cursors")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let kept: HashSet<i64> = tx
         .prepare_cached(
-            "DELETE FROM events WHERE id >= ?1 AND id < ?2 AND received_at < ?3
-             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = events.id)",
+            "SELECT event_id FROM retries WHERE event_id >= ?1 AND event_id < ?2
+             AND status != 'delivered'",
         )?
-        .execute(params![range.from, range.to, keys_before])?;
+        .query_map(params![range.from, range.to], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut oldest: Option<i64> = None;
+    let (mut emptied, mut deleted) = (Vec::new(), Vec::new());
+    {
+        let mut rows = tx.prepare_cached(
+            "SELECT id, sinks, received_at, length(payload) > 0 FROM events
+             WHERE id >= ?1 AND id < ?2",
+        )?;
+        let mut rows = rows.query(params![range.from, range.to])?;
+        while let Some(r) = rows.next()? {
+            let (id, sinks, received_at, has_payload): (i64, String, i64, bool) =
+                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+            oldest = Some(oldest.map_or(received_at, |o| o.min(received_at)));
+            let done = !kept.contains(&id)
+                && super::sink_names(&sinks)
+                    .all(|sink| cursors.get(sink).is_some_and(|position| *position >= id));
+            if !done {
+                continue;
+            }
+            if received_at < keys_before {
+                deleted.push(id);
+            } else if received_at < payloads_before && has_payload {
+                emptied.push(id);
+            }
+        }
+    }
+    let mut empty =
+        tx.prepare_cached("UPDATE events SET payload = X'', codec = 0 WHERE id = ?1")?;
+    for id in &emptied {
+        empty.execute(params![id])?;
+    }
+    let mut delete = tx.prepare_cached("DELETE FROM events WHERE id = ?1")?;
+    let mut forget = tx.prepare_cached("DELETE FROM retries WHERE event_id = ?1")?;
+    for id in &deleted {
+        delete.execute(params![id])?;
+        forget.execute(params![id])?;
+    }
     tx.prepare_cached(
         "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 ORDER BY id LIMIT 100)",
     )?
@@ -378,8 +466,8 @@ fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result
         .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
         .query_row(params![range.to], |r| r.get(0))?;
     Ok(Pruned {
-        payloads,
-        events,
+        payloads: emptied.len(),
+        events: deleted.len(),
         reached_recent: oldest.is_some_and(|t| t >= payloads_before),
         next,
     })

@@ -1,0 +1,515 @@
+//! Which events each sink has in hand, kept in memory: with the event log, a delivery has
+//! no row to lock, so this process remembers what it handed out and what came back, and
+//! moves each sink's cursor over what is settled.
+//!
+//! Per sink, every routed event after `position` is one of: claimed (in a dispatcher's
+//! hands), settled (done, waiting for the cursor to pass it), held (skipped by the last
+//! scan because an earlier event of its call is still pending on the sink), or not yet
+//! examined (beyond `scanned_to`). The cursor may pass only settled events, so it stops at
+//! the first claimed, held or unexamined one. After a crash, everything after the
+//! persisted cursor is delivered again: at least once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use crate::event::DeliveryId;
+use crate::store::Settlement;
+
+/// The claim's low bit: a retry (a row in `retries`) rather than a first attempt.
+const RETRY: u64 = 1;
+
+#[derive(Default)]
+pub(super) struct Claims(Mutex<State>);
+
+#[derive(Default)]
+struct State {
+    sinks: Vec<SinkState>,
+    index: HashMap<String, usize>,
+}
+
+/// One sink's events in hand.
+#[derive(Default)]
+struct SinkState {
+    name: String,
+    /// The cursor: known once read from the store.
+    position: Option<i64>,
+    /// The cursor as last written, to write it only when it moved.
+    persisted: i64,
+    /// Every routed event in (position, scanned_to] has been examined.
+    scanned_to: i64,
+    /// First attempts handed out and not settled: event id -> call.
+    fresh: BTreeMap<i64, Option<String>>,
+    /// First attempts settled but not yet behind the cursor.
+    done: BTreeSet<i64>,
+    /// First attempts the last scan skipped to keep a call's order.
+    held: BTreeSet<i64>,
+    /// Retries handed out and not settled: event id -> call.
+    retries: BTreeMap<i64, Option<String>>,
+    /// First attempts that failed, while their retry row is being written: until it is,
+    /// only this keeps their call's later events back.
+    writing: BTreeMap<i64, Option<String>>,
+    /// The sink said it is unavailable: nothing is handed out before this.
+    paused_until: Option<Instant>,
+}
+
+impl SinkState {
+    /// The furthest the cursor may go: up to the first event still in hand or unexamined.
+    fn floor(&self) -> i64 {
+        let blocked = [
+            self.fresh.keys().next().copied(),
+            self.held.first().copied(),
+            Some(self.scanned_to.saturating_add(1)),
+        ];
+        blocked.into_iter().flatten().min().unwrap_or(i64::MAX) - 1
+    }
+
+    fn advance(&mut self) {
+        if let Some(position) = self.position {
+            let next = position.max(self.floor());
+            self.position = Some(next);
+            self.done = self.done.split_off(&(next + 1));
+        }
+    }
+
+    fn calls_in_hand(&self) -> BTreeSet<String> {
+        self.fresh
+            .values()
+            .chain(self.retries.values())
+            .chain(self.writing.values())
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// What a claim starts from, read under the lock.
+pub(super) struct Snapshot {
+    pub(super) position: Option<i64>,
+    pub(super) skip: BTreeSet<i64>,
+    pub(super) retries_in_hand: BTreeSet<i64>,
+    pub(super) calls_in_hand: BTreeSet<String>,
+}
+
+/// A change to `retries` that settling asks of the writer.
+#[derive(Debug, Clone)]
+pub(super) enum Change {
+    /// A first attempt failed: the delivery gets its retry row.
+    Failed {
+        sink: String,
+        event_id: i64,
+        call_id: Option<String>,
+        dead: bool,
+        next: SystemTime,
+        error: String,
+    },
+    /// A retry failed again (or was postponed, `counted` false).
+    Again {
+        sink: String,
+        event_id: i64,
+        dead: bool,
+        counted: bool,
+        next: SystemTime,
+        error: String,
+    },
+    /// A retry went through: its row says so.
+    Delivered { sink: String, event_id: i64 },
+}
+
+/// What a batch of settlements comes to: retry rows to write, cursors to move.
+#[derive(Debug, Default)]
+pub(super) struct Outcome {
+    pub(super) changes: Vec<Change>,
+    pub(super) cursors: Vec<(String, i64)>,
+    /// Each touched sink and its cursor as written before, should the write fail.
+    pub(super) before: Vec<(usize, i64)>,
+}
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sink<'a>(state: &'a mut State, name: &str) -> (usize, &'a mut SinkState) {
+        let index = match state.index.get(name) {
+            Some(i) => *i,
+            None => {
+                state.sinks.push(SinkState {
+                    name: name.to_owned(),
+                    ..SinkState::default()
+                });
+                let i = state.sinks.len() - 1;
+                state.index.insert(name.to_owned(), i);
+                i
+            }
+        };
+        (index, &mut state.sinks[index])
+    }
+
+    /// Where a claim for `sink` starts, or `None` while the sink is paused.
+    pub(super) fn snapshot(&self, sink: &str) -> Option<Snapshot> {
+        let mut state = self.lock();
+        let (_, s) = Claims::sink(&mut state, sink);
+        if s.paused_until.is_some_and(|until| until > Instant::now()) {
+            return None;
+        }
+        s.paused_until = None;
+        Some(Snapshot {
+            position: s.position,
+            skip: s.fresh.keys().chain(&s.done).copied().collect(),
+            retries_in_hand: s.retries.keys().copied().collect(),
+            calls_in_hand: s.calls_in_hand(),
+        })
+    }
+
+    /// The cursor read from the store, the first time a sink claims.
+    pub(super) fn set_position(&self, sink: &str, position: i64) {
+        let mut state = self.lock();
+        let (_, s) = Claims::sink(&mut state, sink);
+        if s.position.is_none() {
+            s.position = Some(position);
+            s.persisted = position;
+            s.scanned_to = position;
+        }
+    }
+
+    /// Records a claim: what it handed out, what it held back, how far it looked. Returns
+    /// the claim, and the cursor to write if looking let it move (over events settled
+    /// before the scan reached past them).
+    pub(super) fn record(
+        &self,
+        sink: &str,
+        fresh: &[(i64, Option<String>)],
+        retries: &[(i64, Option<String>)],
+        held: BTreeSet<i64>,
+        examined_to: Option<i64>,
+    ) -> (u64, Option<Outcome>) {
+        let mut state = self.lock();
+        let (index, s) = Claims::sink(&mut state, sink);
+        for (id, call) in fresh {
+            s.fresh.insert(*id, call.clone());
+        }
+        for (id, call) in retries {
+            s.retries.insert(*id, call.clone());
+        }
+        // A claim filled by retries looked at no first attempt: what the last scan held
+        // back stays held.
+        if let Some(to) = examined_to {
+            s.held = held;
+            s.scanned_to = to;
+        }
+        let before = s.persisted;
+        s.advance();
+        let moved = s.position.filter(|p| *p > s.persisted).map(|position| {
+            s.persisted = position;
+            Outcome {
+                changes: Vec::new(),
+                cursors: vec![(s.name.clone(), position)],
+                before: vec![(index, before)],
+            }
+        });
+        (u64::try_from(index).unwrap_or(0) << 1, moved)
+    }
+
+    /// The claim of a delivery handed out for `sink`.
+    pub(super) fn id(claim: u64, event_id: i64, retry: bool) -> DeliveryId {
+        DeliveryId {
+            row: event_id,
+            claim: claim | if retry { RETRY } else { 0 },
+        }
+    }
+
+    /// Turns outcomes into retry rows and cursor moves, and ends their claims. A first
+    /// attempt that succeeded writes nothing: the cursor passes it.
+    pub(super) fn settle(&self, settlements: &[Settlement]) -> Outcome {
+        let mut state = self.lock();
+        let mut out = Outcome::default();
+        let mut touched = BTreeSet::new();
+        for settlement in settlements {
+            let id = settlement.id();
+            let Ok(index) = usize::try_from(id.claim >> 1) else {
+                continue;
+            };
+            let Some(s) = state.sinks.get_mut(index) else {
+                continue;
+            };
+            touched.insert(index);
+            let sink = s.name.clone();
+            let event_id = id.row;
+            if id.claim & RETRY == 0 {
+                let Some(call_id) = s.fresh.remove(&event_id) else {
+                    continue;
+                };
+                match settlement {
+                    Settlement::Delivered { .. } => {
+                        s.done.insert(event_id);
+                    }
+                    Settlement::Retry { at, error, .. } => {
+                        s.done.insert(event_id);
+                        s.writing.insert(event_id, call_id.clone());
+                        out.changes.push(Change::Failed {
+                            sink,
+                            event_id,
+                            call_id,
+                            dead: false,
+                            next: *at,
+                            error: error.clone(),
+                        });
+                    }
+                    Settlement::Dead { error, .. } => {
+                        s.done.insert(event_id);
+                        s.writing.insert(event_id, call_id.clone());
+                        out.changes.push(Change::Failed {
+                            sink,
+                            event_id,
+                            call_id,
+                            dead: true,
+                            next: SystemTime::now(),
+                            error: error.clone(),
+                        });
+                    }
+                    Settlement::Postpone { at, .. } => {
+                        // The sink is unavailable, not this event: it stays where it is
+                        // (nothing written), and the sink waits.
+                        s.scanned_to = s.scanned_to.min(event_id - 1);
+                        pause(s, *at);
+                    }
+                }
+            } else {
+                if s.retries.remove(&event_id).is_none() {
+                    continue;
+                }
+                out.changes.push(match settlement {
+                    Settlement::Delivered { .. } => Change::Delivered { sink, event_id },
+                    Settlement::Retry { at, error, .. } => Change::Again {
+                        sink,
+                        event_id,
+                        dead: false,
+                        counted: true,
+                        next: *at,
+                        error: error.clone(),
+                    },
+                    Settlement::Postpone { at, error, .. } => {
+                        pause(s, *at);
+                        Change::Again {
+                            sink,
+                            event_id,
+                            dead: false,
+                            counted: false,
+                            next: *at,
+                            error: error.clone(),
+                        }
+                    }
+                    Settlement::Dead { error, .. } => Change::Again {
+                        sink,
+                        event_id,
+                        dead: true,
+                        counted: true,
+                        next: SystemTime::now(),
+                        error: error.clone(),
+                    },
+                });
+            }
+        }
+        for index in touched {
+            let s = &mut state.sinks[index];
+            out.before.push((index, s.persisted));
+            s.advance();
+            if let Some(position) = s.position.filter(|p| *p > s.persisted) {
+                s.persisted = position;
+                out.cursors.push((s.name.clone(), position));
+            }
+        }
+        out
+    }
+
+    /// Until the guard drops, the retry rows of `outcome` are being written; once they are
+    /// (or failed to be), those rows, or the cursor going back, hold their calls back.
+    pub(super) fn writing(&self, outcome: &Outcome) -> Writing<'_> {
+        let failed = outcome
+            .changes
+            .iter()
+            .filter_map(|change| match change {
+                Change::Failed { sink, event_id, .. } => Some((sink.clone(), *event_id)),
+                _ => None,
+            })
+            .collect();
+        Writing {
+            claims: self,
+            failed,
+        }
+    }
+
+    /// The write of a settlement failed: each sink it touched goes back to its cursor as
+    /// written, so the events it had settled are handed out again rather than skipped.
+    pub(super) fn forget_progress(&self, before: &[(usize, i64)]) {
+        let mut state = self.lock();
+        for (index, position) in before {
+            if let Some(s) = state.sinks.get_mut(*index) {
+                s.position = Some(*position);
+                s.persisted = *position;
+                s.scanned_to = *position;
+                s.done.clear();
+                s.held.clear();
+            }
+        }
+    }
+
+    /// Ends claims without an outcome: the events are handed out again later.
+    pub(super) fn release(&self, ids: &[DeliveryId]) {
+        let mut state = self.lock();
+        for id in ids {
+            let Some(s) = usize::try_from(id.claim >> 1)
+                .ok()
+                .and_then(|i| state.sinks.get_mut(i))
+            else {
+                continue;
+            };
+            if id.claim & RETRY == 0 {
+                if s.fresh.remove(&id.row).is_some() {
+                    s.scanned_to = s.scanned_to.min(id.row - 1);
+                }
+            } else {
+                s.retries.remove(&id.row);
+            }
+        }
+    }
+
+    /// When the sink's pause ends, if it is paused.
+    pub(super) fn paused_until(&self, sink: &str) -> Option<SystemTime> {
+        let mut state = self.lock();
+        let (_, s) = Claims::sink(&mut state, sink);
+        let left = s.paused_until?.checked_duration_since(Instant::now())?;
+        Some(SystemTime::now() + left)
+    }
+}
+
+/// See [`Claims::writing`].
+pub(super) struct Writing<'a> {
+    claims: &'a Claims,
+    failed: Vec<(String, i64)>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if self.failed.is_empty() {
+            return;
+        }
+        let mut state = self.claims.lock();
+        for (sink, event_id) in &self.failed {
+            if let Some(index) = state.index.get(sink).copied() {
+                state.sinks[index].writing.remove(event_id);
+            }
+        }
+    }
+}
+
+fn pause(s: &mut SinkState, until: SystemTime) {
+    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+    let until = Instant::now() + left;
+    s.paused_until = Some(s.paused_until.map_or(until, |p| p.max(until)));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn claimed(claims: &Claims, sink: &str, ids: &[i64], examined_to: i64) -> u64 {
+        let fresh: Vec<_> = ids.iter().map(|id| (*id, None)).collect();
+        claims
+            .record(sink, &fresh, &[], BTreeSet::new(), Some(examined_to))
+            .0
+    }
+
+    #[test]
+    fn the_cursor_passes_only_what_is_settled_in_order() {
+        let claims = Claims::default();
+        claims.set_position("a", 0);
+        let c = claimed(&claims, "a", &[1, 2, 3], 3);
+        let id = |row| Claims::id(c, row, false);
+        let out = claims.settle(&[Settlement::Delivered { id: id(2) }]);
+        assert!(out.cursors.is_empty(), "1 is still in hand");
+        let out = claims.settle(&[Settlement::Delivered { id: id(1) }]);
+        assert_eq!(out.cursors, [("a".to_owned(), 2)]);
+        let snapshot = claims.snapshot("a").expect("not paused");
+        assert!(snapshot.skip.contains(&3) && !snapshot.skip.contains(&2));
+        let out = claims.settle(&[Settlement::Retry {
+            id: id(3),
+            at: SystemTime::now(),
+            error: "down".into(),
+        }]);
+        assert_eq!(out.cursors, [("a".to_owned(), 3)]);
+        assert!(matches!(
+            out.changes[..],
+            [Change::Failed {
+                event_id: 3,
+                dead: false,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_released_or_postponed_event_keeps_the_cursor_before_it_and_a_postponement_pauses() {
+        let claims = Claims::default();
+        claims.set_position("a", 10);
+        let c = claimed(&claims, "a", &[11, 12], 12);
+        claims.release(&[Claims::id(c, 11, false)]);
+        let out = claims.settle(&[Settlement::Delivered {
+            id: Claims::id(c, 12, false),
+        }]);
+        assert!(out.cursors.is_empty(), "11 was handed back, not settled");
+        let c = claimed(&claims, "a", &[11], 12);
+        let out = claims.settle(&[Settlement::Postpone {
+            id: Claims::id(c, 11, false),
+            at: SystemTime::now() + Duration::from_secs(60),
+            error: "broker down".into(),
+        }]);
+        assert!(out.changes.is_empty() && out.cursors.is_empty());
+        assert!(claims.snapshot("a").is_none(), "paused");
+        assert!(claims.paused_until("a").is_some());
+    }
+
+    #[test]
+    fn a_claim_filled_by_retries_keeps_what_the_last_scan_held_back() {
+        let claims = Claims::default();
+        claims.set_position("a", 0);
+        let held = BTreeSet::from([2]);
+        let (c, _) = claims.record("a", &[(1, None), (3, None)], &[], held, Some(3));
+        for id in [1, 3] {
+            claims.settle(&[Settlement::Delivered {
+                id: Claims::id(c, id, false),
+            }]);
+        }
+        let (_, moved) = claims.record("a", &[], &[(7, None)], BTreeSet::new(), None);
+        assert!(moved.is_none(), "nothing new was examined");
+        let out = claims.settle(&[Settlement::Delivered {
+            id: Claims::id(c, 7, true),
+        }]);
+        assert!(
+            out.cursors.iter().all(|(_, p)| *p < 2),
+            "the cursor passed a held event: {:?}",
+            out.cursors
+        );
+    }
+
+    #[test]
+    fn a_failed_first_attempt_keeps_its_call_in_hand_until_its_retry_row_is_written() {
+        let claims = Claims::default();
+        claims.set_position("a", 0);
+        let call = Some("call-1".to_owned());
+        let (c, _) = claims.record("a", &[(1, call.clone())], &[], BTreeSet::new(), Some(1));
+        let out = claims.settle(&[Settlement::Retry {
+            id: Claims::id(c, 1, false),
+            at: SystemTime::now(),
+            error: "500".into(),
+        }]);
+        let writing = claims.writing(&out);
+        let in_hand = |claims: &Claims| claims.snapshot("a").expect("not paused").calls_in_hand;
+        assert!(in_hand(&claims).contains("call-1"));
+        drop(writing);
+        assert!(in_hand(&claims).is_empty(), "the row holds it back now");
+    }
+}
