@@ -3,69 +3,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::amqp::{Consumer, broker_addr, broker_url, unique, url_via};
+use common::proxy::Proxy;
 use common::*;
 use lapin::types::AMQPValue;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
-use tokio::task::JoinSet;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A TCP proxy to the broker that can refuse connections (a broker that is down) and cut
-/// the ones it carries (a network fault).
-struct Proxy {
-    addr: SocketAddr,
-    up: Arc<AtomicBool>,
-    /// Connections carried to the broker so far.
-    carried: Arc<std::sync::atomic::AtomicUsize>,
-    links: Arc<Mutex<JoinSet<()>>>,
-}
-
-impl Proxy {
-    async fn start(up: bool) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let up = Arc::new(AtomicBool::new(up));
-        let links = Arc::new(Mutex::new(JoinSet::new()));
-        let carried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (u, l, c) = (Arc::clone(&up), Arc::clone(&links), Arc::clone(&carried));
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !u.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                c.fetch_add(1, Ordering::SeqCst);
-                l.lock().await.spawn(async move {
-                    if let Ok(mut broker) = TcpStream::connect(broker_addr()).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
-                    }
-                });
-            }
-        });
-        Proxy {
-            addr,
-            up,
-            carried,
-            links,
-        }
-    }
-
-    /// Closes every connection it carries.
-    async fn cut(&self) {
-        self.links.lock().await.abort_all();
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-    }
-}
 
 async fn router_with_amqp(broker: &str, exchange: &str, extra: &str) -> TestRouter {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
@@ -250,7 +196,7 @@ async fn an_unroutable_message_is_not_delivered_until_a_binding_exists() {
 #[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
 async fn cutting_the_connection_mid_stream_loses_none_of_2000_events() {
     let exchange = unique("vyora-test-x");
-    let proxy = Proxy::start(true).await;
+    let proxy = Proxy::start(broker_addr(), true).await;
     let router = router_with_amqp(&url_via(proxy.addr), &exchange, "max_in_flight = 64").await;
     wait_ready(&router, 200).await;
     let consumer = Consumer::new().await;
@@ -282,7 +228,7 @@ async fn cutting_the_connection_mid_stream_loses_none_of_2000_events() {
         2000,
         "every acknowledged event reached the queue"
     );
-    let connections = proxy.carried.load(Ordering::SeqCst);
+    let connections = proxy.carried();
     assert!(
         connections >= 2,
         "the router reconnected after the cuts ({connections} connections)"
@@ -298,7 +244,7 @@ async fn cutting_the_connection_mid_stream_loses_none_of_2000_events() {
 #[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
 async fn a_broker_down_at_start_is_connected_to_when_it_comes_up() {
     let exchange = unique("vyora-test-x");
-    let proxy = Proxy::start(false).await;
+    let proxy = Proxy::start(broker_addr(), false).await;
     let router = router_with_amqp(&url_via(proxy.addr), &exchange, "").await;
     wait_ready(&router, 503).await;
     // Acks do not depend on the broker.
@@ -351,7 +297,7 @@ async fn a_refused_login_is_reported_in_readiness_not_a_crash() {
 #[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
 async fn readiness_turns_503_while_the_broker_is_unreachable_and_back_to_200() {
     let exchange = unique("vyora-test-x");
-    let proxy = Proxy::start(true).await;
+    let proxy = Proxy::start(broker_addr(), true).await;
     let router = router_with_amqp(&url_via(proxy.addr), &exchange, "").await;
     wait_ready(&router, 200).await;
     proxy.set_up(false);

@@ -432,3 +432,37 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
     );
     router.stop().await;
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_claim_takes_what_fits_in_its_byte_budget_and_always_at_least_one() {
+    let db = TestDb::create().await;
+    let store = open(&db, Duration::from_secs(30)).await;
+    let mut size = 0;
+    for n in 0..5 {
+        let e = event(&format!("c{n}"), "call_completed");
+        size = e.payload.len();
+        store.ingest(e, sinks(&["s"])).await.expect("stored");
+    }
+    // Rows are taken while what was taken before them is under the budget.
+    let batch = store.claim("s", 10, 2 * size + 1).await.expect("claim");
+    let keys: Vec<_> = batch.iter().map(|d| d.dedup_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "c0:call_completed",
+            "c1:call_completed",
+            "c2:call_completed"
+        ]
+    );
+    let one = store.claim("s", 10, 1).await.expect("claim");
+    assert_eq!(
+        one.len(),
+        1,
+        "a payload larger than the budget still goes alone"
+    );
+    assert_eq!(one[0].dedup_key, "c3:call_completed");
+    let rest = store.claim("s", 10, usize::MAX).await.expect("claim");
+    assert_eq!(rest.len(), 1);
+    store.close().await;
+}

@@ -124,10 +124,14 @@ impl Consumer {
     }
 
     pub async fn get(&self) -> Option<lapin::message::BasicGetMessage> {
+        self.try_get().await.expect("basic.get")
+    }
+
+    /// The next message, if any, or the broker's error (its connection was closed).
+    pub async fn try_get(&self) -> lapin::Result<Option<lapin::message::BasicGetMessage>> {
         self.channel
             .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
             .await
-            .expect("basic.get")
     }
 
     /// Messages until `n` distinct message ids were seen or `within` passed.

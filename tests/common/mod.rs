@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod downstream;
 pub mod pg;
 pub mod process;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,18 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".into())
 }
 
+/// The server's address, for a proxy in front of it.
+pub fn server_addr() -> std::net::SocketAddr {
+    let url = reqwest::Url::parse(&server_url()).expect("VYORA_TEST_PG_URL is a URL");
+    let host = match url.host_str() {
+        None | Some("localhost") => "127.0.0.1",
+        Some(host) => host,
+    };
+    format!("{host}:{}", url.port().unwrap_or(5432))
+        .parse()
+        .expect("VYORA_TEST_PG_URL names a host by its IP address")
+}
+
 /// A database of its own for one test.
 pub struct TestDb {
     pub url: String,
@@ -48,6 +60,14 @@ impl TestDb {
             .await
             .expect("count query")
             .get(0)
+    }
+
+    /// This database's URL pointed at another address (a proxy in front of the server).
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        let mut url = reqwest::Url::parse(&self.url).expect("URL");
+        url.set_ip_host(addr.ip()).expect("host");
+        url.set_port(Some(addr.port())).expect("port");
+        url.to_string()
     }
 
     /// The `[store]` lines that point a router at this database.

@@ -1,6 +1,7 @@
-//! The built binary as a child process: start it on a config, find its address, read its
+//! The built binary as a child process: start it on a config, find its addresses, read its
 //! memory use.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,8 +22,32 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// A router started from the built binary.
+pub struct Spawned {
+    pub child: Child,
+    /// The public listener (the webhook path).
+    pub addr: SocketAddr,
+    /// The operator's listener (`/metrics`, `/readyz`).
+    pub admin: SocketAddr,
+    /// Where its log goes (`router.log` beside the config), JSON line by line.
+    pub log: PathBuf,
+}
+
+impl Spawned {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the router is running")
+    }
+}
+
 /// Starts the binary and returns it with the address it reports listening on.
 pub async fn spawn_router(config: &Path) -> (Child, SocketAddr) {
+    let spawned = start_router(config).await;
+    (spawned.child, spawned.addr)
+}
+
+/// Starts the binary on `config` (which must ask for JSON logs) and waits until it reports
+/// both listeners; its log is copied to `router.log` beside the config.
+pub async fn start_router(config: &Path) -> Spawned {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vyora-router"))
         .args(["serve", "--config"])
         .arg(config)
@@ -30,26 +55,56 @@ pub async fn spawn_router(config: &Path) -> (Child, SocketAddr) {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn router");
+    let log = config
+        .parent()
+        .expect("the config is in a directory")
+        .join("router.log");
+    let mut copy = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("open the router's log");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(10), async {
+    let addrs = tokio::time::timeout(Duration::from_secs(10), async {
+        let (mut public, mut admin) = (None, None);
         while let Ok(Some(line)) = lines.next_line().await {
+            let _ = writeln!(copy, "{line}");
             let Ok(log) = serde_json::from_str::<serde_json::Value>(&line) else {
                 continue;
             };
-            if log["fields"]["message"] == "listening" {
-                return log["fields"]["addr"].as_str().and_then(|a| a.parse().ok());
+            let addr = || {
+                log["fields"]["addr"]
+                    .as_str()
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+            };
+            match log["fields"]["message"].as_str() {
+                Some("listening") => public = addr(),
+                Some("admin listening") => admin = addr(),
+                _ => {}
+            }
+            if let (Some(public), Some(admin)) = (public, admin) {
+                return Some((public, admin));
             }
         }
         None
     })
     .await
     .ok()
-    .flatten()
-    .expect("the router reports its address");
+    .flatten();
+    let (addr, admin) = addrs.expect("the router reports its addresses");
     // Keep draining the log so the router never waits on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = writeln!(copy, "{line}");
+        }
+    });
+    Spawned {
+        child,
+        addr,
+        admin,
+        log,
+    }
 }
 
 /// Resident memory of a process, in kB.

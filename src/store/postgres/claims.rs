@@ -15,24 +15,35 @@ use deadpool_postgres::Pool;
 use crate::event::{Delivery, DeliveryId, Source};
 use crate::store::{Settlement, StoreError};
 
-/// Due deliveries of a sink that nobody holds, none whose call has an earlier delivery
-/// pending on the sink; locked (others skip them) until this transaction ends.
-const CANDIDATES: &str = "
-SELECT d.id, octet_length(e.payload) FROM deliveries d JOIN events e ON e.id = d.event_id
-WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
-  AND (d.lease_until IS NULL OR d.lease_until < now())
-  AND NOT EXISTS (
-      SELECT 1 FROM deliveries p
-      WHERE p.sink = d.sink AND p.call_id = d.call_id AND p.status = 'pending'
-        AND p.event_id < d.event_id)
-ORDER BY d.next_attempt_at, d.id
-LIMIT $2
-FOR UPDATE OF d SKIP LOCKED";
-
-const LEASE: &str = "
-UPDATE deliveries SET lease_owner = $1, lease_token = $2,
-    lease_until = now() + make_interval(secs => $3)
-WHERE id = ANY($4)";
+/// Claims, in one statement: due deliveries of a sink that nobody holds, none whose call
+/// has an earlier delivery pending on the sink, oldest first, skipping the rows other
+/// claims are taking (`SKIP LOCKED`); as many as fit in the byte budget, and at least one.
+///
+/// One statement commits as soon as it has run, so the lease starts when the rows are
+/// taken. In a transaction of several statements, a process that stalled before its
+/// `COMMIT` (paused, starved of CPU) would commit leases that had already run out: another
+/// replica would take the rows over at once, and both would deliver them.
+const CLAIM: &str = "
+WITH candidates AS (
+    SELECT d.id, d.next_attempt_at, octet_length(e.payload)::bigint AS bytes
+    FROM deliveries d JOIN events e ON e.id = d.event_id
+    WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
+      AND (d.lease_until IS NULL OR d.lease_until < now())
+      AND NOT EXISTS (
+          SELECT 1 FROM deliveries p
+          WHERE p.sink = d.sink AND p.call_id = d.call_id AND p.status = 'pending'
+            AND p.event_id < d.event_id)
+    ORDER BY d.next_attempt_at, d.id
+    LIMIT $2
+    FOR UPDATE OF d SKIP LOCKED),
+taken AS (
+    SELECT id, (sum(bytes) OVER (ORDER BY next_attempt_at, id) - bytes)::bigint AS before
+    FROM candidates)
+UPDATE deliveries d SET lease_owner = $3, lease_token = $4,
+    lease_until = clock_timestamp() + make_interval(secs => $5)
+FROM taken t
+WHERE d.id = t.id AND (t.before = 0 OR t.before < $6)
+RETURNING d.id";
 
 const FETCH: &str = "
 SELECT d.id, d.attempts, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.payload
@@ -106,27 +117,28 @@ pub(super) async fn claim(
     max_bytes: usize,
 ) -> Result<Vec<Delivery>, StoreError> {
     let token = fastrand::i64(1..);
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
+    let client = pool.get().await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let candidates = tx.query(CANDIDATES, &[&sink, &limit]).await?;
-    let mut rows = Vec::with_capacity(candidates.len());
-    let mut bytes = 0usize;
-    for candidate in &candidates {
-        let length: Option<i32> = candidate.get(1);
-        bytes += usize::try_from(length.unwrap_or(0)).unwrap_or(0);
-        rows.push(candidate.get::<_, i64>(0));
-        if bytes >= max_bytes {
-            break;
-        }
-    }
+    let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+    let rows: Vec<i64> = client
+        .query(
+            CLAIM,
+            &[
+                &sink,
+                &limit,
+                &owner,
+                &token,
+                &lease.as_secs_f64(),
+                &max_bytes,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     if rows.is_empty() {
-        tx.commit().await?;
         return Ok(Vec::new());
     }
-    tx.execute(LEASE, &[&owner, &token, &lease.as_secs_f64(), &rows])
-        .await?;
-    tx.commit().await?;
     held.insert(&rows, token);
     let claimed = client.query(FETCH, &[&rows]).await?;
     let claim = u64::from_ne_bytes(token.to_ne_bytes());

@@ -153,12 +153,35 @@ fn answer(writers: &Writers, group: Vec<Op>, outcomes: Vec<Ingested>) {
     writers.wakers.wake(woken.iter());
 }
 
+/// The order in which a group's events are written: by call, and a call's events as they
+/// came (the sort is stable, and their ids must follow their arrival).
+///
+/// An insert whose key another transaction has just inserted waits for that transaction,
+/// and holds its own keys meanwhile. Replicas receive the same events at the same moment
+/// (a sender's retries, several copies behind a load balancer), so two groups often hold
+/// the same keys; written in arrival order, one group could wait for a key the other holds
+/// while the other waits for one of its own: a deadlock, which PostgreSQL breaks only
+/// after `deadlock_timeout` (1 s by default) by failing one group, whose events are then
+/// written again one by one. In one order across every writer no such cycle can form
+/// (short of two groups holding the same call's events in opposite orders), and the poll
+/// rows, written in the same order, are locked in call order too.
+fn write_order(group: &[Op]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..group.len()).collect();
+    order.sort_by_key(|&i| {
+        let e = &group[i].event;
+        e.call_id.as_deref().unwrap_or(&e.dedup_key)
+    });
+    order
+}
+
 /// Stores the group in one transaction; the outcome of each event, in order.
 async fn commit(writers: &Writers, group: &[Op]) -> Result<Vec<Ingested>, StoreError> {
+    let order = write_order(group);
     let mut client = writers.pool.get().await?;
     let tx = client.transaction().await?;
     let insert = tx.prepare_cached(INSERT).await?;
-    let inserted = join_all(group.iter().map(|op| {
+    let written = join_all(order.iter().map(|&i| {
+        let op = &group[i];
         let e = &op.event;
         let sinks: Vec<&str> = op.sinks.iter().map(|s| &**s).collect();
         let insert = &insert;
@@ -182,15 +205,20 @@ async fn commit(writers: &Writers, group: &[Op]) -> Result<Vec<Ingested>, StoreE
     .await
     .into_iter()
     .collect::<Result<Vec<bool>, _>>()?;
+    // Back in the group's order.
+    let mut inserted = vec![false; group.len()];
+    for (&i, new) in order.iter().zip(written) {
+        inserted[i] = new;
+    }
 
     if let Some(wait) = writers.track_calls {
         let waiting = tx.prepare_cached(TRACK_WAITING).await?;
         let done = tx.prepare_cached(TRACK_DONE).await?;
-        let tracked = group
+        let tracked = order
             .iter()
-            .zip(&inserted)
-            .filter(|(_, new)| **new)
-            .filter_map(|(op, _)| op.event.call_id.as_ref().map(|call| (op, call)));
+            .filter(|&&i| inserted[i])
+            .map(|&i| &group[i])
+            .filter_map(|op| op.event.call_id.as_ref().map(|call| (op, call)));
         join_all(tracked.map(|(op, call)| {
             let (tx, waiting, done) = (&tx, &waiting, &done);
             async move {

@@ -10,8 +10,9 @@ mod listen;
 mod queries;
 mod schema;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -53,6 +54,8 @@ pub(super) struct PostgresStore {
     writable: Arc<AtomicBool>,
     /// The claims this replica holds, renewed by the heartbeat.
     held: Arc<Held>,
+    /// The roles this replica holds, renewed by the heartbeat like its claims.
+    roles: Arc<Roles>,
     quarantine_max_bytes: u64,
     metrics: Option<Arc<Metrics>>,
     /// Stops the listener and the heartbeat.
@@ -128,6 +131,7 @@ impl PostgresStore {
         let wakers = Arc::new(Wakers::default());
         let writable = Arc::new(AtomicBool::new(true));
         let held = Arc::new(Held::default());
+        let roles = Arc::new(Roles::default());
         let stop = CancellationToken::new();
         let (ingest, queue) = mpsc::channel(QUEUE_DEPTH);
         let shared = Arc::new(ingest::Writers {
@@ -146,6 +150,8 @@ impl PostgresStore {
         tokio::spawn(heartbeat(
             pool.clone(),
             Arc::clone(&held),
+            Arc::clone(&roles),
+            owner.clone(),
             lease,
             stop.clone(),
         ));
@@ -158,6 +164,7 @@ impl PostgresStore {
             wakers,
             writable,
             held,
+            roles,
             quarantine_max_bytes,
             metrics: options.metrics,
             stop,
@@ -165,9 +172,40 @@ impl PostgresStore {
     }
 }
 
-/// Renews this replica's claims three times per lease, so only a replica that stopped
-/// (or stalled past its lease) loses them.
-async fn heartbeat(pool: Pool, held: Arc<Held>, lease: Duration, stop: CancellationToken) {
+/// The roles this replica last found itself holding.
+#[derive(Default)]
+struct Roles(std::sync::Mutex<BTreeSet<&'static str>>);
+
+impl Roles {
+    fn set(&self, role: &'static str, held: bool) {
+        let mut roles = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if held {
+            roles.insert(role);
+        } else {
+            roles.remove(role);
+        }
+    }
+
+    fn all(&self) -> Vec<&'static str> {
+        let roles = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        roles.iter().copied().collect()
+    }
+}
+
+/// Renews this replica's claims and roles three times per lease, so only a replica that
+/// stopped (or stalled past its lease) loses them.
+///
+/// A role is renewed here, and not only when its task next asks for it: the poller asks
+/// between batches, and a batch can wait on the API budget far longer than a lease; had
+/// its role lapsed meanwhile, another replica would poll the same calls at the same time.
+async fn heartbeat(
+    pool: Pool,
+    held: Arc<Held>,
+    roles: Arc<Roles>,
+    owner: String,
+    lease: Duration,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -175,6 +213,20 @@ async fn heartbeat(pool: Pool, held: Arc<Held>, lease: Duration, stop: Cancellat
         }
         if let Err(e) = claims::renew(&pool, &held, lease).await {
             tracing::warn!(error = %e, "cannot renew this replica's claims");
+        }
+        let mine = roles.all();
+        if mine.is_empty() {
+            continue;
+        }
+        match queries::renew_roles(&pool, &owner, &mine, lease).await {
+            Ok(kept) => {
+                // Taken over while this replica stalled past its lease: no longer ours.
+                for role in mine.into_iter().filter(|r| !kept.iter().any(|k| k == r)) {
+                    tracing::warn!(role, "another replica took this role over");
+                    roles.set(role, false);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew this replica's roles"),
         }
     }
 }
@@ -263,7 +315,11 @@ impl Backend for PostgresStore {
     }
 
     fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>> {
-        Box::pin(queries::lead(&self.pool, &self.owner, role, self.lease))
+        Box::pin(async move {
+            let held = queries::lead(&self.pool, &self.owner, role, self.lease).await?;
+            self.roles.set(queries::role_name(role), held);
+            Ok(held)
+        })
     }
 
     fn reserve_api_call(

@@ -18,6 +18,8 @@ use crate::store::{
 const PRUNE_BATCH: i64 = 500;
 /// Serializes the API budget's check-and-record across replicas.
 const API_BUDGET_LOCK: i64 = 0x7679_6f72_6130_0002;
+/// How long past its window a recorded API request still counts (see [`reserve_api_call`]).
+const API_BUDGET_MARGIN: Duration = Duration::from_secs(1);
 
 pub(super) async fn quarantine(
     pool: &Pool,
@@ -66,6 +68,14 @@ pub(super) async fn quarantine(
     Ok(Kept { stored, dropped })
 }
 
+/// The name of `role` in the leases table.
+pub(super) fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Pruner => "pruner",
+        Role::Poller => "poller",
+    }
+}
+
 /// Takes or keeps `role` for `lease`: the holder renews; anyone takes an expired one.
 pub(super) async fn lead(
     pool: &Pool,
@@ -73,10 +83,6 @@ pub(super) async fn lead(
     role: Role,
     lease: Duration,
 ) -> Result<bool, StoreError> {
-    let role = match role {
-        Role::Pruner => "pruner",
-        Role::Poller => "poller",
-    };
     let row = pool
         .get()
         .await?
@@ -86,41 +92,71 @@ pub(super) async fn lead(
              ON CONFLICT (role) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
              WHERE leases.holder = EXCLUDED.holder OR leases.until < now()
              RETURNING holder",
-            &[&role, &owner, &lease.as_secs_f64()],
+            &[&role_name(role), &owner, &lease.as_secs_f64()],
         )
         .await?;
     Ok(row.is_some())
 }
 
+/// Extends the leases of those of `roles` that `owner` still holds, and names them.
+pub(super) async fn renew_roles(
+    pool: &Pool,
+    owner: &str,
+    roles: &[&'static str],
+    lease: Duration,
+) -> Result<Vec<String>, StoreError> {
+    Ok(pool
+        .get()
+        .await?
+        .query(
+            "UPDATE leases SET until = now() + make_interval(secs => $3)
+             WHERE role = ANY($1) AND holder = $2 RETURNING role",
+            &[&roles, &owner, &lease.as_secs_f64()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Records one API request against the budget every replica shares, or says how long
-/// until the budget has room: never more than `limit` requests in any `window`.
+/// until the budget has room: never more than `limit` requests in any `window`, as the
+/// API counts them.
+///
+/// The API sees a request a little after it is recorded here, and not always equally late
+/// (a new connection, a busy machine): had two requests `limit` apart been recorded
+/// exactly `window` apart, the later one could arrive less than `window` after the earlier
+/// and the API would count one request too many. So a recorded request counts for
+/// [`API_BUDGET_MARGIN`] beyond the window, and is recorded at the moment it is granted
+/// (once the lock is held), not when the transaction began.
 pub(super) async fn reserve_api_call(
     pool: &Pool,
     limit: usize,
     window: Duration,
 ) -> Result<Option<Duration>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let window = window.as_secs_f64();
+    let window = (window + API_BUDGET_MARGIN).as_secs_f64();
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&API_BUDGET_LOCK])
         .await?;
+    let now: SystemTime = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
     tx.execute(
-        "DELETE FROM api_requests WHERE at <= now() - make_interval(secs => $1)",
-        &[&window],
+        "DELETE FROM api_requests WHERE at <= $2::timestamptz - make_interval(secs => $1)",
+        &[&window, &now],
     )
     .await?;
     let row = tx
         .query_one(
             "SELECT count(*),
-                    EXTRACT(EPOCH FROM (MIN(at) + make_interval(secs => $1) - now()))::float8
+                    EXTRACT(EPOCH FROM (MIN(at) + make_interval(secs => $1) - $2::timestamptz))::float8
              FROM api_requests",
-            &[&window],
+            &[&window, &now],
         )
         .await?;
     let (sent, wait): (i64, Option<f64>) = (row.get(0), row.get(1));
     let verdict = if sent < limit {
-        tx.execute("INSERT INTO api_requests (at) VALUES (now())", &[])
+        tx.execute("INSERT INTO api_requests (at) VALUES ($1)", &[&now])
             .await?;
         None
     } else {
