@@ -191,6 +191,12 @@ impl Poller {
                 continue;
             }
             for call in due {
+                // A batch can wait on the API budget far longer than a lease: the role is
+                // checked before each request, so a replica that lost it (paused past
+                // its lease, say) stops rather than polling alongside the new holder.
+                if !self.store.lead(Role::Poller).await.unwrap_or(false) {
+                    break;
+                }
                 let outcome = tokio::select! {
                     () = stop.cancelled() => return,
                     outcome = self.poll(&call) => outcome,

@@ -8,13 +8,21 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 /// At most `limit` requests in any `window` (sliding, not fixed buckets): a request waits
-/// until the one sent `limit` requests earlier is a full window old. A token bucket of the
-/// same rate would allow twice the limit in the first window after an idle spell.
+/// until the one sent `limit` requests earlier is a full window (and [`BUDGET_MARGIN`]) old. A
+/// token bucket of the same rate would allow twice the limit in the first window after an
+/// idle spell.
 pub struct RateLimiter {
     limit: usize,
     window: Duration,
     state: Mutex<LimiterState>,
 }
+
+/// How long past its window a request still counts. A request reaches the API a little
+/// after it is granted here, and not always equally late (a new connection, a busy
+/// machine): two requests granted exactly a window apart could arrive less than a window
+/// apart, one too many for the API. The PostgreSQL store's shared budget keeps the same
+/// margin.
+pub const BUDGET_MARGIN: Duration = Duration::from_secs(1);
 
 struct LimiterState {
     sent: VecDeque<Instant>,
@@ -56,7 +64,7 @@ impl RateLimiter {
             while state
                 .sent
                 .front()
-                .is_some_and(|t| now.duration_since(*t) >= self.window)
+                .is_some_and(|t| now.duration_since(*t) >= self.window + BUDGET_MARGIN)
             {
                 state.sent.pop_front();
             }
@@ -65,7 +73,7 @@ impl RateLimiter {
                 return now - started;
             }
             if let Some(oldest) = state.sent.front().copied() {
-                tokio::time::sleep_until(oldest + self.window).await;
+                tokio::time::sleep_until(oldest + self.window + BUDGET_MARGIN).await;
             }
         }
     }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 pub use config::{API_KEY_ENV, ApiConfig, ApiKey, ApiOptions};
-pub use limiter::RateLimiter;
+pub use limiter::{BUDGET_MARGIN, RateLimiter};
 
 use crate::backoff::Backoff;
 use crate::metrics::Metrics;
