@@ -52,6 +52,9 @@ struct Args {
     /// file sink) and report how many are missing.
     #[arg(long)]
     check_file: Option<std::path::PathBuf>,
+    /// Print the size in bytes of the payload it sends, and exit.
+    #[arg(long)]
+    print_payload_size: bool,
 }
 
 #[derive(Default)]
@@ -174,6 +177,10 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.print_payload_size {
+        println!("{}", body(args.run_id, 0, 0).len());
+        return Ok(());
+    }
     if args.url.scheme_str() != Some("http") {
         bail!("--url must be an http:// URL");
     }

@@ -3,7 +3,10 @@
 #   (a) durable:  signed, unique ~1.5 KB events into a router with the file sink;
 #   (b) all sinks: the same into a second router with file, RabbitMQ and HTTP sinks;
 #   (c) baseline: the same requests with a wrong signature into (a)'s router, refused
-#       before the store (HTTP and HMAC work, no store).
+#       before the store (HTTP and HMAC work, no store);
+#   (d) minimal: the same requests into examples/minimal_ingest.rs, the simplest durable
+#       receiver (verify, append with a unique text key, group commit of 64; no routing,
+#       deliveries or sinks), the yardstick for (a).
 # Then (a) at half of its measured maximum rate for latency, memory (idle and peak RSS),
 # time from spawn to healthy, and the ratios. RabbitMQ is used when it answers on
 # VYORA_TEST_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f); without it (b) is
@@ -20,7 +23,7 @@ SYNC=${SYNC:-full}
 AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 SECRET=bench-secret
 
-cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench >&2
+cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench --example minimal_ingest >&2
 BIN=target/release/vyora-router
 LOAD=target/release/examples/loadgen
 
@@ -94,6 +97,10 @@ PY
 
 read -r pid_a port_a start_a < <(start_router durable "")
 pids+=("$pid_a")
+target/release/examples/minimal_ingest --db "$work/minimal.db" --secret "$SECRET" > "$work/minimal.addr" &
+pids+=("$!")
+while [ ! -s "$work/minimal.addr" ]; do sleep 0.05; done
+addr_d=$(cat "$work/minimal.addr")
 
 have_b=0
 if timeout 3 bash -c "exec 3<>/dev/tcp/127.0.0.1/5672" 2>/dev/null; then
@@ -133,6 +140,7 @@ for round in $(seq "$ROUNDS"); do
     drained allsinks
   fi
   load --url "http://127.0.0.1:$port_a/webhook" --bad-signature --label "baseline-$round"
+  load --url "http://$addr_d/webhook" --label "minimal-$round"
 done
 half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]; print(statistics.median(x["rps"] for x in r if x["label"].startswith("durable-"))/2)' "$results")
 load --url "http://127.0.0.1:$port_a/webhook" --rate "$half" --label "durable-half-rate"
@@ -147,7 +155,7 @@ runs = [r for r in (json.loads(l) for l in open(path) if l.startswith("{")) if "
 def group(prefix):
     return [r for r in runs if r["label"].startswith(prefix) and r["target_rps"] is None]
 med = lambda rs, k: statistics.median(r[k] for r in rs)
-a, b, c = group("durable-"), group("allsinks-"), group("baseline-")
+a, b, c, d = group("durable-"), group("allsinks-"), group("baseline-"), group("minimal-")
 half = [r for r in runs if r["label"] == "durable-half-rate"][0]
 print()
 print(f"synchronous={sync}, {conns} connections, {len(a)} interleaved rounds (medians)")
@@ -155,11 +163,12 @@ print(f"(a) durable, file sink     : {med(a,'rps'):.0f} events/s, p50 {med(a,'p5
 if b:
     print(f"(b) file + RabbitMQ + HTTP : {med(b,'rps'):.0f} events/s, p50 {med(b,'p50_ms'):.2f} ms, p99 {med(b,'p99_ms'):.2f} ms")
 print(f"(c) baseline (refused)     : {med(c,'rps'):.0f} requests/s, p50 {med(c,'p50_ms'):.2f} ms, p99 {med(c,'p99_ms'):.2f} ms")
-print(f"(a)/(c) = {med(a,'rps')/med(c,'rps'):.0%}" + (f", (b)/(c) = {med(b,'rps')/med(c,'rps'):.0%}, (b)/(a) = {med(b,'rps')/med(a,'rps'):.0%}" if b else ""))
+print(f"(d) minimal durable design: {med(d,'rps'):.0f} events/s, p50 {med(d,'p50_ms'):.2f} ms, p99 {med(d,'p99_ms'):.2f} ms")
+print(f"(a)/(c) = {med(a,'rps')/med(c,'rps'):.0%}, (a)/(d) = {med(a,'rps')/med(d,'rps'):.0%}" + (f", (b)/(c) = {med(b,'rps')/med(c,'rps'):.0%}, (b)/(a) = {med(b,'rps')/med(a,'rps'):.0%}" if b else ""))
 print(f"(a) at half its rate ({half['target_rps']:.0f}/s): p50 {half['p50_ms']:.2f} ms, p99 {half['p99_ms']:.2f} ms, max {half['max_ms']:.2f} ms")
 print(f"memory: idle RSS {int(idle)/1024:.1f} MB; peak RSS (a) {int(peak_a)/1024:.1f} MB" + (f", (b) {int(peak_b)/1024:.1f} MB" if b else ""))
 print(f"start-up: healthy {start_ms} ms after spawn")
-bad = [r for r in runs if r["label"].startswith(("durable", "allsinks")) and (set(r["statuses"]) - {"200"} or r["errors"])]
+bad = [r for r in runs if r["label"].startswith(("durable", "allsinks", "minimal")) and (set(r["statuses"]) - {"200"} or r["errors"])]
 if bad:
     print("WARNING: some durable requests were not answered 200:", [(r["label"], r["statuses"], r["errors"]) for r in bad])
 PY

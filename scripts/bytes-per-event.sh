@@ -2,7 +2,9 @@
 # Bytes written to disk per accepted event: the router process's `write_bytes` in
 # /proc/<pid>/io over a load run (WAL, checkpoints and the file sink's lines together),
 # divided by the events accepted. Two set-ups, interleaved: one file sink, and three sinks
-# (file, HTTP, RabbitMQ when it answers). The figure is a count of bytes, not a speed, so
+# (file, HTTP, RabbitMQ when it answers), and examples/minimal_ingest.rs (the simplest
+# durable receiver: verify, append with a unique text key; no sinks) as a yardstick. The
+# figure is a count of bytes, not a speed, so
 # it compares across machines; the payload is the load tool's (~1.5 KB, as Vyora sends).
 #
 #   scripts/bytes-per-event.sh            # ROUNDS=3 COUNT=20000 CONNS=64
@@ -17,7 +19,7 @@ AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 STORE_EXTRA=${STORE_EXTRA:-}
 SECRET=bench-secret
 
-cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench >&2
+cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench --example minimal_ingest >&2
 BIN=target/release/vyora-router
 LOAD=target/release/examples/loadgen
 
@@ -90,16 +92,37 @@ TOML
   echo "$label $(( (after - before) / COUNT )) $(( $(stat -c %s "$dir/events.jsonl") / COUNT ))"
 }
 
+# The same load into the minimal design: "minimal <bytes per event> 0".
+run_minimal() {
+  local dir="$work/minimal-$RANDOM" pid before after
+  mkdir -p "$dir"
+  target/release/examples/minimal_ingest --db "$dir/min.db" --secret "$SECRET" > "$dir/addr" &
+  pid=$!
+  while [ ! -s "$dir/addr" ]; do sleep 0.02; done
+  sleep 1
+  before=$(write_bytes "$pid")
+  "$LOAD" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
+    --count "$COUNT" --duration 600s --label minimal >&2
+  sleep 5
+  after=$(write_bytes "$pid")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  echo "minimal $(( (after - before) / COUNT )) 0"
+}
+
+payload=$("$LOAD" --secret "$SECRET" --print-payload-size)
 for round in $(seq "$ROUNDS"); do
   run one-sink ""
   run three-sinks "$more_sinks"
+  run_minimal
 done | tee "$work/results.txt"
-python3 - "$work/results.txt" <<'PY'
+python3 - "$work/results.txt" "$payload" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-for label in ("one-sink", "three-sinks"):
+payload = int(sys.argv[2])
+print(f"payload {payload} bytes")
+for label in ("one-sink", "three-sinks", "minimal"):
     mine = [r for r in rows if r[0] == label]
     per_event = statistics.median(int(r[1]) for r in mine)
     line = statistics.median(int(r[2]) for r in mine)
-    print(f"{label:12}: {per_event} bytes written per event (median of {len(mine)}); file line {line} bytes")
+    print(f"{label:12}: {per_event:.0f} bytes written per event ({per_event / payload:.1f}x the payload; median of {len(mine)}); file line {line:.0f} bytes")
 PY
