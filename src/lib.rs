@@ -11,7 +11,9 @@
 //!   it, and hands both to the store.
 //! - [`store`]: the seam every engine implements ([`store::Backend`]): ingest with
 //!   dedup, claims and settlements of deliveries, the poll schedule, pruning, the
-//!   operator's queries. SQLite lives in `store/sqlite/`.
+//!   operator's queries. SQLite (an event log with a cursor per sink) lives in
+//!   `store/sqlite/`, PostgreSQL (delivery rows under leases, for replicas) in
+//!   `store/postgres/`.
 //! - [`dispatch`]: one dispatcher per sink claims due deliveries, hands them to the sink,
 //!   and settles delivered / retry later / dead, with the one `backoff` schedule.
 //! - [`sinks`]: the destinations behind one trait; each kind in its folder with its own

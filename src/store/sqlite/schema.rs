@@ -77,6 +77,13 @@ CREATE UNIQUE INDEX quarantine_by_hash ON quarantine (body_hash);
 "#,
 ];
 
+/// The page size of a new database. Every event adds its dedup key to a random page of
+/// the key index, and a commit writes each page it touched whole, to the WAL and again at
+/// the checkpoint: smaller pages write less per event. `scripts/bytes-per-event.sh`, one
+/// file sink: 10,176 bytes written per event with 4096-byte pages, 8,684 with 2048, 8,631
+/// with 1024.
+const PAGE_SIZE: i64 = 1024;
+
 pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     let open_err = |source| StoreError::Open {
         path: path.to_owned(),
@@ -84,6 +91,10 @@ pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connectio
     };
     let conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+    // Only a new database takes it (before its first table, and before WAL mode); an
+    // existing one keeps the size it was created with.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)
+        .map_err(open_err)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(open_err)?;
@@ -156,7 +167,8 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreErr
             version: next + 1,
             source,
         };
-        if next == MIGRATIONS.len() {
+        // A new store passes through the old layout empty: nothing to say.
+        if next == MIGRATIONS.len() && applied > 0 {
             tracing::info!(path = %path.display(), "moving the store to the event log layout (once)");
         }
         let tx = conn

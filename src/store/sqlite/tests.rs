@@ -517,3 +517,43 @@ proptest::proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own() {
+    let page_size = |path: &Path| -> i64 {
+        Connection::open(path)
+            .expect("open")
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .expect("page size")
+    };
+    let fresh = tempfile::tempdir().expect("tempdir");
+    open(fresh.path()).await.close().await;
+    assert_eq!(page_size(&fresh.path().join("router.db")), 1024);
+
+    let old = tempfile::tempdir().expect("tempdir");
+    Connection::open(old.path().join("router.db"))
+        .expect("create")
+        .execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE t (x);")
+        .expect("an older database");
+    open(old.path()).await.close().await;
+    assert_eq!(page_size(&old.path().join("router.db")), 4096);
+}
+
+#[test]
+fn a_stored_payload_comes_back_byte_identical_and_a_damaged_frame_is_an_error() {
+    let body = crate::trigger::payload("call_completed", "call-z1");
+    let (stored, codec) = super::compress(body.as_bytes());
+    assert_eq!(codec, super::CODEC_ZSTD, "JSON this size compresses");
+    assert!(stored.len() < body.len());
+    let back = super::decompress(codec, stored.clone()).expect("decompresses");
+    assert_eq!(&back[..], body.as_bytes());
+    // Twice on one thread: the context is reused, not spent.
+    assert_eq!(&super::decompress(codec, stored.clone()).expect("again")[..], body.as_bytes());
+
+    let (raw, codec) = super::compress(b"{}");
+    assert_eq!((raw.as_slice(), codec), (&b"{}"[..], super::CODEC_RAW), "too small to gain");
+
+    let mut damaged = stored;
+    damaged.truncate(damaged.len() / 2);
+    assert!(super::decompress(super::CODEC_ZSTD, damaged).is_err());
+}
