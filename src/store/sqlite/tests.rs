@@ -548,10 +548,17 @@ fn a_stored_payload_comes_back_byte_identical_and_a_damaged_frame_is_an_error() 
     let back = super::decompress(codec, stored.clone()).expect("decompresses");
     assert_eq!(&back[..], body.as_bytes());
     // Twice on one thread: the context is reused, not spent.
-    assert_eq!(&super::decompress(codec, stored.clone()).expect("again")[..], body.as_bytes());
+    assert_eq!(
+        &super::decompress(codec, stored.clone()).expect("again")[..],
+        body.as_bytes()
+    );
 
     let (raw, codec) = super::compress(b"{}");
-    assert_eq!((raw.as_slice(), codec), (&b"{}"[..], super::CODEC_RAW), "too small to gain");
+    assert_eq!(
+        (raw.as_slice(), codec),
+        (&b"{}"[..], super::CODEC_RAW),
+        "too small to gain"
+    );
 
     let mut damaged = stored;
     damaged.truncate(damaged.len() / 2);
