@@ -100,6 +100,44 @@ async fn a_500_twice_then_200_is_delivered_exactly_once() {
     assert_eq!(downstream.received().len(), 3, "no request after the 200");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_delivery_is_sent_once_per_attempt_until_it_goes_dead() {
+    const EVENTS: usize = 40;
+    const MAX_ATTEMPTS: usize = 4;
+    let downstream = Downstream::start(|_, _| Reply::Status(500)).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\nconcurrency = 4\n",
+        base_config(dir.path()).replace(
+            "[delivery]\n",
+            &format!("[delivery]\nmax_attempts = {MAX_ATTEMPTS}\n")
+        ),
+        downstream.url("/hooks/vyora"),
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    let keys: Vec<String> = (0..EVENTS)
+        .map(|i| format!("call-once-{i}:call_completed"))
+        .collect();
+    for i in 0..EVENTS {
+        let body = payload(&format!("call-once-{i}"), "call_completed");
+        assert_eq!(router.post_signed(&body).await.status, 200);
+    }
+    for key in &keys {
+        let (_, attempts, _) = wait_status(&router, key, "dead").await;
+        assert_eq!(attempts as usize, MAX_ATTEMPTS, "{key}");
+    }
+    // Anything sent twice for one attempt would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = downstream.received();
+    for key in &keys {
+        let sent = received
+            .iter()
+            .filter(|r| r.header("idempotency-key") == Some(key.as_str()))
+            .count();
+        assert_eq!(sent, MAX_ATTEMPTS, "requests for {key}");
+    }
+}
+
 #[tokio::test]
 async fn retry_after_from_the_downstream_is_honoured() {
     // Our own first backoff is at most 50 ms; the downstream asks for 2 s.

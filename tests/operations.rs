@@ -524,3 +524,36 @@ fn sign_prints_the_signature_vyora_would_send() {
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_passes_against_the_admin_listener_and_fails_naming_the_address_once_it_is_gone()
+ {
+    let router = TestRouter::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("probe.toml");
+    let text = base_config(dir.path()).replace(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{}\"", router.admin),
+    );
+    assert!(text.contains(&router.admin.to_string()), "{text}");
+    std::fs::write(&config, text).expect("write config");
+    let probe = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+            .args(["healthcheck", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run healthcheck")
+    };
+    let up = tokio::task::block_in_place(probe);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let admin = router.admin;
+    router.stop().await;
+    let down = tokio::task::block_in_place(probe);
+    assert!(!down.status.success());
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(stderr.contains(&admin.to_string()), "{stderr}");
+}

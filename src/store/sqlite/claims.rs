@@ -46,8 +46,9 @@ struct SinkState {
     held: BTreeSet<i64>,
     /// Retries handed out and not settled: event id -> call.
     retries: BTreeMap<i64, Option<String>>,
-    /// First attempts that failed, while their retry row is being written: until it is,
-    /// only this keeps their call's later events back.
+    /// Deliveries whose retry row is being written (a first attempt that failed, or a
+    /// retry's outcome): until it is, only this keeps them, and their call's later events,
+    /// from being handed out on what the row said before.
     writing: BTreeMap<i64, Option<String>>,
     /// The sink said it is unavailable: nothing is handed out before this.
     paused_until: Option<Instant>,
@@ -157,7 +158,7 @@ impl Claims {
         Some(Snapshot {
             position: s.position,
             skip: s.fresh.keys().chain(&s.done).copied().collect(),
-            retries_in_hand: s.retries.keys().copied().collect(),
+            retries_in_hand: s.retries.keys().chain(s.writing.keys()).copied().collect(),
             calls_in_hand: s.calls_in_hand(),
         })
     }
@@ -276,9 +277,10 @@ impl Claims {
                     }
                 }
             } else {
-                if s.retries.remove(&event_id).is_none() {
+                let Some(call_id) = s.retries.remove(&event_id) else {
                     continue;
-                }
+                };
+                s.writing.insert(event_id, call_id);
                 out.changes.push(match settlement {
                     Settlement::Delivered { .. } => Change::Delivered { sink, event_id },
                     Settlement::Retry { at, error, .. } => Change::Again {
@@ -324,20 +326,19 @@ impl Claims {
     }
 
     /// Until the guard drops, the retry rows of `outcome` are being written; once they are
-    /// (or failed to be), those rows, or the cursor going back, hold their calls back.
+    /// (or failed to be), those rows, or the cursor going back, decide what is handed out
+    /// and hold their calls back.
     pub(super) fn writing(&self, outcome: &Outcome) -> Writing<'_> {
-        let failed = outcome
+        let rows = outcome
             .changes
             .iter()
-            .filter_map(|change| match change {
-                Change::Failed { sink, event_id, .. } => Some((sink.clone(), *event_id)),
-                _ => None,
+            .map(|change| match change {
+                Change::Failed { sink, event_id, .. }
+                | Change::Again { sink, event_id, .. }
+                | Change::Delivered { sink, event_id } => (sink.clone(), *event_id),
             })
             .collect();
-        Writing {
-            claims: self,
-            failed,
-        }
+        Writing { claims: self, rows }
     }
 
     /// The write of a settlement failed: each sink it touched goes back to its cursor as
@@ -387,16 +388,16 @@ impl Claims {
 /// See [`Claims::writing`].
 pub(super) struct Writing<'a> {
     claims: &'a Claims,
-    failed: Vec<(String, i64)>,
+    rows: Vec<(String, i64)>,
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        if self.failed.is_empty() {
+        if self.rows.is_empty() {
             return;
         }
         let mut state = self.claims.lock();
-        for (sink, event_id) in &self.failed {
+        for (sink, event_id) in &self.rows {
             if let Some(index) = state.index.get(sink).copied() {
                 state.sinks[index].writing.remove(event_id);
             }
@@ -511,5 +512,28 @@ mod tests {
         assert!(in_hand(&claims).contains("call-1"));
         drop(writing);
         assert!(in_hand(&claims).is_empty(), "the row holds it back now");
+    }
+
+    #[test]
+    fn a_settled_retry_is_not_handed_out_again_until_its_row_is_written() {
+        let claims = Claims::default();
+        claims.set_position("a", 0);
+        let call = Some("call-1".to_owned());
+        let (c, _) = claims.record("a", &[], &[(4, call.clone())], BTreeSet::new(), None);
+        let out = claims.settle(&[Settlement::Retry {
+            id: Claims::id(c, 4, true),
+            at: SystemTime::now(),
+            error: "500".into(),
+        }]);
+        let writing = claims.writing(&out);
+        let snapshot = claims.snapshot("a").expect("not paused");
+        assert!(
+            snapshot.retries_in_hand.contains(&4),
+            "its row still says it is due"
+        );
+        assert!(snapshot.calls_in_hand.contains("call-1"));
+        drop(writing);
+        let snapshot = claims.snapshot("a").expect("not paused");
+        assert!(snapshot.retries_in_hand.is_empty() && snapshot.calls_in_hand.is_empty());
     }
 }
