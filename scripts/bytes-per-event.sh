@@ -9,6 +9,7 @@
 #
 #   scripts/bytes-per-event.sh            # ROUNDS=3 COUNT=20000 CONNS=64
 #   STORE_EXTRA='page_size = 1024' ...    # extra [store] lines, to compare settings
+#   BEFORE=/other/vyora-router ...        # also that build, interleaved, to compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ COUNT=${COUNT:-20000}
 CONNS=${CONNS:-64}
 AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 STORE_EXTRA=${STORE_EXTRA:-}
+BEFORE=${BEFORE:-}
 SECRET=bench-secret
 
 cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench --example minimal_ingest >&2
@@ -57,9 +59,10 @@ url = \"$AMQP_URL\"
 exchange = \"$exchange\""
 fi
 
-# One run on a fresh store: prints "<label> <bytes per event> <file bytes per event>".
+# One run on a fresh store, with this build or the one named third: prints "<label>
+# <bytes per event> <file bytes per event>".
 run() {
-  local label=$1 sinks=$2 dir="$work/$1-$RANDOM" port pid before after
+  local label=$1 sinks=$2 bin=${3:-$BIN} dir="$work/$1-$RANDOM" port pid before after
   port=$(free_port)
   mkdir -p "$dir"
   cat > "$dir/router.toml" <<TOML
@@ -80,7 +83,7 @@ $sinks
 TOML
   # Its log goes through a pipe, as to a container runtime: the figure counts the store
   # and the sinks, not the log (an INFO line per webhook, ~160 bytes, where it is kept).
-  "$BIN" serve --config "$dir/router.toml" > >(cat > "$dir/router.log") 2>&1 &
+  "$bin" serve --config "$dir/router.toml" > >(cat > "$dir/router.log") 2>&1 &
   pid=$!
   until curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.02; done
   sleep 1
@@ -116,15 +119,21 @@ for round in $(seq "$ROUNDS"); do
   run one-sink ""
   run three-sinks "$more_sinks"
   run_minimal
+  if [ -n "$BEFORE" ]; then
+    run before-one-sink "" "$BEFORE"
+    run before-three-sinks "$more_sinks" "$BEFORE"
+  fi
 done | tee "$work/results.txt"
 python3 - "$work/results.txt" "$payload" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
 payload = int(sys.argv[2])
 print(f"payload {payload} bytes")
-for label in ("one-sink", "three-sinks", "minimal"):
+for label in ("one-sink", "three-sinks", "minimal", "before-one-sink", "before-three-sinks"):
     mine = [r for r in rows if r[0] == label]
+    if not mine:
+        continue
     per_event = statistics.median(int(r[1]) for r in mine)
     line = statistics.median(int(r[2]) for r in mine)
-    print(f"{label:12}: {per_event:.0f} bytes written per event ({per_event / payload:.1f}x the payload; median of {len(mine)}); file line {line:.0f} bytes")
+    print(f"{label:18}: {per_event:.0f} bytes written per event ({per_event / payload:.1f}x the payload; median of {len(mine)}); file line {line:.0f} bytes")
 PY

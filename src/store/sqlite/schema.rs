@@ -15,7 +15,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
 /// Version 5 is [`to_event_log`].
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
     id          INTEGER PRIMARY KEY,

@@ -300,6 +300,97 @@ async fn reopening_keeps_the_schema_and_the_data() {
 }
 
 #[tokio::test]
+async fn a_database_in_the_outbox_layout_moves_to_the_event_log_with_its_deliveries_as_they_were() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("router.db");
+    {
+        // What a router before the event log left: version 4, one outbox row per delivery.
+        let conn = Connection::open(&path).expect("open");
+        for sql in schema::MIGRATIONS {
+            conn.execute_batch(sql).expect("old schema");
+        }
+        let past = to_millis(now()) - 1000;
+        for (id, call) in [(1, "c1"), (2, "c2"), (3, "c3"), (4, "c4")] {
+            conn.execute(
+                "INSERT INTO events (id, dedup_key, event, call_id, source, received_at, payload)
+                 VALUES (?1, ?2, 'call_completed', ?3, 'webhook', ?4, ?5)",
+                rusqlite::params![
+                    id,
+                    format!("{call}:call_completed"),
+                    call,
+                    past,
+                    format!(r#"{{"event":"call_completed","call_id":"{call}"}}"#).into_bytes()
+                ],
+            )
+            .expect("event");
+        }
+        for (event_id, sink, call, status, attempts) in [
+            (1, "a", "c1", "delivered", 1),
+            (2, "a", "c2", "pending", 2),
+            (3, "a", "c3", "dead", 12),
+            (4, "a", "c4", "pending", 0),
+            (4, "b", "c4", "pending", 0),
+        ] {
+            conn.execute(
+                "INSERT INTO outbox (event_id, sink, call_id, status, attempts, next_attempt_at,
+                                     updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                rusqlite::params![event_id, sink, call, status, attempts, past],
+            )
+            .expect("outbox row");
+        }
+        conn.pragma_update(None, "user_version", 4)
+            .expect("version");
+    }
+
+    let store = open(dir.path()).await;
+    let mut due: Vec<_> = store
+        .claim("a", 10, usize::MAX)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|d| (d.dedup_key, d.attempts, d.payload))
+        .collect();
+    due.sort();
+    assert_eq!(
+        due,
+        [
+            (
+                "c2:call_completed".to_owned(),
+                2,
+                Bytes::from_static(br#"{"event":"call_completed","call_id":"c2"}"#)
+            ),
+            (
+                "c4:call_completed".to_owned(),
+                0,
+                Bytes::from_static(br#"{"event":"call_completed","call_id":"c4"}"#)
+            ),
+        ],
+        "pending stay pending with their attempts; delivered and dead are not handed out"
+    );
+    let b = store.claim("b", 10, usize::MAX).await.expect("due");
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].dedup_key, "c4:call_completed");
+    let dead: String = Connection::open(&path)
+        .expect("open")
+        .query_row(
+            "SELECT status FROM outbox WHERE sink = 'a' AND event_id = 3",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the dead row");
+    assert_eq!(dead, "dead");
+    let again = store
+        .ingest(event("c1", "call_completed"), sinks(&["a"]))
+        .await;
+    assert_eq!(
+        again.expect("answered"),
+        Ingested::Duplicate,
+        "dedup history kept"
+    );
+}
+
+#[tokio::test]
 async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
