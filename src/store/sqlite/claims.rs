@@ -92,6 +92,18 @@ pub(super) struct Snapshot {
     pub(super) calls_in_hand: BTreeSet<String>,
 }
 
+/// What one claim found (see [`Claims::record`]).
+pub(super) struct Claimed<'a> {
+    /// First attempts handed out: event id -> call.
+    pub(super) fresh: &'a [(i64, Option<String>)],
+    /// Retries handed out.
+    pub(super) retries: &'a [(i64, Option<String>)],
+    /// First attempts skipped to keep a call's order.
+    pub(super) held: BTreeSet<i64>,
+    /// How far the scan of first attempts looked, if it looked at all.
+    pub(super) examined_to: Option<i64>,
+}
+
 /// A change to `retries` that settling asks of the writer.
 #[derive(Debug, Clone)]
 pub(super) enum Change {
@@ -174,17 +186,22 @@ impl Claims {
         }
     }
 
-    /// Records a claim: what it handed out, what it held back, how far it looked. Returns
-    /// the claim, and the cursor to write if looking let it move (over events settled
-    /// before the scan reached past them).
+    /// Records a claim: what it handed out, what it held back, how far it looked, and what
+    /// it skipped as in hand (its snapshot's `skip`). Returns the claim, and the cursor to
+    /// write if looking let it move (over events settled before the scan reached past
+    /// them).
     pub(super) fn record(
         &self,
         sink: &str,
-        fresh: &[(i64, Option<String>)],
-        retries: &[(i64, Option<String>)],
-        held: BTreeSet<i64>,
-        examined_to: Option<i64>,
+        claim: Claimed<'_>,
+        skipped: &BTreeSet<i64>,
     ) -> (u64, Option<Outcome>) {
+        let Claimed {
+            fresh,
+            retries,
+            held,
+            examined_to,
+        } = claim;
         let mut state = self.lock();
         let (index, s) = Claims::sink(&mut state, sink);
         for (id, call) in fresh {
@@ -197,7 +214,14 @@ impl Claims {
         // back stays held.
         if let Some(to) = examined_to {
             s.held = held;
-            s.scanned_to = to;
+            // An event the scan skipped as in hand, and handed back (released, postponed,
+            // its settlement unwritten) while the scan ran, was looked at by nobody: the
+            // cursor must stop before it, and the next scan hands it out.
+            let after = s.position.unwrap_or(0);
+            let returned = skipped
+                .iter()
+                .find(|id| **id > after && !s.fresh.contains_key(id) && !s.done.contains(id));
+            s.scanned_to = returned.map_or(to, |first| to.min(first - 1));
         }
         let before = s.persisted;
         s.advance();
@@ -417,11 +441,24 @@ mod tests {
 
     use super::*;
 
+    fn found<'a>(
+        fresh: &'a [(i64, Option<String>)],
+        retries: &'a [(i64, Option<String>)],
+        held: BTreeSet<i64>,
+        examined_to: Option<i64>,
+    ) -> Claimed<'a> {
+        Claimed {
+            fresh,
+            retries,
+            held,
+            examined_to,
+        }
+    }
+
     fn claimed(claims: &Claims, sink: &str, ids: &[i64], examined_to: i64) -> u64 {
         let fresh: Vec<_> = ids.iter().map(|id| (*id, None)).collect();
-        claims
-            .record(sink, &fresh, &[], BTreeSet::new(), Some(examined_to))
-            .0
+        let claim = found(&fresh, &[], BTreeSet::new(), Some(examined_to));
+        claims.record(sink, claim, &BTreeSet::new()).0
     }
 
     #[test]
@@ -478,13 +515,15 @@ mod tests {
         let claims = Claims::default();
         claims.set_position("a", 0);
         let held = BTreeSet::from([2]);
-        let (c, _) = claims.record("a", &[(1, None), (3, None)], &[], held, Some(3));
+        let claim = found(&[(1, None), (3, None)], &[], held, Some(3));
+        let (c, _) = claims.record("a", claim, &BTreeSet::new());
         for id in [1, 3] {
             claims.settle(&[Settlement::Delivered {
                 id: Claims::id(c, id, false),
             }]);
         }
-        let (_, moved) = claims.record("a", &[], &[(7, None)], BTreeSet::new(), None);
+        let claim = found(&[], &[(7, None)], BTreeSet::new(), None);
+        let (_, moved) = claims.record("a", claim, &BTreeSet::new());
         assert!(moved.is_none(), "nothing new was examined");
         let out = claims.settle(&[Settlement::Delivered {
             id: Claims::id(c, 7, true),
@@ -501,7 +540,12 @@ mod tests {
         let claims = Claims::default();
         claims.set_position("a", 0);
         let call = Some("call-1".to_owned());
-        let (c, _) = claims.record("a", &[(1, call.clone())], &[], BTreeSet::new(), Some(1));
+        let fresh = [(1, call.clone())];
+        let (c, _) = claims.record(
+            "a",
+            found(&fresh, &[], BTreeSet::new(), Some(1)),
+            &BTreeSet::new(),
+        );
         let out = claims.settle(&[Settlement::Retry {
             id: Claims::id(c, 1, false),
             at: SystemTime::now(),
@@ -519,7 +563,12 @@ mod tests {
         let claims = Claims::default();
         claims.set_position("a", 0);
         let call = Some("call-1".to_owned());
-        let (c, _) = claims.record("a", &[], &[(4, call.clone())], BTreeSet::new(), None);
+        let retries = [(4, call.clone())];
+        let (c, _) = claims.record(
+            "a",
+            found(&[], &retries, BTreeSet::new(), None),
+            &BTreeSet::new(),
+        );
         let out = claims.settle(&[Settlement::Retry {
             id: Claims::id(c, 4, true),
             at: SystemTime::now(),
@@ -535,5 +584,41 @@ mod tests {
         drop(writing);
         let snapshot = claims.snapshot("a").expect("not paused");
         assert!(snapshot.retries_in_hand.is_empty() && snapshot.calls_in_hand.is_empty());
+    }
+
+    #[test]
+    fn an_event_handed_back_while_another_claim_scans_is_not_passed_by_the_cursor() {
+        let claims = Claims::default();
+        claims.set_position("a", 0);
+        let first = claimed(&claims, "a", &[1, 2], 2);
+        // A second claim starts: it skips 1 and 2, in hand.
+        let snapshot = claims.snapshot("a").expect("not paused");
+        // Meanwhile the sink turns out to be down: 1 is postponed, 2 released.
+        claims.settle(&[Settlement::Postpone {
+            id: Claims::id(first, 1, false),
+            at: SystemTime::now(),
+            error: "down".into(),
+        }]);
+        claims.release(&[Claims::id(first, 2, false)]);
+        // The second claim found 3 and 4, and delivers them.
+        let fresh = [(3, None), (4, None)];
+        let claim = found(&fresh, &[], BTreeSet::new(), Some(4));
+        let (second, _) = claims.record("a", claim, &snapshot.skip);
+        let out = claims.settle(&[
+            Settlement::Delivered {
+                id: Claims::id(second, 3, false),
+            },
+            Settlement::Delivered {
+                id: Claims::id(second, 4, false),
+            },
+        ]);
+        assert!(
+            out.cursors.is_empty(),
+            "the cursor passed events nobody delivered: {:?}",
+            out.cursors
+        );
+        let next = claims.snapshot("a").expect("not paused");
+        assert!(!next.skip.contains(&1) && !next.skip.contains(&2));
+        assert_eq!(next.position, Some(0));
     }
 }

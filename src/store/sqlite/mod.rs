@@ -33,7 +33,7 @@ use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
     Stats, StoreError, StoreOptions, TrackedCall, now,
 };
-use claims::Claims;
+use claims::{Claimed, Claims};
 use reader::Readers;
 use writer::{Op, PruneRange, WriterContext};
 
@@ -290,6 +290,7 @@ impl SqliteStore {
             }
         };
         let name = sink.to_owned();
+        let skipped = snapshot.skip.clone();
         let found = self
             .readers
             .with(move |conn| reader::scan(conn, &name, position, limit, max_bytes, &snapshot))
@@ -297,13 +298,14 @@ impl SqliteStore {
         let in_hand = |rows: &[reader::Row]| -> Vec<(i64, Option<String>)> {
             rows.iter().map(|r| (r.id, r.call_id.clone())).collect()
         };
-        let (claim, moved) = self.claims.record(
-            sink,
-            &in_hand(&found.fresh),
-            &in_hand(&found.retries),
-            found.held,
-            found.examined_to,
-        );
+        let (fresh, retries) = (in_hand(&found.fresh), in_hand(&found.retries));
+        let claimed = Claimed {
+            fresh: &fresh,
+            retries: &retries,
+            held: found.held,
+            examined_to: found.examined_to,
+        };
+        let (claim, moved) = self.claims.record(sink, claimed, &skipped);
         if let Some(outcome) = moved {
             let before = outcome.before.clone();
             let (reply, rx) = oneshot::channel();

@@ -459,7 +459,7 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
             sinks
         }),
         (0u8..2, 1usize..4).prop_map(|(sink, limit)| Step::Claim { sink, limit }),
-        (any::<usize>(), 0u8..5).prop_map(|(pick, outcome)| Step::Settle { pick, outcome }),
+        (any::<usize>(), 0u8..6).prop_map(|(pick, outcome)| Step::Settle { pick, outcome }),
     ]
 }
 
@@ -562,6 +562,8 @@ proptest::proptest! {
                             0 | 1 => Some(Settlement::Delivered { id }),
                             2 => Some(Settlement::Retry { id, at: now(), error }),
                             3 => Some(Settlement::Dead { id, error }),
+                            // The sink is down: a pause that is already over.
+                            4 => Some(Settlement::Postpone { id, at: now(), error }),
                             _ => None,
                         };
                         match settlement {
