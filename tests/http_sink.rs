@@ -1,5 +1,6 @@
-//! The HTTP sink against a real downstream server: re-signing, retries, Retry-After,
-//! redirects, dead letters and replay, filters, redaction, per-call ordering, memory.
+//! The HTTP sink against a real downstream server: re-signing, retries, a destination
+//! that is down, Retry-After, redirects, dead letters and replay, filters, redaction,
+//! per-call ordering, memory.
 
 mod common;
 
@@ -135,6 +136,76 @@ async fn a_failing_delivery_is_sent_once_per_attempt_until_it_goes_dead() {
             .filter(|r| r.header("idempotency-key") == Some(key.as_str()))
             .count();
         assert_eq!(sent, MAX_ATTEMPTS, "requests for {key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_refusing_connections_costs_no_attempts_and_gets_everything_once_it_listens()
+{
+    const EVENTS: usize = 30;
+    // Bound but not listening: connections are refused, and no other listener (the
+    // router's own, on port 0) can take the port before the downstream comes up on it.
+    let reserved = tokio::net::TcpSocket::new_v4().expect("socket");
+    reserved
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let addr = reserved.local_addr().expect("addr");
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    // Two attempts at 50-200 ms apart: counted as failures, these events would be dead
+    // within a second.
+    let config = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"http://{addr}/hooks/vyora\"\nconcurrency = 4\n",
+        base_config(dir.path()).replace("[delivery]\n", "[delivery]\nmax_attempts = 2\n"),
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    let keys: Vec<String> = (0..EVENTS)
+        .map(|i| format!("call-down-{i}:call_completed"))
+        .collect();
+    for i in 0..EVENTS {
+        let body = payload(&format!("call-down-{i}"), "call_completed");
+        assert_eq!(router.post_signed(&body).await.status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !router.readyz().await.body.contains("cannot connect") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness never showed the destination down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = metric(
+        &router.scrape().await,
+        "vyora_router_sink_ready",
+        &[("sink", "crm")],
+    );
+    assert_eq!(ready, 0.0);
+    // Long enough for several probes, and for max_attempts to run out ten times over.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for key in &keys {
+        let (status, attempts, _) = status_of(&router, key);
+        assert_eq!((status.as_str(), attempts), ("pending", 0), "{key}");
+    }
+
+    drop(reserved);
+    let downstream = Downstream::start_on(addr, |_, _| Reply::Status(200)).await;
+    for key in &keys {
+        wait_status(&router, key, "delivered").await;
+    }
+    let received = downstream.received();
+    for key in &keys {
+        let sent = received
+            .iter()
+            .filter(|r| r.header("idempotency-key") == Some(key.as_str()))
+            .count();
+        assert_eq!(sent, 1, "requests for {key}");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while router.readyz().await.status != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready again after the destination came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

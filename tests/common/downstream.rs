@@ -60,9 +60,15 @@ impl Downstream {
     pub async fn start(
         script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
     ) -> Downstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Downstream::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), script).await
+    }
+
+    /// The same, on a given address (a downstream that comes back where it was).
+    pub async fn start_on(
+        addr: SocketAddr,
+        script: impl Fn(&Received, usize) -> Reply + Send + Sync + 'static,
+    ) -> Downstream {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let received = Arc::new(Mutex::new(Vec::new()));
         let script: Arc<Mutex<Arc<Script>>> = Arc::new(Mutex::new(Arc::new(script)));

@@ -1,14 +1,19 @@
 //! The HTTP sink: POSTs each event to a downstream service, optionally re-signed.
 //!
-//! Only a 2xx counts as delivered. 408, 429, 5xx, 3xx (redirects are not followed),
-//! timeouts and connection errors are retried, honouring `Retry-After`; any other 4xx
-//! is permanent: retrying the same request cannot succeed. Its settings are in `config`.
+//! Only a 2xx counts as delivered. 408, 429, 5xx, 3xx (redirects are not followed) and
+//! timeouts are retried, honouring `Retry-After`; any other 4xx is permanent: retrying
+//! the same request cannot succeed. A destination that cannot be connected to (refused,
+//! unresolvable, connect timeout) is down, not failing this event: the sink pauses and
+//! probes again with backoff, and the events wait without using up attempts, as they do
+//! for a broker that is down. Its settings are in `config`.
 
 mod config;
 
 use crate::protocol::{EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SOURCE_HEADER};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+
+use crate::backoff::Backoff;
 
 use tokio::time::Instant;
 
@@ -24,6 +29,10 @@ use crate::signature::{self, Secret};
 /// Bytes of a refusing answer kept for the dead row's last error.
 const SNIPPET_BYTES: usize = 512;
 const USER_AGENT: &str = concat!("vyora-router/", env!("CARGO_PKG_VERSION"));
+/// Pauses after connections failed in a row: the first probe soon, then no more often
+/// than every 30 s (never longer than `delivery.backoff_max`), so a backlog starts to
+/// drain within that of the destination coming back.
+const PROBE: Backoff = Backoff::new(Duration::from_millis(400), Duration::from_secs(30));
 
 pub struct HttpSink {
     name: String,
@@ -32,11 +41,21 @@ pub struct HttpSink {
     concurrency: usize,
     headers: HeaderMap,
     client: reqwest::Client,
-    /// Set when the destination asked us to wait (`Retry-After`): until then nothing is
-    /// sent to it, not only the request that got the answer.
-    paused_until: Mutex<Option<Instant>>,
-    /// The longest wait a `Retry-After` can impose (`delivery.backoff_max`).
+    /// Set when the destination asked us to wait (`Retry-After`) or could not be
+    /// connected to: until then nothing is sent to it, not only the request that failed.
+    pause: Mutex<Pause>,
+    /// The longest wait a `Retry-After` or a failed connection can impose
+    /// (`delivery.backoff_max`).
     max_pause: Duration,
+}
+
+#[derive(Default)]
+struct Pause {
+    until: Option<Instant>,
+    /// Why, for `/readyz`.
+    reason: String,
+    /// Connections that failed in a row, for the probes' backoff.
+    connect_failures: u32,
 }
 
 impl HttpSink {
@@ -64,20 +83,16 @@ impl HttpSink {
             concurrency: config.concurrency,
             headers: config.headers.clone(),
             client,
-            paused_until: Mutex::new(None),
+            pause: Mutex::new(Pause::default()),
             max_pause,
         })
     }
 
     async fn post(&self, d: &Delivery) -> Result<(), SinkError> {
-        let paused = *self
-            .paused_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(until) = paused.filter(|u| *u > Instant::now()) {
+        if let Some((left, reason)) = self.paused() {
             return Err(SinkError::Unavailable {
-                reason: "the destination asked to wait (Retry-After)".into(),
-                retry_in: until - Instant::now(),
+                reason,
+                retry_in: left,
             });
         }
         let mut request = self
@@ -92,11 +107,19 @@ impl HttpSink {
             // Over the exact bytes sent, so the receiver verifies with Vyora's own recipe.
             request = request.header(SIGNATURE_HEADER, signature::sign(secret, &d.payload));
         }
-        let response = request
-            .body(d.payload.clone())
-            .send()
-            .await
-            .map_err(|e| SinkError::HttpTransport(crate::net::describe(&e.without_url())))?;
+        let response = match request.body(d.payload.clone()).send().await {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => {
+                let reason = crate::net::describe(&e.without_url());
+                return Err(self.cannot_connect(reason));
+            }
+            Err(e) => {
+                return Err(SinkError::HttpTransport(crate::net::describe(
+                    &e.without_url(),
+                )));
+            }
+        };
+        self.connected();
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -107,10 +130,9 @@ impl HttpSink {
             .and_then(crate::net::parse_retry_after)
             .map(|wait| wait.min(self.max_pause));
         if let Some(wait) = retry_after {
-            *self
-                .paused_until
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + wait);
+            let mut pause = self.lock_pause();
+            pause.until = Some(Instant::now() + wait);
+            pause.reason = "the destination asked to wait (Retry-After)".into();
         }
         let snippet = snippet(response).await;
         let retryable = status.is_redirection()
@@ -123,6 +145,60 @@ impl HttpSink {
             permanent: !retryable,
             retry_after,
         })
+    }
+}
+
+impl HttpSink {
+    fn lock_pause(&self) -> std::sync::MutexGuard<'_, Pause> {
+        self.pause.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How long the pause lasts still, and why, if the sink is paused.
+    fn paused(&self) -> Option<(Duration, String)> {
+        let pause = self.lock_pause();
+        let left = pause.until?.checked_duration_since(Instant::now())?;
+        Some((left, pause.reason.clone()))
+    }
+
+    /// The request never reached the destination: pause the sink and say so.
+    fn cannot_connect(&self, reason: String) -> SinkError {
+        let mut pause = self.lock_pause();
+        let now = Instant::now();
+        if pause.connect_failures > 0 {
+            // Requests in flight together fail together: one failure, one step of backoff.
+            if let Some(left) = pause
+                .until
+                .and_then(|until| until.checked_duration_since(now))
+            {
+                return SinkError::Unavailable {
+                    reason: pause.reason.clone(),
+                    retry_in: left,
+                };
+            }
+        }
+        pause.connect_failures = pause.connect_failures.saturating_add(1);
+        let wait = PROBE
+            .equal_jitter(pause.connect_failures)
+            .min(self.max_pause);
+        let reason = format!("cannot connect: {reason}");
+        if pause.connect_failures == 1 || pause.connect_failures.is_power_of_two() {
+            tracing::warn!(sink = %self.name, failures = pause.connect_failures, retry_in = ?wait, reason, "the destination is down; deliveries wait");
+        }
+        pause.until = Some(now + wait);
+        pause.reason.clone_from(&reason);
+        SinkError::Unavailable {
+            reason,
+            retry_in: wait,
+        }
+    }
+
+    /// The destination answered: the next failed connection starts the probes over.
+    fn connected(&self) {
+        let mut pause = self.lock_pause();
+        if pause.connect_failures > 0 {
+            tracing::info!(sink = %self.name, "the destination is reachable again");
+            pause.connect_failures = 0;
+        }
     }
 }
 
@@ -150,18 +226,8 @@ impl Sink for HttpSink {
     }
 
     fn unready(&self) -> Option<String> {
-        let paused = *self
-            .paused_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        paused
-            .and_then(|until| until.checked_duration_since(Instant::now()))
-            .map(|left| {
-                format!(
-                    "paused for {}s more: the destination asked to wait (Retry-After)",
-                    left.as_secs() + 1
-                )
-            })
+        self.paused()
+            .map(|(left, reason)| format!("paused for {}s more: {reason}", left.as_secs() + 1))
     }
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
