@@ -13,6 +13,7 @@
 # skipped.
 #
 #   scripts/bench.sh                      # ROUNDS=3 DURATION=10s CONNS=64 SYNC=full
+#   BEFORE=/other/vyora-router ...        # also (a) with that build, interleaved: (a')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 SYNC=${SYNC:-full}
+BEFORE=${BEFORE:-}
 AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 SECRET=bench-secret
 
@@ -40,9 +42,10 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# A router on its own port and store; prints "<pid> <port> <ms to healthy>".
+# A router on its own port and store, with this build or the one named third; prints
+# "<pid> <port> <ms to healthy>".
 start_router() {
-  local name=$1 extra=$2 port
+  local name=$1 extra=$2 bin=${3:-$BIN} port
   port=$(free_port)
   mkdir -p "$work/$name"
   cat > "$work/$name/router.toml" <<TOML
@@ -61,7 +64,7 @@ type = "file"
 path = "$work/$name/events.jsonl"
 $extra
 TOML
-  python3 - "$BIN" "$work/$name/router.toml" "$port" "$work/$name/router.log" <<'PY'
+  python3 - "$bin" "$work/$name/router.toml" "$port" "$work/$name/router.log" <<'PY'
 import socket, subprocess, sys, time
 binary, config, port, log = sys.argv[1:]
 t0 = time.monotonic()
@@ -97,6 +100,10 @@ PY
 
 read -r pid_a port_a start_a < <(start_router durable "")
 pids+=("$pid_a")
+if [ -n "$BEFORE" ]; then
+  read -r pid_e port_e _ < <(start_router before "" "$BEFORE")
+  pids+=("$pid_e")
+fi
 target/release/examples/minimal_ingest --db "$work/minimal.db" --secret "$SECRET" > "$work/minimal.addr" &
 pids+=("$!")
 while [ ! -s "$work/minimal.addr" ]; do sleep 0.05; done
@@ -135,6 +142,10 @@ load() { "$LOAD" --secret "$SECRET" --connections "$CONNS" --duration "$DURATION
 for round in $(seq "$ROUNDS"); do
   load --url "http://127.0.0.1:$port_a/webhook" --label "durable-$round"
   drained durable
+  if [ -n "$BEFORE" ]; then
+    load --url "http://127.0.0.1:$port_e/webhook" --label "before-$round"
+    drained before
+  fi
   if [ "$have_b" = 1 ]; then
     load --url "http://127.0.0.1:$port_b/webhook" --label "allsinks-$round"
     drained allsinks
@@ -156,6 +167,7 @@ def group(prefix):
     return [r for r in runs if r["label"].startswith(prefix) and r["target_rps"] is None]
 med = lambda rs, k: statistics.median(r[k] for r in rs)
 a, b, c, d = group("durable-"), group("allsinks-"), group("baseline-"), group("minimal-")
+e = group("before-")
 half = [r for r in runs if r["label"] == "durable-half-rate"][0]
 print()
 print(f"synchronous={sync}, {conns} connections, {len(a)} interleaved rounds (medians)")
@@ -164,11 +176,13 @@ if b:
     print(f"(b) file + RabbitMQ + HTTP : {med(b,'rps'):.0f} events/s, p50 {med(b,'p50_ms'):.2f} ms, p99 {med(b,'p99_ms'):.2f} ms")
 print(f"(c) baseline (refused)     : {med(c,'rps'):.0f} requests/s, p50 {med(c,'p50_ms'):.2f} ms, p99 {med(c,'p99_ms'):.2f} ms")
 print(f"(d) minimal durable design: {med(d,'rps'):.0f} events/s, p50 {med(d,'p50_ms'):.2f} ms, p99 {med(d,'p99_ms'):.2f} ms")
+if e:
+    print(f"(a') (a) with BEFORE       : {med(e,'rps'):.0f} events/s, p50 {med(e,'p50_ms'):.2f} ms, p99 {med(e,'p99_ms'):.2f} ms; (a)/(a') = {med(a,'rps')/med(e,'rps'):.0%}")
 print(f"(a)/(c) = {med(a,'rps')/med(c,'rps'):.0%}, (a)/(d) = {med(a,'rps')/med(d,'rps'):.0%}" + (f", (b)/(c) = {med(b,'rps')/med(c,'rps'):.0%}, (b)/(a) = {med(b,'rps')/med(a,'rps'):.0%}" if b else ""))
 print(f"(a) at half its rate ({half['target_rps']:.0f}/s): p50 {half['p50_ms']:.2f} ms, p99 {half['p99_ms']:.2f} ms, max {half['max_ms']:.2f} ms")
 print(f"memory: idle RSS {int(idle)/1024:.1f} MB; peak RSS (a) {int(peak_a)/1024:.1f} MB" + (f", (b) {int(peak_b)/1024:.1f} MB" if b else ""))
 print(f"start-up: healthy {start_ms} ms after spawn")
-bad = [r for r in runs if r["label"].startswith(("durable", "allsinks", "minimal")) and (set(r["statuses"]) - {"200"} or r["errors"])]
+bad = [r for r in runs if r["label"].startswith(("durable", "allsinks", "minimal", "before")) and (set(r["statuses"]) - {"200"} or r["errors"])]
 if bad:
     print("WARNING: some durable requests were not answered 200:", [(r["label"], r["statuses"], r["errors"]) for r in bad])
 PY
