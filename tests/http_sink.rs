@@ -57,6 +57,32 @@ async fn wait_status(
     }
 }
 
+/// Waits until the sink says it is paused for `why`, in /readyz and in its gauge.
+async fn wait_paused(router: &TestRouter, why: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !router.readyz().await.body.contains(why) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readiness never showed the pause ({why})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = metric(
+        &router.scrape().await,
+        "vyora_router_sink_ready",
+        &[("sink", "crm")],
+    );
+    assert_eq!(ready, 0.0);
+}
+
+/// How many of the requests the downstream received carried `key`.
+fn requests_for(received: &[common::downstream::Received], key: &str) -> usize {
+    received
+        .iter()
+        .filter(|r| r.header("idempotency-key") == Some(key))
+        .count()
+}
+
 #[tokio::test]
 async fn the_forwarded_body_is_byte_identical_and_re_signed_with_the_sinks_secret() {
     let downstream = Downstream::start(|_, _| Reply::Status(200)).await;
@@ -131,11 +157,11 @@ async fn a_failing_delivery_is_sent_once_per_attempt_until_it_goes_dead() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let received = downstream.received();
     for key in &keys {
-        let sent = received
-            .iter()
-            .filter(|r| r.header("idempotency-key") == Some(key.as_str()))
-            .count();
-        assert_eq!(sent, MAX_ATTEMPTS, "requests for {key}");
+        assert_eq!(
+            requests_for(&received, key),
+            MAX_ATTEMPTS,
+            "requests for {key}"
+        );
     }
 }
 
@@ -165,20 +191,7 @@ async fn a_destination_refusing_connections_costs_no_attempts_and_gets_everythin
         let body = payload(&format!("call-down-{i}"), "call_completed");
         assert_eq!(router.post_signed(&body).await.status, 200);
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !router.readyz().await.body.contains("cannot connect") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readiness never showed the destination down"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ready = metric(
-        &router.scrape().await,
-        "vyora_router_sink_ready",
-        &[("sink", "crm")],
-    );
-    assert_eq!(ready, 0.0);
+    wait_paused(&router, "cannot connect").await;
     // Long enough for several probes, and for max_attempts to run out ten times over.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for key in &keys {
@@ -193,11 +206,7 @@ async fn a_destination_refusing_connections_costs_no_attempts_and_gets_everythin
     }
     let received = downstream.received();
     for key in &keys {
-        let sent = received
-            .iter()
-            .filter(|r| r.header("idempotency-key") == Some(key.as_str()))
-            .count();
-        assert_eq!(sent, 1, "requests for {key}");
+        assert_eq!(requests_for(&received, key), 1, "requests for {key}");
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     while router.readyz().await.status != 200 {
@@ -235,21 +244,7 @@ async fn retry_after_from_the_downstream_is_honoured() {
         200
     );
     downstream.wait_for(1, WAIT).await;
-    // Paused, the sink says so: in /readyz and its gauge.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !router.readyz().await.body.contains("Retry-After") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the pause never showed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let paused = metric(
-        &router.scrape().await,
-        "vyora_router_sink_ready",
-        &[("sink", "crm")],
-    );
-    assert_eq!(paused, 0.0);
+    wait_paused(&router, "Retry-After").await;
     let got = downstream.wait_for(2, WAIT).await;
     let gap = got[1].at - got[0].at;
     assert!(gap >= Duration::from_millis(1950), "retried after {gap:?}");
