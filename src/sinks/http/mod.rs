@@ -13,8 +13,6 @@ use crate::protocol::{EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SOURCE
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::backoff::Backoff;
-
 use tokio::time::Instant;
 
 use reqwest::StatusCode;
@@ -23,6 +21,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
 pub use config::{HttpOptions, HttpSinkConfig};
 
 use super::{BoxFuture, BuildError, Sink, SinkError};
+use crate::backoff::Backoff;
 use crate::event::Delivery;
 use crate::signature::{self, Secret};
 
@@ -109,14 +108,14 @@ impl HttpSink {
         }
         let response = match request.body(d.payload.clone()).send().await {
             Ok(response) => response,
-            Err(e) if e.is_connect() => {
-                let reason = crate::net::describe(&e.without_url());
-                return Err(self.cannot_connect(reason));
-            }
             Err(e) => {
-                return Err(SinkError::HttpTransport(crate::net::describe(
-                    &e.without_url(),
-                )));
+                let unreachable = e.is_connect();
+                let reason = crate::net::describe(&e.without_url());
+                return Err(if unreachable {
+                    self.cannot_connect(reason)
+                } else {
+                    SinkError::HttpTransport(reason)
+                });
             }
         };
         self.connected();
@@ -146,9 +145,7 @@ impl HttpSink {
             retry_after,
         })
     }
-}
 
-impl HttpSink {
     fn lock_pause(&self) -> std::sync::MutexGuard<'_, Pause> {
         self.pause.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -181,7 +178,8 @@ impl HttpSink {
             .equal_jitter(pause.connect_failures)
             .min(self.max_pause);
         let reason = format!("cannot connect: {reason}");
-        if pause.connect_failures == 1 || pause.connect_failures.is_power_of_two() {
+        // Said at the 1st, 2nd, 4th, 8th ... failure: an outage of hours is a few lines.
+        if pause.connect_failures.is_power_of_two() {
             tracing::warn!(sink = %self.name, failures = pause.connect_failures, retry_in = ?wait, reason, "the destination is down; deliveries wait");
         }
         pause.until = Some(now + wait);
