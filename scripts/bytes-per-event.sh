@@ -10,6 +10,9 @@
 #   scripts/bytes-per-event.sh            # ROUNDS=3 COUNT=20000 CONNS=64
 #   STORE_EXTRA='page_size = 1024' ...    # extra [store] lines, to compare settings
 #   BEFORE=/other/vyora-router ...        # also that build, interleaved, to compare
+#   PREFILL=500000 ...                    # first store that many events, unmeasured: a
+#                                         # store with history, whose dedup index is large
+#                                         # (one file sink and the minimal design only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,7 @@ CONNS=${CONNS:-64}
 AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 STORE_EXTRA=${STORE_EXTRA:-}
 BEFORE=${BEFORE:-}
+PREFILL=${PREFILL:-0}
 SECRET=bench-secret
 
 cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench --example minimal_ingest >&2
@@ -59,10 +63,10 @@ url = \"$AMQP_URL\"
 exchange = \"$exchange\""
 fi
 
-# One run on a fresh store, with this build or the one named third: prints "<label>
-# <bytes per event> <file bytes per event>".
+# One run on a new store (holding PREFILL events first), with this build or the one
+# named third: prints "<label> <bytes per event> <file bytes per event>".
 run() {
-  local label=$1 sinks=$2 bin=${3:-$BIN} dir="$work/$1-$RANDOM" port pid before after
+  local label=$1 sinks=$2 bin=${3:-$BIN} dir="$work/$1-$RANDOM" port pid before after file_before
   port=$(free_port)
   mkdir -p "$dir"
   cat > "$dir/router.toml" <<TOML
@@ -86,15 +90,21 @@ TOML
   "$bin" serve --config "$dir/router.toml" > >(cat > "$dir/router.log") 2>&1 &
   pid=$!
   until curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.02; done
+  if [ "$PREFILL" -gt 0 ]; then
+    "$LOAD" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
+      --count "$PREFILL" --duration 3600s --label "$label-prefill" >&2
+    sleep 5
+  fi
   sleep 1
   before=$(write_bytes "$pid")
+  file_before=$(stat -c %s "$dir/events.jsonl" 2>/dev/null || echo 0)
   "$LOAD" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
     --count "$COUNT" --duration 600s --check-file "$dir/events.jsonl" --label "$label" >&2
   # Every sink done and the checkpoints caught up: what the run cost, all of it.
   sleep 5
   after=$(write_bytes "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true
-  echo "$label $(( (after - before) / COUNT )) $(( $(stat -c %s "$dir/events.jsonl") / COUNT ))"
+  echo "$label $(( (after - before) / COUNT )) $(( ($(stat -c %s "$dir/events.jsonl") - file_before) / COUNT ))"
 }
 
 # The same load into the minimal design: "minimal <bytes per event> 0".
@@ -104,6 +114,11 @@ run_minimal() {
   target/release/examples/minimal_ingest --db "$dir/min.db" --secret "$SECRET" > "$dir/addr" &
   pid=$!
   while [ ! -s "$dir/addr" ]; do sleep 0.02; done
+  if [ "$PREFILL" -gt 0 ]; then
+    "$LOAD" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
+      --count "$PREFILL" --duration 3600s --label minimal-prefill >&2
+    sleep 5
+  fi
   sleep 1
   before=$(write_bytes "$pid")
   "$LOAD" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
@@ -116,12 +131,14 @@ run_minimal() {
 
 payload=$("$LOAD" --secret "$SECRET" --print-payload-size)
 for round in $(seq "$ROUNDS"); do
+  # With a prefill, one sink only: a broker queue of that many messages measures the
+  # broker, not the router.
   run one-sink ""
-  run three-sinks "$more_sinks"
+  if [ "$PREFILL" -eq 0 ]; then run three-sinks "$more_sinks"; fi
   run_minimal
   if [ -n "$BEFORE" ]; then
     run before-one-sink "" "$BEFORE"
-    run before-three-sinks "$more_sinks" "$BEFORE"
+    if [ "$PREFILL" -eq 0 ]; then run before-three-sinks "$more_sinks" "$BEFORE"; fi
   fi
 done | tee "$work/results.txt"
 python3 - "$work/results.txt" "$payload" <<'PY'
