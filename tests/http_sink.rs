@@ -75,6 +75,19 @@ async fn wait_paused(router: &TestRouter, why: &str) {
     assert_eq!(ready, 0.0);
 }
 
+/// Sends `call_completed` for calls `<prefix>-0` .. `<prefix>-<n-1>`, each acknowledged;
+/// returns their dedup keys.
+async fn accept_calls(router: &TestRouter, prefix: &str, n: usize) -> Vec<String> {
+    let mut keys = Vec::with_capacity(n);
+    for i in 0..n {
+        let call = format!("{prefix}-{i}");
+        let body = payload(&call, "call_completed");
+        assert_eq!(router.post_signed(&body).await.status, 200);
+        keys.push(format!("{call}:call_completed"));
+    }
+    keys
+}
+
 /// How many of the requests the downstream received carried `key`.
 fn requests_for(received: &[common::downstream::Received], key: &str) -> usize {
     received
@@ -142,13 +155,7 @@ async fn a_failing_delivery_is_sent_once_per_attempt_until_it_goes_dead() {
         downstream.url("/hooks/vyora"),
     );
     let router = TestRouter::start_with(dir, &config).await;
-    let keys: Vec<String> = (0..EVENTS)
-        .map(|i| format!("call-once-{i}:call_completed"))
-        .collect();
-    for i in 0..EVENTS {
-        let body = payload(&format!("call-once-{i}"), "call_completed");
-        assert_eq!(router.post_signed(&body).await.status, 200);
-    }
+    let keys = accept_calls(&router, "call-once", EVENTS).await;
     for key in &keys {
         let (_, attempts, _) = wait_status(&router, key, "dead").await;
         assert_eq!(attempts as usize, MAX_ATTEMPTS, "{key}");
@@ -184,13 +191,7 @@ async fn a_destination_refusing_connections_costs_no_attempts_and_gets_everythin
         base_config(dir.path()).replace("[delivery]\n", "[delivery]\nmax_attempts = 2\n"),
     );
     let router = TestRouter::start_with(dir, &config).await;
-    let keys: Vec<String> = (0..EVENTS)
-        .map(|i| format!("call-down-{i}:call_completed"))
-        .collect();
-    for i in 0..EVENTS {
-        let body = payload(&format!("call-down-{i}"), "call_completed");
-        assert_eq!(router.post_signed(&body).await.status, 200);
-    }
+    let keys = accept_calls(&router, "call-down", EVENTS).await;
     wait_paused(&router, "cannot connect").await;
     // Long enough for several probes, and for max_attempts to run out ten times over.
     tokio::time::sleep(Duration::from_secs(2)).await;
