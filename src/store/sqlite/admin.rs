@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 
-use super::{call_range, sink_names};
+use super::{call_range, keyed, sink_names};
 use crate::store::operator::{
     DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, SinkStatus,
 };
@@ -49,9 +49,10 @@ pub(super) fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<V
         (Some(call), _) => {
             let (low, high) = call_range(call);
             conn.prepare(&format!(
-                "{DELIVERIES} WHERE e.key BETWEEN ?1 AND ?2 AND e.call_id = ?3
+                "{DELIVERIES} WHERE {} AND e.call_id = ?3
                  AND (?4 IS NULL OR o.sink = ?4) AND (?5 IS NULL OR o.status = ?5)
-                 ORDER BY o.event_id DESC LIMIT ?6"
+                 ORDER BY o.event_id DESC LIMIT ?6",
+                keyed("?1", "?2")
             ))?
             .query_map(params![&low[..], &high[..], call, sink, status, limit], row)?
             .collect()
@@ -107,9 +108,12 @@ pub(super) fn replay(
             .collect::<rusqlite::Result<_>>()?,
         Replay::CallId(call) => {
             let (low, high) = call_range(call);
-            tx.prepare(&chosen("e.key BETWEEN ?2 AND ?3 AND e.call_id = ?4"))?
-                .query_map(params![sink, &low[..], &high[..], call], pick)?
-                .collect::<rusqlite::Result<_>>()?
+            tx.prepare(&chosen(&format!(
+                "{} AND e.call_id = ?4",
+                keyed("?2", "?3")
+            )))?
+            .query_map(params![sink, &low[..], &high[..], call], pick)?
+            .collect::<rusqlite::Result<_>>()?
         }
         Replay::Id(id) => tx
             .prepare(&chosen("e.id = ?2"))?
@@ -131,10 +135,11 @@ pub(super) fn replay(
 
 pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<Vec<EventRow>> {
     let (low, high) = call_range(call_id);
-    let mut events = conn.prepare(
-        "SELECT id, dedup_key, event, source, received_at, sinks FROM events
-         WHERE key BETWEEN ?1 AND ?2 AND call_id = ?3 ORDER BY id",
-    )?;
+    let mut events = conn.prepare(&format!(
+        "SELECT e.id, e.dedup_key, e.event, e.source, e.received_at, e.sinks FROM events e
+         WHERE {} AND e.call_id = ?3 ORDER BY e.id",
+        keyed("?1", "?2")
+    ))?;
     let mut status = conn.prepare(
         "SELECT CASE WHEN r.status IS NOT NULL THEN r.status
                      WHEN ?2 > c.position THEN 'pending' ELSE 'delivered' END,

@@ -1,7 +1,8 @@
 //! The SQLite store: one database file in WAL mode holding an append-only event log (each
 //! event with the sinks routing chose, its payload compressed), a cursor per sink, retry
 //! rows for the deliveries that failed, the poll schedule and the quarantine (layout and
-//! reasons: `schema::to_event_log`).
+//! reasons: `schema::to_event_log`), and the dedup index in runs written in insertion
+//! order ([`dedup`]).
 //!
 //! Every write goes through one writer thread that commits in groups ([`writer`]); reads
 //! use a pool of their own connections ([`reader`]) and never wait for the writer.
@@ -9,6 +10,7 @@
 
 mod admin;
 mod claims;
+mod dedup;
 mod reader;
 mod schema;
 #[cfg(test)]
@@ -71,6 +73,21 @@ fn call_range(call_id: &str) -> ([u8; 16], [u8; 16]) {
     let mut high = low;
     high[8..].fill(0xff);
     (low, high)
+}
+
+/// SQL true for the events (`e`) whose key lies between the parameters `low` and `high`:
+/// those in the dedup index's runs, and those of the log after the last run (whose keys
+/// only the writer's memory holds). `CROSS JOIN` keeps SQLite reading the few runs first
+/// and searching each, rather than scanning every key.
+fn keyed(low: &str, high: &str) -> String {
+    format!(
+        "e.id IN (SELECT d.id FROM dedup_runs r CROSS JOIN dedup d ON d.run = r.last
+                      AND d.key BETWEEN {low} AND {high}
+                  UNION ALL
+                  SELECT t.id FROM events t
+                  WHERE t.id > (SELECT COALESCE(MAX(last), 0) FROM dedup_runs)
+                    AND t.key BETWEEN {low} AND {high})"
+    )
 }
 
 /// The sinks an event was routed to, as stored: `,a,b,` (empty for none).
@@ -164,6 +181,15 @@ impl SqliteStore {
     /// Opens (creating and migrating as needed) the database and starts its writer and
     /// checkpointer threads.
     pub(super) fn open(config: &StoreConfig, options: StoreOptions) -> Result<SqliteStore> {
+        Self::open_with_runs(config, options, dedup::RUN_SIZE)
+    }
+
+    /// [`Self::open`] with `run_size` keys per run of the dedup index (small in tests).
+    fn open_with_runs(
+        config: &StoreConfig,
+        options: StoreOptions,
+        run_size: usize,
+    ) -> Result<SqliteStore> {
         let StoreOptions {
             track_calls,
             metrics,
@@ -207,6 +233,7 @@ impl SqliteStore {
             commit_signal,
             limits: writer::Limits {
                 quarantine_max_bytes: config.quarantine_max_bytes,
+                run_size,
             },
         };
         let handle = std::thread::Builder::new()

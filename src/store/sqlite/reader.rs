@@ -319,8 +319,11 @@ pub(super) fn next_poll(conn: &Connection) -> rusqlite::Result<Option<SystemTime
 
 /// Whether an event with this dedup key is stored.
 pub(super) fn has_event(conn: &Connection, dedup_key: &str) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT 1 FROM events WHERE key = ?1 AND dedup_key = ?2")?
-        .query_row(params![&super::key(dedup_key)[..], dedup_key], |_| Ok(()))
-        .optional()
-        .map(|found| found.is_some())
+    conn.prepare_cached(&format!(
+        "SELECT 1 FROM events e WHERE {} AND e.dedup_key = ?2",
+        super::keyed("?1", "?1")
+    ))?
+    .query_row(params![&super::key(dedup_key)[..], dedup_key], |_| Ok(()))
+    .optional()
+    .map(|found| found.is_some())
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::dedup;
 use crate::config::Synchronous;
 use crate::store::StoreError;
 
@@ -14,7 +15,7 @@ use crate::store::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
-/// Version 5 is [`to_event_log`].
+/// Version 5 is [`to_event_log`], version 6 [`to_runs`].
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -77,11 +78,11 @@ CREATE UNIQUE INDEX quarantine_by_hash ON quarantine (body_hash);
 "#,
 ];
 
-/// The page size of a new database. Every event adds its dedup key to a random page of
-/// the key index, and a commit writes each page it touched whole, to the WAL and again at
-/// the checkpoint: smaller pages write less per event. `scripts/bytes-per-event.sh`, one
-/// file sink: 10,176 bytes written per event with 4096-byte pages, 8,684 with 2048, 8,631
-/// with 1024.
+/// The page size of a new database. A commit writes each page it touched whole, to the
+/// WAL and again at the checkpoint: smaller pages write less per event. Measured with the
+/// dedup index as a B-tree in the log (schema version 5, which put each key in a random
+/// page), `scripts/bytes-per-event.sh`, one file sink: 10,176 bytes written per event
+/// with 4096-byte pages, 8,684 with 2048, 8,631 with 1024.
 const PAGE_SIZE: i64 = 1024;
 
 pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
@@ -149,9 +150,18 @@ pub(super) fn restrict_to_owner(db: &Path) -> Result<(), StoreError> {
 }
 
 /// The schema versions this build knows.
-const VERSIONS: usize = MIGRATIONS.len() + 1;
+const VERSIONS: usize = MIGRATIONS.len() + 2;
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    migrate_to(conn, path, VERSIONS)
+}
+
+/// Applies the migrations up to schema version `target` (tests build old layouts with it).
+pub(super) fn migrate_to(
+    conn: &mut Connection,
+    path: &Path,
+    target: usize,
+) -> Result<(), StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let applied = usize::try_from(version).unwrap_or(0);
     if applied > VERSIONS {
@@ -161,7 +171,7 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreErr
             known: VERSIONS,
         });
     }
-    for next in applied..VERSIONS {
+    for next in applied..target.min(VERSIONS) {
         let migrate_err = |source| StoreError::Migrate {
             path: path.to_owned(),
             version: next + 1,
@@ -176,7 +186,8 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreErr
             .map_err(migrate_err)?;
         match MIGRATIONS.get(next) {
             Some(sql) => tx.execute_batch(sql),
-            None => to_event_log(&tx),
+            None if next == MIGRATIONS.len() => to_event_log(&tx),
+            None => to_runs(&tx),
         }
         .map_err(migrate_err)?;
         let version = i64::try_from(next + 1).unwrap_or(i64::MAX);
@@ -297,6 +308,42 @@ FROM events e
 JOIN cursors c ON instr(e.sinks, ',' || c.sink || ',') > 0
 LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = e.id;
 "#;
+
+/// The dedup index in runs (version 6, see `dedup`): the keys of existing events move
+/// from the `events_key` B-tree into runs of [`dedup::RUN_SIZE`] events each; the keys of
+/// a last, partial run stay in the log, from which the writer reads them into memory.
+fn to_runs(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        r#"
+-- One row per run: the keys of the events with ids in first..=last are in `dedup`.
+CREATE TABLE dedup_runs (
+    last  INTEGER PRIMARY KEY,
+    first INTEGER NOT NULL
+);
+CREATE TABLE dedup (
+    run INTEGER NOT NULL,   -- dedup_runs.last
+    key BLOB    NOT NULL,   -- events.key
+    id  INTEGER NOT NULL,   -- events.id
+    PRIMARY KEY (run, key, id)
+) WITHOUT ROWID;
+DROP INDEX events_key;
+"#,
+    )?;
+    let mut read = tx.prepare("SELECT key, id FROM events ORDER BY id")?;
+    let mut rows = read.query([])?;
+    let mut run = std::collections::BTreeSet::new();
+    let mut first = 1;
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(1)?;
+        run.insert((r.get::<_, dedup::Key>(0)?, id));
+        if run.len() == dedup::RUN_SIZE {
+            dedup::write_run(tx, first, id, run.iter())?;
+            run.clear();
+            first = id + 1;
+        }
+    }
+    Ok(())
+}
 
 pub(super) fn wal_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
 use super::claims::{Change, Outcome};
+use super::dedup::Dedup;
 use super::{now, to_millis};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
@@ -125,6 +126,7 @@ impl Op {
         tx: &rusqlite::Transaction<'_>,
         now: i64,
         limits: &Limits,
+        index: &mut Index,
     ) -> rusqlite::Result<()> {
         match self {
             Op::Ingest {
@@ -137,21 +139,19 @@ impl Op {
                 ..
             } => {
                 let key = super::key(&event.dedup_key);
-                let seen = tx
-                    .prepare_cached("SELECT 1 FROM events WHERE key = ?1 AND dedup_key = ?2")?
-                    .query_row(params![&key[..], event.dedup_key], |_| Ok(()))
-                    .optional()?
-                    .is_some();
-                if seen {
+                let dedup = index.get(tx)?;
+                if dedup.seen(tx, &key, &event.dedup_key)? {
                     *outcome = Ingested::Duplicate;
                     return Ok(());
                 }
+                let event_id = dedup.insert(key);
                 tx.prepare_cached(
-                    "INSERT INTO events (key, dedup_key, event, call_id, source, received_at, sinks,
-                                         codec, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    "INSERT INTO events (id, key, dedup_key, event, call_id, source, received_at,
+                                         sinks, codec, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?
                 .execute(params![
+                    event_id,
                     &key[..],
                     event.dedup_key,
                     event.name,
@@ -162,7 +162,6 @@ impl Op {
                     *codec,
                     &stored[..]
                 ])?;
-                let event_id = tx.last_insert_rowid();
                 // A sink's cursor starts before its first event; later ones leave it be.
                 let mut cursor = tx.prepare_cached(
                     "INSERT INTO cursors (sink, position) VALUES (?1, ?2) ON CONFLICT (sink) DO NOTHING",
@@ -179,7 +178,7 @@ impl Op {
                 Ok(())
             }
             Op::Prune { range, outcome, .. } => {
-                *outcome = prune(tx, range)?;
+                *outcome = prune(tx, range, index.get(tx)?)?;
                 Ok(())
             }
             Op::Replay {
@@ -402,8 +401,13 @@ fn status(dead: bool) -> &'static str {
 /// Empties old payloads and deletes expired dedup keys in one id range, sparing every
 /// event not yet done for one of its sinks: after that sink's cursor, or with a retry row
 /// (pending or dead: its payload is needed to deliver or replay it). Quarantined bodies
-/// go with the payloads, finished poll records with the keys.
-fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result<Pruned> {
+/// go with the payloads, finished poll records with the keys, and runs of the dedup index
+/// with their last event.
+fn prune(
+    tx: &rusqlite::Transaction<'_>,
+    range: &PruneRange,
+    dedup: &mut Dedup,
+) -> rusqlite::Result<Pruned> {
     let payloads_before = to_millis(range.payloads_before);
     let keys_before = to_millis(range.keys_before);
     let cursors: HashMap<String, i64> = tx
@@ -462,6 +466,7 @@ fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result
              SELECT call_id FROM polls WHERE status != 'waiting' AND updated_at < ?1 LIMIT 100)",
     )?
     .execute(params![keys_before])?;
+    dedup.prune(tx, range.to)?;
     let next = tx
         .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
         .query_row(params![range.to], |r| r.get(0))?;
@@ -476,15 +481,58 @@ fn prune(tx: &rusqlite::Transaction<'_>, range: &PruneRange) -> rusqlite::Result
 /// The writer's bounds that come from the config.
 pub(super) struct Limits {
     pub(super) quarantine_max_bytes: u64,
+    /// Keys per run of the dedup index ([`super::dedup::RUN_SIZE`] but in tests).
+    pub(super) run_size: usize,
 }
 
-fn commit(conn: &mut Connection, ops: &mut [Op], limits: &Limits) -> rusqlite::Result<()> {
+/// The dedup index, read on first use: operator commands that never ingest or prune
+/// (a replay) do not wait for its Bloom filters.
+struct Index {
+    run_size: usize,
+    loaded: Option<Dedup>,
+}
+
+impl Index {
+    fn get(&mut self, conn: &Connection) -> rusqlite::Result<&mut Dedup> {
+        let dedup = match self.loaded.take() {
+            Some(dedup) => dedup,
+            None => Dedup::load(conn, self.run_size)?,
+        };
+        Ok(self.loaded.insert(dedup))
+    }
+}
+
+fn commit(
+    conn: &mut Connection,
+    ops: &mut [Op],
+    limits: &Limits,
+    index: &mut Index,
+) -> rusqlite::Result<()> {
+    if let Some(dedup) = &mut index.loaded {
+        dedup.begin();
+    }
+    let result = apply_all(conn, ops, limits, index);
+    if let Some(dedup) = &mut index.loaded {
+        match result {
+            Ok(()) => dedup.committed(),
+            Err(_) => dedup.rolled_back(),
+        }
+    }
+    result
+}
+
+fn apply_all(
+    conn: &mut Connection,
+    ops: &mut [Op],
+    limits: &Limits,
+    index: &mut Index,
+) -> rusqlite::Result<()> {
     let now = to_millis(now());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Checked once the write lock is ours, which can take a while when another process
     // holds it: a caller that has since answered 503 must not see its event stored.
     for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
-        op.apply(&tx, now, limits)?;
+        op.apply(&tx, now, limits, index)?;
     }
     tx.commit()
 }
@@ -548,6 +596,10 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
         commit_signal,
         limits,
     } = ctx;
+    let mut index = Index {
+        run_size: limits.run_size,
+        loaded: None,
+    };
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
     let mut last_checkpoint = std::time::Instant::now();
@@ -572,8 +624,11 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
             }
             continue;
         }
+        if let Some(dedup) = &mut index.loaded {
+            dedup.flush_if_full(&mut conn);
+        }
         let started = std::time::Instant::now();
-        let committed = commit(&mut conn, &mut group, limits);
+        let committed = commit(&mut conn, &mut group, limits, &mut index);
         if let Some(m) = metrics {
             m.commit_latency.observe(started.elapsed().as_secs_f64());
         }
@@ -589,7 +644,8 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
                 tracing::warn!(error = %e, ops = group.len(), "group commit failed; retrying one by one");
                 let mut any = false;
                 for mut op in group.drain(..) {
-                    let result = commit(&mut conn, std::slice::from_mut(&mut op), limits);
+                    let result =
+                        commit(&mut conn, std::slice::from_mut(&mut op), limits, &mut index);
                     any |= result.is_ok();
                     op.answer(result.map_err(StoreError::from), &mut woken);
                 }

@@ -1,0 +1,415 @@
+//! The dedup index: every stored event's 16-byte key, written in the order events arrive.
+//!
+//! A B-tree keyed by a hash takes each new key into a random page, and a commit writes
+//! every page it touched whole (to the WAL, then again at the checkpoint): on a store
+//! holding weeks of keys that was most of the bytes written per event. Here the keys of
+//! the latest events live in memory (the log's own `key` column rebuilds them after a
+//! restart); every [`RUN_SIZE`] events they are written at once, sorted, as one run of
+//! `dedup`, which fills new pages instead of rewriting old ones. Each run has a Bloom
+//! filter in memory, so a lookup reads only the runs that may hold the key; pruning
+//! deletes a run whole once none of its events is left.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use fastbloom::BloomFilter;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// Keys held in memory before they are written as a run: about 3 MB of memory, and one
+/// write of about 1.7 MB every that many events.
+pub(super) const RUN_SIZE: usize = 65_536;
+/// The share of lookups that read a run not holding the key: 1% costs 1.2 bytes of
+/// memory per stored key.
+const FALSE_POSITIVES: f64 = 0.01;
+/// After a run failed to be written (disk full?), the next try waits this long.
+const FLUSH_RETRY: Duration = Duration::from_secs(1);
+
+pub(super) type Key = [u8; 16];
+
+/// One run: the keys of the events with ids in `first..=last`.
+struct Run {
+    last: i64,
+    first: i64,
+    bloom: BloomFilter,
+}
+
+pub(super) struct Dedup {
+    run_size: usize,
+    /// Keys of the events after the last run, with their event ids.
+    recent: BTreeSet<(Key, i64)>,
+    /// Oldest first.
+    runs: Vec<Run>,
+    /// The id the next event gets: ids only grow, even once pruning has deleted the
+    /// latest events, so the log after the last run is exactly what `recent` holds.
+    next_id: i64,
+    /// What the open transaction changed, undone if it fails.
+    staged: Vec<(Key, i64)>,
+    dropped: Vec<i64>,
+    next_id_before: i64,
+    flush_after: Option<Instant>,
+}
+
+/// The Bloom filters' hash of a key: its call part is already a uniform hash, and the
+/// event part tells a call's events apart.
+fn bloom_hash(key: &Key) -> u64 {
+    let (call, event) = key.split_at(8);
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    word(call) ^ word(event).rotate_left(29)
+}
+
+fn bloom<'a>(keys: impl ExactSizeIterator<Item = &'a Key>) -> BloomFilter {
+    let mut bloom = BloomFilter::with_false_pos(FALSE_POSITIVES).expected_items(keys.len().max(1));
+    for key in keys {
+        bloom.insert_hash(bloom_hash(key));
+    }
+    bloom
+}
+
+/// Writes one run: the keys of the events with ids in `first..=last`, in key order.
+pub(super) fn write_run<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    first: i64,
+    last: i64,
+    sorted: impl Iterator<Item = &'a (Key, i64)>,
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached("INSERT INTO dedup (run, key, id) VALUES (?1, ?2, ?3)")?;
+    for (key, id) in sorted {
+        insert.execute(params![last, &key[..], id])?;
+    }
+    tx.prepare_cached("INSERT INTO dedup_runs (last, first) VALUES (?1, ?2)")?
+        .execute(params![last, first])?;
+    Ok(())
+}
+
+impl Dedup {
+    /// Reads the runs (for their Bloom filters) and the keys of the log after them.
+    pub(super) fn load(conn: &Connection, run_size: usize) -> rusqlite::Result<Dedup> {
+        let spans: Vec<(i64, i64)> = conn
+            .prepare("SELECT last, first FROM dedup_runs ORDER BY last")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut keys = conn.prepare("SELECT key FROM dedup WHERE run = ?1")?;
+        let mut runs = Vec::with_capacity(spans.len());
+        for (last, first) in spans {
+            let found: Vec<Key> = keys
+                .query_map(params![last], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            runs.push(Run {
+                last,
+                first,
+                bloom: bloom(found.iter()),
+            });
+        }
+        let watermark = runs.last().map_or(0, |r| r.last);
+        let recent = conn
+            .prepare("SELECT key, id FROM events WHERE id > ?1")?
+            .query_map(params![watermark], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let latest: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+        let next_id = latest.max(watermark) + 1;
+        Ok(Dedup {
+            run_size,
+            recent,
+            runs,
+            next_id,
+            staged: Vec::new(),
+            dropped: Vec::new(),
+            next_id_before: next_id,
+            flush_after: None,
+        })
+    }
+
+    /// Whether an event with this key and text is stored (or staged in `tx`).
+    pub(super) fn seen(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        key: &Key,
+        text: &str,
+    ) -> rusqlite::Result<bool> {
+        // Two texts may share the 16 bytes: the stored text decides.
+        let mut same =
+            tx.prepare_cached("SELECT 1 FROM events WHERE id = ?1 AND dedup_key = ?2")?;
+        let mut matches = |id: i64| -> rusqlite::Result<bool> {
+            Ok(same
+                .query_row(params![id, text], |_| Ok(()))
+                .optional()?
+                .is_some())
+        };
+        for (_, id) in self.recent.range((*key, i64::MIN)..=(*key, i64::MAX)) {
+            if matches(*id)? {
+                return Ok(true);
+            }
+        }
+        let hash = bloom_hash(key);
+        let mut in_run = tx.prepare_cached("SELECT id FROM dedup WHERE run = ?1 AND key = ?2")?;
+        // Newest first: a duplicate is usually a redelivery of a recent event.
+        for run in self.runs.iter().rev() {
+            if !run.bloom.contains_hash(hash) {
+                continue;
+            }
+            let ids: Vec<i64> = in_run
+                .query_map(params![run.last, &key[..]], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in ids {
+                if matches(id)? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes an id for a new event with this key.
+    pub(super) fn insert(&mut self, key: Key) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.recent.insert((key, id));
+        self.staged.push((key, id));
+        id
+    }
+
+    /// Deletes the runs, among those starting before `before`, whose events are all gone.
+    pub(super) fn prune(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        before: i64,
+    ) -> rusqlite::Result<usize> {
+        let mut any =
+            tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE id >= ?1 AND id <= ?2)")?;
+        let mut delete = tx.prepare_cached("DELETE FROM dedup WHERE run = ?1")?;
+        let mut forget = tx.prepare_cached("DELETE FROM dedup_runs WHERE last = ?1")?;
+        for run in self.runs.iter().take_while(|r| r.first < before) {
+            if any.query_row(params![run.first, run.last], |r| r.get::<_, bool>(0))? {
+                continue;
+            }
+            delete.execute(params![run.last])?;
+            forget.execute(params![run.last])?;
+            self.dropped.push(run.last);
+        }
+        Ok(self.dropped.len())
+    }
+
+    /// A transaction starts: what it changes can still be undone.
+    pub(super) fn begin(&mut self) {
+        self.staged.clear();
+        self.dropped.clear();
+        self.next_id_before = self.next_id;
+    }
+
+    /// The transaction committed.
+    pub(super) fn committed(&mut self) {
+        self.staged.clear();
+        let dropped = std::mem::take(&mut self.dropped);
+        self.runs.retain(|r| !dropped.contains(&r.last));
+    }
+
+    /// The transaction failed: its keys and ids were never stored.
+    pub(super) fn rolled_back(&mut self) {
+        for entry in self.staged.drain(..) {
+            self.recent.remove(&entry);
+        }
+        self.dropped.clear();
+        self.next_id = self.next_id_before;
+    }
+
+    /// Once memory holds a run's worth of keys, writes them as a run in a transaction of
+    /// its own. A failure keeps them in memory (the log still has them) for a later try.
+    pub(super) fn flush_if_full(&mut self, conn: &mut Connection) {
+        if self.recent.len() < self.run_size || self.flush_after.is_some_and(|t| Instant::now() < t)
+        {
+            return;
+        }
+        let first = self.runs.last().map_or(1, |r| r.last + 1);
+        let last = self.next_id - 1;
+        let written = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .and_then(|tx| {
+                write_run(&tx, first, last, self.recent.iter())?;
+                tx.commit()
+            });
+        match written {
+            Ok(()) => {
+                let keys = std::mem::take(&mut self.recent);
+                self.runs.push(Run {
+                    last,
+                    first,
+                    bloom: bloom(keys.iter().map(|(key, _)| key)),
+                });
+                self.flush_after = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, keys = self.recent.len(), "cannot write the dedup index's next run; the keys stay in memory");
+                self.flush_after = Some(Instant::now() + FLUSH_RETRY);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use rusqlite::Connection;
+
+    use super::super::{SqliteStore, schema};
+    use crate::config::{StoreConfig, Synchronous};
+    use crate::event::Event;
+    use crate::store::{Ingested, Store, StoreOptions, now};
+
+    /// Keys per run in these tests: a few events fill one.
+    const SMALL_RUNS: usize = 4;
+
+    fn open(dir: &Path) -> Store {
+        let config = StoreConfig::sqlite(dir.join("router.db"));
+        let store = SqliteStore::open_with_runs(&config, StoreOptions::default(), SMALL_RUNS)
+            .expect("store opens");
+        Store(Arc::new(store))
+    }
+
+    fn event(call: &str) -> Event {
+        let body = format!(r#"{{"event":"call_started","call_id":"{call}"}}"#);
+        Event::from_webhook(None, Bytes::from(body)).expect("valid event")
+    }
+
+    async fn ingest(store: &Store, call: &str) -> Ingested {
+        store
+            .ingest(event(call), vec![Arc::from("a")])
+            .await
+            .expect("answered")
+    }
+
+    fn count(dir: &Path, sql: &str) -> i64 {
+        let conn = Connection::open(dir.join("router.db")).expect("sqlite");
+        conn.query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_is_recognised_whether_its_key_is_in_memory_in_a_run_or_read_back_after_a_restart()
+     {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let calls: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        let store = open(dir.path());
+        for call in &calls {
+            assert!(matches!(
+                ingest(&store, call).await,
+                Ingested::Stored { .. }
+            ));
+        }
+        // Ten events in runs of four: two runs written, two keys only in memory.
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup"), 8);
+        for call in &calls {
+            assert_eq!(ingest(&store, call).await, Ingested::Duplicate, "{call}");
+        }
+        store.close().await;
+        drop(store);
+
+        let store = open(dir.path());
+        for call in &calls {
+            assert_eq!(
+                ingest(&store, call).await,
+                Ingested::Duplicate,
+                "{call} after a restart"
+            );
+            let key = format!("{call}:call_started");
+            assert!(store.has_event(&key).await.expect("read"), "{call}");
+            let shown = store.show_events(call).await.expect("read");
+            assert_eq!(shown.len(), 1, "{call}");
+        }
+        assert!(matches!(
+            ingest(&store, "c10").await,
+            Ingested::Stored { .. }
+        ));
+        assert!(!store.has_event("c11:call_started").await.expect("read"));
+    }
+
+    #[tokio::test]
+    async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path());
+        for i in 0..9 {
+            // No sink: done as soon as stored, so pruning may delete it.
+            let stored = store.ingest(event(&format!("c{i}")), Vec::new()).await;
+            assert!(matches!(stored, Ok(Ingested::Stored { .. })));
+        }
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
+        let latest = count(dir.path(), "SELECT MAX(id) FROM events");
+
+        let later = now() + Duration::from_secs(3600);
+        let pruned = store.prune(later, later).await.expect("pruned");
+        assert_eq!(pruned.events, 9);
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 0);
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup"), 0);
+
+        // Past the window a key is forgotten, as before; the new event gets a new id.
+        assert!(matches!(
+            ingest(&store, "c0").await,
+            Ingested::Stored { .. }
+        ));
+        assert_eq!(count(dir.path(), "SELECT MAX(id) FROM events"), latest + 1);
+        store.close().await;
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(ingest(&store, "c0").await, Ingested::Duplicate);
+    }
+
+    #[tokio::test]
+    async fn a_store_with_the_key_index_moves_its_keys_into_runs_and_still_knows_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("router.db");
+        let total = i64::try_from(super::RUN_SIZE).expect("small") + 10;
+        {
+            let mut conn = schema::connect(&path, Synchronous::Normal).expect("sqlite");
+            schema::migrate_to(&mut conn, &path, 5).expect("version 5");
+            let tx = conn.transaction().expect("tx");
+            {
+                let mut insert = tx
+                    .prepare(
+                        "INSERT INTO events (id, key, dedup_key, event, call_id, source,
+                                             received_at, sinks, codec, payload)
+                         VALUES (?1, ?2, ?3, 'call_started', ?4, 'webhook', 0, '', 0, X'00')",
+                    )
+                    .expect("prepare");
+                for id in 1..=total {
+                    let call = format!("c{id}");
+                    let key = format!("{call}:call_started");
+                    insert
+                        .execute(rusqlite::params![
+                            id,
+                            &super::super::key(&key)[..],
+                            key,
+                            call
+                        ])
+                        .expect("insert");
+                }
+            }
+            tx.commit().expect("commit");
+        }
+        let store = open(dir.path());
+        assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 1);
+        assert_eq!(
+            count(dir.path(), "SELECT COUNT(*) FROM dedup"),
+            total - 10,
+            "the last, partial run stays in the log"
+        );
+        assert_eq!(
+            count(
+                dir.path(),
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'events_key'"
+            ),
+            0
+        );
+        for id in [1, total - 10, total - 9, total] {
+            let call = format!("c{id}");
+            assert_eq!(ingest(&store, &call).await, Ingested::Duplicate, "{call}");
+        }
+        assert!(matches!(
+            ingest(&store, "new").await,
+            Ingested::Stored { .. }
+        ));
+    }
+}
