@@ -105,8 +105,14 @@ impl Dedup {
             .prepare("SELECT key, id FROM events WHERE id > ?1")?
             .query_map(params![watermark], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        let latest: i64 =
-            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |r| r.get(0))?;
+        // Past every sink's cursor too: once pruning has deleted every event, an id at or
+        // before a cursor would count as delivered to that sink without being sent.
+        let latest: i64 = conn.query_row(
+            "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM events),
+                        (SELECT COALESCE(MAX(position), 0) FROM cursors))",
+            [],
+            |r| r.get(0),
+        )?;
         let next_id = latest.max(watermark) + 1;
         Ok(Dedup {
             run_size,
@@ -258,7 +264,7 @@ mod tests {
     use super::super::{SqliteStore, schema};
     use crate::config::{StoreConfig, Synchronous};
     use crate::event::Event;
-    use crate::store::{Ingested, Store, StoreOptions, now};
+    use crate::store::{Ingested, Settlement, Store, StoreOptions, now};
 
     /// Keys per run in these tests: a few events fill one.
     const SMALL_RUNS: usize = 4;
@@ -332,10 +338,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
         for i in 0..9 {
-            // No sink: done as soon as stored, so pruning may delete it.
-            let stored = store.ingest(event(&format!("c{i}")), Vec::new()).await;
-            assert!(matches!(stored, Ok(Ingested::Stored { .. })));
+            assert!(matches!(
+                ingest(&store, &format!("c{i}")).await,
+                Ingested::Stored { .. }
+            ));
         }
+        let due = store.claim("a", 100, usize::MAX).await.expect("due");
+        assert_eq!(due.len(), 9);
+        let delivered = due
+            .iter()
+            .map(|d| Settlement::Delivered { id: d.id })
+            .collect();
+        store.settle(delivered).await.expect("settled");
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
         let latest = count(dir.path(), "SELECT MAX(id) FROM events");
 
@@ -344,16 +358,19 @@ mod tests {
         assert_eq!(pruned.events, 9);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 0);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup"), 0);
+        store.close().await;
+        drop(store);
 
-        // Past the window a key is forgotten, as before; the new event gets a new id.
+        // Past the window a key is forgotten, as before; with every event gone, the next
+        // one still gets a new id, after the sink's cursor, so it is delivered.
+        let store = open(dir.path());
         assert!(matches!(
             ingest(&store, "c0").await,
             Ingested::Stored { .. }
         ));
         assert_eq!(count(dir.path(), "SELECT MAX(id) FROM events"), latest + 1);
-        store.close().await;
-        drop(store);
-        let store = open(dir.path());
+        let due = store.claim("a", 100, usize::MAX).await.expect("due");
+        assert_eq!(due.len(), 1, "the new event is due");
         assert_eq!(ingest(&store, "c0").await, Ingested::Duplicate);
     }
 

@@ -181,6 +181,9 @@ pub(super) fn migrate_to(
         if next == MIGRATIONS.len() && applied > 0 {
             tracing::info!(path = %path.display(), "moving the store to the event log layout (once)");
         }
+        if next == MIGRATIONS.len() + 1 && applied > 0 {
+            tracing::info!(path = %path.display(), "moving the dedup index into runs (once)");
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(migrate_err)?;
