@@ -181,14 +181,16 @@ impl SqliteStore {
     /// Opens (creating and migrating as needed) the database and starts its writer and
     /// checkpointer threads.
     pub(super) fn open(config: &StoreConfig, options: StoreOptions) -> Result<SqliteStore> {
-        Self::open_with_runs(config, options, dedup::RUN_SIZE)
+        Self::open_with_runs(config, options, dedup::RUN_SIZE, dedup::CHUNK)
     }
 
-    /// [`Self::open`] with `run_size` keys per run of the dedup index (small in tests).
+    /// [`Self::open`] with `run_size` keys per run of the dedup index, written `run_chunk`
+    /// keys a commit (small in tests).
     fn open_with_runs(
         config: &StoreConfig,
         options: StoreOptions,
         run_size: usize,
+        run_chunk: usize,
     ) -> Result<SqliteStore> {
         let StoreOptions {
             track_calls,
@@ -234,6 +236,7 @@ impl SqliteStore {
             limits: writer::Limits {
                 quarantine_max_bytes: config.quarantine_max_bytes,
                 run_size,
+                run_chunk,
             },
         };
         let handle = std::thread::Builder::new()
@@ -289,11 +292,29 @@ impl SqliteStore {
                     to: start.saturating_add(PRUNE_BATCH),
                     payloads_before,
                     keys_before,
+                    runs_before: start.saturating_add(PRUNE_BATCH),
                 })
                 .await?;
             done.payloads += step.payloads;
             done.events += step.events;
             from = if step.reached_recent { None } else { step.next };
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+        // Then the runs of the dedup index left without events, a chunk a step (no
+        // events in the empty range 0..0).
+        loop {
+            let step = self
+                .prune_step(PruneRange {
+                    from: 0,
+                    to: 0,
+                    payloads_before,
+                    keys_before,
+                    runs_before: i64::MAX,
+                })
+                .await?;
+            if !step.runs_left {
+                break;
+            }
             tokio::time::sleep(PRUNE_PAUSE).await;
         }
         Ok(done)

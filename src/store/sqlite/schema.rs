@@ -340,7 +340,8 @@ DROP INDEX events_key;
         let id: i64 = r.get(1)?;
         run.insert((r.get::<_, dedup::Key>(0)?, id));
         if run.len() == dedup::RUN_SIZE {
-            dedup::write_run(tx, first, id, run.iter())?;
+            dedup::write_keys(tx, id, run.iter())?;
+            dedup::finish_run(tx, first, id)?;
             run.clear();
             first = id + 1;
         }

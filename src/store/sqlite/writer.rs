@@ -94,6 +94,8 @@ pub(super) struct PruneRange {
     pub payloads_before: SystemTime,
     /// Events (dedup keys) received before this, delivered to every sink, are deleted.
     pub keys_before: SystemTime,
+    /// Runs of the dedup index starting before this id may be deleted, a chunk a step.
+    pub runs_before: i64,
 }
 
 /// What a pruning step did.
@@ -106,6 +108,8 @@ pub(super) struct Pruned {
     /// The first event id at or after the range's end: where the next step starts, so a
     /// run of deleted ids (behind an event kept for its dead delivery) is skipped.
     pub next: Option<i64>,
+    /// A chunk of a run of the dedup index was deleted: there may be more.
+    pub runs_left: bool,
 }
 
 impl Op {
@@ -466,7 +470,7 @@ fn prune(
              SELECT call_id FROM polls WHERE status != 'waiting' AND updated_at < ?1 LIMIT 100)",
     )?
     .execute(params![keys_before])?;
-    dedup.prune(tx, range.to)?;
+    let runs_left = dedup.prune(tx, range.runs_before)?;
     let next = tx
         .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
         .query_row(params![range.to], |r| r.get(0))?;
@@ -475,20 +479,24 @@ fn prune(
         events: deleted.len(),
         reached_recent: oldest.is_some_and(|t| t >= payloads_before),
         next,
+        runs_left,
     })
 }
 
 /// The writer's bounds that come from the config.
 pub(super) struct Limits {
     pub(super) quarantine_max_bytes: u64,
-    /// Keys per run of the dedup index ([`super::dedup::RUN_SIZE`] but in tests).
+    /// Keys per run of the dedup index, and per chunk of one written in a commit
+    /// ([`super::dedup::RUN_SIZE`] and [`super::dedup::CHUNK`] but in tests).
     pub(super) run_size: usize,
+    pub(super) run_chunk: usize,
 }
 
 /// The dedup index, read on first use: operator commands that never ingest or prune
 /// (a replay) do not wait for its Bloom filters.
 struct Index {
     run_size: usize,
+    run_chunk: usize,
     loaded: Option<Dedup>,
 }
 
@@ -496,7 +504,7 @@ impl Index {
     fn get(&mut self, conn: &Connection) -> rusqlite::Result<&mut Dedup> {
         let dedup = match self.loaded.take() {
             Some(dedup) => dedup,
-            None => Dedup::load(conn, self.run_size)?,
+            None => Dedup::load(conn, self.run_size, self.run_chunk)?,
         };
         Ok(self.loaded.insert(dedup))
     }
@@ -528,7 +536,10 @@ fn apply_all(
     index: &mut Index,
 ) -> rusqlite::Result<()> {
     let now = to_millis(now());
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if let Some(dedup) = &mut index.loaded {
+        dedup.write_chunk(&mut tx);
+    }
     // Checked once the write lock is ours, which can take a while when another process
     // holds it: a caller that has since answered 503 must not see its event stored.
     for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
@@ -598,6 +609,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
     } = ctx;
     let mut index = Index {
         run_size: limits.run_size,
+        run_chunk: limits.run_chunk,
         loaded: None,
     };
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
@@ -623,9 +635,6 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
                 break;
             }
             continue;
-        }
-        if let Some(dedup) = &mut index.loaded {
-            dedup.flush_if_full(&mut conn);
         }
         let started = std::time::Instant::now();
         let committed = commit(&mut conn, &mut group, limits, &mut index);
