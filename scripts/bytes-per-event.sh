@@ -13,6 +13,8 @@
 #   PREFILL=500000 ...                    # first store that many events, unmeasured: a
 #                                         # store with history, whose dedup index is large
 #                                         # (one file sink and the minimal design only)
+#   RATE=5000 ...                         # send at that rate instead of as fast as the
+#                                         # router answers: fewer events share a commit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,10 @@ AMQP_URL=${VYORA_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 STORE_EXTRA=${STORE_EXTRA:-}
 BEFORE=${BEFORE:-}
 PREFILL=${PREFILL:-0}
+RATE=${RATE:-}
 SECRET=bench-secret
+rate=()
+[ -n "$RATE" ] && rate=(--rate "$RATE")
 
 cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench --example minimal_ingest >&2
 BIN=target/release/vyora-router
@@ -99,7 +104,7 @@ TOML
   before=$(write_bytes "$pid")
   file_before=$(stat -c %s "$dir/events.jsonl" 2>/dev/null || echo 0)
   "$LOAD" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
-    --count "$COUNT" --duration 600s --check-file "$dir/events.jsonl" --label "$label" >&2
+    --count "$COUNT" --duration 600s "${rate[@]}" --check-file "$dir/events.jsonl" --label "$label" >&2
   # Every sink done and the checkpoints caught up: what the run cost, all of it.
   sleep 5
   after=$(write_bytes "$pid")
@@ -122,7 +127,7 @@ run_minimal() {
   sleep 1
   before=$(write_bytes "$pid")
   "$LOAD" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
-    --count "$COUNT" --duration 600s --label minimal >&2
+    --count "$COUNT" --duration 600s "${rate[@]}" --label minimal >&2
   sleep 5
   after=$(write_bytes "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -131,16 +131,21 @@ impl<T> InvalidAt<T> for Result<T, Invalid> {
 
 /// A duration such as `"30s"`, longer than zero.
 pub fn duration(value: &str) -> Result<Duration, Invalid> {
-    let d = humantime::parse_duration(value).map_err(|e| {
-        Invalid::new(
-            value,
-            format!("not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\", \"7d\""),
-        )
-    })?;
+    let d = duration_or_zero(value)?;
     if d.is_zero() {
         return Err(Invalid::new(value, "must be longer than zero"));
     }
     Ok(d)
+}
+
+/// A duration such as `"500ms"`, or zero (`"0s"`) where zero means "none".
+pub fn duration_or_zero(value: &str) -> Result<Duration, Invalid> {
+    humantime::parse_duration(value).map_err(|e| {
+        Invalid::new(
+            value,
+            format!("not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\", \"7d\""),
+        )
+    })
 }
 
 /// A number of at least 1.

@@ -139,6 +139,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// SQLite's `synchronous` pragma.
     pub synchronous: Synchronous,
+    /// SQLite: least time between the starts of two commits; under load, what arrives
+    /// meanwhile shares the later one. Zero commits as soon as anything waits.
+    pub commit_interval: Duration,
     /// Payloads of events delivered to every sink are emptied after this.
     pub retention: Duration,
     /// Dedup keys of such events are kept this long (the only replay guard).
@@ -158,6 +161,7 @@ impl StoreConfig {
             backend: StoreBackend::Sqlite,
             path,
             synchronous: Synchronous::Full,
+            commit_interval: Duration::from_millis(1),
             retention: Duration::from_secs(30 * 86_400),
             dedup_window: Duration::from_secs(90 * 86_400),
             quarantine_max_bytes: 4 * 1024 * 1024,
@@ -339,6 +343,7 @@ redact = ["transcript", "phone_number"]
         assert_eq!(c.server.max_body_bytes, 1_048_576);
         assert_eq!(c.server.ack_timeout, Duration::from_secs(4));
         assert_eq!(c.store.synchronous, Synchronous::Full);
+        assert_eq!(c.store.commit_interval, Duration::from_millis(1));
         assert_eq!(c.delivery.max_attempts, 12);
         assert_eq!(c.delivery.backoff_max, Duration::from_secs(300));
     }

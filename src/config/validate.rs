@@ -125,6 +125,10 @@ fn admin(a: &RawAdmin, server: &ServerConfig) -> Result<AdminConfig, ConfigError
     Ok(AdminConfig { listen })
 }
 
+/// The longest `store.commit_interval`: every acknowledgement may wait for it, and Vyora
+/// allows 5 seconds for the whole answer.
+const MAX_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 pub(super) fn store(s: &RawStore, server: &ServerConfig) -> Result<StoreConfig, ConfigError> {
     let backend = match s.backend.as_str() {
         "sqlite" => StoreBackend::Sqlite,
@@ -174,11 +178,21 @@ pub(super) fn store(s: &RawStore, server: &ServerConfig) -> Result<StoreConfig, 
             ));
         }
     };
+    let commit_interval =
+        error::duration_or_zero(&s.commit_interval).at("store.commit_interval")?;
+    if commit_interval > MAX_COMMIT_INTERVAL {
+        return Err(ConfigError::invalid(
+            "store.commit_interval",
+            &s.commit_interval,
+            "must be at most 100ms: an acknowledgement may wait this long for its commit",
+        ));
+    }
     Ok(StoreConfig {
         lease: error::duration(&s.lease).at("store.lease")?,
         backend,
         path: PathBuf::from(&s.path),
         synchronous,
+        commit_interval,
         retention,
         dedup_window,
         quarantine_max_bytes: s.quarantine_max_bytes,
@@ -463,6 +477,16 @@ mod tests {
                 "sometimes",
             ),
             (
+                "[store]\ncommit_interval = \"2s\"\n",
+                "store.commit_interval",
+                "2s",
+            ),
+            (
+                "[store]\ncommit_interval = \"soon\"\n",
+                "store.commit_interval",
+                "soon",
+            ),
+            (
                 "[delivery]\nmax_attempts = -3\n",
                 "delivery.max_attempts",
                 "-3",
@@ -505,6 +529,19 @@ mod tests {
                 e.contains(key) && e.contains(value),
                 "error {e:?} should name {key} and {value}"
             );
+        }
+    }
+
+    #[test]
+    fn a_commit_interval_of_zero_commits_at_once_and_up_to_a_tenth_of_a_second_is_accepted() {
+        for (text, expected) in [
+            ("0s", Duration::ZERO),
+            ("250us", Duration::from_micros(250)),
+            ("100ms", Duration::from_millis(100)),
+        ] {
+            let c = Config::from_toml(&format!("{MINIMAL}[store]\ncommit_interval = \"{text}\"\n"))
+                .expect("valid");
+            assert_eq!(c.store.commit_interval, expected, "{text}");
         }
     }
 

@@ -237,6 +237,7 @@ impl SqliteStore {
                 quarantine_max_bytes: config.quarantine_max_bytes,
                 run_size,
                 run_chunk,
+                commit_interval: config.commit_interval,
             },
         };
         let handle = std::thread::Builder::new()

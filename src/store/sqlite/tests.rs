@@ -95,6 +95,49 @@ async fn an_existing_database_readable_by_others_is_restricted_and_its_directory
     assert_eq!(mode(&shared), 0o755, "an existing directory keeps its mode");
 }
 
+/// Commits the store's writer has made, as its metrics count them.
+fn commits(metrics: &crate::metrics::Metrics) -> u64 {
+    let text = metrics.encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix("vyora_router_store_commit_seconds_count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no commit count in {text}"))
+}
+
+#[tokio::test]
+async fn webhooks_arriving_within_the_commit_interval_share_one_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let config = StoreConfig {
+        commit_interval: Duration::from_millis(500),
+        ..config(dir.path())
+    };
+    let options = StoreOptions {
+        metrics: Some(Arc::clone(&metrics)),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&config, options).await.expect("store opens");
+    // An idle writer commits at once.
+    let first = store
+        .ingest(event("c1", "call_started"), sinks(&["a"]))
+        .await;
+    assert_eq!(first.expect("stored"), Ingested::Stored { deliveries: 1 });
+    assert_eq!(commits(&metrics), 1);
+    // Without the interval the second would be committed before the third arrives.
+    let (second, third) = tokio::join!(
+        store.ingest(event("c2", "call_started"), sinks(&["a"])),
+        async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store
+                .ingest(event("c3", "call_started"), sinks(&["a"]))
+                .await
+        }
+    );
+    assert_eq!(second.expect("stored"), Ingested::Stored { deliveries: 1 });
+    assert_eq!(third.expect("stored"), Ingested::Stored { deliveries: 1 });
+    assert_eq!(commits(&metrics), 2, "the second and third share a commit");
+}
+
 #[tokio::test]
 async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -490,6 +490,8 @@ pub(super) struct Limits {
     /// ([`super::dedup::RUN_SIZE`] and [`super::dedup::CHUNK`] but in tests).
     pub(super) run_size: usize,
     pub(super) run_chunk: usize,
+    /// Least time from one commit's start to the next (`store.commit_interval`).
+    pub(super) commit_interval: Duration,
 }
 
 /// The dedup index, read on first use: operator commands that never ingest or prune
@@ -616,7 +618,17 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
     let mut woken = HashSet::new();
     let mut last_checkpoint = std::time::Instant::now();
     let mut closing = false;
+    let mut last_commit: Option<std::time::Instant> = None;
     while let Some(first) = rx.blocking_recv() {
+        // Under load, what arrives within the interval joins this commit: one fsync and
+        // one rewrite of the log's last pages for the whole group instead of one each
+        // (`commit_interval` in README). A writer idle for longer commits at once.
+        if let Some(due) = last_commit.map(|at| at + limits.commit_interval) {
+            let wait = due.saturating_duration_since(std::time::Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+        }
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -637,6 +649,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
             continue;
         }
         let started = std::time::Instant::now();
+        last_commit = Some(started);
         let committed = commit(&mut conn, &mut group, limits, &mut index);
         if let Some(m) = metrics {
             m.commit_latency.observe(started.elapsed().as_secs_f64());
