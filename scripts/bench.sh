@@ -7,6 +7,9 @@
 #   (d) minimal: the same requests into examples/minimal_ingest.rs, the simplest durable
 #       receiver (verify, append with a unique text key, group commit of 64; no routing,
 #       deliveries or sinks), the yardstick for (a).
+#   (e) sink down: (a)'s router with its only sink an HTTP destination that refuses
+#       connections, so nothing is delivered: what ingest costs without delivery's work
+#       (the outage the acknowledgement promise is about; its backlog grows meanwhile).
 # Then (a) at half of its measured maximum rate for latency, memory (idle and peak RSS),
 # time from spawn to healthy, and the ratios. RabbitMQ is used when it answers on
 # VYORA_TEST_AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f); without it (b) is
@@ -42,10 +45,14 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# A router on its own port and store, with this build or the one named third; prints
-# "<pid> <port> <ms to healthy>".
+# A router on its own port and store, with this build or the one named third, and the
+# sinks named fourth instead of the file sink; prints "<pid> <port> <ms to healthy>".
 start_router() {
   local name=$1 extra=$2 bin=${3:-$BIN} port
+  local sinks=${4:-"[[sinks]]
+name = \"archive\"
+type = \"file\"
+path = \"$work/$name/events.jsonl\""}
   port=$(free_port)
   mkdir -p "$work/$name"
   cat > "$work/$name/router.toml" <<TOML
@@ -58,10 +65,7 @@ secrets = ["$SECRET"]
 [store]
 path = "$work/$name/router.db"
 synchronous = "$SYNC"
-[[sinks]]
-name = "archive"
-type = "file"
-path = "$work/$name/events.jsonl"
+$sinks
 $extra
 TOML
   python3 - "$bin" "$work/$name/router.toml" "$port" "$work/$name/router.log" <<'PY'
@@ -104,6 +108,11 @@ if [ -n "$BEFORE" ]; then
   read -r pid_e port_e _ < <(start_router before "" "$BEFORE")
   pids+=("$pid_e")
 fi
+read -r pid_s port_s _ < <(start_router sinkdown "" "$BIN" "[[sinks]]
+name = \"down\"
+type = \"http\"
+url = \"http://127.0.0.1:$(free_port)/in\"")
+pids+=("$pid_s")
 target/release/examples/minimal_ingest --db "$work/minimal.db" --secret "$SECRET" > "$work/minimal.addr" &
 pids+=("$!")
 while [ ! -s "$work/minimal.addr" ]; do sleep 0.05; done
@@ -152,6 +161,7 @@ for round in $(seq "$ROUNDS"); do
   fi
   load --url "http://127.0.0.1:$port_a/webhook" --bad-signature --label "baseline-$round"
   load --url "http://$addr_d/webhook" --label "minimal-$round"
+  load --url "http://127.0.0.1:$port_s/webhook" --label "sinkdown-$round"
 done
 half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]; print(statistics.median(x["rps"] for x in r if x["label"].startswith("durable-"))/2)' "$results")
 load --url "http://127.0.0.1:$port_a/webhook" --rate "$half" --label "durable-half-rate"
@@ -168,6 +178,7 @@ def group(prefix):
 med = lambda rs, k: statistics.median(r[k] for r in rs)
 a, b, c, d = group("durable-"), group("allsinks-"), group("baseline-"), group("minimal-")
 e = group("before-")
+down = group("sinkdown-")
 half = [r for r in runs if r["label"] == "durable-half-rate"][0]
 print()
 print(f"synchronous={sync}, {conns} connections, {len(a)} interleaved rounds (medians)")
@@ -176,13 +187,14 @@ if b:
     print(f"(b) file + RabbitMQ + HTTP : {med(b,'rps'):.0f} events/s, p50 {med(b,'p50_ms'):.2f} ms, p99 {med(b,'p99_ms'):.2f} ms")
 print(f"(c) baseline (refused)     : {med(c,'rps'):.0f} requests/s, p50 {med(c,'p50_ms'):.2f} ms, p99 {med(c,'p99_ms'):.2f} ms")
 print(f"(d) minimal durable design: {med(d,'rps'):.0f} events/s, p50 {med(d,'p50_ms'):.2f} ms, p99 {med(d,'p99_ms'):.2f} ms")
+print(f"(e) sink down (no delivery): {med(down,'rps'):.0f} events/s, p50 {med(down,'p50_ms'):.2f} ms, p99 {med(down,'p99_ms'):.2f} ms; (e)/(d) = {med(down,'rps')/med(d,'rps'):.0%}, (e)/(c) = {med(down,'rps')/med(c,'rps'):.0%}")
 if e:
     print(f"(a') (a) with BEFORE       : {med(e,'rps'):.0f} events/s, p50 {med(e,'p50_ms'):.2f} ms, p99 {med(e,'p99_ms'):.2f} ms; (a)/(a') = {med(a,'rps')/med(e,'rps'):.0%}")
 print(f"(a)/(c) = {med(a,'rps')/med(c,'rps'):.0%}, (a)/(d) = {med(a,'rps')/med(d,'rps'):.0%}" + (f", (b)/(c) = {med(b,'rps')/med(c,'rps'):.0%}, (b)/(a) = {med(b,'rps')/med(a,'rps'):.0%}" if b else ""))
 print(f"(a) at half its rate ({half['target_rps']:.0f}/s): p50 {half['p50_ms']:.2f} ms, p99 {half['p99_ms']:.2f} ms, max {half['max_ms']:.2f} ms")
 print(f"memory: idle RSS {int(idle)/1024:.1f} MB; peak RSS (a) {int(peak_a)/1024:.1f} MB" + (f", (b) {int(peak_b)/1024:.1f} MB" if b else ""))
 print(f"start-up: healthy {start_ms} ms after spawn")
-bad = [r for r in runs if r["label"].startswith(("durable", "allsinks", "minimal", "before")) and (set(r["statuses"]) - {"200"} or r["errors"])]
+bad = [r for r in runs if r["label"].startswith(("durable", "allsinks", "minimal", "before", "sinkdown")) and (set(r["statuses"]) - {"200"} or r["errors"])]
 if bad:
     print("WARNING: some durable requests were not answered 200:", [(r["label"], r["statuses"], r["errors"]) for r in bad])
 PY
