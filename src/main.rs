@@ -25,6 +25,8 @@ use vyora_router::trigger::{self, Trigger};
 
 /// Log lines waiting for stdout at most.
 const LOG_QUEUE_LINES: usize = 8192;
+/// Log bytes gathered into one write to stdout, at most.
+const LOG_WRITE_BYTES: usize = 64 * 1024;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -401,10 +403,16 @@ fn init_logging(config: &Config) -> anyhow::Result<tracing_appender::non_blockin
     };
     // The default queue holds 128,000 lines, preallocated (4 MB resident at idle); when
     // stdout cannot keep up, lines beyond these are dropped, never the request blocked.
+    // The lines the writer finds queued go out in one write: it flushes whenever the queue
+    // is empty, so no line waits for later ones. A write per line (stdout flushes at each
+    // newline) took a tenth of the router's CPU under load, most of it waking the reader.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(true)
-        .finish(std::io::stdout());
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BYTES,
+            std::io::stdout(),
+        ));
     // Colours only for a person at a terminal, never into a log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
