@@ -163,11 +163,16 @@ for round in $(seq "$ROUNDS"); do
   load --url "http://$addr_d/webhook" --label "minimal-$round"
   load --url "http://127.0.0.1:$port_s/webhook" --label "sinkdown-$round"
 done
+# The other routers stop first: (a)'s latency at half rate is its own, not the neighbours'
+# background work (a backlog's retries, its gauges).
+peak_b=0
+[ "$have_b" = 1 ] && peak_b=$(rss_kb "$pid_b" VmHWM)
+for p in "${pids[@]}"; do
+  if [ "$p" != "$pid_a" ]; then kill "$p" 2>/dev/null || true; fi
+done
 half=$(python3 -c 'import json,statistics,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]; print(statistics.median(x["rps"] for x in r if x["label"].startswith("durable-"))/2)' "$results")
 load --url "http://127.0.0.1:$port_a/webhook" --rate "$half" --label "durable-half-rate"
 peak_a=$(rss_kb "$pid_a" VmHWM)
-peak_b=0
-[ "$have_b" = 1 ] && peak_b=$(rss_kb "$pid_b" VmHWM)
 
 python3 - "$results" "$idle_a" "$peak_a" "$peak_b" "$start_a" "$SYNC" "$CONNS" <<'PY'
 import json, statistics, sys
