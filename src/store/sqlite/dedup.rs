@@ -359,6 +359,16 @@ mod tests {
             .expect("answered")
     }
 
+    /// Ingests each call's event, each one new.
+    async fn store_new(store: &Store, calls: impl IntoIterator<Item = String>) {
+        for call in calls {
+            assert!(
+                matches!(ingest(store, &call).await, Ingested::Stored { .. }),
+                "{call}"
+            );
+        }
+    }
+
     fn count(dir: &Path, sql: &str) -> i64 {
         let conn = Connection::open(dir.join("router.db")).expect("sqlite");
         conn.query_row(sql, [], |r| r.get(0)).expect("count")
@@ -370,12 +380,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let calls: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
         let store = open(dir.path());
-        for call in &calls {
-            assert!(matches!(
-                ingest(&store, call).await,
-                Ingested::Stored { .. }
-            ));
-        }
+        store_new(&store, calls.iter().cloned()).await;
         // Ten events in runs of four: two runs written, two keys only in memory.
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup"), 8);
@@ -409,12 +414,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let calls: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
         let store = open(dir.path());
-        for call in &calls {
-            assert!(matches!(
-                ingest(&store, call).await,
-                Ingested::Stored { .. }
-            ));
-        }
+        store_new(&store, calls.iter().cloned()).await;
         // The fifth commit started the first run: half of it is written, not yet whole.
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup"), 2);
         assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 0);
@@ -426,12 +426,7 @@ mod tests {
         for call in &calls {
             assert_eq!(ingest(&store, call).await, Ingested::Duplicate, "{call}");
         }
-        for i in 5..12 {
-            assert!(matches!(
-                ingest(&store, &format!("c{i}")).await,
-                Ingested::Stored { .. }
-            ));
-        }
+        store_new(&store, (5..12).map(|i| format!("c{i}"))).await;
         for i in 0..12 {
             assert_eq!(
                 ingest(&store, &format!("c{i}")).await,
@@ -457,12 +452,7 @@ mod tests {
     async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(dir.path());
-        for i in 0..9 {
-            assert!(matches!(
-                ingest(&store, &format!("c{i}")).await,
-                Ingested::Stored { .. }
-            ));
-        }
+        store_new(&store, (0..9).map(|i| format!("c{i}"))).await;
         let due = store.claim("a", 100, usize::MAX).await.expect("due");
         assert_eq!(due.len(), 9);
         let delivered = due
