@@ -52,9 +52,15 @@ struct Args {
     /// file sink) and report how many are missing.
     #[arg(long)]
     check_file: Option<std::path::PathBuf>,
-    /// Print the size in bytes of the payload it sends, and exit.
+    /// Print the mean size in bytes of the payloads it sends (of the first thousand), and
+    /// exit.
     #[arg(long)]
     print_payload_size: bool,
+    /// Lengthen each transcript by this many turns of generated speech (about 90 bytes
+    /// each), as a longer call's: the payload's size, and how well it compresses, are what
+    /// the store's bytes per event depend on.
+    #[arg(long, default_value_t = 0)]
+    extra_turns: usize,
 }
 
 #[derive(Default)]
@@ -70,8 +76,49 @@ fn call_id(run: u64, worker: usize, n: u64) -> String {
     format!("load-{run:x}-{worker}-{n}")
 }
 
-fn body(run: u64, worker: usize, n: u64) -> String {
-    vyora_router::trigger::payload("call_completed", &call_id(run, worker, n))
+fn body(run: u64, worker: usize, n: u64, extra_turns: usize) -> String {
+    let call_id = call_id(run, worker, n);
+    let payload = vyora_router::trigger::payload("call_completed", &call_id);
+    if extra_turns == 0 {
+        return payload;
+    }
+    let mut body: serde_json::Value =
+        serde_json::from_str(&payload).expect("the trigger's payload is JSON");
+    let mut rng = fastrand::Rng::with_seed(run ^ (worker as u64) << 40 ^ n);
+    if let Some(turns) = body["transcript"].as_array_mut() {
+        for turn in 0..extra_turns {
+            let speaker = if turn % 2 == 0 { "bot" } else { "user" };
+            turns.push(serde_json::json!({ speaker: utterance(&mut rng) }));
+        }
+    }
+    body.to_string()
+}
+
+/// Words of a loan conversation. Random sentences of them compress about as well as
+/// speech does (zstd: two to three times), unlike repeated sentences, which compress to
+/// almost nothing and would flatter the store.
+const WORDS: &str = "a about account after again agent all also amount and any application \
+    are as ask at available back bank be because before branch but by call can charges \
+    check close could customer date day details did discuss do document does EMI family \
+    fee fifty file first for from get give go good have help here home how I if in income \
+    interest is it just know later lakhs let like loan look me month monthly more morning \
+    much my need next no not now number of offer okay on one option or other our over \
+    pay payment per percent period please process property rate really right salary same \
+    say send share should so some sorry still sure talk tenure than thank that the then \
+    there they think this time to today tomorrow twenty understand up us verify wait want \
+    we week well what when which will with would yes you your";
+
+fn utterance(rng: &mut fastrand::Rng) -> String {
+    let words: Vec<&str> = WORDS.split_whitespace().collect();
+    let mut text = String::new();
+    for i in 0..rng.usize(8..24) {
+        if i > 0 {
+            text.push(' ');
+        }
+        text.push_str(words[rng.usize(..words.len())]);
+    }
+    text.push('.');
+    text
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -115,7 +162,7 @@ async fn worker(args: &Args, addr: SocketAddr, secret: Secret, id: usize, until:
         if args.count.is_none() && due >= until {
             break;
         }
-        let body = body(args.run_id, id, n);
+        let body = body(args.run_id, id, n, args.extra_turns);
         let sig = if args.bad_signature {
             signature::sign(&secret, b"not this body")
         } else {
@@ -178,7 +225,10 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.print_payload_size {
-        println!("{}", body(args.run_id, 0, 0).len());
+        let total: usize = (0..1000)
+            .map(|n| body(args.run_id, 0, n, args.extra_turns).len())
+            .sum();
+        println!("{}", total / 1000);
         return Ok(());
     }
     if args.url.scheme_str() != Some("http") {

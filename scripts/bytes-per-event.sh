@@ -15,6 +15,8 @@
 #                                         # (one file sink and the minimal design only)
 #   RATE=5000 ...                         # send at that rate instead of as fast as the
 #                                         # router answers: fewer events share a commit
+#   TURNS=40 ...                          # a longer call: that many more transcript turns
+#                                         # in each payload (40: ~5 KB, 100: ~11 KB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,13 +28,14 @@ STORE_EXTRA=${STORE_EXTRA:-}
 BEFORE=${BEFORE:-}
 PREFILL=${PREFILL:-0}
 RATE=${RATE:-}
+TURNS=${TURNS:-0}
 SECRET=bench-secret
 rate=()
 [ -n "$RATE" ] && rate=(--rate "$RATE")
 
 cargo build --release --locked --bin vyora-router --example loadgen --example sink_server --example amqp_bench --example minimal_ingest >&2
 BIN=target/release/vyora-router
-LOAD=target/release/examples/loadgen
+LOAD=(target/release/examples/loadgen --extra-turns "$TURNS")
 
 work=$(mktemp -d)
 pids=()
@@ -96,14 +99,14 @@ TOML
   pid=$!
   until curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.02; done
   if [ "$PREFILL" -gt 0 ]; then
-    "$LOAD" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
+    "${LOAD[@]}" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
       --count "$PREFILL" --duration 3600s --label "$label-prefill" >&2
     sleep 5
   fi
   sleep 1
   before=$(write_bytes "$pid")
   file_before=$(stat -c %s "$dir/events.jsonl" 2>/dev/null || echo 0)
-  "$LOAD" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
+  "${LOAD[@]}" --secret "$SECRET" --url "http://127.0.0.1:$port/webhook" --connections "$CONNS" \
     --count "$COUNT" --duration 600s "${rate[@]}" --check-file "$dir/events.jsonl" --label "$label" >&2
   # Every sink done and the checkpoints caught up: what the run cost, all of it.
   sleep 5
@@ -120,13 +123,13 @@ run_minimal() {
   pid=$!
   while [ ! -s "$dir/addr" ]; do sleep 0.02; done
   if [ "$PREFILL" -gt 0 ]; then
-    "$LOAD" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
+    "${LOAD[@]}" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
       --count "$PREFILL" --duration 3600s --label minimal-prefill >&2
     sleep 5
   fi
   sleep 1
   before=$(write_bytes "$pid")
-  "$LOAD" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
+  "${LOAD[@]}" --secret "$SECRET" --url "http://$(cat "$dir/addr")/webhook" --connections "$CONNS" \
     --count "$COUNT" --duration 600s "${rate[@]}" --label minimal >&2
   sleep 5
   after=$(write_bytes "$pid")
@@ -134,7 +137,7 @@ run_minimal() {
   echo "minimal $(( (after - before) / COUNT )) 0"
 }
 
-payload=$("$LOAD" --secret "$SECRET" --print-payload-size)
+payload=$("${LOAD[@]}" --secret "$SECRET" --print-payload-size)
 for round in $(seq "$ROUNDS"); do
   # With a prefill, one sink only: a broker queue of that many messages measures the
   # broker, not the router.
