@@ -88,12 +88,15 @@ pub(super) fn replay(
     which: &Replay,
     now: i64,
 ) -> rusqlite::Result<usize> {
-    // The delivered and dead deliveries of `sink` (?1) among the events `which` names.
+    // The delivered and dead deliveries of `sink` (?1) among the events `which` names:
+    // behind its cursor, or ended with a row of their own (the cursor passes those once
+    // their row is written, not in the same commit).
     let chosen = |events: &str| {
         format!(
             "SELECT e.id, e.call_id FROM events e JOIN cursors c ON c.sink = ?1
              WHERE {events} AND instr(e.sinks, ',' || ?1 || ',') > 0 AND length(e.payload) > 0
-               AND e.id <= c.position
+               AND (e.id <= c.position
+                    OR EXISTS (SELECT 1 FROM retries r WHERE r.sink = ?1 AND r.event_id = e.id))
                AND NOT EXISTS (SELECT 1 FROM retries r WHERE r.sink = ?1 AND r.event_id = e.id
                                AND r.status = 'pending')"
         )

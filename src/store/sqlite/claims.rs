@@ -55,11 +55,18 @@ struct SinkState {
 }
 
 impl SinkState {
-    /// The furthest the cursor may go: up to the first event still in hand or unexamined.
-    fn floor(&self) -> i64 {
+    /// The furthest the cursor may go from `position`: up to the first event still in
+    /// hand, unexamined, or whose retry row is still being written. Passing that last kind
+    /// early would lose the event if its write failed or never came while another write
+    /// (with the cursor past it) went through.
+    fn floor(&self, position: i64) -> i64 {
         let blocked = [
             self.fresh.keys().next().copied(),
             self.held.first().copied(),
+            self.writing
+                .range(position.saturating_add(1)..)
+                .next()
+                .map(|(id, _)| *id),
             Some(self.scanned_to.saturating_add(1)),
         ];
         blocked.into_iter().flatten().min().unwrap_or(i64::MAX) - 1
@@ -67,7 +74,7 @@ impl SinkState {
 
     fn advance(&mut self) {
         if let Some(position) = self.position {
-            let next = position.max(self.floor());
+            let next = position.max(self.floor(position));
             self.position = Some(next);
             self.done = self.done.split_off(&(next + 1));
         }
@@ -349,34 +356,30 @@ impl Claims {
         out
     }
 
-    /// Until the guard drops, the retry rows of `outcome` are being written; once they are
-    /// (or failed to be), those rows, or the cursor going back, decide what is handed out
-    /// and hold their calls back.
+    /// Until the guard is confirmed or dropped, `outcome` is being written: its retry
+    /// rows' deliveries count as in hand and the cursor stops before its failed first
+    /// attempts. Dropped unconfirmed (the write failed, or the caller gave up waiting),
+    /// it hands those first attempts back, to go out again rather than be skipped.
     pub(super) fn writing(&self, outcome: &Outcome) -> Writing<'_> {
-        let rows = outcome
-            .changes
-            .iter()
-            .map(|change| match change {
-                Change::Failed { sink, event_id, .. }
-                | Change::Again { sink, event_id, .. }
-                | Change::Delivered { sink, event_id } => (sink.clone(), *event_id),
-            })
-            .collect();
-        Writing { claims: self, rows }
-    }
-
-    /// The write of a settlement failed: each sink it touched goes back to its cursor as
-    /// written, so the events it had settled are handed out again rather than skipped.
-    pub(super) fn forget_progress(&self, before: &[(usize, i64)]) {
-        let mut state = self.lock();
-        for (index, position) in before {
-            if let Some(s) = state.sinks.get_mut(*index) {
-                s.position = Some(*position);
-                s.persisted = *position;
-                s.scanned_to = *position;
-                s.done.clear();
-                s.held.clear();
+        let mut rows = Vec::with_capacity(outcome.changes.len());
+        let mut failed = Vec::new();
+        for change in &outcome.changes {
+            match change {
+                Change::Failed { sink, event_id, .. } => {
+                    rows.push((sink.clone(), *event_id));
+                    failed.push((sink.clone(), *event_id));
+                }
+                Change::Again { sink, event_id, .. } | Change::Delivered { sink, event_id } => {
+                    rows.push((sink.clone(), *event_id));
+                }
             }
+        }
+        Writing {
+            claims: self,
+            rows,
+            failed,
+            before: outcome.before.clone(),
+            committed: false,
         }
     }
 
@@ -413,17 +416,49 @@ impl Claims {
 pub(super) struct Writing<'a> {
     claims: &'a Claims,
     rows: Vec<(String, i64)>,
+    /// First attempts whose retry rows the write carries.
+    failed: Vec<(String, i64)>,
+    /// Each touched sink and its cursor as written before.
+    before: Vec<(usize, i64)>,
+    committed: bool,
+}
+
+impl Writing<'_> {
+    /// The write is committed.
+    pub(super) fn committed(mut self) {
+        self.committed = true;
+    }
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        if self.rows.is_empty() {
+        if self.rows.is_empty() && self.committed {
             return;
         }
         let mut state = self.claims.lock();
         for (sink, event_id) in &self.rows {
             if let Some(index) = state.index.get(sink).copied() {
                 state.sinks[index].writing.remove(event_id);
+            }
+        }
+        if self.committed {
+            return;
+        }
+        // Not written, or not known to be: the failed first attempts are neither settled
+        // nor examined any more, so the cursor stops before them and the next scan hands
+        // them out again (or, if the write did land, finds their retry rows).
+        for (sink, event_id) in &self.failed {
+            if let Some(index) = state.index.get(sink).copied() {
+                let s = &mut state.sinks[index];
+                s.done.remove(event_id);
+                s.scanned_to = s.scanned_to.min(event_id - 1);
+            }
+        }
+        // The cursor as stored may be behind what this write would have made it: the
+        // next move writes it again. The lowest wins whatever order writes fail in.
+        for (index, position) in &self.before {
+            if let Some(s) = state.sinks.get_mut(*index) {
+                s.persisted = s.persisted.min(*position);
             }
         }
     }
@@ -473,12 +508,12 @@ mod tests {
         assert_eq!(out.cursors, [("a".to_owned(), 2)]);
         let snapshot = claims.snapshot("a").expect("not paused");
         assert!(snapshot.skip.contains(&3) && !snapshot.skip.contains(&2));
-        let out = claims.settle(&[Settlement::Retry {
-            id: id(3),
+        let retry = |c| Settlement::Retry {
+            id: Claims::id(c, 3, false),
             at: SystemTime::now(),
             error: "down".into(),
-        }]);
-        assert_eq!(out.cursors, [("a".to_owned(), 3)]);
+        };
+        let out = claims.settle(&[retry(c)]);
         assert!(matches!(
             out.changes[..],
             [Change::Failed {
@@ -487,6 +522,24 @@ mod tests {
                 ..
             }]
         ));
+        assert!(out.cursors.is_empty(), "not before its retry row is in");
+        // The write failed: 3 is handed out again, and the cursor stays before it.
+        drop(claims.writing(&out));
+        let snapshot = claims.snapshot("a").expect("not paused");
+        assert!(!snapshot.skip.contains(&3));
+        let nothing_new = || found(&[], &[], BTreeSet::new(), None);
+        assert!(
+            claims
+                .record("a", nothing_new(), &BTreeSet::new())
+                .1
+                .is_none()
+        );
+        // Written this time: the next move passes it.
+        let c = claimed(&claims, "a", &[3], 3);
+        let out = claims.settle(&[retry(c)]);
+        claims.writing(&out).committed();
+        let (_, moved) = claims.record("a", nothing_new(), &BTreeSet::new());
+        assert_eq!(moved.expect("moved").cursors, [("a".to_owned(), 3)]);
     }
 
     #[test]

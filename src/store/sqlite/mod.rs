@@ -356,26 +356,22 @@ impl SqliteStore {
         };
         let (claim, moved) = self.claims.record(sink, claimed, &skipped);
         if let Some(outcome) = moved {
-            let before = outcome.before.clone();
+            let writing = self.claims.writing(&outcome);
             let (reply, rx) = oneshot::channel();
-            if let Err(e) = self.submit(Op::Settle { outcome, reply }, rx).await {
-                tracing::warn!(sink, error = %e, "cannot move the cursor");
-                self.claims.forget_progress(&before);
+            match self.submit(Op::Settle { outcome, reply }, rx).await {
+                Ok(()) => writing.committed(),
+                Err(e) => tracing::warn!(sink, error = %e, "cannot move the cursor"),
             }
         }
         let retries = found.retries.into_iter().map(|r| (r, true));
         let fresh = found.fresh.into_iter().map(|r| (r, false));
-        retries
-            .chain(fresh)
-            .map(|(r, retry)| {
-                let payload = decompress(r.codec, r.payload).map_err(|e| {
-                    StoreError::Setup(format!(
-                        "the stored payload of event {} is damaged: {e}",
-                        r.id
-                    ))
-                })?;
-                Ok(Delivery {
-                    id: Claims::id(claim, r.id, retry),
+        let mut deliveries = Vec::with_capacity(fresh.len() + retries.len());
+        let mut damaged = Vec::new();
+        for (r, retry) in retries.chain(fresh) {
+            let id = Claims::id(claim, r.id, retry);
+            match decompress(r.codec, r.payload) {
+                Ok(payload) => deliveries.push(Delivery {
+                    id,
                     attempts: r.attempts,
                     event: r.event,
                     call_id: r.call_id,
@@ -383,9 +379,25 @@ impl SqliteStore {
                     source: r.source,
                     received_at: r.received_at,
                     payload,
-                })
-            })
-            .collect()
+                }),
+                // No attempt can deliver it, and failing the claim would stop the sink's
+                // other events behind it: it goes to the dead letters, saying why.
+                Err(e) => {
+                    tracing::error!(sink, event_id = r.id, error = %e, "a stored payload is damaged; its delivery is dead");
+                    damaged.push(Settlement::Dead {
+                        id,
+                        error: format!("the stored payload is damaged: {e}"),
+                    });
+                }
+            }
+        }
+        if !damaged.is_empty()
+            && let Err(e) = Backend::settle(self, damaged).await
+        {
+            // Unwritten, the damaged events are handed out again, and tried again, later.
+            tracing::warn!(sink, error = %e, "cannot record damaged payloads");
+        }
+        Ok(deliveries)
     }
 }
 
@@ -446,15 +458,13 @@ impl Backend for SqliteStore {
             if outcome.changes.is_empty() && outcome.cursors.is_empty() {
                 return Ok(());
             }
-            let before = outcome.before.clone();
-            let _writing = self.claims.writing(&outcome);
+            // Unless confirmed (the write failed, or this future was dropped while it
+            // waited), the guard hands the failed first attempts back to go out again.
+            let writing = self.claims.writing(&outcome);
             let (reply, rx) = oneshot::channel();
-            let settled = self.submit(Op::Settle { outcome, reply }, rx).await;
-            if settled.is_err() {
-                // Not written: those events must go out again, not be skipped.
-                self.claims.forget_progress(&before);
-            }
-            settled
+            self.submit(Op::Settle { outcome, reply }, rx).await?;
+            writing.committed();
+            Ok(())
         })
     }
 

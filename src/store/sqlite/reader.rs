@@ -148,47 +148,73 @@ pub(super) fn scan(
             }
         }
     }
+    // Read first: every event up to it is committed, so the scan below sees all of them.
+    let last: i64 = conn
+        .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM events")?
+        .query_row([], |r| r.get(0))?;
+    // An event with a retry row here is that row's to deliver: a failed first attempt
+    // whose cursor move was not written yet, or a replay.
     let mut fresh = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM events e
-         WHERE e.id > ?1 AND instr(e.sinks, ?2) > 0 ORDER BY e.id LIMIT ?3"
+         WHERE e.id > ?1 AND instr(e.sinks, ?2) > 0
+           AND NOT EXISTS (SELECT 1 FROM retries r WHERE r.sink = ?4 AND r.event_id = e.id)
+         ORDER BY e.id LIMIT ?3"
     ))?;
     let mut waiting = conn.prepare_cached(
         "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2 AND status = 'pending'
          AND event_id < ?3 LIMIT 1",
     )?;
-    // Enough to see past what is in hand, and past some held events.
-    let fetch = i64::try_from(limit + snapshot.skip.len() + HELD_LOOKAHEAD).unwrap_or(i64::MAX);
-    let mut rows = fresh.query(params![position, tag(sink), fetch])?;
+    // Enough to see past what is in hand, and past held events.
+    let fetch = limit + snapshot.skip.len() + HELD_LOOKAHEAD;
+    let mut rows = fresh.query(params![
+        position,
+        tag(sink),
+        i64::try_from(fetch).unwrap_or(i64::MAX),
+        sink
+    ])?;
+    let mut read = 0;
+    let mut stopped = false;
     while let Some(r) = rows.next()? {
-        let event = row(r, 0)?;
-        out.examined_to = Some(event.id);
-        if snapshot.skip.contains(&event.id) {
+        read += 1;
+        let id: i64 = r.get(0)?;
+        out.examined_to = Some(id);
+        if snapshot.skip.contains(&id) {
             continue;
         }
-        if let Some(call) = &event.call_id {
-            let earlier = blocked.contains(call)
+        let call_id: Option<String> = r.get(2)?;
+        if let Some(call) = call_id {
+            let earlier = blocked.contains(&call)
                 || waiting
-                    .query_row(params![sink, call, event.id], |_| Ok(()))
+                    .query_row(params![sink, call, id], |_| Ok(()))
                     .optional()?
                     .is_some();
-            blocked.insert(call.clone());
+            blocked.insert(call);
             if earlier {
-                out.held.insert(event.id);
+                out.held.insert(id);
                 continue;
             }
         }
+        let event = row(r, 0)?;
         bytes += event.payload.len();
         out.fresh.push(event);
         if full(&out, bytes) {
+            stopped = true;
             break;
         }
+    }
+    // Nothing more for this sink up to `last`: the events after its own, routed
+    // elsewhere, are examined too, so the cursor of a sink that rarely gets one moves on
+    // rather than stay where this scan must start again.
+    if !stopped && read < fetch && last > position {
+        out.examined_to = out.examined_to.max(Some(last));
     }
     Ok(out)
 }
 
 /// Rows a claim reads beyond its limit and what is in hand, so that events held back for
-/// their call's order do not stop the others.
-const HELD_LOOKAHEAD: usize = 64;
+/// their call's order (two at most per call behind a pending retry) do not stop the
+/// others: bounded, since every claim reads them again until the retry ends.
+const HELD_LOOKAHEAD: usize = 4096;
 
 /// How a sink's name appears in `events.sinks`.
 fn tag(sink: &str) -> String {
