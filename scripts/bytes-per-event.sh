@@ -8,7 +8,7 @@
 # it compares across machines; the payload is the load tool's (~1.5 KB, as Vyora sends).
 #
 #   scripts/bytes-per-event.sh            # ROUNDS=3 COUNT=20000 CONNS=64
-#   STORE_EXTRA='page_size = 1024' ...    # extra [store] lines, to compare settings
+#   STORE_EXTRA='commit_interval = "0s"' ... # extra [store] lines, to compare settings
 #   BEFORE=/other/vyora-router ...        # also that build, interleaved, to compare
 #   PREFILL=500000 ...                    # first store that many events, unmeasured: a
 #                                         # store with history, whose dedup index is large

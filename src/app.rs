@@ -167,13 +167,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if s.0.max_connections != s.1.max_connections || s.0.shutdown_timeout != s.1.shutdown_timeout {
         keys.push("server limits");
     }
-    if old.store.path != new.store.path || old.store.synchronous != new.store.synchronous {
-        keys.push("store.path / store.synchronous");
-    }
-    if old.store.retention != new.store.retention
-        || old.store.dedup_window != new.store.dedup_window
-    {
-        keys.push("store.retention / store.dedup_window");
+    // The store takes every one of its keys when it opens.
+    if old.store != new.store {
+        keys.push("[store]");
     }
     if old.api != new.api || old.poller != new.poller {
         keys.push("[api] / [poller]");
@@ -467,6 +463,26 @@ mod tests {
         let old = config_with_api_key("vya_live_old");
         let new = config_with_api_key("vya_live_new");
         assert_eq!(needs_restart(&old, &new), ["[api] / [poller]"]);
+    }
+
+    #[test]
+    fn any_store_key_changed_by_a_reload_needs_a_restart() {
+        let with_store = |lines: &str| {
+            Config::from_toml(&format!("[webhook]\nsecrets = [\"s\"]\n[store]\n{lines}\n"))
+                .expect("valid config")
+        };
+        let old = with_store("");
+        for changed in [
+            "commit_interval = \"5ms\"",
+            "quarantine_max_bytes = 2000000",
+            "retention = \"1d\"",
+        ] {
+            assert_eq!(
+                needs_restart(&old, &with_store(changed)),
+                ["[store]"],
+                "{changed}"
+            );
+        }
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub struct WebhookConfig {
     pub max_clock_skew: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     /// Which engine holds the events; the keys below it say how to reach it.
     pub backend: StoreBackend,
