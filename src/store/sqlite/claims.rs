@@ -220,7 +220,12 @@ impl Claims {
         // A claim filled by retries looked at no first attempt: what the last scan held
         // back stays held.
         if let Some(to) = examined_to {
+            // A shorter scan than the last (a smaller limit) says nothing of the events
+            // beyond it: what the last one held there stays held, and examined.
+            let beyond = s.held.split_off(&to.saturating_add(1));
             s.held = held;
+            s.held.extend(beyond);
+            let scanned = s.scanned_to.max(to);
             // An event the scan skipped as in hand, and handed back (released, postponed,
             // its settlement unwritten) while the scan ran, was looked at by nobody: the
             // cursor must stop before it, and the next scan hands it out.
@@ -228,7 +233,7 @@ impl Claims {
             let returned = skipped
                 .iter()
                 .find(|id| **id > after && !s.fresh.contains_key(id) && !s.done.contains(id));
-            s.scanned_to = returned.map_or(to, |first| to.min(first - 1));
+            s.scanned_to = returned.map_or(scanned, |first| scanned.min(first - 1));
         }
         let before = s.persisted;
         s.advance();
@@ -424,15 +429,38 @@ pub(super) struct Writing<'a> {
 }
 
 impl Writing<'_> {
-    /// The write is committed.
-    pub(super) fn committed(mut self) {
+    /// The write is committed. Returns the cursor move its failed first attempts no
+    /// longer stand in the way of, to write now rather than at the sink's next claim
+    /// (until then the `outbox` view still shows them pending).
+    pub(super) fn committed(mut self) -> Option<Outcome> {
         self.committed = true;
+        let mut state = self.claims.lock();
+        for (sink, event_id) in self.rows.drain(..) {
+            if let Some(index) = state.index.get(&sink).copied() {
+                state.sinks[index].writing.remove(&event_id);
+            }
+        }
+        let mut out = Outcome::default();
+        for (sink, _) in &self.failed {
+            let Some(index) = state.index.get(sink).copied() else {
+                continue;
+            };
+            let s = &mut state.sinks[index];
+            let before = s.persisted;
+            s.advance();
+            if let Some(position) = s.position.filter(|p| *p > s.persisted) {
+                s.persisted = position;
+                out.cursors.push((s.name.clone(), position));
+                out.before.push((index, before));
+            }
+        }
+        (!out.cursors.is_empty()).then_some(out)
     }
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        if self.rows.is_empty() && self.committed {
+        if self.committed {
             return;
         }
         let mut state = self.claims.lock();
@@ -440,9 +468,6 @@ impl Drop for Writing<'_> {
             if let Some(index) = state.index.get(sink).copied() {
                 state.sinks[index].writing.remove(event_id);
             }
-        }
-        if self.committed {
-            return;
         }
         // Not written, or not known to be: the failed first attempts are neither settled
         // nor examined any more, so the cursor stops before them and the next scan hands
@@ -537,8 +562,7 @@ mod tests {
         // Written this time: the next move passes it.
         let c = claimed(&claims, "a", &[3], 3);
         let out = claims.settle(&[retry(c)]);
-        claims.writing(&out).committed();
-        let (_, moved) = claims.record("a", nothing_new(), &BTreeSet::new());
+        let moved = claims.writing(&out).committed();
         assert_eq!(moved.expect("moved").cursors, [("a".to_owned(), 3)]);
     }
 

@@ -359,7 +359,9 @@ impl SqliteStore {
             let writing = self.claims.writing(&outcome);
             let (reply, rx) = oneshot::channel();
             match self.submit(Op::Settle { outcome, reply }, rx).await {
-                Ok(()) => writing.committed(),
+                Ok(()) => {
+                    writing.committed();
+                }
                 Err(e) => tracing::warn!(sink, error = %e, "cannot move the cursor"),
             }
         }
@@ -463,7 +465,26 @@ impl Backend for SqliteStore {
             let writing = self.claims.writing(&outcome);
             let (reply, rx) = oneshot::channel();
             self.submit(Op::Settle { outcome, reply }, rx).await?;
-            writing.committed();
+            if let Some(moved) = writing.committed() {
+                // The outcomes are in; a cursor move not written now is at the next one.
+                let writing = self.claims.writing(&moved);
+                let (reply, rx) = oneshot::channel();
+                match self
+                    .submit(
+                        Op::Settle {
+                            outcome: moved,
+                            reply,
+                        },
+                        rx,
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        writing.committed();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot move a cursor"),
+                }
+            }
             Ok(())
         })
     }
