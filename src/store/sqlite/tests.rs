@@ -25,6 +25,18 @@ async fn open(dir: &Path) -> Store {
         .expect("store opens")
 }
 
+/// A store holding a `call_started` event of each call, routed to sink `a`.
+async fn open_with_started(dir: &Path, calls: &[&str]) -> Store {
+    let store = open(dir).await;
+    for call in calls {
+        store
+            .ingest(event(call, "call_started"), sinks(&["a"]))
+            .await
+            .expect("stored");
+    }
+    store
+}
+
 fn event(call: &str, name: &str) -> Event {
     let body = format!(r#"{{"event":"{name}","call_id":"{call}"}}"#);
     Event::from_webhook(None, Bytes::from(body)).expect("valid event")
@@ -186,13 +198,7 @@ async fn concurrent_copies_of_one_event_store_exactly_one_row() {
 #[tokio::test]
 async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
-    for call in ["c1", "c2", "c3"] {
-        store
-            .ingest(event(call, "call_started"), sinks(&["a"]))
-            .await
-            .expect("stored");
-    }
+    let store = open_with_started(dir.path(), &["c1", "c2", "c3"]).await;
     let rows = store.claim("a", 10, usize::MAX).await.expect("due");
     let later = now() + Duration::from_secs(3600);
     store
@@ -228,13 +234,7 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
 #[tokio::test]
 async fn busy_rows_are_skipped_and_batches_stop_at_the_byte_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
-    for call in ["c1", "c2", "c3", "c4"] {
-        store
-            .ingest(event(call, "call_started"), sinks(&["a"]))
-            .await
-            .expect("stored");
-    }
+    let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
     let first = store.claim("a", 1, usize::MAX).await.expect("due");
     let rest = store.claim("a", 10, usize::MAX).await.expect("due");
     assert_eq!(rest.len(), 3);
@@ -731,13 +731,7 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
  {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("router.db");
-    let store = open(dir.path()).await;
-    for call in ["c1", "c2", "c3", "c4"] {
-        store
-            .ingest(event(call, "call_started"), sinks(&["a"]))
-            .await
-            .expect("stored");
-    }
+    let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     let ids: Vec<_> = due.iter().map(|d| d.id).collect();
     let db = Connection::open(&path).expect("open");
@@ -774,13 +768,7 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
 #[tokio::test]
 async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
-    for call in ["c1", "c2", "c3", "c4"] {
-        store
-            .ingest(event(call, "call_started"), sinks(&["a"]))
-            .await
-            .expect("stored");
-    }
+    let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     let ids: Vec<_> = due.iter().map(|d| d.id).collect();
     let db = Connection::open(dir.path().join("router.db")).expect("open");
@@ -801,13 +789,7 @@ async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in()
 #[tokio::test]
 async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
-    for call in ["c1", "c2"] {
-        store
-            .ingest(event(call, "call_started"), sinks(&["a"]))
-            .await
-            .expect("stored");
-    }
+    let store = open_with_started(dir.path(), &["c1", "c2"]).await;
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     // The write waits for a lock someone else holds; the delivery task is cancelled
     // meanwhile (a sink reload's drain timeout).
@@ -844,13 +826,7 @@ async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
 #[tokio::test]
 async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_goes_out() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(dir.path()).await;
-    for call in ["c1", "c2", "c3"] {
-        store
-            .ingest(event(call, "call_started"), sinks(&["a"]))
-            .await
-            .expect("stored");
-    }
+    let store = open_with_started(dir.path(), &["c1", "c2", "c3"]).await;
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     db.execute(
         "UPDATE events SET codec = ?1, payload = X'00010203' WHERE id = 2",
