@@ -116,6 +116,37 @@ async fn a_claim_is_exclusive_and_a_later_event_of_the_call_waits_across_replica
 
 #[tokio::test]
 #[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_claim_whose_rows_cannot_be_read_gives_them_back_at_once() {
+    let db = TestDb::create().await;
+    // A lease far longer than the test: only a release frees the row in time.
+    let lease = Duration::from_secs(300);
+    let (a, b) = (open(&db, lease).await, open(&db, lease).await);
+    a.ingest(event("c1", "call_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    let admin = db.client().await;
+    // Taking the rows does not read `source`; reading them does.
+    admin
+        .batch_execute("ALTER TABLE events RENAME COLUMN source TO source_away")
+        .await
+        .expect("rename");
+    assert!(a.claim("s", 10, usize::MAX).await.is_err());
+    admin
+        .batch_execute("ALTER TABLE events RENAME COLUMN source_away TO source")
+        .await
+        .expect("rename back");
+    let got = b.claim("s", 10, usize::MAX).await.expect("claim");
+    assert_eq!(
+        got.len(),
+        1,
+        "the row is still leased to a claim nobody holds"
+    );
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
 async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result() {
     let db = TestDb::create().await;
     let metrics = Arc::new(Metrics::new());

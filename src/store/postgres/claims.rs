@@ -139,8 +139,28 @@ pub(super) async fn claim(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
+    let claimed = match client.query(FETCH, &[&rows]).await {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            // The dispatcher never learns of these claims, so nothing would settle or
+            // release them: give them back now. If that fails too, they are not held, so
+            // the heartbeat leaves their lease to run out.
+            let tokens = vec![token; rows.len()];
+            let released: Result<(), StoreError> = match pool.get().await {
+                Ok(c) => c
+                    .execute(RELEASE, &[&rows, &tokens])
+                    .await
+                    .map(drop)
+                    .map_err(Into::into),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(release) = released {
+                tracing::warn!(sink, error = %release, "cannot give back claims whose rows could not be read");
+            }
+            return Err(e.into());
+        }
+    };
     held.insert(&rows, token);
-    let claimed = client.query(FETCH, &[&rows]).await?;
     let claim = u64::from_ne_bytes(token.to_ne_bytes());
     claimed
         .iter()
