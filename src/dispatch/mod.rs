@@ -227,9 +227,19 @@ impl Dispatcher {
         }
         let drained = tokio::time::timeout(drain, async {
             while let Some(done) = in_flight.join_next_with_id().await {
-                let task = match &done {
-                    Ok((task, ())) => *task,
-                    Err(e) => e.id(),
+                let task = match done {
+                    Ok((task, ())) => task,
+                    Err(e) => {
+                        let task = e.id();
+                        // A task that panicked settled nothing: its claims are recorded
+                        // as a failed attempt, and stay listed until then, so that a drain
+                        // timeout meanwhile releases them below rather than leave them
+                        // held by nobody.
+                        if let Some(claimed) = claims.get(&task) {
+                            self.settle_failed_task(claimed, e).await;
+                        }
+                        task
+                    }
                 };
                 claims.remove(&task);
             }

@@ -239,3 +239,67 @@ async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() 
     stop.cancel();
     running.await.expect("dispatcher ends");
 }
+
+/// Panics once released: the panic comes while the dispatcher drains.
+struct PanicsWhenReleased {
+    started: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+impl Sink for PanicsWhenReleased {
+    fn name(&self) -> &str {
+        "late"
+    }
+
+    fn deliver<'a>(&'a self, _batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            self.started.notify_one();
+            self.release.notified().await;
+            panic!("late poison");
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_that_panics_while_the_dispatcher_drains_counts_a_failed_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&dir).await;
+    let body = r#"{"event":"call_completed","call_id":"c1"}"#;
+    let event = Event::from_webhook(None, Bytes::from(body)).expect("event");
+    store
+        .ingest(event, vec![Arc::from("late")])
+        .await
+        .expect("stored");
+    let sink = Arc::new(PanicsWhenReleased {
+        started: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    let policy = RetryPolicy {
+        max_attempts: 12,
+        backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+    };
+    let dispatcher = Dispatcher::new(
+        sink.clone(),
+        store.clone(),
+        policy,
+        Redaction::default(),
+        Arc::new(Metrics::new()),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(10)));
+    sink.started.notified().await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sink.release.notify_one();
+    running.await.expect("dispatcher ends");
+    let db = Connection::open(dir.path().join("router.db")).expect("open");
+    let (status, attempts, error): (String, u32, Option<String>) = db
+        .query_row(
+            "SELECT status, attempts, last_error FROM outbox WHERE sink = 'late'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("row");
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(error.unwrap_or_default().contains("late poison"));
+}
