@@ -147,6 +147,47 @@ async fn a_claim_whose_rows_cannot_be_read_gives_them_back_at_once() {
 
 #[tokio::test]
 #[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn an_earlier_event_committed_after_a_later_one_waits_while_the_later_is_in_hand() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let (a, b) = (open(&db, lease).await, open(&db, lease).await);
+    // One writer has inserted the call's first event, with its delivery, and not yet
+    // committed; another stores the call's later event and commits first.
+    let mut slow = db.client().await;
+    let first = slow.transaction().await.expect("begin");
+    first
+        .batch_execute(
+            "WITH e AS (
+                 INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
+                 VALUES ('c1:call_completed', 'call_completed', 'c1', 'webhook', now(),
+                         '{}'::bytea)
+                 RETURNING id)
+             INSERT INTO deliveries (event_id, sink, call_id, status, next_attempt_at,
+                                     updated_at)
+             SELECT id, 's', 'c1', 'pending', now(), now() FROM e",
+        )
+        .await
+        .expect("insert");
+    a.ingest(event("c1", "all_processing_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    let later = a.claim("s", 10, usize::MAX).await.expect("claim");
+    assert_eq!(later.len(), 1);
+    first.commit().await.expect("commit");
+    let earlier = b.claim("s", 10, usize::MAX).await.expect("claim");
+    assert!(earlier.is_empty(), "two events of the call in hand at once");
+    a.settle(vec![Settlement::Delivered { id: later[0].id }])
+        .await
+        .expect("settled");
+    let earlier = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let keys: Vec<_> = earlier.iter().map(|d| d.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["c1:call_completed"]);
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
 async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result() {
     let db = TestDb::create().await;
     let metrics = Arc::new(Metrics::new());

@@ -16,7 +16,9 @@ use crate::event::{Delivery, DeliveryId, Source};
 use crate::store::{Settlement, StoreError};
 
 /// Claims, in one statement: due deliveries of a sink that nobody holds, none whose call
-/// has an earlier delivery pending on the sink, oldest first, skipping the rows other
+/// has an earlier delivery pending on the sink or another one in hand (an earlier event
+/// whose commit became visible after a later one's: ids are taken at insert, in commit
+/// order only per writer), oldest first, skipping the rows other
 /// claims are taking (`SKIP LOCKED`); as many as fit in the byte budget, and at least one.
 ///
 /// One statement commits as soon as it has run, so the lease starts when the rows are
@@ -32,7 +34,7 @@ WITH candidates AS (
       AND NOT EXISTS (
           SELECT 1 FROM deliveries p
           WHERE p.sink = d.sink AND p.call_id = d.call_id AND p.status = 'pending'
-            AND p.event_id < d.event_id)
+            AND (p.event_id < d.event_id OR (p.id <> d.id AND p.lease_until >= now())))
     ORDER BY d.next_attempt_at, d.id
     LIMIT $2
     FOR UPDATE OF d SKIP LOCKED),
