@@ -38,6 +38,14 @@ const CHANNEL: &str = "vyora_router";
 const QUEUE_DEPTH: usize = 4096;
 /// How long a request waits for a pooled connection before failing.
 const POOL_WAIT: Duration = Duration::from_secs(5);
+/// How long data sent to the database may go unacknowledged before the connection counts
+/// as broken (`TCP_USER_TIMEOUT`), unless the URL says otherwise. A connection cut
+/// silently (a dropped route, a failed-over address) would otherwise hold a commit, and
+/// the webhooks waiting on it, for the kernel's retransmission limit: about 15 minutes.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle time before TCP keepalive probes, unless the URL says otherwise: an idle pooled
+/// connection whose peer vanished is found in about a minute, not after two hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 pub(super) struct PostgresStore {
     pool: Pool,
@@ -80,10 +88,7 @@ pub use import::Migrated;
 
 /// The connection pool for `pg`, with rustls.
 fn pool(pg: &PostgresConfig) -> Result<(Pool, tokio_postgres::Config, MakeRustlsConnect)> {
-    let config: tokio_postgres::Config = pg
-        .url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Setup(e.to_string()))?;
+    let config = connection_config(&pg.url)?;
     let tls = tls();
     let manager = Manager::from_config(
         config.clone(),
@@ -100,6 +105,22 @@ fn pool(pg: &PostgresConfig) -> Result<(Pool, tokio_postgres::Config, MakeRustls
         .build()
         .map_err(|e| StoreError::Setup(e.to_string()))?;
     Ok((pool, config, tls))
+}
+
+/// The URL's connection settings, with timeouts that notice a vanished server where the
+/// URL sets none.
+fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| StoreError::Setup(e.to_string()))?;
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    // Two hours is the library's default, so a URL that leaves it out.
+    if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    Ok(config)
 }
 
 /// Copies the SQLite store at `from` into the PostgreSQL database `to` names.
@@ -407,5 +428,22 @@ impl Backend for PostgresStore {
             }
             self.pool.close();
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_without_timeouts_gets_ones_that_notice_a_vanished_server_and_its_own_are_kept() {
+        let plain = connection_config("postgres://router@db/vyora").expect("valid");
+        assert_eq!(plain.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert_eq!(plain.get_keepalives_idle(), KEEPALIVE_IDLE);
+        let own =
+            connection_config("postgres://router@db/vyora?tcp_user_timeout=3&keepalives_idle=600")
+                .expect("valid");
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(600));
     }
 }
