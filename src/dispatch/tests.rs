@@ -148,6 +148,29 @@ async fn a_row_that_keeps_failing_goes_dead_after_max_attempts() {
     stop.cancel();
 }
 
+/// Runs a dispatcher for `sink` that waits a minute between attempts (no retry comes
+/// within a test) and drains for `drain` when stopped.
+fn dispatch_with_a_minute_of_backoff(
+    sink: Arc<dyn Sink>,
+    store: &Store,
+    drain: Duration,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let policy = RetryPolicy {
+        max_attempts: 12,
+        backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+    };
+    let dispatcher = Dispatcher::new(
+        sink,
+        store.clone(),
+        policy,
+        Redaction::default(),
+        Arc::new(Metrics::new()),
+    );
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(dispatcher.run(stop.clone(), drain));
+    (stop, running)
+}
+
 /// Panics on call `c1`; holds call `c2` until released, counting its deliveries.
 struct Panicky {
     release: tokio::sync::Notify,
@@ -194,19 +217,8 @@ async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() 
         slow_calls: AtomicUsize::new(0),
         panics: AtomicUsize::new(0),
     });
-    let policy = RetryPolicy {
-        max_attempts: 12,
-        backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
-    };
-    let dispatcher = Dispatcher::new(
-        sink.clone(),
-        store.clone(),
-        policy,
-        Redaction::default(),
-        Arc::new(Metrics::new()),
-    );
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_millis(100)));
+    let (stop, running) =
+        dispatch_with_a_minute_of_backoff(sink.clone(), &store, Duration::from_millis(100));
 
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     let poisoned = || -> (u32, Option<String>) {
@@ -274,19 +286,8 @@ async fn a_delivery_that_panics_while_the_dispatcher_drains_counts_a_failed_atte
         started: tokio::sync::Notify::new(),
         release: tokio::sync::Notify::new(),
     });
-    let policy = RetryPolicy {
-        max_attempts: 12,
-        backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
-    };
-    let dispatcher = Dispatcher::new(
-        sink.clone(),
-        store.clone(),
-        policy,
-        Redaction::default(),
-        Arc::new(Metrics::new()),
-    );
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(10)));
+    let (stop, running) =
+        dispatch_with_a_minute_of_backoff(sink.clone(), &store, Duration::from_secs(10));
     sink.started.notified().await;
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(50)).await;
