@@ -80,6 +80,18 @@ impl SinkState {
         }
     }
 
+    /// Advances, and adds the cursor to `out` if it passed what was last written (this
+    /// sink is the `index`th).
+    fn advance_into(&mut self, index: usize, out: &mut Outcome) {
+        let before = self.persisted;
+        self.advance();
+        if let Some(position) = self.position.filter(|p| *p > self.persisted) {
+            self.persisted = position;
+            out.cursors.push((self.name.clone(), position));
+            out.before.push((index, before));
+        }
+    }
+
     fn calls_in_hand(&self) -> BTreeSet<String> {
         self.fresh
             .values()
@@ -141,7 +153,8 @@ pub(super) enum Change {
 pub(super) struct Outcome {
     pub(super) changes: Vec<Change>,
     pub(super) cursors: Vec<(String, i64)>,
-    /// Each touched sink and its cursor as written before, should the write fail.
+    /// Each sink whose cursor moves, and its cursor as written before, should the write
+    /// fail.
     pub(super) before: Vec<(usize, i64)>,
 }
 
@@ -235,16 +248,9 @@ impl Claims {
                 .find(|id| **id > after && !s.fresh.contains_key(id) && !s.done.contains(id));
             s.scanned_to = returned.map_or(scanned, |first| scanned.min(first - 1));
         }
-        let before = s.persisted;
-        s.advance();
-        let moved = s.position.filter(|p| *p > s.persisted).map(|position| {
-            s.persisted = position;
-            Outcome {
-                changes: Vec::new(),
-                cursors: vec![(s.name.clone(), position)],
-                before: vec![(index, before)],
-            }
-        });
+        let mut moved = Outcome::default();
+        s.advance_into(index, &mut moved);
+        let moved = (!moved.cursors.is_empty()).then_some(moved);
         (u64::try_from(index).unwrap_or(0) << 1, moved)
     }
 
@@ -350,13 +356,7 @@ impl Claims {
             }
         }
         for index in touched {
-            let s = &mut state.sinks[index];
-            out.before.push((index, s.persisted));
-            s.advance();
-            if let Some(position) = s.position.filter(|p| *p > s.persisted) {
-                s.persisted = position;
-                out.cursors.push((s.name.clone(), position));
-            }
+            state.sinks[index].advance_into(index, &mut out);
         }
         out
     }
@@ -442,16 +442,8 @@ impl Writing<'_> {
         }
         let mut out = Outcome::default();
         for (sink, _) in &self.failed {
-            let Some(index) = state.index.get(sink).copied() else {
-                continue;
-            };
-            let s = &mut state.sinks[index];
-            let before = s.persisted;
-            s.advance();
-            if let Some(position) = s.position.filter(|p| *p > s.persisted) {
-                s.persisted = position;
-                out.cursors.push((s.name.clone(), position));
-                out.before.push((index, before));
+            if let Some(index) = state.index.get(sink).copied() {
+                state.sinks[index].advance_into(index, &mut out);
             }
         }
         (!out.cursors.is_empty()).then_some(out)

@@ -35,7 +35,7 @@ use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
     Stats, StoreError, StoreOptions, TrackedCall, now,
 };
-use claims::{Claimed, Claims};
+use claims::{Claimed, Claims, Outcome};
 use reader::Readers;
 use writer::{Op, PruneRange, WriterContext};
 
@@ -321,6 +321,17 @@ impl SqliteStore {
         Ok(done)
     }
 
+    /// Writes what settling came to, under [`Claims::writing`]'s guard: unless the write
+    /// is confirmed (it failed, or this future was dropped while it waited), the failed
+    /// first attempts are handed back to go out again. Returns the cursor move the
+    /// written rows allow.
+    async fn write_settled(&self, outcome: Outcome) -> Result<Option<Outcome>> {
+        let writing = self.claims.writing(&outcome);
+        let (reply, rx) = oneshot::channel();
+        self.submit(Op::Settle { outcome, reply }, rx).await?;
+        Ok(writing.committed())
+    }
+
     async fn claim_for(&self, sink: &str, limit: usize, max_bytes: usize) -> Result<Vec<Delivery>> {
         let Some(mut snapshot) = self.claims.snapshot(sink) else {
             return Ok(Vec::new());
@@ -355,15 +366,10 @@ impl SqliteStore {
             examined_to: found.examined_to,
         };
         let (claim, moved) = self.claims.record(sink, claimed, &skipped);
-        if let Some(outcome) = moved {
-            let writing = self.claims.writing(&outcome);
-            let (reply, rx) = oneshot::channel();
-            match self.submit(Op::Settle { outcome, reply }, rx).await {
-                Ok(()) => {
-                    writing.committed();
-                }
-                Err(e) => tracing::warn!(sink, error = %e, "cannot move the cursor"),
-            }
+        if let Some(outcome) = moved
+            && let Err(e) = self.write_settled(outcome).await
+        {
+            tracing::warn!(sink, error = %e, "cannot move the cursor");
         }
         let retries = found.retries.into_iter().map(|r| (r, true));
         let fresh = found.fresh.into_iter().map(|r| (r, false));
@@ -460,30 +466,11 @@ impl Backend for SqliteStore {
             if outcome.changes.is_empty() && outcome.cursors.is_empty() {
                 return Ok(());
             }
-            // Unless confirmed (the write failed, or this future was dropped while it
-            // waited), the guard hands the failed first attempts back to go out again.
-            let writing = self.claims.writing(&outcome);
-            let (reply, rx) = oneshot::channel();
-            self.submit(Op::Settle { outcome, reply }, rx).await?;
-            if let Some(moved) = writing.committed() {
+            if let Some(moved) = self.write_settled(outcome).await?
+                && let Err(e) = self.write_settled(moved).await
+            {
                 // The outcomes are in; a cursor move not written now is at the next one.
-                let writing = self.claims.writing(&moved);
-                let (reply, rx) = oneshot::channel();
-                match self
-                    .submit(
-                        Op::Settle {
-                            outcome: moved,
-                            reply,
-                        },
-                        rx,
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        writing.committed();
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot move a cursor"),
-                }
+                tracing::warn!(error = %e, "cannot move a cursor");
             }
             Ok(())
         })
