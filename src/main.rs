@@ -11,6 +11,8 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 use vyora_router::api::RateLimiter;
 use vyora_router::cli::{
     AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
@@ -418,9 +420,12 @@ fn init_logging(config: &Config) -> anyhow::Result<tracing_appender::non_blockin
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(std::io::stdout().is_terminal());
+    // On top of the operator's filter, whatever it says: lapin logs returned messages
+    // whole (body and headers), and its traces print frames and the broker's password.
+    let cap = vyora_router::sinks::amqp::log_cap();
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().finish().with(cap).init(),
+        LogFormat::Text => builder.finish().with(cap).init(),
     }
     Ok(guard)
 }

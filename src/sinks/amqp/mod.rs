@@ -11,6 +11,7 @@
 //! Its settings are in `config`, the routing key template in `routing_key`.
 
 mod config;
+mod log_cap;
 mod routing_key;
 
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
@@ -23,6 +24,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 pub use config::{AmqpOptions, AmqpSinkConfig};
+pub use log_cap::log_cap;
 pub use routing_key::RoutingKey;
 
 use super::{BoxFuture, Sink, SinkError};
