@@ -1,22 +1,30 @@
 //! The RabbitMQ (AMQP 0-9-1) sink: persistent messages, publisher confirms, pipelined.
 //!
 //! A row counts as delivered only on a broker `Ack` for a message that was not returned.
-//! A returned (unroutable, `mandatory`) message, a `Nack`, a confirm timeout or a lost
-//! channel leaves the row pending. One connection and one confirm-mode channel per sink;
-//! on any error both are dropped and rebuilt with capped, jittered backoff, and the rows
-//! that were never confirmed are simply published again from the store (lapin does not
-//! republish; the store is the source of truth). Duplicates after a reconnect carry the
-//! same `message_id`.
+//! A `Nack`, a confirm timeout or a lost channel leaves the row pending. One connection and
+//! one confirm-mode channel per sink; on any error both are dropped and rebuilt with capped,
+//! jittered backoff, and the rows that were never confirmed are simply published again from
+//! the store (lapin does not republish; the store is the source of truth). Duplicates after
+//! a reconnect carry the same `message_id`.
+//!
+//! A returned message (`mandatory`, and no queue bound for its routing key) is a
+//! destination not set up yet rather than a bad event: its first return counts one attempt
+//! (which records the cause as the delivery's last error), later ones wait without using
+//! attempts, so the backlog drains once a queue is bound. Meanwhile readiness names the
+//! exchange and routing key (`returned`). The returned message itself is never logged, and
+//! lapin's own dump of it is filtered out (`log_cap`).
 //!
 //! Its settings are in `config`, the routing key template in `routing_key`.
 
 mod config;
 mod log_cap;
+mod returned;
 mod routing_key;
 
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -31,6 +39,7 @@ use super::{BoxFuture, Sink, SinkError};
 use crate::backoff::Backoff;
 use crate::event::Delivery;
 use crate::protocol::{CALL_ID_HEADER, EVENT_HEADER, SOURCE_HEADER};
+use returned::Returns;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reconnects after 0.4 s, doubling up to 30 s, with jitter: many routers restarting
@@ -74,6 +83,9 @@ pub struct AmqpSink {
     state: Mutex<State>,
     /// Why the sink cannot publish right now, for readiness; `None` when connected.
     unready: StdMutex<Option<String>>,
+    /// The routing keys whose messages the broker returns, for readiness and the wait
+    /// before they are tried again.
+    returns: StdMutex<Returns>,
 }
 
 impl AmqpSink {
@@ -90,6 +102,7 @@ impl AmqpSink {
                 next_attempt: Instant::now(),
             }),
             unready: StdMutex::new(Some("not connected yet".into())),
+            returns: StdMutex::new(Returns::default()),
         });
         tokio::spawn(watch(Arc::downgrade(&sink)));
         sink
@@ -97,6 +110,52 @@ impl AmqpSink {
 
     fn set_unready(&self, reason: Option<String>) {
         *self.unready.lock().unwrap_or_else(PoisonError::into_inner) = reason;
+    }
+
+    fn lock_returns(&self) -> std::sync::MutexGuard<'_, Returns> {
+        self.returns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The outcome of a delivery whose message the broker returned. The first return
+    /// counts an attempt, so that the store records the cause; after that the delivery
+    /// waits without using attempts (`wait` is shared by the batch's returns), since
+    /// binding a queue is what it waits for. Logs the sink, the delivery, the reply and
+    /// where it was sent, never the message.
+    fn on_returned(
+        &self,
+        d: &Delivery,
+        message: &BasicReturnMessage,
+        wait: &mut Option<Duration>,
+    ) -> SinkError {
+        let exchange = message.delivery.exchange.as_str();
+        let routing_key = message.delivery.routing_key.as_str();
+        let reply_code = message.reply_code;
+        let reply_text = message.reply_text.as_str();
+        let cause = returned::cause(reply_code, reply_text, exchange, routing_key);
+        let mut returns = self.lock_returns();
+        if returns.returned(routing_key, cause.clone(), Instant::now()) {
+            tracing::warn!(sink = %self.name, id = d.id.row, reply_code, reply_text, exchange, routing_key, "the broker returns messages sent with this routing key; they wait and are tried again");
+        } else {
+            tracing::debug!(sink = %self.name, id = d.id.row, reply_code, reply_text, "returned by the broker again");
+        }
+        if d.attempts == 0 {
+            SinkError::Amqp {
+                reason: cause,
+                permanent: false,
+            }
+        } else {
+            SinkError::Unavailable {
+                reason: cause,
+                retry_in: *wait.get_or_insert_with(|| returns.wait()),
+            }
+        }
+    }
+
+    /// A message with `routing_key` reached a queue.
+    fn on_routed(&self, routing_key: &str) {
+        if self.lock_returns().routed(routing_key) {
+            tracing::info!(sink = %self.name, routing_key, "messages sent with this routing key reach a queue again");
+        }
     }
 
     /// Makes sure `state.link` is usable, connecting if it is time to try; otherwise says
@@ -244,10 +303,16 @@ impl AmqpSink {
             }
             match link
                 .channel
-                .basic_publish(exchange.clone(), key, options, &d.payload, properties)
+                .basic_publish(
+                    exchange.clone(),
+                    key.clone(),
+                    options,
+                    &d.payload,
+                    properties,
+                )
                 .await
             {
-                Ok(confirm) => pending.push(Ok(confirm)),
+                Ok(confirm) => pending.push(Ok((confirm, key))),
                 Err(e) => {
                     let reason = format!("publish failed: {e}");
                     pending.push(Err(SinkError::Amqp {
@@ -261,23 +326,23 @@ impl AmqpSink {
 
         let deadline = Instant::now() + self.config.confirm_timeout;
         let mut results = Vec::with_capacity(batch.len());
-        for p in pending {
-            let confirm = match p {
-                Ok(confirm) => confirm,
+        let mut wait = None;
+        for (d, p) in batch.iter().zip(pending) {
+            let (confirm, key) = match p {
+                Ok(sent) => sent,
                 Err(e) => {
                     results.push(Err(e));
                     continue;
                 }
             };
             let outcome = match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(SinkError::Amqp {
-                    reason: format!(
-                        "returned by the broker: {} {} (no queue is bound for this routing key)",
-                        returned.reply_code, returned.reply_text
-                    ),
-                    permanent: false,
-                }),
+                Ok(Ok(Confirmation::Ack(None))) => {
+                    self.on_routed(key.as_str());
+                    Ok(())
+                }
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                    Err(self.on_returned(d, &returned, &mut wait))
+                }
                 Ok(Ok(Confirmation::Nack(_))) => Err(SinkError::Amqp {
                     reason: "the broker refused the message (nack)".into(),
                     permanent: false,
@@ -351,10 +416,12 @@ impl Sink for AmqpSink {
     }
 
     fn unready(&self) -> Option<String> {
-        self.unready
+        let connection = self
+            .unready
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        connection.or_else(|| self.lock_returns().reason(Instant::now()))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
