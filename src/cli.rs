@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, ConfigSource, StoreConfig};
+use crate::config::{Config, ConfigError, ConfigSource, PostgresConfig, StoreConfig};
 use crate::store::operator::DeliveryStatus;
 use crate::trigger::Trigger;
 
@@ -108,12 +108,17 @@ pub enum StoreCommand {
     /// schedule, quarantine); stop the router that writes the SQLite file first. Safe to
     /// run again: what is already there is skipped.
     Migrate {
+        /// Where `store.url` and `store.schema` are read (`--to` aside).
+        #[command(flatten)]
+        config: ConfigArg,
         /// The SQLite database (`store.path` of the sidecar).
         #[arg(long, value_name = "PATH")]
         from: PathBuf,
-        /// The PostgreSQL URL [default: DATABASE_URL]
-        #[arg(long, value_name = "URL", env = "DATABASE_URL", hide_env_values = true)]
-        to: String,
+        /// The PostgreSQL URL [default: the config's store.url, which defaults to
+        /// DATABASE_URL]. Prefer those: a URL given here is visible to other local users in
+        /// `ps`
+        #[arg(long, value_name = "URL")]
+        to: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -213,6 +218,12 @@ impl ConfigArg {
     /// The `[store]` settings, for commands that need nothing else (and so no secret).
     pub fn store(&self) -> Result<StoreConfig, ConfigError> {
         Config::store(&self.source())
+    }
+
+    /// The PostgreSQL database `store migrate` copies into: `to`, else `store.url`, else
+    /// `DATABASE_URL`; `None` if none is set.
+    pub fn postgres_target(&self, to: Option<&str>) -> Result<Option<PostgresConfig>, ConfigError> {
+        Config::postgres_target(&self.source(), to)
     }
 }
 

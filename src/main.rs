@@ -100,7 +100,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             call_id,
         } => trigger(event, &url, &secret, call_id),
         Command::Sign { secret, file } => sign(&secret, file.as_deref()),
-        Command::Store(StoreCommand::Migrate { from, to, json }) => store_migrate(&from, to, json),
+        Command::Store(StoreCommand::Migrate {
+            config,
+            from,
+            to,
+            json,
+        }) => store_migrate(&config, &from, to.as_deref(), json),
     }
 }
 
@@ -214,12 +219,24 @@ fn poller_status(arg: &ConfigArg, limit: usize, json: bool) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// `store migrate`: a SQLite store copied into PostgreSQL.
-fn store_migrate(from: &std::path::Path, to: String, json: bool) -> anyhow::Result<ExitCode> {
-    let to = PostgresConfig {
-        url: to,
-        pool_size: 2,
+/// `store migrate`: a SQLite store copied into PostgreSQL, into the schema the config
+/// names.
+fn store_migrate(
+    arg: &ConfigArg,
+    from: &std::path::Path,
+    to: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(url) = to {
+        // Refused here, not as `store.url`, which the user did not write.
+        PostgresConfig::from_url(url).map_err(|e| anyhow::anyhow!("--to {e}"))?;
+    }
+    let Some(mut to) = arg.postgres_target(to)? else {
+        anyhow::bail!(
+            "no PostgreSQL database to copy into: give --to URL, set store.url in the config (--config PATH), or set DATABASE_URL"
+        );
     };
+    to.pool_size = 2;
     let migrated = runtime()?
         .block_on(vyora_router::store::migrate_sqlite_to_postgres(from, &to))
         .with_context(|| format!("copying {} into PostgreSQL", from.display()))?;

@@ -361,3 +361,86 @@ fn service_link_variables_named_like_our_prefix_are_not_taken_for_settings() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("format = \"json\""), "{stdout}");
 }
+
+#[test]
+fn no_command_prints_a_postgres_password_whatever_is_wrong_with_the_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = [
+        "postgres://router@127.0.0.1:1/vyora?password=hunter2&sslmode=bogus",
+        "host=127.0.0.1 port=1 password=hunter2 sslmode=bogus",
+        "host=127.0.0.1 password='hunter2",
+        "postgres://router:hunter2@127.0.0.1:port/vyora",
+    ];
+    let commands: [&[&str]; 4] = [
+        &["serve"],
+        &["check-config"],
+        &["check-config", "--show-urls"],
+        &["deliveries", "list"],
+    ];
+    for url in refused {
+        let store = format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n");
+        std::fs::write(
+            dir.path().join("router.toml"),
+            format!("[webhook]\nsecrets = [\"s\"]\n{store}"),
+        )
+        .expect("write");
+        for args in commands {
+            let out = router(dir.path(), &[args, &["-c", "router.toml"]].concat(), &[]);
+            let shown = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            assert!(!out.status.success(), "{args:?} {url}: {shown}");
+            assert!(shown.contains("store.url"), "{args:?} {url}: {shown}");
+            assert!(!shown.contains("hunter2"), "{args:?} {url}: {shown}");
+        }
+    }
+    // Read from DATABASE_URL, and as the whole table.
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[webhook]\nsecrets = [\"s\"]\n[store]\nbackend = \"postgres\"\n",
+    )
+    .expect("write");
+    let out = router(
+        dir.path(),
+        &["check-config", "-c", "router.toml"],
+        &[("DATABASE_URL", refused[1])],
+    );
+    assert!(
+        !text(&out.stderr).contains("hunter2"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(
+        dir.path().join("router.toml"),
+        "[webhook]\nsecrets = [\"s\"]\nstore = \"postgres://router:hunter2@db/vyora\"\n",
+    )
+    .expect("write");
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        !text(&out.stderr).contains("hunter2"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A URL that is fine is shown with --show-urls, its password in none of its places.
+    for url in [
+        "postgres://router@db/vyora?password=hunter2&sslmode=verify-full",
+        "host=db user=router password=hunter2 dbname=vyora sslmode=verify-full",
+    ] {
+        std::fs::write(
+            dir.path().join("router.toml"),
+            format!(
+                "[webhook]\nsecrets = [\"s\"]\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"
+            ),
+        )
+        .expect("write");
+        let out = router(
+            dir.path(),
+            &["check-config", "--show-urls", "-c", "router.toml"],
+            &[],
+        );
+        let shown = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(shown.contains("sslmode=verify-full"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

@@ -146,3 +146,100 @@ fn replay_needs_exactly_one_selection() {
     );
     assert!(!ok);
 }
+
+/// A store of this build with one event, its schema version then set to `version`.
+fn store_at_version(dir: &std::path::Path, version: i64) -> std::path::PathBuf {
+    let path = dir.join("router.db");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let store = vyora_router::store::Store::open(
+            &vyora_router::config::StoreConfig::sqlite(path.clone()),
+            vyora_router::store::StoreOptions::default(),
+        )
+        .await
+        .expect("store");
+        let body = bytes::Bytes::from(payload("call-v", "call_completed"));
+        let event = vyora_router::event::Event::from_webhook(None, body).expect("event");
+        store
+            .ingest(event, vec![Arc::from("archive")])
+            .await
+            .expect("stored");
+        store.close().await;
+    });
+    set_version(&path, version);
+    path
+}
+
+fn set_version(path: &std::path::Path, version: i64) {
+    rusqlite::Connection::open(path)
+        .expect("open")
+        .pragma_update(None, "user_version", version)
+        .expect("set the version");
+}
+
+fn version_of(path: &std::path::Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .expect("open")
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("read the version")
+}
+
+#[test]
+fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = store_at_version(dir.path(), 5);
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, format!("[store]\npath = \"{}\"\n", path.display())).expect("write");
+
+    for args in [&["deliveries", "list"][..], &["events", "show", "call-v"]] {
+        let (ok, text) = run(&config, args);
+        assert!(!ok, "{text}");
+        for needed in [
+            "schema version 5",
+            "this build uses version 6",
+            "vyora-router serve",
+        ] {
+            assert!(text.contains(needed), "{needed} missing: {text}");
+        }
+        assert_eq!(version_of(&path), 5, "the command migrated the store");
+    }
+
+    set_version(&path, 7);
+    let (ok, text) = run(&config, &["deliveries", "list"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("schema version 7") && text.contains("use the build that wrote it"),
+        "{text}"
+    );
+    assert_eq!(version_of(&path), 7);
+
+    set_version(&path, 6);
+    let (ok, text) = run(&config, &["events", "show", "call-v"]);
+    assert!(ok && text.contains("call_completed"), "{text}");
+}
+
+#[test]
+fn store_migrate_reads_a_source_of_another_schema_version_never_migrates_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = store_at_version(dir.path(), 5);
+    let out = Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+        .current_dir(dir.path())
+        .args(["store", "migrate", "--from"])
+        .arg(&path)
+        .args([
+            "--to",
+            "postgres://router@127.0.0.1:1/vyora?sslmode=disable",
+        ])
+        .output()
+        .expect("run");
+    let (ok, text) = (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("schema version 5") && text.contains("this build uses version 6"),
+        "{text}"
+    );
+    assert_eq!(version_of(&path), 5, "the source was migrated");
+}

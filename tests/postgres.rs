@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::pg::TestDb;
 use common::*;
-use vyora_router::config::{PostgresConfig, StoreBackend, StoreConfig};
+use vyora_router::config::{StoreBackend, StoreConfig};
 use vyora_router::event::Event;
 use vyora_router::metrics::Metrics;
 use vyora_router::store::operator::{ListFilter, Replay};
@@ -20,10 +20,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn config(db: &TestDb, lease: Duration) -> StoreConfig {
     StoreConfig {
-        backend: StoreBackend::Postgres(PostgresConfig {
-            url: db.url.clone(),
-            pool_size: 4,
-        }),
+        backend: StoreBackend::Postgres(Box::new(db.postgres(4))),
         lease,
         ..StoreConfig::sqlite("unused".into())
     }
@@ -376,10 +373,7 @@ async fn a_router_on_postgres_acknowledges_delivers_and_answers_operator_command
     assert_eq!(lines[0]["id"], "call-pg:call_completed");
 
     let store = Store::open_existing(&StoreConfig {
-        backend: StoreBackend::Postgres(PostgresConfig {
-            url: db.url.clone(),
-            pool_size: 2,
-        }),
+        backend: StoreBackend::Postgres(Box::new(db.postgres(2))),
         ..StoreConfig::sqlite("unused".into())
     })
     .await
@@ -537,4 +531,393 @@ async fn a_claim_takes_what_fits_in_its_byte_budget_and_always_at_least_one() {
     let rest = store.claim("s", 10, usize::MAX).await.expect("claim");
     assert_eq!(rest.len(), 1);
     store.close().await;
+}
+
+/// Runs an operator command of the built binary on a config whose `[store]` is `store`;
+/// whether it succeeded, and what it printed.
+fn operator(
+    dir: &std::path::Path,
+    store: &str,
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (bool, String) {
+    let config = dir.join("operator.toml");
+    std::fs::write(&config, store).expect("write the config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+        .args(args)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// This test database's URL without `sslmode`, on `host`, with `query` appended.
+fn url_on(db: &TestDb, host: &str, query: &str) -> String {
+    let mut url = reqwest::Url::parse(&db.url).expect("URL");
+    url.set_query(None);
+    url.set_host(Some(host)).expect("host");
+    format!("{url}{query}")
+}
+
+/// The server's certificate file, which the TLS tests use as the root to trust: the
+/// server here runs with ssl on and a self-signed certificate for `localhost` (Debian's
+/// "snakeoil"), as a stock PostgreSQL does.
+async fn server_certificate(db: &TestDb) -> String {
+    let client = db.client().await;
+    let ssl: String = client
+        .query_one("SHOW ssl", &[])
+        .await
+        .expect("show ssl")
+        .get(0);
+    assert_eq!(ssl, "on", "these tests need the server's ssl on");
+    let file: String = client
+        .query_one("SHOW ssl_cert_file", &[])
+        .await
+        .expect("show ssl_cert_file")
+        .get(0);
+    assert!(
+        std::fs::read(&file).is_ok(),
+        "the server's certificate {file} is not readable here"
+    );
+    file
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL with ssl on: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn the_url_that_works_with_psql_works_and_each_sslmode_checks_what_libpq_checks() {
+    let db = TestDb::create().await;
+    open(&db, Duration::from_secs(30)).await.close().await;
+    let root = server_certificate(&db).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list_with = |url: String, env: &[(&str, &std::path::Path)]| {
+        operator(
+            dir.path(),
+            &format!("[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n"),
+            &["deliveries", "list"],
+            env,
+        )
+    };
+    let list = |url: String| list_with(url, &[]);
+
+    // libpq's default (prefer): encrypted, whatever the certificate says.
+    for query in ["", "?sslmode=prefer", "?sslmode=require"] {
+        let (ok, text) = list(url_on(&db, "127.0.0.1", query));
+        assert!(ok, "{query}: {text}");
+    }
+    // The chain against the server's own certificate as root; the name by the host.
+    for (host, query) in [
+        (
+            "127.0.0.1",
+            format!("?sslmode=verify-ca&sslrootcert={root}"),
+        ),
+        (
+            "localhost",
+            format!("?sslmode=verify-full&sslrootcert={root}"),
+        ),
+    ] {
+        let (ok, text) = list(url_on(&db, host, &query));
+        assert!(ok, "{host}{query}: {text}");
+    }
+
+    // By address, the name on the certificate does not match: one line saying so.
+    let (ok, text) = list(url_on(
+        &db,
+        "127.0.0.1",
+        &format!("?sslmode=verify-full&sslrootcert={root}"),
+    ));
+    assert!(!ok, "{text}");
+    let line = text.trim();
+    assert_eq!(line.lines().count(), 1, "{text}");
+    for needed in ["127.0.0.1", "sslmode=verify-full", "localhost", "verify-ca"] {
+        assert!(line.contains(needed), "{needed} missing: {line}");
+    }
+    assert_eq!(line.matches("certificate is for").count(), 1, "{line}");
+    assert!(!line.contains("error performing TLS handshake"), "{line}");
+
+    // No root given, and no CA the system trusts signed the certificate (the system's
+    // roots here hold the server's own certificate through SSL_CERT_DIR, so that is
+    // emptied): the fix is sslrootcert, or require.
+    let no_dir = tempfile::tempdir().expect("tempdir");
+    let (ok, text) = list_with(
+        url_on(&db, "localhost", "?sslmode=verify-full"),
+        &[("SSL_CERT_DIR", no_dir.path())],
+    );
+    assert!(!ok, "{text}");
+    for needed in [
+        "localhost",
+        "sslmode=verify-full",
+        "sslrootcert",
+        "sslmode=require",
+    ] {
+        assert!(text.contains(needed), "{needed} missing: {text}");
+    }
+    assert_eq!(text.trim().lines().count(), 1, "{text}");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_router_warns_of_an_unchecked_server_and_logs_no_notice_when_its_tables_exist() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut logs = Vec::new();
+    for query in ["?sslmode=disable", "?sslmode=disable", ""] {
+        let store = format!(
+            "[store]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+            url_on(&db, "127.0.0.1", query)
+        );
+        let config = dir.path().join("router.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{}\n[log]\nlevel = \"info\"\nformat = \"json\"\n",
+                base_config(dir.path()).replace("[store]\n", &store)
+            ),
+        )
+        .expect("write the config");
+        let mut router = common::process::start_router(&config).await;
+        router.child.kill().await.expect("stop the router");
+        logs.push(std::fs::read_to_string(&router.log).expect("the router's log"));
+        std::fs::remove_file(&router.log).expect("remove the log");
+    }
+    assert!(logs[0].contains("not encrypted"), "{}", logs[0]);
+    assert!(
+        !logs[1].contains("already exists"),
+        "a notice at the second start: {}",
+        logs[1]
+    );
+    assert!(logs[2].contains("identity is not checked"), "{}", logs[2]);
+}
+
+/// The router's tables in each schema of the test database, as `schema.table`.
+async fn tables(db: &TestDb) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_tables
+             WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("list tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn an_operator_command_creates_nothing_in_a_database_without_the_routers_tables() {
+    let db = TestDb::create().await;
+    // Another application's table, where the router's used to be.
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE public.events (id int PRIMARY KEY, name text)")
+        .await
+        .expect("another table");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = db.store_toml("");
+    for command in [&["deliveries", "list"][..], &["events", "show", "c1"]] {
+        let (ok, text) = operator(dir.path(), &store, command, &[]);
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains("no router tables") && text.contains("vyora-router serve"),
+            "{text}"
+        );
+        assert!(!text.contains("already exists"), "{text}");
+    }
+    assert_eq!(tables(&db).await, ["public.events"]);
+
+    // `serve` creates its tables in their own schema, beside the other application's.
+    open(&db, Duration::from_secs(30)).await.close().await;
+    let all = tables(&db).await;
+    assert!(all.contains(&"public.events".to_owned()), "{all:?}");
+    assert!(
+        all.contains(&"vyora_router.events".to_owned())
+            && all.contains(&"vyora_router.vyora_router_schema".to_owned()),
+        "{all:?}"
+    );
+    assert_eq!(
+        all.iter().filter(|t| t.starts_with("public.")).count(),
+        1,
+        "{all:?}"
+    );
+    let (ok, text) = operator(dir.path(), &store, &["deliveries", "list"], &[]);
+    assert!(ok, "{text}");
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_only() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let store = open(&db, lease).await;
+    store
+        .ingest(event("c1", "call_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    store.close().await;
+    // The previous version's layout: the same tables, in `public`, at version 1.
+    let admin = db.client().await;
+    for table in [
+        "events",
+        "deliveries",
+        "quarantine",
+        "polls",
+        "leases",
+        "api_requests",
+        "vyora_router_schema",
+    ] {
+        admin
+            .batch_execute(&format!(
+                "ALTER TABLE vyora_router.{table} SET SCHEMA public"
+            ))
+            .await
+            .expect("move back");
+    }
+    admin
+        .batch_execute(
+            "UPDATE public.vyora_router_schema SET version = 1; DROP SCHEMA vyora_router",
+        )
+        .await
+        .expect("version 1");
+    let before = tables(&db).await;
+
+    // An operator command of this build changes nothing and says what to run.
+    match Store::open_existing(&config(&db, lease)).await {
+        Err(e @ StoreError::SchemaMismatch { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("schema version 1")
+                    && text.contains("this build uses version 2")
+                    && text.contains("vyora-router serve"),
+                "{text}"
+            );
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("an operator command opened a database of another version"),
+    }
+    assert_eq!(tables(&db).await, before);
+
+    // `serve` moves the tables with their rows, and leaves in `public` only the version
+    // that makes a router of the previous build refuse to start there.
+    let store = open(&db, lease).await;
+    assert_eq!(
+        store
+            .ingest(event("c1", "call_completed"), sinks(&["s"]))
+            .await
+            .expect("ingest"),
+        Ingested::Duplicate
+    );
+    store.close().await;
+    let after = tables(&db).await;
+    assert_eq!(
+        after
+            .iter()
+            .filter(|t| t.starts_with("public."))
+            .collect::<Vec<_>>(),
+        ["public.vyora_router_schema"]
+    );
+    assert_eq!(
+        after
+            .iter()
+            .filter(|t| t.starts_with("vyora_router."))
+            .count(),
+        7,
+        "{after:?}"
+    );
+    let left: i32 = admin
+        .query_one("SELECT version FROM public.vyora_router_schema", &[])
+        .await
+        .expect("the marker")
+        .get(0);
+    assert!(
+        left > 1,
+        "a build of version 1 would not refuse version {left}"
+    );
+    // Started again, nothing moves twice; operators are at home.
+    open(&db, lease).await.close().await;
+    Store::open_existing(&config(&db, lease))
+        .await
+        .expect("the operator's store")
+        .close()
+        .await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn routers_on_two_schemas_of_one_database_keep_their_events_apart() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let mut second = config(&db, lease);
+    if let StoreBackend::Postgres(pg) = &mut second.backend {
+        pg.schema = "second_router".into();
+    }
+    let a = open(&db, lease).await;
+    let b = Store::open(&second, StoreOptions::default())
+        .await
+        .expect("the second store");
+    for store in [&a, &b] {
+        assert_eq!(
+            store
+                .ingest(event("c1", "call_completed"), sinks(&["s"]))
+                .await
+                .expect("ingest"),
+            Ingested::Stored { deliveries: 1 }
+        );
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM second_router.events").await,
+        1
+    );
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn store_migrate_copies_into_the_database_and_schema_its_config_names() {
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = dir.path().join("router.db");
+    let store = Store::open(
+        &StoreConfig::sqlite(sqlite.clone()),
+        StoreOptions::default(),
+    )
+    .await
+    .expect("sqlite store");
+    store
+        .ingest(event("m1", "call_completed"), sinks(&["archive"]))
+        .await
+        .expect("stored");
+    store.close().await;
+    let from = sqlite.to_str().expect("a UTF-8 path");
+
+    let (ok, text) = operator(
+        dir.path(),
+        &db.store_toml("schema = \"copied\"\n"),
+        &["store", "migrate", "--json", "--from", from],
+        &[],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(db.count("SELECT count(*) FROM copied.events").await, 1);
+
+    // Nothing names a database: the error says where one may be given.
+    let (ok, text) = operator(
+        dir.path(),
+        "[store]\npath = \"elsewhere.db\"\n",
+        &["store", "migrate", "--from", from],
+        &[],
+    );
+    assert!(!ok, "{text}");
+    for needed in ["--to", "store.url", "DATABASE_URL"] {
+        assert!(text.contains(needed), "{needed} missing: {text}");
+    }
 }

@@ -1175,7 +1175,7 @@ async fn deadlocks(db: &TestDb) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
 async fn two_replicas_ingesting_the_same_events_in_opposite_orders_never_deadlock() {
-    use vyora_router::config::{PostgresConfig, StoreBackend, StoreConfig};
+    use vyora_router::config::{StoreBackend, StoreConfig};
     use vyora_router::event::Event;
     use vyora_router::store::{Ingested, Store, StoreOptions};
 
@@ -1183,10 +1183,7 @@ async fn two_replicas_ingesting_the_same_events_in_opposite_orders_never_deadloc
     const ROUNDS: usize = 20;
     let db = TestDb::create().await;
     let config = StoreConfig {
-        backend: StoreBackend::Postgres(PostgresConfig {
-            url: db.url.clone(),
-            pool_size: 8,
-        }),
+        backend: StoreBackend::Postgres(Box::new(db.postgres(8))),
         lease: LEASE,
         ..StoreConfig::sqlite("unused".into())
     };

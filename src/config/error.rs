@@ -211,7 +211,7 @@ impl fmt::Display for FigmentReport {
 /// Keys whose value is, or may carry, a credential: a hook URL's path or query often is one.
 const SECRET_KEYS: &[&str] = &["secrets", "secret", "api_key", "headers", "url", "base_url"];
 /// Tables holding such keys: a value given in place of the whole table may be one of them.
-const SECRET_TABLES: &[&str] = &["webhook", "api", "sinks"];
+const SECRET_TABLES: &[&str] = &["webhook", "api", "sinks", "store"];
 
 /// Whether the value at `path` (absolute, or relative to a sink's table) may be a secret.
 fn may_hold_secret(path: &[String]) -> bool {

@@ -11,12 +11,14 @@
 //!   secret-free figment errors. A leaf, so that sinks, routing, redaction and the API
 //!   client can use it without importing the rest of this module.
 //! - `redacted`: the effective config as `check-config` prints it.
+//! - `postgres`: `store.url` read as libpq reads it, and `store.schema`.
 //!
 //! The components own their settings: each sink's keys and checks are in
 //! `sinks/<kind>/config.rs`, the `[api]` table's in `api/config.rs`; this module puts
 //! them together and names the keys.
 
 pub mod error;
+mod postgres;
 mod raw;
 mod redacted;
 mod validate;
@@ -34,6 +36,7 @@ use crate::signature::Secret;
 pub use crate::sinks::{SinkConfig, SinkKind};
 use error::InvalidAt;
 pub use error::{ConfigError, FigmentReport, Invalid};
+pub use postgres::{DEFAULT_SCHEMA, PostgresConfig, SslMode, UrlError};
 use raw::RawConfig;
 use redacted::Redacted;
 
@@ -176,25 +179,7 @@ pub enum StoreBackend {
     /// One file beside one router: the embedded default for a sidecar.
     Sqlite,
     /// A database several replicas share.
-    Postgres(PostgresConfig),
-}
-
-/// How to reach PostgreSQL.
-#[derive(Clone, PartialEq, Eq)]
-pub struct PostgresConfig {
-    /// A `postgres://` URL or `key=value` string; may hold a password, so never shown.
-    pub url: String,
-    /// Connections each replica keeps open at most.
-    pub pool_size: usize,
-}
-
-impl std::fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("url", &error::without_password(&self.url))
-            .field("pool_size", &self.pool_size)
-            .finish()
-    }
+    Postgres(Box<PostgresConfig>),
 }
 
 /// SQLite's `synchronous` pragma: `Full` fsyncs every commit, so a power loss keeps every
@@ -242,6 +227,24 @@ impl Config {
         let mut raw = Config::raw(source)?;
         raw.store.url_from_env(std::env::var(DATABASE_URL_ENV).ok());
         validate::store(&raw.store, &validate::server(&raw.server)?)
+    }
+
+    /// `[store]`'s PostgreSQL settings for `store migrate`, whatever `store.backend` says
+    /// (a sidecar's config names SQLite): the URL is `to` if given, else `store.url`,
+    /// else `DATABASE_URL`; `None` when none of them is set.
+    pub fn postgres_target(
+        source: &ConfigSource,
+        to: Option<&str>,
+    ) -> Result<Option<PostgresConfig>, ConfigError> {
+        let mut raw = Config::raw(source)?;
+        if let Some(to) = to {
+            raw.store.url = to.trim().to_owned();
+        }
+        raw.store.url_from_env(std::env::var(DATABASE_URL_ENV).ok());
+        if raw.store.url.is_empty() {
+            return Ok(None);
+        }
+        validate::postgres(&raw.store).map(Some)
     }
 
     /// Only `[api]`, for the `calls` and `agents` commands.

@@ -54,12 +54,8 @@ fn rendering(raw: &RawConfig, urls: Urls) -> String {
     }
     shown.api.base_url = shown_url(&shown.api.base_url, urls, false);
     if !shown.store.url.is_empty() {
-        // A connection string may hold its password in key=value form too.
-        shown.store.url = if shown.store.url.contains("://") {
-            shown_url(&shown.store.url, urls, false)
-        } else {
-            REDACTED.to_owned()
-        };
+        // Rebuilt from what was read: a password may be in any part of it.
+        shown.store.url = super::postgres::shown(&shown.store.url, urls == Urls::Shown);
     }
     for sink in &mut shown.sinks {
         redact_sink(sink, urls);

@@ -133,7 +133,7 @@ const MAX_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
 pub(super) fn store(s: &RawStore, server: &ServerConfig) -> Result<StoreConfig, ConfigError> {
     let backend = match s.backend.as_str() {
         "sqlite" => StoreBackend::Sqlite,
-        "postgres" => StoreBackend::Postgres(postgres(s)?),
+        "postgres" => StoreBackend::Postgres(Box::new(postgres(s)?)),
         other => {
             return Err(ConfigError::invalid(
                 "store.backend",
@@ -200,8 +200,9 @@ pub(super) fn store(s: &RawStore, server: &ServerConfig) -> Result<StoreConfig, 
     })
 }
 
-/// `store.url` and `store.pool_size`, for `backend = "postgres"`.
-fn postgres(s: &RawStore) -> Result<PostgresConfig, ConfigError> {
+/// `store.url`, `store.schema` and `store.pool_size`, for `backend = "postgres"`. The URL
+/// may hold a password anywhere, so its refusals never show it.
+pub(super) fn postgres(s: &RawStore) -> Result<PostgresConfig, ConfigError> {
     if s.url.is_empty() {
         return Err(ConfigError::invalid(
             "store.url",
@@ -209,18 +210,13 @@ fn postgres(s: &RawStore) -> Result<PostgresConfig, ConfigError> {
             format!("is needed with backend = \"postgres\": set it, or {DATABASE_URL_ENV}"),
         ));
     }
-    if let Err(e) = s.url.parse::<tokio_postgres::Config>() {
-        return Err(ConfigError::invalid(
-            "store.url",
-            error::without_password(&s.url),
-            format!("not a PostgreSQL URL or connection string ({e})"),
-        ));
-    }
-    let pool_size = error::count(s.pool_size).at("store.pool_size")?;
-    Ok(PostgresConfig {
-        url: s.url.clone(),
-        pool_size,
-    })
+    let mut pg = PostgresConfig::from_url(&s.url)
+        .map_err(|e| ConfigError::invalid("store.url", error::REDACTED, e.to_string()))?;
+    super::postgres::check_schema(&s.schema)
+        .map_err(|reason| ConfigError::invalid("store.schema", &s.schema, reason))?;
+    pg.schema.clone_from(&s.schema);
+    pg.pool_size = error::count(s.pool_size).at("store.pool_size")?;
+    Ok(pg)
 }
 
 /// The store's dedup window bounds how old an event may be: a replay must never outlive

@@ -158,46 +158,51 @@ impl Store {
                     config.lease,
                     config.quarantine_max_bytes,
                     options,
+                    postgres::Opening::Migrate,
                 )
                 .await?,
             )),
         })
     }
 
-    /// Opens an existing store for an operator command: a wrong SQLite path is an error,
-    /// not a new empty database.
+    /// Opens an existing store for an operator command, which never changes its schema:
+    /// a replica of another build may be using it. A wrong SQLite path is an error, not a
+    /// new empty database; a store of another schema version is refused, with what to run.
     pub async fn open_existing(config: &StoreConfig) -> Result<Store> {
-        if config.backend == StoreBackend::Sqlite && !config.path.exists() {
-            return Err(StoreError::Missing {
-                path: config.path.clone(),
-            });
-        }
-        Store::open(config, StoreOptions::default()).await
+        Ok(match &config.backend {
+            StoreBackend::Sqlite => {
+                sqlite::schema::check_version(&config.path)?;
+                // Of this build's version, so opening migrates nothing.
+                Store(Arc::new(sqlite::SqliteStore::open(
+                    config,
+                    StoreOptions::default(),
+                )?))
+            }
+            StoreBackend::Postgres(pg) => Store(Arc::new(
+                postgres::PostgresStore::open(
+                    pg,
+                    config.lease,
+                    config.quarantine_max_bytes,
+                    StoreOptions::default(),
+                    postgres::Opening::Existing,
+                )
+                .await?,
+            )),
+        })
     }
 }
 
 pub use postgres::Migrated;
 
-/// `store migrate`: copies the SQLite store at `from` into PostgreSQL (migrating its
-/// schema first); pending deliveries stay pending, and the dedup history comes along.
-/// The router that writes `from` must be stopped.
+/// `store migrate`: copies the SQLite store at `from` into PostgreSQL (creating or
+/// migrating the schema there); pending deliveries stay pending, and the dedup history
+/// comes along. The router that writes `from` must be stopped. `from` is only read, so it
+/// must be of this build's schema version.
 pub async fn migrate_sqlite_to_postgres(
     from: &std::path::Path,
     to: &crate::config::PostgresConfig,
 ) -> Result<Migrated> {
-    if !from.exists() {
-        return Err(StoreError::Missing {
-            path: from.to_owned(),
-        });
-    }
-    // Brings an older store to the current layout first (it is read as that).
-    Store::open(
-        &StoreConfig::sqlite(from.to_owned()),
-        StoreOptions::default(),
-    )
-    .await?
-    .close()
-    .await;
+    sqlite::schema::check_version(from)?;
     postgres::import_sqlite(from, to).await
 }
 
@@ -371,16 +376,34 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    // The PostgreSQL errors show their causes in their own text, so they are not given
+    // as sources too: `{:#}` would print each cause again.
     #[error("database error: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    Postgres(tokio_postgres::Error),
     #[error("no database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
+    Pool(deadpool_postgres::PoolError),
+    #[error("cannot connect to PostgreSQL at {host} (sslmode={mode}): {problem}")]
+    Connect {
+        host: String,
+        mode: &'static str,
+        problem: String,
+    },
     #[error("cannot set up the database connections: {0}")]
     Setup(String),
     #[error(
         "the database has schema version {found}, newer than this build knows ({known}); run the newer build"
     )]
     SchemaTooNew { found: i64, known: usize },
+    #[error("{store} has schema version {found}; this build uses version {current}: {}", advice(*found, *current))]
+    SchemaMismatch {
+        store: String,
+        found: i64,
+        current: usize,
+    },
+    #[error(
+        "{store} holds no router tables yet: `vyora-router serve` creates them when it starts (check {check})"
+    )]
+    NoSchema { store: String, check: &'static str },
     #[error("the store cannot take writes: {0}")]
     Unavailable(String),
     #[error("cannot start the store's writer thread: {0}")]
@@ -389,6 +412,27 @@ pub enum StoreError {
     WriterGone,
     #[error("a store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+/// What to run when a store's schema version is not this build's.
+fn advice(found: i64, current: usize) -> &'static str {
+    if usize::try_from(found).is_ok_and(|found| found > current) {
+        "use the build that wrote it (or a newer one)"
+    } else {
+        "run `vyora-router serve` of this build once (it migrates the store when it starts), or use the build that matches the store"
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> StoreError {
+        StoreError::Pool(e)
+    }
 }
 
 /// The time stores record; one function so tests and stores agree.

@@ -44,13 +44,25 @@ impl TestDb {
         }
     }
 
-    /// A connection for looking at (or tampering with) the rows.
+    /// A connection for looking at (or tampering with) the rows, in the router's schema.
     pub async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
             .await
             .expect("connect to the test database");
         tokio::spawn(connection);
         client
+            .batch_execute("SET search_path TO vyora_router")
+            .await
+            .expect("set the search path");
+        client
+    }
+
+    /// The store's settings for this database.
+    pub fn postgres(&self, pool_size: usize) -> vyora_router::config::PostgresConfig {
+        let mut pg =
+            vyora_router::config::PostgresConfig::from_url(&self.url).expect("a PostgreSQL URL");
+        pg.pool_size = pool_size;
+        pg
     }
 
     pub async fn count(&self, sql: &str) -> i64 {

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use super::Db;
 use bytes::Bytes;
-use deadpool_postgres::Pool;
 
 use crate::event::{Delivery, DeliveryId, Source};
 use crate::store::{Settlement, StoreError};
@@ -28,11 +28,11 @@ use crate::store::{Settlement, StoreError};
 const CLAIM: &str = "
 WITH candidates AS (
     SELECT d.id, d.next_attempt_at, octet_length(e.payload)::bigint AS bytes
-    FROM deliveries d JOIN events e ON e.id = d.event_id
+    FROM {schema}.deliveries d JOIN {schema}.events e ON e.id = d.event_id
     WHERE d.sink = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
       AND (d.lease_until IS NULL OR d.lease_until < now())
       AND NOT EXISTS (
-          SELECT 1 FROM deliveries p
+          SELECT 1 FROM {schema}.deliveries p
           WHERE p.sink = d.sink AND p.call_id = d.call_id AND p.status = 'pending'
             AND (p.event_id < d.event_id OR (p.id <> d.id AND p.lease_until >= now())))
     ORDER BY d.next_attempt_at, d.id
@@ -41,7 +41,7 @@ WITH candidates AS (
 taken AS (
     SELECT id, (sum(bytes) OVER (ORDER BY next_attempt_at, id) - bytes)::bigint AS before
     FROM candidates)
-UPDATE deliveries d SET lease_owner = $3, lease_token = $4,
+UPDATE {schema}.deliveries d SET lease_owner = $3, lease_token = $4,
     lease_until = clock_timestamp() + make_interval(secs => $5)
 FROM taken t
 WHERE d.id = t.id AND (t.before = 0 OR t.before < $6)
@@ -49,13 +49,13 @@ RETURNING d.id";
 
 const FETCH: &str = "
 SELECT d.id, d.attempts, e.event, e.call_id, e.dedup_key, e.source, e.received_at, e.payload
-FROM deliveries d JOIN events e ON e.id = d.event_id
+FROM {schema}.deliveries d JOIN {schema}.events e ON e.id = d.event_id
 WHERE d.id = ANY($1)
 ORDER BY d.next_attempt_at, d.id";
 
 /// Outcomes recorded only where the claim still holds; the rows it returns were recorded.
 const SETTLE: &str = "
-UPDATE deliveries d SET
+UPDATE {schema}.deliveries d SET
     status = u.status,
     attempts = d.attempts + u.counted,
     next_attempt_at = COALESCE(u.at, d.next_attempt_at),
@@ -68,12 +68,12 @@ WHERE d.id = u.id AND d.lease_token = u.token AND d.status = 'pending'
 RETURNING d.id";
 
 const RENEW: &str = "
-UPDATE deliveries d SET lease_until = now() + make_interval(secs => $3)
+UPDATE {schema}.deliveries d SET lease_until = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
 WHERE d.id = u.id AND d.lease_token = u.token AND d.status = 'pending'";
 
 const RELEASE: &str = "
-UPDATE deliveries d SET lease_owner = NULL, lease_token = NULL, lease_until = NULL
+UPDATE {schema}.deliveries d SET lease_owner = NULL, lease_token = NULL, lease_until = NULL
 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
 WHERE d.id = u.id AND d.lease_token = u.token";
 
@@ -110,7 +110,7 @@ fn token_of(id: DeliveryId) -> i64 {
 /// Claims up to `limit` due deliveries of `sink`, about `max_bytes` of payload at most
 /// (at least one), for `lease`.
 pub(super) async fn claim(
-    pool: &Pool,
+    db: &Db,
     held: &Held,
     owner: &str,
     lease: Duration,
@@ -119,12 +119,12 @@ pub(super) async fn claim(
     max_bytes: usize,
 ) -> Result<Vec<Delivery>, StoreError> {
     let token = fastrand::i64(1..);
-    let client = pool.get().await?;
+    let client = db.get().await?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
     let rows: Vec<i64> = client
         .query(
-            CLAIM,
+            &db.sql(CLAIM),
             &[
                 &sink,
                 &limit,
@@ -141,16 +141,16 @@ pub(super) async fn claim(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let claimed = match client.query(FETCH, &[&rows]).await {
+    let claimed = match client.query(&db.sql(FETCH), &[&rows]).await {
         Ok(claimed) => claimed,
         Err(e) => {
             // The dispatcher never learns of these claims, so nothing would settle or
             // release them: give them back now. If that fails too, they are not held, so
             // the heartbeat leaves their lease to run out.
             let tokens = vec![token; rows.len()];
-            let released: Result<(), StoreError> = match pool.get().await {
+            let released: Result<(), StoreError> = match db.get().await {
                 Ok(c) => c
-                    .execute(RELEASE, &[&rows, &tokens])
+                    .execute(&db.sql(RELEASE), &[&rows, &tokens])
                     .await
                     .map(drop)
                     .map_err(Into::into),
@@ -191,7 +191,7 @@ pub(super) async fn claim(
 /// Records outcomes under their claims; returns how many were refused because the claim
 /// had passed to another replica.
 pub(super) async fn settle(
-    pool: &Pool,
+    db: &Db,
     held: &Held,
     settlements: &[Settlement],
 ) -> Result<u64, StoreError> {
@@ -218,10 +218,13 @@ pub(super) async fn settle(
         ats.push(at);
         errors.push(error);
     }
-    let recorded = pool
+    let recorded = db
         .get()
         .await?
-        .query(SETTLE, &[&ids, &tokens, &statuses, &counted, &ats, &errors])
+        .query(
+            &db.sql(SETTLE),
+            &[&ids, &tokens, &statuses, &counted, &ats, &errors],
+        )
         .await;
     // Recorded or not, the claim ends here: an unrecorded outcome leaves the delivery
     // pending, and its lease runs out.
@@ -232,36 +235,32 @@ pub(super) async fn settle(
 }
 
 /// Ends claims without an outcome, so another dispatcher may take the rows at once.
-pub(super) async fn release(
-    pool: &Pool,
-    held: &Held,
-    ids: &[DeliveryId],
-) -> Result<(), StoreError> {
+pub(super) async fn release(db: &Db, held: &Held, ids: &[DeliveryId]) -> Result<(), StoreError> {
     held.remove(ids);
     let rows: Vec<i64> = ids.iter().map(|id| id.row).collect();
     let tokens: Vec<i64> = ids.iter().map(|id| token_of(*id)).collect();
-    pool.get()
+    db.get()
         .await?
-        .execute(RELEASE, &[&rows, &tokens])
+        .execute(&db.sql(RELEASE), &[&rows, &tokens])
         .await?;
     Ok(())
 }
 
 /// Extends every lease this replica holds.
-pub(super) async fn renew(pool: &Pool, held: &Held, lease: Duration) -> Result<(), StoreError> {
+pub(super) async fn renew(db: &Db, held: &Held, lease: Duration) -> Result<(), StoreError> {
     let (rows, tokens) = held.all();
     if rows.is_empty() {
         return Ok(());
     }
-    pool.get()
+    db.get()
         .await?
-        .execute(RENEW, &[&rows, &tokens, &lease.as_secs_f64()])
+        .execute(&db.sql(RENEW), &[&rows, &tokens, &lease.as_secs_f64()])
         .await?;
     Ok(())
 }
 
 /// Gives up every lease this replica holds (it is shutting down).
-pub(super) async fn release_all(pool: &Pool, held: &Held) -> Result<(), StoreError> {
+pub(super) async fn release_all(db: &Db, held: &Held) -> Result<(), StoreError> {
     let (rows, tokens) = held.all();
     if rows.is_empty() {
         return Ok(());
@@ -274,5 +273,5 @@ pub(super) async fn release_all(pool: &Pool, held: &Held) -> Result<(), StoreErr
             claim: u64::from_ne_bytes(token.to_ne_bytes()),
         })
         .collect();
-    release(pool, held, &ids).await
+    release(db, held, &ids).await
 }

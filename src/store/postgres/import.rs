@@ -12,7 +12,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::schema;
+use super::Db;
 use crate::store::StoreError;
 
 /// Events copied per transaction.
@@ -59,8 +59,9 @@ struct Row {
 
 /// Copies everything from the SQLite database at `from` into the (migrated) PostgreSQL
 /// database `client` is connected to.
-pub(crate) async fn from_sqlite(
+pub(super) async fn from_sqlite(
     from: &Path,
+    db: &Db,
     client: &mut deadpool_postgres::Client,
 ) -> Result<Migrated, StoreError> {
     let sqlite = Connection::open_with_flags(
@@ -71,7 +72,6 @@ pub(crate) async fn from_sqlite(
         path: from.to_owned(),
         source,
     })?;
-    schema::migrate(client).await?;
     let mut done = Migrated::default();
     let mut after = 0i64;
     loop {
@@ -79,11 +79,11 @@ pub(crate) async fn from_sqlite(
         let Some(last) = rows.last().map(|r| r.id) else {
             break;
         };
-        copy_batch(&sqlite, client, &rows, &mut done).await?;
+        copy_batch(&sqlite, db, client, &rows, &mut done).await?;
         after = last;
     }
-    copy_polls(&sqlite, client, &mut done).await?;
-    copy_quarantine(&sqlite, client, &mut done).await?;
+    copy_polls(&sqlite, db, client, &mut done).await?;
+    copy_quarantine(&sqlite, db, client, &mut done).await?;
     Ok(done)
 }
 
@@ -125,6 +125,7 @@ fn events_after(sqlite: &Connection, after: i64) -> Result<Vec<Row>, StoreError>
 
 async fn copy_batch(
     sqlite: &Connection,
+    db: &Db,
     client: &mut deadpool_postgres::Client,
     rows: &[Row],
     done: &mut Migrated,
@@ -132,11 +133,11 @@ async fn copy_batch(
     let tx = client.transaction().await?;
     let inserted = tx
         .query(
-            "INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
+            &db.sql("INSERT INTO {schema}.events (dedup_key, event, call_id, source, received_at, payload)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
                                   $5::timestamptz[], $6::bytea[])
              ON CONFLICT (dedup_key) DO NOTHING
-             RETURNING id, dedup_key",
+             RETURNING id, dedup_key"),
             &[
                 &rows
                     .iter()
@@ -197,10 +198,10 @@ async fn copy_batch(
     }
     if !deliveries.is_empty() {
         tx.execute(
-            "INSERT INTO deliveries (event_id, sink, call_id, status, attempts, next_attempt_at,
+            &db.sql("INSERT INTO {schema}.deliveries (event_id, sink, call_id, status, attempts, next_attempt_at,
                                      last_error, updated_at)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[],
-                                  $6::timestamptz[], $7::text[], $8::timestamptz[])",
+                                  $6::timestamptz[], $7::text[], $8::timestamptz[])"),
             &[
                 &deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>(),
                 &deliveries
@@ -235,6 +236,7 @@ async fn copy_batch(
 
 async fn copy_polls(
     sqlite: &Connection,
+    db: &Db,
     client: &deadpool_postgres::Client,
     done: &mut Migrated,
 ) -> Result<(), StoreError> {
@@ -244,9 +246,9 @@ async fn copy_polls(
     )?;
     let insert = client
         .prepare(
-            "INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at,
+            &db.sql("INSERT INTO {schema}.polls (call_id, status, first_seen_at, last_event_at, next_poll_at,
                                 polls, last_result, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (call_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (call_id) DO NOTHING"),
         )
         .await?;
     let rows = stmt.query_map([], |r| {
@@ -277,16 +279,17 @@ async fn copy_polls(
 
 async fn copy_quarantine(
     sqlite: &Connection,
+    db: &Db,
     client: &deadpool_postgres::Client,
     done: &mut Migrated,
 ) -> Result<(), StoreError> {
     let mut stmt = sqlite
         .prepare("SELECT received_at, reason, event_header, body FROM quarantine ORDER BY id")?;
     let insert = client
-        .prepare(
-            "INSERT INTO quarantine (received_at, reason, event_header, body, body_hash)
+        .prepare(&db.sql(
+            "INSERT INTO {schema}.quarantine (received_at, reason, event_header, body, body_hash)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (body_hash) DO NOTHING",
-        )
+        ))
         .await?;
     let rows = stmt.query_map([], |r| {
         Ok((

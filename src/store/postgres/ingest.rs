@@ -7,11 +7,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool_postgres::Pool;
+use super::Db;
 use futures_util::future::join_all;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::CHANNEL;
 use crate::event::Event;
 use crate::protocol::ALL_PROCESSING_COMPLETED;
 use crate::store::wakers::Wakers;
@@ -29,7 +28,7 @@ pub(super) struct Op {
 
 /// What the writers share.
 pub(super) struct Writers {
-    pub(super) pool: Pool,
+    pub(super) db: Db,
     pub(super) queue: Mutex<mpsc::Receiver<Option<Op>>>,
     pub(super) wakers: Arc<Wakers>,
     /// Whether the last commit succeeded (readiness).
@@ -49,12 +48,12 @@ WITH i AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[])
         WITH ORDINALITY AS i(dedup_key, event, call_id, source, payload, sinks, ord)),
 e AS (
-    INSERT INTO events (dedup_key, event, call_id, source, received_at, payload)
+    INSERT INTO {schema}.events (dedup_key, event, call_id, source, received_at, payload)
     SELECT dedup_key, event, call_id, source, now(), payload FROM i ORDER BY ord
     ON CONFLICT (dedup_key) DO NOTHING
     RETURNING id, dedup_key, call_id),
 d AS (
-    INSERT INTO deliveries (event_id, sink, call_id, status, next_attempt_at, updated_at)
+    INSERT INTO {schema}.deliveries (event_id, sink, call_id, status, next_attempt_at, updated_at)
     SELECT e.id, s.sink, e.call_id, 'pending', now(), now()
     FROM e
     JOIN (SELECT DISTINCT ON (dedup_key) dedup_key, sinks FROM i ORDER BY dedup_key, ord) f
@@ -66,7 +65,7 @@ SELECT dedup_key FROM e";
 
 /// Any event but the analysis (re)starts the wait for it.
 const TRACK_WAITING: &str = "
-INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+INSERT INTO {schema}.polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
 VALUES ($1, 'waiting', now(), now(), now() + make_interval(secs => $2), 'waiting for the analysis webhook', now())
 ON CONFLICT (call_id) DO UPDATE SET last_event_at = now(), updated_at = now(),
     next_poll_at = CASE WHEN polls.status = 'waiting'
@@ -74,7 +73,7 @@ ON CONFLICT (call_id) DO UPDATE SET last_event_at = now(), updated_at = now(),
 
 /// The analysis, from whatever source, ends it.
 const TRACK_DONE: &str = "
-INSERT INTO polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
+INSERT INTO {schema}.polls (call_id, status, first_seen_at, last_event_at, next_poll_at, last_result, updated_at)
 VALUES ($1, 'done', now(), now(), now(), $2, now())
 ON CONFLICT (call_id) DO UPDATE SET status = 'done', last_event_at = now(), last_result = $2,
     updated_at = now()";
@@ -188,9 +187,10 @@ fn write_order(group: &[Op]) -> Vec<usize> {
 /// Stores the group in one transaction; the outcome of each event, in order.
 async fn commit(writers: &Writers, group: &[Op]) -> Result<Vec<Ingested>, StoreError> {
     let order = write_order(group);
-    let mut client = writers.pool.get().await?;
+    let db = &writers.db;
+    let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let insert = tx.prepare_cached(INSERT).await?;
+    let insert = tx.prepare_cached(&db.sql(INSERT)).await?;
     let column = |f: fn(&Op) -> Option<&str>| -> Vec<Option<&str>> {
         order.iter().map(|&i| f(&group[i])).collect()
     };
@@ -218,8 +218,8 @@ async fn commit(writers: &Writers, group: &[Op]) -> Result<Vec<Ingested>, StoreE
     }
 
     if let Some(wait) = writers.track_calls {
-        let waiting = tx.prepare_cached(TRACK_WAITING).await?;
-        let done = tx.prepare_cached(TRACK_DONE).await?;
+        let waiting = tx.prepare_cached(&db.sql(TRACK_WAITING)).await?;
+        let done = tx.prepare_cached(&db.sql(TRACK_DONE)).await?;
         let tracked = order
             .iter()
             .filter(|&&i| inserted[i])
@@ -250,7 +250,7 @@ async fn commit(writers: &Writers, group: &[Op]) -> Result<Vec<Ingested>, StoreE
     if !sinks.is_empty() {
         // Sent by PostgreSQL at COMMIT, to every replica listening.
         let payload = sinks.into_iter().collect::<Vec<_>>().join(",");
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        tx.execute("SELECT pg_notify($1, $2)", &[&&*db.channel, &payload])
             .await?;
     }
     tx.commit().await?;

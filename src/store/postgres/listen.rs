@@ -11,7 +11,6 @@ use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::CancellationToken;
 
-use super::CHANNEL;
 use crate::backoff::Backoff;
 use crate::store::wakers::Wakers;
 
@@ -25,6 +24,7 @@ const PENDING_NOTIFICATIONS: usize = 256;
 pub(super) async fn run(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
+    channel: Arc<str>,
     wakers: Arc<Wakers>,
     stop: CancellationToken,
 ) {
@@ -49,7 +49,10 @@ pub(super) async fn run(
                         }
                     }
                 });
-                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                match client
+                    .batch_execute(&format!("LISTEN {}", super::schema::quote(&channel)))
+                    .await
+                {
                     Ok(()) => {
                         failures = 0;
                         // Whatever was stored while nobody listened.

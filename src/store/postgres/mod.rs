@@ -9,13 +9,16 @@ mod ingest;
 mod listen;
 mod queries;
 mod schema;
+mod tls;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -32,8 +35,6 @@ use crate::store::{
 };
 use claims::Held;
 
-/// The `LISTEN/NOTIFY` channel; a notification's payload names the sinks.
-const CHANNEL: &str = "vyora_router";
 /// Events waiting for a writer; callers beyond this wait for room (and time out).
 const QUEUE_DEPTH: usize = 4096;
 /// How long a request waits for a pooled connection before failing.
@@ -48,7 +49,7 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 pub(super) struct PostgresStore {
-    pool: Pool,
+    db: Db,
     /// This process among the replicas: the holder of its claims and roles.
     owner: String,
     /// How long a claim or a role holds without renewal.
@@ -70,26 +71,44 @@ pub(super) struct PostgresStore {
     stop: CancellationToken,
 }
 
-/// rustls for the database connection, with the platform's roots (no OpenSSL).
-fn tls() -> MakeRustlsConnect {
-    crate::net::install_tls_provider();
-    match MakeRustlsConnect::with_native_certs() {
-        Ok((tls, _)) => tls,
-        // No roots here: plain connections still work, TLS ones fail verification.
-        Err(_) => MakeRustlsConnect::new(
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        ),
+/// The connections, and the schema every statement names its tables in. Names are
+/// qualified rather than left to each connection's `search_path`, which PgBouncer's
+/// transaction pooling would not keep.
+#[derive(Clone)]
+pub(super) struct Db {
+    pool: Pool,
+    /// `store.schema`, quoted (`"vyora_router"`).
+    schema: Arc<str>,
+    /// The `LISTEN/NOTIFY` channel, named after the schema, so routers on other schemas
+    /// of the database do not wake each other; a notification's payload names the sinks.
+    channel: Arc<str>,
+}
+
+impl Db {
+    fn new(pool: Pool, schema: &str) -> Db {
+        Db {
+            pool,
+            schema: schema::quote(schema).into(),
+            channel: schema.into(),
+        }
+    }
+
+    /// `template` with each `{schema}` replaced by the schema's quoted name.
+    fn sql(&self, template: &str) -> String {
+        template.replace("{schema}", &self.schema)
+    }
+
+    async fn get(&self) -> Result<Object, PoolError> {
+        self.pool.get().await
     }
 }
 
 pub use import::Migrated;
 
-/// The connection pool for `pg`, with rustls.
+/// The connection pool for `pg`, with rustls as its `sslmode` asks.
 fn pool(pg: &PostgresConfig) -> Result<(Pool, tokio_postgres::Config, MakeRustlsConnect)> {
-    let config = connection_config(&pg.url)?;
-    let tls = tls();
+    let config = connection_config(pg);
+    let tls = tls::connector(pg)?;
     let manager = Manager::from_config(
         config.clone(),
         tls.clone(),
@@ -107,12 +126,10 @@ fn pool(pg: &PostgresConfig) -> Result<(Pool, tokio_postgres::Config, MakeRustls
     Ok((pool, config, tls))
 }
 
-/// The URL's connection settings, with timeouts that notice a vanished server where the
-/// URL sets none.
-fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| StoreError::Setup(e.to_string()))?;
+/// `pg`'s connection settings, with timeouts that notice a vanished server where the URL
+/// sets none.
+fn connection_config(pg: &PostgresConfig) -> tokio_postgres::Config {
+    let mut config = pg.connection.clone();
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
@@ -120,28 +137,52 @@ fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
     if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
         config.keepalives_idle(KEEPALIVE_IDLE);
     }
-    Ok(config)
+    config
 }
 
-/// Copies the SQLite store at `from` into the PostgreSQL database `to` names.
+/// Copies the SQLite store at `from` into the PostgreSQL database `to` names, creating or
+/// migrating its schema there.
 pub(super) async fn import_sqlite(from: &std::path::Path, to: &PostgresConfig) -> Result<Migrated> {
     let (pool, _, _) = pool(to)?;
-    let migrated = import::from_sqlite(from, &mut pool.get().await?).await;
-    pool.close();
+    let db = Db::new(pool, &to.schema);
+    let mut client = db.get().await.map_err(|e| tls::connect_error(to, &e))?;
+    schema::migrate(&mut client, &to.schema).await?;
+    let migrated = import::from_sqlite(from, &db, &mut client).await;
+    db.pool.close();
     migrated
 }
 
+/// What opening does to the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Opening {
+    /// `serve`: creates the schema, or brings it to this build's version.
+    Migrate,
+    /// Operator commands: the schema must be this build's version already; nothing is
+    /// created or changed.
+    Existing,
+}
+
 impl PostgresStore {
-    /// Connects, applies migrations, and starts the writers, the listener and the
-    /// heartbeat.
+    /// Connects, migrates or checks the schema as `opening` says, and starts the writers,
+    /// the listener and the heartbeat.
     pub(super) async fn open(
         pg: &PostgresConfig,
         lease: Duration,
         quarantine_max_bytes: u64,
         options: StoreOptions,
+        opening: Opening,
     ) -> Result<PostgresStore> {
         let (pool, config, tls) = pool(pg)?;
-        schema::migrate(&mut pool.get().await?).await?;
+        let db = Db::new(pool, &pg.schema);
+        let mut client = db.get().await.map_err(|e| tls::connect_error(pg, &e))?;
+        match opening {
+            Opening::Migrate => {
+                tls::warn_if_unchecked(pg);
+                schema::migrate(&mut client, &pg.schema).await?;
+            }
+            Opening::Existing => schema::check(&mut client, pg).await?,
+        }
+        drop(client);
 
         let owner = format!(
             "{}-{}-{:08x}",
@@ -156,7 +197,7 @@ impl PostgresStore {
         let stop = CancellationToken::new();
         let (ingest, queue) = mpsc::channel(QUEUE_DEPTH);
         let shared = Arc::new(ingest::Writers {
-            pool: pool.clone(),
+            db: db.clone(),
             queue: tokio::sync::Mutex::new(queue),
             wakers: Arc::clone(&wakers),
             writable: Arc::clone(&writable),
@@ -167,9 +208,15 @@ impl PostgresStore {
         let writers = (0..(pg.pool_size / 2).clamp(1, 4))
             .map(|_| tokio::spawn(ingest::run(Arc::clone(&shared))))
             .collect();
-        tokio::spawn(listen::run(config, tls, Arc::clone(&wakers), stop.clone()));
+        tokio::spawn(listen::run(
+            config,
+            tls,
+            Arc::clone(&db.channel),
+            Arc::clone(&wakers),
+            stop.clone(),
+        ));
         tokio::spawn(heartbeat(
-            pool.clone(),
+            db.clone(),
             Arc::clone(&held),
             Arc::clone(&roles),
             owner.clone(),
@@ -177,7 +224,7 @@ impl PostgresStore {
             stop.clone(),
         ));
         Ok(PostgresStore {
-            pool,
+            db,
             owner,
             lease,
             ingest,
@@ -220,7 +267,7 @@ impl Roles {
 /// between batches, and a batch can wait on the API budget far longer than a lease; had
 /// its role lapsed meanwhile, another replica would poll the same calls at the same time.
 async fn heartbeat(
-    pool: Pool,
+    db: Db,
     held: Arc<Held>,
     roles: Arc<Roles>,
     owner: String,
@@ -232,14 +279,14 @@ async fn heartbeat(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(lease / 3) => {}
         }
-        if let Err(e) = claims::renew(&pool, &held, lease).await {
+        if let Err(e) = claims::renew(&db, &held, lease).await {
             tracing::warn!(error = %e, "cannot renew this replica's claims");
         }
         let mine = roles.all();
         if mine.is_empty() {
             continue;
         }
-        match queries::renew_roles(&pool, &owner, &mine, lease).await {
+        match queries::renew_roles(&db, &owner, &mine, lease).await {
             Ok(kept) => {
                 // Taken over while this replica stalled past its lease: no longer ours.
                 for role in mine.into_iter().filter(|r| !kept.iter().any(|k| k == r)) {
@@ -271,7 +318,7 @@ impl Backend for PostgresStore {
 
     fn quarantine(&self, entry: Quarantined) -> BoxFuture<'_, Result<Kept>> {
         Box::pin(
-            async move { queries::quarantine(&self.pool, &entry, self.quarantine_max_bytes).await },
+            async move { queries::quarantine(&self.db, &entry, self.quarantine_max_bytes).await },
         )
     }
 
@@ -292,7 +339,7 @@ impl Backend for PostgresStore {
         max_bytes: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
         Box::pin(claims::claim(
-            &self.pool,
+            &self.db,
             &self.held,
             &self.owner,
             self.lease,
@@ -304,7 +351,7 @@ impl Backend for PostgresStore {
 
     fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let rejected = claims::settle(&self.pool, &self.held, &settlements).await?;
+            let rejected = claims::settle(&self.db, &self.held, &settlements).await?;
             if rejected > 0 {
                 tracing::warn!(
                     rejected,
@@ -319,16 +366,16 @@ impl Backend for PostgresStore {
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {
-        let (pool, held) = (self.pool.clone(), Arc::clone(&self.held));
+        let (db, held) = (self.db.clone(), Arc::clone(&self.held));
         tokio::spawn(async move {
-            if let Err(e) = claims::release(&pool, &held, &ids).await {
+            if let Err(e) = claims::release(&db, &held, &ids).await {
                 tracing::warn!(error = %e, "cannot release claims; they expire with their lease");
             }
         });
     }
 
     fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
-        Box::pin(queries::next_due(&self.pool, sink))
+        Box::pin(queries::next_due(&self.db, sink))
     }
 
     fn waker(&self, sink: &str) -> Arc<Notify> {
@@ -337,7 +384,7 @@ impl Backend for PostgresStore {
 
     fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>> {
         Box::pin(async move {
-            let held = queries::lead(&self.pool, &self.owner, role, self.lease).await?;
+            let held = queries::lead(&self.db, &self.owner, role, self.lease).await?;
             self.roles.set(queries::role_name(role), held);
             Ok(held)
         })
@@ -348,7 +395,7 @@ impl Backend for PostgresStore {
         limit: usize,
         window: Duration,
     ) -> BoxFuture<'_, Result<Option<Duration>>> {
-        Box::pin(queries::reserve_api_call(&self.pool, limit, window))
+        Box::pin(queries::reserve_api_call(&self.db, limit, window))
     }
 
     fn prune(
@@ -356,19 +403,19 @@ impl Backend for PostgresStore {
         payloads_before: SystemTime,
         keys_before: SystemTime,
     ) -> BoxFuture<'_, Result<Pruned>> {
-        Box::pin(queries::prune(&self.pool, payloads_before, keys_before))
+        Box::pin(queries::prune(&self.db, payloads_before, keys_before))
     }
 
     fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
-        Box::pin(queries::stats(&self.pool))
+        Box::pin(queries::stats(&self.db))
     }
 
     fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>> {
-        Box::pin(queries::due_polls(&self.pool, limit))
+        Box::pin(queries::due_polls(&self.db, limit))
     }
 
     fn next_poll(&self) -> BoxFuture<'_, Result<Option<SystemTime>>> {
-        Box::pin(queries::next_poll(&self.pool))
+        Box::pin(queries::next_poll(&self.db))
     }
 
     fn record_poll<'a>(
@@ -376,30 +423,30 @@ impl Backend for PostgresStore {
         call_id: &'a str,
         update: PollUpdate,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { queries::record_poll(&self.pool, call_id, &update).await })
+        Box::pin(async move { queries::record_poll(&self.db, call_id, &update).await })
     }
 
     fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(queries::has_event(&self.pool, dedup_key))
+        Box::pin(queries::has_event(&self.db, dedup_key))
     }
 
     fn list_deliveries<'a>(
         &'a self,
         filter: &'a ListFilter,
     ) -> BoxFuture<'a, Result<Vec<DeliveryRow>>> {
-        Box::pin(queries::list_deliveries(&self.pool, filter))
+        Box::pin(queries::list_deliveries(&self.db, filter))
     }
 
     fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>> {
-        Box::pin(queries::replay(&self.pool, sink, which))
+        Box::pin(queries::replay(&self.db, sink, which))
     }
 
     fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>> {
-        Box::pin(queries::show_events(&self.pool, call_id))
+        Box::pin(queries::show_events(&self.db, call_id))
     }
 
     fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>> {
-        Box::pin(queries::poll_status(&self.pool, limit))
+        Box::pin(queries::poll_status(&self.db, limit))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -423,10 +470,10 @@ impl Backend for PostgresStore {
             }
             self.stop.cancel();
             // Whatever this replica still holds goes back now, not when its lease ends.
-            if let Err(e) = claims::release_all(&self.pool, &self.held).await {
+            if let Err(e) = claims::release_all(&self.db, &self.held).await {
                 tracing::warn!(error = %e, "cannot release claims; they expire with their lease");
             }
-            self.pool.close();
+            self.db.pool.close();
         })
     }
 }
@@ -437,12 +484,13 @@ mod tests {
 
     #[test]
     fn a_url_without_timeouts_gets_ones_that_notice_a_vanished_server_and_its_own_are_kept() {
-        let plain = connection_config("postgres://router@db/vyora").expect("valid");
+        let pg = |url: &str| PostgresConfig::from_url(url).expect("valid");
+        let plain = connection_config(&pg("postgres://router@db/vyora"));
         assert_eq!(plain.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
         assert_eq!(plain.get_keepalives_idle(), KEEPALIVE_IDLE);
-        let own =
-            connection_config("postgres://router@db/vyora?tcp_user_timeout=3&keepalives_idle=600")
-                .expect("valid");
+        let own = connection_config(&pg(
+            "postgres://router@db/vyora?tcp_user_timeout=3&keepalives_idle=600",
+        ));
         assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
         assert_eq!(own.get_keepalives_idle(), Duration::from_secs(600));
     }

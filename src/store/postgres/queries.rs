@@ -3,10 +3,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::Pool;
+use super::Db;
 use sha2::{Digest, Sha256};
 
-use super::CHANNEL;
 use crate::store::operator::{
     DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, SinkStatus,
 };
@@ -22,17 +21,17 @@ const API_BUDGET_LOCK: i64 = 0x7679_6f72_6130_0002;
 const API_BUDGET_MARGIN: Duration = Duration::from_secs(1);
 
 pub(super) async fn quarantine(
-    pool: &Pool,
+    db: &Db,
     entry: &Quarantined,
     max_bytes: u64,
 ) -> Result<Kept, StoreError> {
     let hash = Sha256::digest(&entry.body).to_vec();
-    let mut client = pool.get().await?;
+    let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let stored = tx
         .execute(
-            "INSERT INTO quarantine (received_at, reason, event_header, body, body_hash)
-             VALUES (now(), $1, $2, $3, $4) ON CONFLICT (body_hash) DO NOTHING",
+            &db.sql("INSERT INTO {schema}.quarantine (received_at, reason, event_header, body, body_hash)
+             VALUES (now(), $1, $2, $3, $4) ON CONFLICT (body_hash) DO NOTHING"),
             &[&entry.reason, &entry.event_header, &&entry.body[..], &hash],
         )
         .await?
@@ -42,7 +41,9 @@ pub(super) async fn quarantine(
         let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let mut total: i64 = tx
             .query_one(
-                "SELECT COALESCE(SUM(octet_length(body)), 0)::bigint FROM quarantine",
+                &db.sql(
+                    "SELECT COALESCE(SUM(octet_length(body)), 0)::bigint FROM {schema}.quarantine",
+                ),
                 &[],
             )
             .await?
@@ -50,8 +51,8 @@ pub(super) async fn quarantine(
         while total > limit {
             let freed = tx
                 .query_opt(
-                    "DELETE FROM quarantine WHERE id = (SELECT MIN(id) FROM quarantine)
-                     RETURNING octet_length(body)::bigint",
+                    &db.sql("DELETE FROM {schema}.quarantine WHERE id = (SELECT MIN(id) FROM {schema}.quarantine)
+                     RETURNING octet_length(body)::bigint"),
                     &[],
                 )
                 .await?;
@@ -78,20 +79,22 @@ pub(super) fn role_name(role: Role) -> &'static str {
 
 /// Takes or keeps `role` for `lease`: the holder renews; anyone takes an expired one.
 pub(super) async fn lead(
-    pool: &Pool,
+    db: &Db,
     owner: &str,
     role: Role,
     lease: Duration,
 ) -> Result<bool, StoreError> {
-    let row = pool
+    let row = db
         .get()
         .await?
         .query_opt(
-            "INSERT INTO leases (role, holder, until)
+            &db.sql(
+                "INSERT INTO {schema}.leases (role, holder, until)
              VALUES ($1, $2, now() + make_interval(secs => $3))
              ON CONFLICT (role) DO UPDATE SET holder = EXCLUDED.holder, until = EXCLUDED.until
              WHERE leases.holder = EXCLUDED.holder OR leases.until < now()
              RETURNING holder",
+            ),
             &[&role_name(role), &owner, &lease.as_secs_f64()],
         )
         .await?;
@@ -100,17 +103,19 @@ pub(super) async fn lead(
 
 /// Extends the leases of those of `roles` that `owner` still holds, and names them.
 pub(super) async fn renew_roles(
-    pool: &Pool,
+    db: &Db,
     owner: &str,
     roles: &[&'static str],
     lease: Duration,
 ) -> Result<Vec<String>, StoreError> {
-    Ok(pool
+    Ok(db
         .get()
         .await?
         .query(
-            "UPDATE leases SET until = now() + make_interval(secs => $3)
+            &db.sql(
+                "UPDATE {schema}.leases SET until = now() + make_interval(secs => $3)
              WHERE role = ANY($1) AND holder = $2 RETURNING role",
+            ),
             &[&roles, &owner, &lease.as_secs_f64()],
         )
         .await?
@@ -130,34 +135,37 @@ pub(super) async fn renew_roles(
 /// [`API_BUDGET_MARGIN`] beyond the window, and is recorded at the moment it is granted
 /// (once the lock is held), not when the transaction began.
 pub(super) async fn reserve_api_call(
-    pool: &Pool,
+    db: &Db,
     limit: usize,
     window: Duration,
 ) -> Result<Option<Duration>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let window = (window + API_BUDGET_MARGIN).as_secs_f64();
-    let mut client = pool.get().await?;
+    let mut client = db.get().await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&API_BUDGET_LOCK])
         .await?;
     let now: SystemTime = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
     tx.execute(
-        "DELETE FROM api_requests WHERE at <= $2::timestamptz - make_interval(secs => $1)",
+        &db.sql("DELETE FROM {schema}.api_requests WHERE at <= $2::timestamptz - make_interval(secs => $1)"),
         &[&window, &now],
     )
     .await?;
     let row = tx
         .query_one(
-            "SELECT count(*),
+            &db.sql("SELECT count(*),
                     EXTRACT(EPOCH FROM (MIN(at) + make_interval(secs => $1) - $2::timestamptz))::float8
-             FROM api_requests",
+             FROM {schema}.api_requests"),
             &[&window, &now],
         )
         .await?;
     let (sent, wait): (i64, Option<f64>) = (row.get(0), row.get(1));
     let verdict = if sent < limit {
-        tx.execute("INSERT INTO api_requests (at) VALUES ($1)", &[&now])
-            .await?;
+        tx.execute(
+            &db.sql("INSERT INTO {schema}.api_requests (at) VALUES ($1)"),
+            &[&now],
+        )
+        .await?;
         None
     } else {
         Some(Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.0)))
@@ -167,17 +175,17 @@ pub(super) async fn reserve_api_call(
 }
 
 pub(super) async fn record_poll(
-    pool: &Pool,
+    db: &Db,
     call_id: &str,
     update: &PollUpdate,
 ) -> Result<(), StoreError> {
-    let client = pool.get().await?;
+    let client = db.get().await?;
     match update {
         PollUpdate::Again { at, result } => {
             client
                 .execute(
-                    "UPDATE polls SET polls = polls + 1, next_poll_at = $2, last_result = $3,
-                     updated_at = now() WHERE call_id = $1 AND status = 'waiting'",
+                    &db.sql("UPDATE {schema}.polls SET polls = polls + 1, next_poll_at = $2, last_result = $3,
+                     updated_at = now() WHERE call_id = $1 AND status = 'waiting'"),
                     &[&call_id, at, result],
                 )
                 .await?
@@ -185,8 +193,8 @@ pub(super) async fn record_poll(
         PollUpdate::Finished { status, result } => {
             client
                 .execute(
-                    "UPDATE polls SET polls = polls + 1, status = $2, last_result = $3,
-                     updated_at = now() WHERE call_id = $1 AND status = 'waiting'",
+                    &db.sql("UPDATE {schema}.polls SET polls = polls + 1, status = $2, last_result = $3,
+                     updated_at = now() WHERE call_id = $1 AND status = 'waiting'"),
                     &[&call_id, &status.as_str(), result],
                 )
                 .await?
@@ -195,14 +203,16 @@ pub(super) async fn record_poll(
     Ok(())
 }
 
-pub(super) async fn due_polls(pool: &Pool, limit: usize) -> Result<Vec<TrackedCall>, StoreError> {
+pub(super) async fn due_polls(db: &Db, limit: usize) -> Result<Vec<TrackedCall>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = pool
+    let rows = db
         .get()
         .await?
         .query(
-            "SELECT call_id, first_seen_at, polls FROM polls
+            &db.sql(
+                "SELECT call_id, first_seen_at, polls FROM {schema}.polls
              WHERE status = 'waiting' AND next_poll_at <= now() ORDER BY next_poll_at LIMIT $1",
+            ),
             &[&limit],
         )
         .await?;
@@ -216,34 +226,39 @@ pub(super) async fn due_polls(pool: &Pool, limit: usize) -> Result<Vec<TrackedCa
         .collect())
 }
 
-pub(super) async fn next_poll(pool: &Pool) -> Result<Option<SystemTime>, StoreError> {
-    Ok(pool
+pub(super) async fn next_poll(db: &Db) -> Result<Option<SystemTime>, StoreError> {
+    Ok(db
         .get()
         .await?
         .query_one(
-            "SELECT MIN(next_poll_at) FROM polls WHERE status = 'waiting'",
+            &db.sql("SELECT MIN(next_poll_at) FROM {schema}.polls WHERE status = 'waiting'"),
             &[],
         )
         .await?
         .get(0))
 }
 
-pub(super) async fn has_event(pool: &Pool, dedup_key: &str) -> Result<bool, StoreError> {
-    Ok(pool
+pub(super) async fn has_event(db: &Db, dedup_key: &str) -> Result<bool, StoreError> {
+    Ok(db
         .get()
         .await?
-        .query_opt("SELECT 1 FROM events WHERE dedup_key = $1", &[&dedup_key])
+        .query_opt(
+            &db.sql("SELECT 1 FROM {schema}.events WHERE dedup_key = $1"),
+            &[&dedup_key],
+        )
         .await?
         .is_some())
 }
 
-pub(super) async fn next_due(pool: &Pool, sink: &str) -> Result<Option<SystemTime>, StoreError> {
-    Ok(pool
+pub(super) async fn next_due(db: &Db, sink: &str) -> Result<Option<SystemTime>, StoreError> {
+    Ok(db
         .get()
         .await?
         .query_one(
-            "SELECT MIN(next_attempt_at) FROM deliveries
+            &db.sql(
+                "SELECT MIN(next_attempt_at) FROM {schema}.deliveries
              WHERE sink = $1 AND status = 'pending' AND next_attempt_at > now()",
+            ),
             &[&sink],
         )
         .await?
@@ -254,21 +269,21 @@ pub(super) async fn next_due(pool: &Pool, sink: &str) -> Result<Option<SystemTim
 /// `keys_before` (their deliveries with them), sparing any event with a delivery pending
 /// or dead; in short statements, until nothing is left to do.
 pub(super) async fn prune(
-    pool: &Pool,
+    db: &Db,
     payloads_before: SystemTime,
     keys_before: SystemTime,
 ) -> Result<Pruned, StoreError> {
-    let finished = "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id AND d.status <> 'delivered')";
-    let empty = format!(
-        "UPDATE events SET payload = ''::bytea WHERE id IN (
-             SELECT e.id FROM events e WHERE e.received_at < $1 AND octet_length(e.payload) > 0
+    let finished = "NOT EXISTS (SELECT 1 FROM {schema}.deliveries d WHERE d.event_id = e.id AND d.status <> 'delivered')";
+    let empty = db.sql(&format!(
+        "UPDATE {{schema}}.events SET payload = ''::bytea WHERE id IN (
+             SELECT e.id FROM {{schema}}.events e WHERE e.received_at < $1 AND octet_length(e.payload) > 0
              AND {finished} LIMIT $2)"
-    );
-    let delete = format!(
-        "DELETE FROM events WHERE id IN (
-             SELECT e.id FROM events e WHERE e.received_at < $1 AND {finished} LIMIT $2)"
-    );
-    let client = pool.get().await?;
+    ));
+    let delete = db.sql(&format!(
+        "DELETE FROM {{schema}}.events WHERE id IN (
+             SELECT e.id FROM {{schema}}.events e WHERE e.received_at < $1 AND {finished} LIMIT $2)"
+    ));
+    let client = db.get().await?;
     let mut done = Pruned::default();
     loop {
         let n = client
@@ -290,33 +305,35 @@ pub(super) async fn prune(
     }
     client
         .execute(
-            "DELETE FROM quarantine WHERE received_at < $1",
+            &db.sql("DELETE FROM {schema}.quarantine WHERE received_at < $1"),
             &[&payloads_before],
         )
         .await?;
     client
         .execute(
-            "DELETE FROM polls WHERE status <> 'waiting' AND updated_at < $1",
+            &db.sql("DELETE FROM {schema}.polls WHERE status <> 'waiting' AND updated_at < $1"),
             &[&keys_before],
         )
         .await?;
     Ok(done)
 }
 
-pub(super) async fn stats(pool: &Pool) -> Result<Stats, StoreError> {
-    let client = pool.get().await?;
+pub(super) async fn stats(db: &Db) -> Result<Stats, StoreError> {
+    let client = db.get().await?;
     let mut sinks: Vec<SinkStats> = Vec::new();
     for row in client
         .query(
-            "SELECT d.sink, count(*), MIN(d.event_id) FROM deliveries d
+            &db.sql(
+                "SELECT d.sink, count(*), MIN(d.event_id) FROM {schema}.deliveries d
              WHERE d.status = 'pending' GROUP BY d.sink",
+            ),
             &[],
         )
         .await?
     {
         let oldest: Option<SystemTime> = client
             .query_opt(
-                "SELECT received_at FROM events WHERE id = $1",
+                &db.sql("SELECT received_at FROM {schema}.events WHERE id = $1"),
                 &[&row.get::<_, i64>(2)],
             )
             .await?
@@ -330,7 +347,7 @@ pub(super) async fn stats(pool: &Pool) -> Result<Stats, StoreError> {
     }
     for row in client
         .query(
-            "SELECT sink, count(*) FROM deliveries WHERE status = 'dead' GROUP BY sink",
+            &db.sql("SELECT sink, count(*) FROM {schema}.deliveries WHERE status = 'dead' GROUP BY sink"),
             &[],
         )
         .await?
@@ -347,12 +364,15 @@ pub(super) async fn stats(pool: &Pool) -> Result<Stats, StoreError> {
         }
     }
     let calls_waiting = client
-        .query_one("SELECT count(*) FROM polls WHERE status = 'waiting'", &[])
+        .query_one(
+            &db.sql("SELECT count(*) FROM {schema}.polls WHERE status = 'waiting'"),
+            &[],
+        )
         .await?
         .get(0);
     let quarantine_bytes = client
         .query_one(
-            "SELECT COALESCE(SUM(octet_length(body)), 0)::bigint FROM quarantine",
+            &db.sql("SELECT COALESCE(SUM(octet_length(body)), 0)::bigint FROM {schema}.quarantine"),
             &[],
         )
         .await?
@@ -369,21 +389,23 @@ fn rfc3339(at: SystemTime) -> String {
 }
 
 pub(super) async fn list_deliveries(
-    pool: &Pool,
+    db: &Db,
     filter: &ListFilter,
 ) -> Result<Vec<DeliveryRow>, StoreError> {
     let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
     let status = filter.status.map(DeliveryStatus::as_str);
-    let rows = pool
+    let rows = db
         .get()
         .await?
         .query(
-            "SELECT d.id, e.call_id, e.event, d.sink, d.status, d.attempts, d.next_attempt_at,
+            &db.sql(
+                "SELECT d.id, e.call_id, e.event, d.sink, d.status, d.attempts, d.next_attempt_at,
                     d.last_error
-             FROM deliveries d JOIN events e ON e.id = d.event_id
+             FROM {schema}.deliveries d JOIN {schema}.events e ON e.id = d.event_id
              WHERE ($1::text IS NULL OR d.sink = $1) AND ($2::text IS NULL OR d.status = $2)
                AND ($3::text IS NULL OR d.call_id = $3)
              ORDER BY d.id DESC LIMIT $4",
+            ),
             &[&filter.sink, &status, &filter.call_id, &limit],
         )
         .await?;
@@ -406,42 +428,47 @@ pub(super) async fn list_deliveries(
         .collect())
 }
 
-pub(super) async fn replay(pool: &Pool, sink: &str, which: &Replay) -> Result<usize, StoreError> {
-    let reset = "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),
+pub(super) async fn replay(db: &Db, sink: &str, which: &Replay) -> Result<usize, StoreError> {
+    let reset = "UPDATE {schema}.deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),
                  last_error = NULL, updated_at = now(),
                  lease_owner = NULL, lease_token = NULL, lease_until = NULL
                  WHERE sink = $1 AND status <> 'pending'
-                   AND event_id IN (SELECT id FROM events WHERE octet_length(payload) > 0)";
-    let mut client = pool.get().await?;
+                   AND event_id IN (SELECT id FROM {schema}.events WHERE octet_length(payload) > 0)";
+    let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let changed = match which {
         Replay::Dead => {
-            tx.execute(&format!("{reset} AND status = 'dead'"), &[&sink])
+            tx.execute(&db.sql(&format!("{reset} AND status = 'dead'")), &[&sink])
                 .await?
         }
         Replay::CallId(call) => {
-            tx.execute(&format!("{reset} AND call_id = $2"), &[&sink, call])
-                .await?
+            tx.execute(
+                &db.sql(&format!("{reset} AND call_id = $2")),
+                &[&sink, call],
+            )
+            .await?
         }
         Replay::Id(id) => {
-            tx.execute(&format!("{reset} AND id = $2"), &[&sink, id])
+            tx.execute(&db.sql(&format!("{reset} AND id = $2")), &[&sink, id])
                 .await?
         }
     };
     if changed > 0 {
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &sink])
+        tx.execute("SELECT pg_notify($1, $2)", &[&&*db.channel, &sink])
             .await?;
     }
     tx.commit().await?;
     Ok(usize::try_from(changed).unwrap_or(usize::MAX))
 }
 
-pub(super) async fn show_events(pool: &Pool, call_id: &str) -> Result<Vec<EventRow>, StoreError> {
-    let client = pool.get().await?;
+pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>, StoreError> {
+    let client = db.get().await?;
     let events = client
         .query(
-            "SELECT id, dedup_key, event, source, received_at FROM events
+            &db.sql(
+                "SELECT id, dedup_key, event, source, received_at FROM {schema}.events
              WHERE call_id = $1 ORDER BY id",
+            ),
             &[&call_id],
         )
         .await?;
@@ -450,8 +477,10 @@ pub(super) async fn show_events(pool: &Pool, call_id: &str) -> Result<Vec<EventR
         let event_id: i64 = e.get(0);
         let deliveries = client
             .query(
-                "SELECT sink, status, attempts, last_error FROM deliveries
+                &db.sql(
+                    "SELECT sink, status, attempts, last_error FROM {schema}.deliveries
                  WHERE event_id = $1 ORDER BY id",
+                ),
                 &[&event_id],
             )
             .await?
@@ -474,17 +503,17 @@ pub(super) async fn show_events(pool: &Pool, call_id: &str) -> Result<Vec<EventR
     Ok(out)
 }
 
-pub(super) async fn poll_status(pool: &Pool, limit: usize) -> Result<Vec<PollRow>, StoreError> {
+pub(super) async fn poll_status(db: &Db, limit: usize) -> Result<Vec<PollRow>, StoreError> {
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = pool
+    let rows = db
         .get()
         .await?
         .query(
-            "SELECT call_id, status, next_poll_at, polls, first_seen_at, last_result FROM polls
+            &db.sql("SELECT call_id, status, next_poll_at, polls, first_seen_at, last_result FROM {schema}.polls
              ORDER BY status <> 'waiting',
                       CASE WHEN status = 'waiting' THEN next_poll_at END,
                       updated_at DESC
-             LIMIT $1",
+             LIMIT $1"),
             &[&limit],
         )
         .await?;

@@ -12,7 +12,7 @@ mod admin;
 mod claims;
 mod dedup;
 mod reader;
-mod schema;
+pub(super) mod schema;
 #[cfg(test)]
 mod tests;
 mod writer;

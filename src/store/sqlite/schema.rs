@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 
 use super::dedup;
 use crate::config::Synchronous;
@@ -154,6 +154,40 @@ const VERSIONS: usize = MIGRATIONS.len() + 2;
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     migrate_to(conn, path, VERSIONS)
+}
+
+/// For commands that must not change the store (operator commands, `store migrate`'s
+/// source): it exists and is of this build's schema version. It is only read here: a
+/// router of another build may be writing it, and migrating under it (version 6 drops the
+/// index version 5 looks duplicates up with) would break it.
+pub(in crate::store) fn check_version(path: &Path) -> Result<(), StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.to_owned(),
+        });
+    }
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            StoreError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let store = format!("the store at {}", path.display());
+    match usize::try_from(found) {
+        Ok(VERSIONS) => Ok(()),
+        Ok(0) => Err(StoreError::NoSchema {
+            store,
+            check: "store.path",
+        }),
+        _ => Err(StoreError::SchemaMismatch {
+            store,
+            found,
+            current: VERSIONS,
+        }),
+    }
 }
 
 /// Applies the migrations up to schema version `target` (tests build old layouts with it).
@@ -363,4 +397,65 @@ pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     })?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_version_5_is_refused_unread_and_stays_at_version_5() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("router.db");
+        let mut conn = connect(&path, Synchronous::Normal).expect("connect");
+        migrate_to(&mut conn, &path, 5).expect("version 5");
+        drop(conn);
+
+        let e = check_version(&path).expect_err("version 5 is refused");
+        assert!(
+            matches!(
+                e,
+                StoreError::SchemaMismatch {
+                    found: 5,
+                    current: 6,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let conn = open_reader(&path).expect("open");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 5);
+        // The index the writer of version 5 looks duplicates up with is still there.
+        let index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'events_key'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("index");
+        assert_eq!(index, 1);
+
+        migrate(
+            &mut connect(&path, Synchronous::Normal).expect("connect"),
+            &path,
+        )
+        .expect("migrated");
+        check_version(&path).expect("this build's version");
+    }
+
+    #[test]
+    fn a_missing_or_empty_store_is_named_with_what_creates_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("router.db");
+        assert!(matches!(
+            check_version(&path),
+            Err(StoreError::Missing { .. })
+        ));
+        std::fs::write(&path, b"").expect("an empty file");
+        let e = check_version(&path).expect_err("no tables");
+        assert!(e.to_string().contains("vyora-router serve"), "{e}");
+    }
 }
