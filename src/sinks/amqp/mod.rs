@@ -11,6 +11,7 @@
 //! Its settings are in `config`, the routing key template in `routing_key`.
 
 mod config;
+mod probe;
 mod routing_key;
 
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
