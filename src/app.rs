@@ -197,7 +197,7 @@ impl Listeners {
         let bind = |key: &'static str, addr: std::net::SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| BindError { key, addr, source })
+                .map_err(|error| BindError { key, addr, error })
         };
         Ok(Listeners {
             webhook: bind("server.listen", config.server.listen).await?,
@@ -206,12 +206,14 @@ impl Listeners {
     }
 }
 
+/// `error` is part of the message, not a `source`: printed with its chain (`{:#}`), the
+/// reason would be said twice.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} ({key}): {source}")]
+#[error("cannot listen on {addr} ({key}): {error}")]
 pub struct BindError {
     key: &'static str,
     addr: std::net::SocketAddr,
-    source: std::io::Error,
+    error: std::io::Error,
 }
 
 /// Runs the router on `listeners` until `shutdown` completes. Each config received on
@@ -367,13 +369,16 @@ pub async fn run(
 /// The live settings after a reload: the new secrets, routes and sinks; the webhook
 /// limits that need a restart keep their running values.
 fn live_for_reload(current: &Config, new: &Config, sinks: &SinkSet) -> Live {
+    let live = live(new, sinks);
+    if current.store.dedup_window == new.store.dedup_window {
+        return live;
+    }
+    // The running pruner keeps the old dedup window, which the running age and skew were
+    // checked against: new ones could let a replay outlive its dedup key.
     Live {
-        max_event_age: if current.store.dedup_window == new.store.dedup_window {
-            new.webhook.max_event_age
-        } else {
-            current.webhook.max_event_age
-        },
-        ..live(new, sinks)
+        max_event_age: current.webhook.max_event_age,
+        max_clock_skew: current.webhook.max_clock_skew,
+        ..live
     }
 }
 

@@ -25,14 +25,19 @@ pub enum Command {
     Serve(ConfigArg),
     /// Validate the config and print the effective settings, secrets redacted.
     ///
-    /// URL queries and the paths of HTTP sink URLs are redacted too, as hook URLs often
-    /// carry their key there (Slack's /services/..., ?code=).
+    /// Every error of the file is listed. URL queries and the paths of HTTP sink URLs are
+    /// redacted too, as hook URLs often carry their key there (Slack's /services/...,
+    /// ?code=).
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
         /// Show URLs in full, but for their passwords.
         #[arg(long)]
         show_urls: bool,
+        /// Also open the store and connect to each sink (broker login, HTTP host, file
+        /// directory), reporting each; exit non-zero if one fails. Nothing is sent.
+        #[arg(long)]
+        connect: bool,
     },
     /// Exit 0 if the router configured here answers its health check (for containers).
     Healthcheck(ConfigArg),

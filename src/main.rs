@@ -18,7 +18,9 @@ use vyora_router::cli::{
     AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
     PollerCommand, StoreCommand,
 };
-use vyora_router::config::{Config, ConfigSource, LogFormat, PostgresConfig};
+use vyora_router::config::{
+    Config, ConfigSource, LogFormat, PostgresConfig, StoreBackend, StoreConfig,
+};
 use vyora_router::render;
 use vyora_router::signature::Secret;
 use vyora_router::store::operator::{ListFilter, Replay};
@@ -45,7 +47,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(arg) => serve(&arg),
-        Command::CheckConfig { config, show_urls } => check_config(&config, show_urls),
+        Command::CheckConfig {
+            config,
+            show_urls,
+            connect,
+        } => check_config(&config, show_urls, connect),
         Command::Healthcheck(arg) => healthcheck(&arg),
         Command::Deliveries(DeliveriesCommand::List {
             config,
@@ -117,15 +123,90 @@ fn serve(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `check-config`: the effective settings, secrets (and URLs unless asked) redacted.
-fn check_config(arg: &ConfigArg, show_urls: bool) -> anyhow::Result<ExitCode> {
+/// `check-config`: the effective settings, secrets (and URLs unless asked) redacted; with
+/// `--connect`, the store and every sink reached, one line each.
+fn check_config(arg: &ConfigArg, show_urls: bool, connect: bool) -> anyhow::Result<ExitCode> {
     let config = arg.load()?;
+    let source = arg.source();
+    println!("# The effective settings of {source}: every default filled in, secrets redacted.");
+    println!();
     if show_urls {
         print!("{}", config.redacted_toml_with_urls());
     } else {
         print!("{}", config.redacted_toml());
     }
-    Ok(ExitCode::SUCCESS)
+    println!();
+    println!("# {source} is valid.");
+    if !connect {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!();
+    let checks = runtime()?.block_on(connect_all(&config));
+    let failed = checks
+        .iter()
+        .filter(|(_, outcome)| outcome.is_err())
+        .count();
+    for (what, outcome) in &checks {
+        match outcome {
+            Ok(found) => println!("ok      {what}: {}", render::printable(found)),
+            Err(why) => println!("FAILED  {what}: {}", render::printable(why)),
+        }
+    }
+    if failed == 0 {
+        println!("# all {} checks passed.", checks.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("# {failed} of {} checks failed.", checks.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The store and each sink, reached as `serve` would reach them, at once; each outcome
+/// says what was found or why not, never a secret.
+async fn connect_all(config: &Config) -> Vec<(String, Result<String, String>)> {
+    /// A check that hangs is a failed check, not a hung command.
+    const LIMIT: Duration = Duration::from_secs(30);
+    let within = async |check: vyora_router::sinks::BoxFuture<'_, Result<String, String>>| {
+        tokio::time::timeout(LIMIT, check)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {LIMIT:?}")))
+    };
+    let store = within(Box::pin(check_store(&config.store)));
+    let sinks = futures_util::future::join_all(
+        config
+            .sinks
+            .iter()
+            .map(|sink| within(sink.kind.probe().probe())),
+    );
+    let (store, sinks) = tokio::join!(store, sinks);
+    let backend = match config.store.backend {
+        StoreBackend::Sqlite => "sqlite",
+        StoreBackend::Postgres(_) => "postgres",
+    };
+    std::iter::once((format!("store ({backend})"), store))
+        .chain(config.sinks.iter().zip(sinks).map(|(sink, outcome)| {
+            (
+                format!("sink {} ({})", sink.name, sink.kind.name()),
+                outcome,
+            )
+        }))
+        .collect()
+}
+
+/// Opens the store as the operator commands do; a SQLite file that does not exist yet is
+/// fine if `serve` could create it.
+async fn check_store(config: &StoreConfig) -> Result<String, String> {
+    if config.backend == StoreBackend::Sqlite && !config.path.exists() {
+        return vyora_router::sinks::file::writable(&config.path);
+    }
+    let store = Store::open_existing(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    store.close().await;
+    Ok(match config.backend {
+        StoreBackend::Sqlite => format!("{} opened", config.path.display()),
+        StoreBackend::Postgres(_) => "connected; the schema is current".to_owned(),
+    })
 }
 
 /// `healthcheck`: the container's probe of `/healthz` on the admin listener (no curl

@@ -17,7 +17,9 @@ pub const CALL_STARTED: &str = "call_started";
 pub const CALL_COMPLETED: &str = "call_completed";
 /// The last event of a call, with its transcript and analysis; the poller recovers it.
 pub const ALL_PROCESSING_COMPLETED: &str = "all_processing_completed";
-/// The events Vyora documents, in the order a call produces them.
+/// The events Vyora documents, in the order a call produces them: the names a sink's
+/// `events` may use (besides `*` and the names a config declares in
+/// `webhook.extra_events`).
 pub const LIFECYCLE: [&str; 3] = [CALL_STARTED, CALL_COMPLETED, ALL_PROCESSING_COMPLETED];
 
 /// An event name as a metric label: one of the events Vyora documents, or `other`. Other

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::config::error::Invalid;
+use crate::config::error::{Invalid, suggest};
 use crate::event::{Attributes, Event};
+use crate::protocol::LIFECYCLE;
 
 /// The event names a sink receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +18,10 @@ pub enum EventSelector {
 impl EventSelector {
     pub const ALL: &'static str = "*";
 
-    /// `["*"]` (or a list containing it) selects everything; otherwise the exact names.
-    pub fn parse(names: &[String]) -> Result<EventSelector, Invalid> {
+    /// `["*"]` (or a list containing it) selects everything; otherwise the exact names,
+    /// each one Vyora documents or one of `extra` (names the operator declared, for events
+    /// Vyora added since): a name nothing sends would route nothing, silently.
+    pub fn parse(names: &[String], extra: &[String]) -> Result<EventSelector, Invalid> {
         if names.is_empty() {
             return Err(Invalid::new(
                 "[]",
@@ -29,14 +32,29 @@ impl EventSelector {
             return Ok(EventSelector::All);
         }
         for name in names {
-            let plain = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-            if !plain {
+            if !is_event_name(name) {
                 return Err(Invalid::new(
                     name,
                     "is not an event name (e.g. \"call_completed\") or \"*\"",
+                ));
+            }
+            let known = || {
+                LIFECYCLE
+                    .into_iter()
+                    .chain(extra.iter().map(String::as_str))
+            };
+            if !known().any(|k| k == name) {
+                let near = suggest(name, known().chain([Self::ALL]))
+                    .map(|near| format!(" (did you mean {near:?}?)"))
+                    .unwrap_or_default();
+                return Err(Invalid::new(
+                    name,
+                    format!(
+                        "is not an event Vyora sends{near}; the events are {}, or \"*\" for all; \
+                         to receive an event Vyora added since, list its name in \
+                         webhook.extra_events",
+                        LIFECYCLE.join(", ")
+                    ),
                 ));
             }
         }
@@ -49,6 +67,14 @@ impl EventSelector {
             EventSelector::Only(names) => names.contains(event),
         }
     }
+}
+
+/// Whether `name` can be an event's name: letters, digits, `_`, `-` and `.`.
+pub fn is_event_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// A payload attribute a filter can test.
@@ -165,16 +191,39 @@ mod tests {
 
     #[test]
     fn a_star_selects_every_event() {
-        let s = EventSelector::parse(&names(&["*"])).expect("valid");
+        let s = EventSelector::parse(&names(&["*"]), &[]).expect("valid");
         assert!(s.matches("call_started") && s.matches("something_new"));
     }
 
     #[test]
     fn a_list_selects_only_the_events_it_names() {
-        let s = EventSelector::parse(&names(&["call_completed", "all_processing_completed"]))
+        let s = EventSelector::parse(&names(&["call_completed", "all_processing_completed"]), &[])
             .expect("valid");
         assert!(s.matches("call_completed"));
         assert!(!s.matches("call_started"));
+    }
+
+    #[test]
+    fn a_misspelt_event_is_refused_with_the_name_it_resembles() {
+        let e = EventSelector::parse(&names(&["call_started", "call_complete"]), &[])
+            .expect_err("not an event Vyora sends");
+        assert_eq!(e.value, "call_complete");
+        assert!(
+            e.reason.contains("did you mean \"call_completed\"?")
+                && e.reason.contains("webhook.extra_events"),
+            "{e}"
+        );
+        let e = EventSelector::parse(&names(&["transfer"]), &[]).expect_err("unknown");
+        assert!(!e.reason.contains("did you mean"), "nothing near: {e}");
+    }
+
+    #[test]
+    fn an_event_name_declared_as_extra_is_accepted_and_suggested() {
+        let extra = names(&["call_transferred"]);
+        let s = EventSelector::parse(&names(&["call_transferred"]), &extra).expect("declared");
+        assert!(s.matches("call_transferred") && !s.matches("call_started"));
+        let e = EventSelector::parse(&names(&["call_transfered"]), &extra).expect_err("typo");
+        assert!(e.reason.contains("\"call_transferred\""), "{e}");
     }
 
     /// Named as config validation names it.
@@ -217,6 +266,6 @@ mod tests {
 
     #[test]
     fn an_empty_list_is_a_config_error() {
-        assert!(EventSelector::parse(&[]).is_err());
+        assert!(EventSelector::parse(&[], &[]).is_err());
     }
 }

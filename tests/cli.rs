@@ -1,8 +1,12 @@
-//! The command line of the built binary: config checking, environment overrides and the
-//! built-in default.
+//! The command line of the built binary: config checking (and `--connect`), environment
+//! overrides, the built-in default, and how `serve` reports a port in use.
+
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+
+use common::downstream::{Downstream, Reply};
 
 fn router(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vyora-router"));
@@ -360,6 +364,298 @@ fn service_link_variables_named_like_our_prefix_are_not_taken_for_settings() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("format = \"json\""), "{stdout}");
+}
+
+#[test]
+fn check_config_reports_every_error_of_the_file_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        r#"[server]
+listen_on = "0.0.0.0:8080"
+ack_timeout = 4
+
+[webhook]
+secrets = ["s"]
+
+[store]
+retention = "8s"
+dedup_window = "8s"
+
+[log]
+level = "inf"
+
+[[sinks]]
+name = "archive"
+type = "file"
+path = "events.jsonl"
+events = ["call_complete"]
+"#,
+    )
+    .expect("write");
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    for expected in [
+        "5 errors in the config:",
+        "`server.listen_on`: unknown key; did you mean `listen`?",
+        "`server.ack_timeout`: invalid type: found signed int `4`, expected a duration like \"4s\"",
+        "`store.dedup_window` = \"8s\"",
+        "webhook.max_clock_skew (\"5m\")",
+        "`log.level` = \"inf\": \"inf\" is not a level (did you mean \"info\"?)",
+        "`sinks[0].events` = \"call_complete\": is not an event Vyora sends (did you mean \"call_completed\"?)",
+    ] {
+        assert!(stderr.contains(expected), "{expected} not in:\n{stderr}");
+    }
+    assert!(!stderr.contains("``"), "{stderr}");
+}
+
+#[test]
+fn check_config_shows_the_defaults_in_effect_and_ends_by_saying_the_config_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        r#"[server]
+listen = "localhost:8080"
+
+[webhook]
+secrets = ["s"]
+
+[[sinks]]
+name = "queue"
+type = "amqp"
+url = "amqp://guest:guest-password@mq.internal:5672/%2f"
+exchange = "vyora"
+"#,
+    )
+    .expect("write");
+    let out = router(dir.path(), &["check-config", "-c", "router.toml"], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for shown in [
+        "listen = \"localhost:8080\"",
+        "max_event_age = \"89d 23h 55m\"",
+        "exchange_type = \"topic\"",
+        "confirm_timeout = \"30s\"",
+        "amqp://guest:***@mq.internal:5672/",
+    ] {
+        assert!(stdout.contains(shown), "{shown} not in {stdout}");
+    }
+    assert!(
+        !stdout.contains("pool_size") && !stdout.contains("guest-password"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().last(),
+        Some("# router.toml is valid."),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn serve_says_once_which_address_is_already_in_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        format!(
+            "[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [webhook]\nsecrets = [\"s\"]\n[store]\npath = \"router.db\"\n\
+             [[sinks]]\nname = \"archive\"\ntype = \"file\"\npath = \"events.jsonl\"\n"
+        ),
+    )
+    .expect("write");
+    let out = router(dir.path(), &["serve", "-c", "router.toml"], &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} (server.listen)")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+/// `check-config --connect` from a runtime's worker: the test's own servers keep
+/// answering meanwhile.
+async fn connect(dir: &Path) -> Output {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        router(
+            &dir,
+            &["check-config", "-c", "router.toml", "--connect"],
+            &[],
+        )
+    })
+    .await
+    .expect("the command ran")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_connect_reaches_each_sink_and_fails_when_one_is_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Downstream::start(|_, _| Reply::Status(404)).await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let config = format!(
+        r#"[webhook]
+secrets = ["s"]
+
+[store]
+path = "data/router.db"
+
+[[sinks]]
+name = "archive"
+type = "file"
+path = "out/events.jsonl"
+
+[[sinks]]
+name = "crm"
+type = "http"
+url = "http://{up}/hooks/PATH-SECRET?code=QUERY-SECRET"
+headers = {{ "Authorization" = "Bearer HEADER-SECRET" }}
+"#,
+        up = up.addr
+    );
+    let gone =
+        format!("\n[[sinks]]\nname = \"gone\"\ntype = \"http\"\nurl = \"http://{down}/hook\"\n");
+    std::fs::write(dir.path().join("router.toml"), format!("{config}{gone}")).expect("write");
+
+    let out = connect(dir.path()).await;
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let line = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?} in {stdout}"))
+            .to_owned()
+    };
+    assert!(line("ok      store (sqlite): ").contains("does not exist yet"));
+    assert!(line("ok      sink archive (file): ").contains("does not exist yet"));
+    assert!(line("ok      sink crm (http): ").contains("answered 404"));
+    assert!(line("FAILED  sink gone (http): ").contains(&down.to_string()));
+    assert_eq!(
+        stdout.lines().last(),
+        Some("# 1 of 4 checks failed."),
+        "{stdout}"
+    );
+    let everything = format!("{stdout}{}", text(&out.stderr));
+    for secret in ["PATH-SECRET", "QUERY-SECRET", "HEADER-SECRET"] {
+        assert!(
+            !everything.contains(secret),
+            "{secret} printed: {everything}"
+        );
+    }
+    let asked: Vec<String> = up.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        asked,
+        ["/"],
+        "only the host's root is asked, never the hook"
+    );
+    assert!(
+        !dir.path().join("out/events.jsonl").exists()
+            && !dir.path().join("data/router.db").exists(),
+        "a check creates no data file"
+    );
+
+    std::fs::write(dir.path().join("router.toml"), config).expect("write");
+    let out = connect(dir.path()).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("# all 3 checks passed."),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs RabbitMQ: set VYORA_TEST_AMQP_URL, run with --include-ignored"]
+async fn check_config_connect_logs_in_to_the_broker_and_finds_the_exchange() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = common::amqp::broker_url();
+    let mut wrong = reqwest::Url::parse(&url).expect("URL");
+    wrong
+        .set_password(Some("wrong-password"))
+        .expect("password");
+    let missing = common::amqp::unique("vyora-missing");
+    let sink = |name: &str, url: &str, exchange: &str| {
+        format!(
+            "[[sinks]]\nname = \"{name}\"\ntype = \"amqp\"\nurl = \"{url}\"\nexchange = \"{exchange}\"\ndeclare = false\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("router.toml"),
+        format!(
+            "[webhook]\nsecrets = [\"s\"]\n{}{}{}",
+            sink("good", &url, "amq.topic"),
+            sink("refused", wrong.as_str(), "amq.topic"),
+            sink("missing", &url, &missing),
+        ),
+    )
+    .expect("write");
+    let out = connect(dir.path()).await;
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    let line = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?} in {stdout}"))
+            .to_owned()
+    };
+    let good = line("ok      sink good (amqp): ");
+    assert!(
+        good.contains("logged in to") && good.contains("exchange \"amq.topic\" exists"),
+        "{good}"
+    );
+    line("FAILED  sink refused (amqp): ");
+    assert!(line("FAILED  sink missing (amqp): ").contains(&missing));
+    assert!(!stdout.contains("wrong-password"), "{stdout}");
+    assert_eq!(
+        stdout.lines().last(),
+        Some("# 2 of 4 checks failed."),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn check_config_connect_opens_a_postgres_store_or_says_why_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = common::pg::TestDb::create().await;
+    let write = |store: &str| {
+        std::fs::write(
+            dir.path().join("router.toml"),
+            format!("[webhook]\nsecrets = [\"s\"]\n{store}"),
+        )
+        .expect("write");
+    };
+    write(&db.store_toml(""));
+    let out = connect(dir.path()).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("ok      store (postgres): "), "{stdout}");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    write(&format!(
+        "[store]\nbackend = \"postgres\"\nurl = \"postgres://postgres:pg-password@{closed}/x?sslmode=disable\"\n"
+    ));
+    let out = connect(dir.path()).await;
+    let stdout = text(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("FAILED  store (postgres): "), "{stdout}");
+    assert!(!stdout.contains("pg-password"), "{stdout}");
 }
 
 #[test]

@@ -221,10 +221,12 @@ async fn the_replay_guard_reads_any_offset_refuses_the_future_and_counts_missing
 #[tokio::test]
 async fn pruning_empties_old_payloads_and_keeps_dedup_keys_for_the_dedup_window() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let config = base_config(dir.path()).replace(
-        "[store]\n",
-        "[store]\nretention = \"1s\"\ndedup_window = \"3s\"\n",
-    );
+    let config = base_config(dir.path())
+        .replace(
+            "[store]\n",
+            "[store]\nretention = \"1s\"\ndedup_window = \"3s\"\n",
+        )
+        .replace("[webhook]\n", "[webhook]\nmax_clock_skew = \"1s\"\n");
     let router = TestRouter::start_with(dir, &config).await;
     let body = payload("call-prune", "call_completed");
     assert_eq!(router.post_signed(&body).await.status, 200);
@@ -271,12 +273,58 @@ async fn pruning_empties_old_payloads_and_keeps_dedup_keys_for_the_dedup_window(
 }
 
 #[tokio::test]
+async fn a_future_dated_body_is_not_accepted_again_once_its_dedup_key_is_pruned() {
+    // Keys live 3 s; bodies may be dated 1 s ahead, so the default max_event_age is 2 s:
+    // by the time a key is pruned, its body is too old to be accepted again.
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = base_config(dir.path())
+        .replace(
+            "[store]\n",
+            "[store]\nretention = \"1s\"\ndedup_window = \"3s\"\n",
+        )
+        .replace("[webhook]\n", "[webhook]\nmax_clock_skew = \"1s\"\n");
+    let router = TestRouter::start_with(dir, &config).await;
+    let body = payload_dated(
+        "call-ahead",
+        Some(SystemTime::now() + Duration::from_millis(900)),
+    );
+    let first = router.post_signed(&body).await;
+    assert_eq!(first.json(), serde_json::json!({"received": true}));
+    let stored = |router: &TestRouter| {
+        router.count("SELECT COUNT(*) FROM events WHERE dedup_key = 'call-ahead:call_completed'")
+    };
+    // Replays until well past the pruning of the key.
+    let mut pruned_at = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while pruned_at.is_none_or(|at: tokio::time::Instant| at.elapsed() < Duration::from_secs(1)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the key was never pruned"
+        );
+        let replay = router.post_signed(&body).await;
+        assert!(
+            replay.status == 400
+                || replay.json() == serde_json::json!({"received": true, "duplicate": true}),
+            "a replay was accepted as new: {replay:?}"
+        );
+        if pruned_at.is_none() && stored(&router) == 0 {
+            pruned_at = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read_lines(&router.events_file()).len(), 1, "forwarded once");
+}
+
+#[tokio::test]
 async fn pruning_spares_events_whose_delivery_is_not_done() {
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
-    let config = base_config(dir.path()).replace(
-        "[store]\n",
-        "[store]\nretention = \"1s\"\ndedup_window = \"2s\"\n",
-    );
+    let config = base_config(dir.path())
+        .replace(
+            "[store]\n",
+            "[store]\nretention = \"1s\"\ndedup_window = \"2s\"\n",
+        )
+        .replace("[webhook]\n", "[webhook]\nmax_clock_skew = \"1s\"\n");
     let router = TestRouter::start_with(dir, &config).await;
     // The sink cannot write: its path is a directory.
     std::fs::remove_file(router.events_file()).expect("remove");

@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 
-use crate::config::error::{self, Invalid, InvalidAt, REDACTED};
+use crate::config::error::{self, DurationText, Invalid, InvalidAt, REDACTED};
 
 /// The REST API key from the environment, used when the file has none.
 pub const API_KEY_ENV: &str = "VYORA_API_KEY";
@@ -19,7 +19,7 @@ pub struct ApiOptions {
     pub base_url: String,
     pub api_key: String,
     pub requests_per_minute: u64,
-    pub timeout: String,
+    pub timeout: DurationText,
 }
 
 impl Default for ApiOptions {

@@ -11,22 +11,22 @@ use std::time::Duration;
 
 /// What replaces a secret wherever one would be shown.
 pub const REDACTED: &str = "<redacted>";
+/// What replaces a password inside a URL: `amqp://guest:***@mq`. Unlike [`REDACTED`], it
+/// needs no percent-encoding there, so the URL stays readable.
+pub const URL_PASSWORD: &str = "***";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the config file {path}: {source}")]
+    /// `error` is part of the message, not a `source`: printed with its chain, it would
+    /// be said twice.
+    #[error("cannot read the config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    /// The file is not TOML, or a value is not of its key's type, or a key is unknown.
     #[error("{0}")]
     Syntax(FigmentReport),
-    #[error("`sinks[{index}]` ({name}): {report}")]
-    Sink {
-        index: usize,
-        name: String,
-        report: FigmentReport,
-    },
     #[error("`{key}` = {value:?}: {reason}")]
     Invalid {
         key: String,
@@ -41,9 +41,26 @@ pub enum ConfigError {
          in Vyora's Settings -> Integrations"
     )]
     MissingSecret { env: &'static str },
+    /// Every error the file has, so that one run reports them all; one per line.
+    #[error("{} errors in the config:{}", .0.len(), lines(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn lines(errors: &[ConfigError]) -> String {
+    errors.iter().map(|e| format!("\n  {e}")).collect()
 }
 
 impl ConfigError {
+    /// The key the error is about (`server.listen`, `sinks[1].url`), if one.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            ConfigError::Syntax(report) => Some(report.0.path.join(".")),
+            ConfigError::Invalid { key, .. } => Some(key.clone()),
+            ConfigError::MissingSecret { .. } => Some("webhook.secrets".to_owned()),
+            ConfigError::Read { .. } | ConfigError::Several(_) => None,
+        }
+    }
+
     /// `key` = `value`: `reason`.
     pub fn invalid(
         key: impl Into<String>,
@@ -57,6 +74,112 @@ impl ConfigError {
         }
     }
 }
+
+/// The errors of one config, gathered section by section instead of stopping at the
+/// first, so that an operator fixes them all in one pass.
+#[derive(Debug, Default)]
+pub struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    pub fn push(&mut self, error: ConfigError) {
+        match error {
+            ConfigError::Several(errors) => self.0.extend(errors),
+            error => self.0.push(error),
+        }
+    }
+
+    /// The value if `result` has one; else its error is kept and `None` returned.
+    pub fn check<T>(&mut self, result: Result<T, ConfigError>) -> Option<T> {
+        result.map_err(|e| self.push(e)).ok()
+    }
+
+    /// `Ok(value)` when nothing was refused.
+    pub fn or<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.into())
+        }
+    }
+}
+
+impl IntoIterator for Errors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl From<Errors> for ConfigError {
+    /// One error as itself, several as [`ConfigError::Several`].
+    fn from(mut errors: Errors) -> ConfigError {
+        match errors.0.len() {
+            1 => errors.0.remove(0),
+            _ => ConfigError::Several(errors.0),
+        }
+    }
+}
+
+/// The candidate `word` was most likely meant as, if one is close enough: a typo's fix
+/// for "did you mean".
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// A duration as written (`"30s"`), checked by [`duration`] where it is used. A type of
+/// its own so that a value of another type (`timeout = 4`) is refused with what a
+/// duration looks like, not as "expected a string".
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct DurationText(String);
+
+impl std::ops::Deref for DurationText {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for DurationText {
+    fn from(text: &str) -> DurationText {
+        DurationText(text.to_owned())
+    }
+}
+
+impl fmt::Display for DurationText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DurationText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = DurationText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(DURATION_EXAMPLE)
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<DurationText, E> {
+                Ok(DurationText::from(text))
+            }
+        }
+        deserializer.deserialize_str(Text)
+    }
+}
+
+/// What every duration refusal says a duration looks like.
+const DURATION_EXAMPLE: &str = "a duration like \"4s\"";
 
 /// A value a parser refused, and why. The parser does not know where the value was
 /// written; its caller does, and names the key with [`Invalid::at`].
@@ -143,7 +266,7 @@ pub fn duration_or_zero(value: &str) -> Result<Duration, Invalid> {
     humantime::parse_duration(value).map_err(|e| {
         Invalid::new(
             value,
-            format!("not a duration ({e}); write e.g. \"500ms\", \"30s\", \"5m\", \"7d\""),
+            format!("expected {DURATION_EXAMPLE}, \"500ms\", \"5m\" or \"7d\" ({e})"),
         )
     })
 }
@@ -161,12 +284,12 @@ pub fn count(value: u64) -> Result<usize, Invalid> {
     usize::try_from(positive(value)?).map_err(|_| Invalid::new(value, "is too large"))
 }
 
-/// `scheme://user:password@host` with the password replaced; other text as it is.
+/// `scheme://user:***@host` for `scheme://user:password@host`; other text as it is.
 pub fn without_password(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             // Only fails for URLs that cannot have a password, which this one has.
-            let _ = parsed.set_password(Some(REDACTED));
+            let _ = parsed.set_password(Some(URL_PASSWORD));
             parsed.to_string()
         }
         _ => url.to_owned(),
@@ -213,14 +336,19 @@ const SECRET_KEYS: &[&str] = &["secrets", "secret", "api_key", "headers", "url",
 /// Tables holding such keys: a value given in place of the whole table may be one of them.
 const SECRET_TABLES: &[&str] = &["webhook", "api", "sinks", "store"];
 
-/// Whether the value at `path` (absolute, or relative to a sink's table) may be a secret.
+/// Whether the value at `path` (from the top, a sink's table named `sinks[i]`) may be a
+/// secret.
 fn may_hold_secret(path: &[String]) -> bool {
     match path {
         [] => true,
-        [table] if SECRET_TABLES.contains(&table.as_str()) => true,
-        [sinks, _] if sinks == "sinks" => true,
+        [table] if SECRET_TABLES.contains(&table.as_str()) || is_sink(table) => true,
         _ => path.iter().any(|key| SECRET_KEYS.contains(&key.as_str())),
     }
+}
+
+/// `sinks[0]`: one sink's table.
+fn is_sink(key: &str) -> bool {
+    key.starts_with("sinks[")
 }
 
 /// A figment error kind, its value left out where that may be a secret.
@@ -238,6 +366,14 @@ impl fmt::Display for ShownKind<'_> {
                 None if self.secret => f.write_str("invalid value"),
                 None => f.write_str(message),
             },
+            // A key's name is no secret; serde's own wording nests backticks.
+            Kind::UnknownField(field, known) => {
+                f.write_str("unknown key")?;
+                match suggest(field, known.iter().copied()) {
+                    Some(near) => write!(f, "; did you mean `{near}`?"),
+                    None => write!(f, "; the keys here are {}", known.join(", ")),
+                }
+            }
             _ if !self.secret => write!(f, "{}", self.kind),
             Kind::InvalidType(actual, expected) => {
                 write!(
@@ -332,7 +468,10 @@ mod tests {
     fn a_url_password_is_replaced_and_the_rest_kept() {
         let shown = without_password("amqp://u:pw-secret@mq:5672/v");
         assert!(!shown.contains("pw-secret"), "{shown}");
-        assert!(shown.starts_with("amqp://u:") && shown.ends_with("redacted%3E@mq:5672/v"));
+        assert_eq!(
+            shown, "amqp://u:***@mq:5672/v",
+            "readable, not percent-encoded"
+        );
         assert_eq!(without_password("not a url"), "not a url");
     }
 }

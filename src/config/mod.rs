@@ -5,11 +5,13 @@
 //! without reading our source.
 //!
 //! - this file: the typed [`Config`] and its sections, and loading (file, environment).
-//! - `raw`: the file's schema and its defaults.
-//! - `validate`: schema to [`Config`], one function per section.
-//! - [`error`]: [`ConfigError`], the [`Invalid`] that other modules' parsers return, and
-//!   secret-free figment errors. A leaf, so that sinks, routing, redaction and the API
-//!   client can use it without importing the rest of this module.
+//! - `raw`: the file's schema and its defaults, read section by section so that every
+//!   unknown key and every value of the wrong type is reported, not only the first.
+//! - `validate`: schema to [`Config`], one function per section, every refusal kept.
+//! - [`error`]: [`ConfigError`], the [`Invalid`] that other modules' parsers return, the
+//!   gathered [`error::Errors`], "did you mean", and secret-free figment errors. A leaf, so
+//!   that sinks, routing, redaction and the API client can use it without importing the
+//!   rest of this module.
 //! - `redacted`: the effective config as `check-config` prints it.
 //! - `postgres`: `store.url` read as libpq reads it, and `store.schema`.
 //!
@@ -37,7 +39,7 @@ pub use crate::sinks::{SinkConfig, SinkKind};
 use error::InvalidAt;
 pub use error::{ConfigError, FigmentReport, Invalid};
 pub use postgres::{DEFAULT_SCHEMA, PostgresConfig, SslMode, UrlError};
-use raw::RawConfig;
+use raw::{RawConfig, Read};
 use redacted::Redacted;
 
 /// Where `serve` and `check-config` look when no `--config` is given.
@@ -66,6 +68,16 @@ impl ConfigSource {
             Some(path) => ConfigSource::File(path),
             None if Path::new(DEFAULT_PATH).exists() => ConfigSource::File(DEFAULT_PATH.into()),
             None => ConfigSource::Embedded,
+        }
+    }
+}
+
+/// `router.toml`, or `the built-in default config`.
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::Embedded => f.write_str("the built-in default config"),
         }
     }
 }
@@ -212,13 +224,15 @@ pub enum LogFormat {
 impl Config {
     /// Reads, merges the environment, and validates.
     pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
-        let mut raw = Config::raw(source)?;
-        raw.apply_env(
+        let mut read = Config::read(source)?;
+        read.raw.apply_env(
             std::env::var(SECRET_ENV).ok(),
             std::env::var(API_KEY_ENV).ok(),
         );
-        raw.store.url_from_env(std::env::var(DATABASE_URL_ENV).ok());
-        raw.validate()
+        read.raw
+            .store
+            .url_from_env(std::env::var(DATABASE_URL_ENV).ok());
+        read.validate()
     }
 
     /// Only `[store]` (and `[server]`, which bounds it), for operator commands: the file
@@ -226,7 +240,7 @@ impl Config {
     pub fn store(source: &ConfigSource) -> Result<StoreConfig, ConfigError> {
         let mut raw = Config::raw(source)?;
         raw.store.url_from_env(std::env::var(DATABASE_URL_ENV).ok());
-        validate::store(&raw.store, &validate::server(&raw.server)?)
+        validate::store(&raw.store, Some(&validate::server(&raw.server)?))
     }
 
     /// `[store]`'s PostgreSQL settings for `store migrate`, whatever `store.backend` says
@@ -254,23 +268,23 @@ impl Config {
         raw.api.validate().at("api")
     }
 
+    /// The file read, every key of the wrong type or unknown refused.
     fn raw(source: &ConfigSource) -> Result<RawConfig, ConfigError> {
-        Config::extract(Config::figment(source)?)
+        let read = Config::read(source)?;
+        read.errors.or(read.raw)
     }
 
-    fn extract(figment: Figment) -> Result<RawConfig, ConfigError> {
-        figment
-            .extract()
-            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))
+    fn read(source: &ConfigSource) -> Result<Read, ConfigError> {
+        RawConfig::read(&Config::figment(source)?)
     }
 
     fn figment(source: &ConfigSource) -> Result<Figment, ConfigError> {
         let toml = match source {
             ConfigSource::File(path) => {
                 // figment treats a missing file as empty; a missing config is an error.
-                std::fs::metadata(path).map_err(|source| ConfigError::Read {
+                std::fs::metadata(path).map_err(|error| ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
                 Toml::file_exact(path)
             }
@@ -294,9 +308,9 @@ impl Config {
     }
 
     fn from_figment(figment: Figment, env_secrets: Option<String>) -> Result<Config, ConfigError> {
-        let mut raw = Config::extract(figment)?;
-        raw.apply_env(env_secrets, None);
-        raw.validate()
+        let mut read = RawConfig::read(&figment)?;
+        read.raw.apply_env(env_secrets, None);
+        read.validate()
     }
 }
 

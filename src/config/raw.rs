@@ -1,17 +1,196 @@
 //! The file's schema: exactly what the TOML may say, with every default, and nothing else
-//! (ripgrep's `lowargs`). Nothing here is checked beyond its type; [`super::validate`]
-//! turns it into the typed [`super::Config`].
+//! (ripgrep's `lowargs`), and reading it section by section so that one run reports every
+//! key of the wrong type or unknown. Nothing here is checked beyond its type;
+//! [`super::validate`] turns it into the typed [`super::Config`].
 //!
 //! A sink's own keys are kept as a table here and read by its type's options struct, and
 //! the `[api]` table is the API client's own (`crate::api::ApiOptions`): each component
 //! owns its schema.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use figment::Figment;
+use figment::error::Kind;
+use figment::value::{Dict, Tag, Value};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::error::{ConfigError, DurationText, Errors, FigmentReport};
 use crate::api::ApiOptions;
 use crate::routing::EventSelector;
+
+/// The file's top-level keys, [`RawConfig`]'s fields (a test keeps them in step).
+const SECTIONS: &[&str] = &[
+    "server", "admin", "webhook", "store", "delivery", "api", "poller", "log", "sinks",
+];
+
+/// What reading the file gave: the schema (a key that was refused takes its default, a
+/// table that could not be read at all is left out), the refusals, and the keys they
+/// were about.
+pub(super) struct Read {
+    pub(super) raw: RawConfig,
+    pub(super) errors: Errors,
+    refused: BTreeSet<String>,
+}
+
+impl Read {
+    /// Whether `key` (`server.listen`, `sinks[1].url`) or a table holding it was refused:
+    /// its value is then a default, and a check of it would blame the wrong value.
+    pub(super) fn refused(&self, key: &str) -> bool {
+        self.refused.iter().any(|r| {
+            key.strip_prefix(r.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+    }
+}
+
+impl RawConfig {
+    /// Reads every section, each as far as it is readable: a file that is not TOML is one
+    /// error; otherwise every unknown key and every value of the wrong type is reported.
+    pub(super) fn read(figment: &Figment) -> Result<Read, ConfigError> {
+        let top: Dict = figment
+            .extract()
+            .map_err(|e| ConfigError::Syntax(FigmentReport(Box::new(e))))?;
+        let mut reader = Reader {
+            figment,
+            errors: Errors::default(),
+            refused: BTreeSet::new(),
+        };
+        for (key, value) in &top {
+            if !SECTIONS.contains(&key.as_str()) {
+                let mut e = figment::Error::from(Kind::UnknownField(key.clone(), SECTIONS));
+                e.path = vec![key.clone()];
+                e.metadata = figment.get_metadata(value.tag()).cloned();
+                reader.refuse(e);
+            }
+        }
+        let raw = RawConfig {
+            server: reader.section("server"),
+            admin: reader.section("admin"),
+            webhook: reader.section("webhook"),
+            store: reader.section("store"),
+            delivery: reader.section("delivery"),
+            api: reader.section("api"),
+            poller: reader.section("poller"),
+            log: reader.section("log"),
+            sinks: reader.sinks(),
+        };
+        Ok(Read {
+            raw,
+            errors: reader.errors,
+            refused: reader.refused,
+        })
+    }
+}
+
+struct Reader<'a> {
+    figment: &'a Figment,
+    errors: Errors,
+    refused: BTreeSet<String>,
+}
+
+impl Reader<'_> {
+    fn refuse(&mut self, error: figment::Error) {
+        self.refused.insert(error.path.join("."));
+        self.errors
+            .push(ConfigError::Syntax(FigmentReport(Box::new(error))));
+    }
+
+    /// A `[section]` table; absent, its defaults.
+    fn section<T: DeserializeOwned + Default>(&mut self, name: &str) -> T {
+        match self.figment.find_value(name) {
+            Ok(value) => self.table(value, name).unwrap_or_default(),
+            Err(_) => T::default(),
+        }
+    }
+
+    /// The `[[sinks]]` tables; those that cannot be read at all are left out, the others
+    /// keep their index for the errors that name them.
+    fn sinks(&mut self) -> Vec<RawSink> {
+        let value = match self.figment.find_value("sinks") {
+            Ok(Value::Array(_, items)) => items,
+            Ok(other) => {
+                let mut e = figment::Error::from(Kind::InvalidType(
+                    other.to_actual(),
+                    "an array of [[sinks]] tables".into(),
+                ));
+                e.path = vec!["sinks".to_owned()];
+                e.metadata = self.figment.get_metadata(other.tag()).cloned();
+                self.refuse(e);
+                return Vec::new();
+            }
+            Err(_) => return Vec::new(),
+        };
+        let mut sinks = Vec::with_capacity(value.len());
+        for (index, item) in value.into_iter().enumerate() {
+            if let Some(sink) = self.table::<RawSink>(item, &format!("sinks[{index}]")) {
+                sinks.push(RawSink { index, ..sink });
+            }
+        }
+        sinks
+    }
+
+    /// `value` read as `T`; every refusal is reported under `at`, with where it was
+    /// written.
+    fn table<T: DeserializeOwned>(&mut self, value: Value, at: &str) -> Option<T> {
+        let (read, refusals) = leniently(value);
+        for (mut e, tag) in refusals {
+            e.path.insert(0, at.to_owned());
+            e.metadata = self.figment.get_metadata(tag).cloned();
+            self.refuse(e);
+        }
+        read
+    }
+}
+
+/// `value` read as `T`, removing each key that is refused and reading again, so that
+/// every refusal in the table is found, each with the tag of the value it is about. `None`
+/// when the table cannot be read even without them (not a table; a required key missing).
+pub(super) fn leniently<T: DeserializeOwned>(
+    mut value: Value,
+) -> (Option<T>, Vec<(figment::Error, Tag)>) {
+    let mut refusals = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    loop {
+        let errors = match value.deserialize::<T>() {
+            Ok(read) => return (Some(read), refusals),
+            Err(errors) => errors,
+        };
+        let mut again = false;
+        for e in errors {
+            if let Kind::MissingField(field) = &e.kind
+                && removed.iter().any(|r| r == field)
+            {
+                // Already reported as refused: missing only because we took it out.
+                continue;
+            }
+            let key = e.path.first().cloned();
+            let tag = tag_at(&value, &e.path);
+            refusals.push((e, tag));
+            if let (Some(key), Value::Dict(_, table)) = (key, &mut value)
+                && table.remove(&key).is_some()
+            {
+                removed.push(key);
+                again = true;
+            }
+        }
+        if !again {
+            return (None, refusals);
+        }
+    }
+}
+
+/// The tag of the value at `path` below `value`, or of the deepest one on the way.
+fn tag_at(value: &Value, path: &[String]) -> Tag {
+    let mut at = value;
+    for key in path {
+        match at.as_dict().and_then(|table| table.get(key)) {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    at.tag()
+}
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -46,9 +225,9 @@ impl RawConfig {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawPoller {
     pub(super) enabled: bool,
-    pub(super) wait_for_analysis: String,
-    pub(super) interval: String,
-    pub(super) give_up_after: String,
+    pub(super) wait_for_analysis: DurationText,
+    pub(super) interval: DurationText,
+    pub(super) give_up_after: DurationText,
 }
 
 impl Default for RawPoller {
@@ -68,10 +247,10 @@ pub(super) struct RawServer {
     pub(super) listen: String,
     pub(super) webhook_path: String,
     pub(super) max_body_bytes: u64,
-    pub(super) header_read_timeout: String,
-    pub(super) ack_timeout: String,
+    pub(super) header_read_timeout: DurationText,
+    pub(super) ack_timeout: DurationText,
     pub(super) max_connections: u64,
-    pub(super) shutdown_timeout: String,
+    pub(super) shutdown_timeout: DurationText,
     pub(super) max_buffered_body_bytes: u64,
 }
 
@@ -108,10 +287,12 @@ impl Default for RawAdmin {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawWebhook {
     pub(super) secrets: Vec<String>,
-    /// Defaults to `store.dedup_window`.
+    /// Defaults to `store.dedup_window` less `max_clock_skew`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) max_event_age: Option<String>,
-    pub(super) max_clock_skew: String,
+    pub(super) max_event_age: Option<DurationText>,
+    pub(super) max_clock_skew: DurationText,
+    /// Event names beyond those Vyora documents that a sink's `events` may name.
+    pub(super) extra_events: Vec<String>,
 }
 
 impl Default for RawWebhook {
@@ -120,6 +301,7 @@ impl Default for RawWebhook {
             secrets: Vec::new(),
             max_event_age: None,
             max_clock_skew: "5m".into(),
+            extra_events: Vec::new(),
         }
     }
 }
@@ -130,13 +312,13 @@ pub(super) struct RawStore {
     pub(super) backend: String,
     pub(super) path: String,
     pub(super) synchronous: String,
-    pub(super) commit_interval: String,
+    pub(super) commit_interval: DurationText,
     pub(super) url: String,
     pub(super) schema: String,
     pub(super) pool_size: u64,
-    pub(super) lease: String,
-    pub(super) retention: String,
-    pub(super) dedup_window: String,
+    pub(super) lease: DurationText,
+    pub(super) retention: DurationText,
+    pub(super) dedup_window: DurationText,
     pub(super) quarantine_max_bytes: u64,
 }
 
@@ -171,8 +353,8 @@ impl RawStore {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawDelivery {
     pub(super) max_attempts: u64,
-    pub(super) backoff_initial: String,
-    pub(super) backoff_max: String,
+    pub(super) backoff_initial: DurationText,
+    pub(super) backoff_max: DurationText,
 }
 
 impl Default for RawDelivery {
@@ -207,6 +389,9 @@ impl Default for RawLog {
 /// refused by the type's options struct, which sees every key but these.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub(super) struct RawSink {
+    /// Its place among the `[[sinks]]`, for the errors that name it (`sinks[2]`).
+    #[serde(skip)]
+    pub(super) index: usize,
     pub(super) name: String,
     #[serde(rename = "type")]
     pub(super) kind: String,
@@ -217,7 +402,7 @@ pub(super) struct RawSink {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) redact: Vec<String>,
     #[serde(flatten)]
-    pub(super) options: figment::value::Dict,
+    pub(super) options: Dict,
 }
 
 /// [`RawSink`]'s own keys, for the error on an unknown one (a test keeps them in step).
@@ -234,17 +419,30 @@ mod tests {
     #[test]
     fn the_common_sink_keys_are_the_raw_sinks_own_fields() {
         let sink = RawSink {
+            index: 0,
             name: "n".into(),
             kind: "file".into(),
             events: all_events(),
             filter: BTreeMap::from([("agent_id".to_owned(), vec!["a".to_owned()])]),
             redact: vec!["transcript".into()],
-            options: figment::value::Dict::new(),
+            options: Dict::new(),
         };
         let table: toml::Table =
             toml::from_str(&toml::to_string(&sink).expect("toml")).expect("a table");
         let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
         let mut listed: Vec<&str> = COMMON_SINK_KEYS.split(", ").collect();
+        keys.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(keys, listed);
+    }
+
+    #[test]
+    fn the_sections_are_the_raw_configs_own_fields() {
+        let table: toml::Table =
+            toml::from_str(&toml::to_string(&RawConfig::default()).expect("toml"))
+                .expect("a table");
+        let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        let mut listed = SECTIONS.to_vec();
         keys.sort_unstable();
         listed.sort_unstable();
         assert_eq!(keys, listed);

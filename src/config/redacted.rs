@@ -22,8 +22,10 @@ enum Urls {
 }
 
 impl Config {
-    /// The effective configuration as TOML, secrets replaced by `<redacted>`, and so are
-    /// URL queries and the paths of HTTP sink URLs (Slack's `/services/...` is the key).
+    /// The effective configuration as TOML, every default filled in and only the chosen
+    /// store backend's keys; secrets replaced by `<redacted>` (a URL's password by `***`),
+    /// and so are URL queries and the paths of HTTP sink URLs (Slack's `/services/...` is
+    /// the key).
     pub fn redacted_toml(&self) -> &str {
         &self.redacted.urls_redacted
     }
@@ -62,8 +64,28 @@ fn rendering(raw: &RawConfig, urls: Urls) -> String {
     }
     // Serializing plain strings, numbers and tables cannot fail; an empty rendering
     // would only make `check-config` print less.
-    toml::to_string_pretty(&shown).unwrap_or_default()
+    let Ok(mut table) = toml::Table::try_from(&shown) else {
+        return String::new();
+    };
+    // Only the chosen backend's keys: the others are not in effect.
+    if let Some(toml::Value::Table(store)) = table.get_mut("store") {
+        let unused = if shown.store.backend == "postgres" {
+            SQLITE_ONLY
+        } else {
+            POSTGRES_ONLY
+        };
+        store.retain(|key, _| !unused.contains(&key));
+    }
+    if shown.sinks.is_empty() {
+        table.remove("sinks");
+    }
+    toml::to_string_pretty(&table).unwrap_or_default()
 }
+
+/// `[store]` keys that only SQLite reads.
+const SQLITE_ONLY: &[&str] = &["path", "synchronous", "commit_interval"];
+/// `[store]` keys that only PostgreSQL reads.
+const POSTGRES_ONLY: &[&str] = &["url", "pool_size", "lease"];
 
 /// Replaces what must never be shown: secrets, header values, URL passwords; and with
 /// [`Urls::Redacted`] URL queries and an HTTP sink's path. By key, whatever the sink's
@@ -203,6 +225,58 @@ exchange = "vyora"
         }
         for secret in ["url-password", "amqp-password", "s3cret-value"] {
             assert!(!full.contains(secret), "{secret} shown in {full}");
+        }
+    }
+
+    #[test]
+    fn the_rendering_shows_every_default_and_only_the_chosen_backends_keys() {
+        let text = format!(
+            "{MINIMAL}[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"https://crm.example/\"\n\
+             [[sinks]]\nname = \"queue\"\ntype = \"amqp\"\nurl = \"amqp://guest:guest@mq:5672/%2f\"\nexchange = \"vyora\"\n"
+        );
+        let c = Config::from_toml(&text).expect("valid");
+        let shown = c.redacted_toml();
+        for default in [
+            "timeout = \"10s\"",
+            "concurrency = 8",
+            "exchange_type = \"topic\"",
+            "confirm_timeout = \"30s\"",
+            "max_in_flight = 256",
+            "max_event_age = \"89d 23h 55m\"",
+            "path = \"data/router.db\"",
+            "synchronous = \"full\"",
+        ] {
+            assert!(shown.contains(default), "{default} not in {shown}");
+        }
+        for unused in ["pool_size", "lease", "url = \"\""] {
+            assert!(
+                !shown.contains(unused),
+                "{unused} shown for SQLite: {shown}"
+            );
+        }
+        assert!(shown.contains("amqp://guest:***@mq:5672/"), "{shown}");
+        assert!(
+            !shown.contains("%3C") && !shown.contains("guest:guest"),
+            "{shown}"
+        );
+
+        let c = Config::from_toml(&format!(
+            "{MINIMAL}[store]\nbackend = \"postgres\"\nurl = \"postgres://u:pg-password@db/vyora\"\n"
+        ))
+        .expect("valid");
+        let shown = c.redacted_toml();
+        for key in [
+            "pool_size = 16",
+            "lease = \"30s\"",
+            "url = \"postgres://u:***@db/vyora\"",
+        ] {
+            assert!(shown.contains(key), "{key} not in {shown}");
+        }
+        for unused in ["\npath =", "synchronous", "commit_interval"] {
+            assert!(
+                !shown.contains(unused),
+                "{unused} shown for PostgreSQL: {shown}"
+            );
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Sinks: where events go. One [`Sink`] trait, one folder per kind; the dispatcher drives
-//! them.
+//! them. Each kind also has a [`Probe`] (`<kind>/probe.rs`) that `check-config --connect`
+//! runs to reach its destination without sending an event.
 //!
 //! Each kind owns its settings (`<kind>/config.rs`: its keys, defaults and checks), and
 //! [`SinkConfig`] holds one configured sink: which events it gets and what it must not
@@ -54,6 +55,15 @@ pub trait Sink: Send + Sync + 'static {
     }
 }
 
+/// What `check-config --connect` asks of each kind of sink: reach the destination as the
+/// sink would, without sending it an event, and say what was found. Each kind implements
+/// it on its checked settings rather than on a built [`Sink`], because building one has
+/// effects of its own (the file sink repairs its file; the AMQP sink starts reconnecting).
+pub trait Probe: Send + Sync {
+    /// `Ok`: what was reached; `Err`: why it could not be. Neither may hold a secret.
+    fn probe(&self) -> BoxFuture<'_, Result<String, String>>;
+}
+
 /// One `[[sinks]]` table, checked.
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
@@ -72,6 +82,26 @@ pub enum SinkKind {
     File(file::FileSinkConfig),
     Http(Box<http::HttpSinkConfig>),
     Amqp(Box<amqp::AmqpSinkConfig>),
+}
+
+impl SinkKind {
+    /// The kind's [`Probe`], for `check-config --connect`.
+    pub fn probe(&self) -> &dyn Probe {
+        match self {
+            SinkKind::File(file) => file,
+            SinkKind::Http(http) => http.as_ref(),
+            SinkKind::Amqp(amqp) => amqp.as_ref(),
+        }
+    }
+
+    /// The kind's name, as `type` says it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SinkKind::File(_) => "file",
+            SinkKind::Http(_) => "http",
+            SinkKind::Amqp(_) => "amqp",
+        }
+    }
 }
 
 /// `Router::new(&config.sinks)`: each sink's route is its name, events and filter.

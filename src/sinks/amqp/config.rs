@@ -5,13 +5,13 @@ use std::fmt;
 use std::time::Duration;
 
 use lapin::types::ShortString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::RoutingKey;
-use crate::config::error::{self, Invalid, InvalidAt, without_password};
+use crate::config::error::{self, DurationText, Invalid, InvalidAt, without_password};
 
 /// An `amqp` sink's own keys, beside those every sink has.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpOptions {
     url: String,
@@ -25,7 +25,7 @@ pub struct AmqpOptions {
     #[serde(default = "yes")]
     mandatory: bool,
     #[serde(default = "default_confirm_timeout")]
-    confirm_timeout: String,
+    confirm_timeout: DurationText,
     #[serde(default = "default_max_in_flight")]
     max_in_flight: u64,
 }
@@ -42,7 +42,7 @@ fn default_routing_key() -> String {
     "vyora.{event}".into()
 }
 
-fn default_confirm_timeout() -> String {
+fn default_confirm_timeout() -> DurationText {
     "30s".into()
 }
 

@@ -18,6 +18,7 @@
 
 mod config;
 mod log_cap;
+mod probe;
 mod returned;
 mod routing_key;
 

@@ -8,6 +8,7 @@
 //! Its settings are in `config`.
 
 mod config;
+mod probe;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -19,6 +20,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 pub use config::{FileOptions, FileSinkConfig};
+pub use probe::writable;
 
 use super::{BoxFuture, BuildError, Sink, SinkError};
 use crate::event::Delivery;

@@ -6,9 +6,9 @@ use std::fmt;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::error::{self, Invalid, InvalidAt, REDACTED, without_password};
+use crate::config::error::{self, DurationText, Invalid, InvalidAt, REDACTED, without_password};
 use crate::protocol::{EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SOURCE_HEADER};
 use crate::signature::Secret;
 
@@ -26,20 +26,21 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 /// An `http` sink's own keys, beside those every sink has.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpOptions {
     url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
     #[serde(default = "default_timeout")]
-    timeout: String,
+    timeout: DurationText,
     #[serde(default = "default_concurrency")]
     concurrency: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     headers: BTreeMap<String, String>,
 }
 
-fn default_timeout() -> String {
+fn default_timeout() -> DurationText {
     "10s".into()
 }
 

@@ -8,6 +8,7 @@
 //! for a broker that is down. Its settings are in `config`.
 
 mod config;
+mod probe;
 
 use crate::protocol::{EVENT_HEADER, IDEMPOTENCY_HEADER, SIGNATURE_HEADER, SOURCE_HEADER};
 use std::sync::{Mutex, PoisonError};
