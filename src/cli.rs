@@ -205,6 +205,11 @@ impl ConfigArg {
         Config::load(&self.source())
     }
 
+    /// The names of the configured sinks, for the commands that take one.
+    pub fn sink_names(&self) -> Result<Vec<String>, ConfigError> {
+        Config::sink_names(&self.source())
+    }
+
     /// The `[api]` settings, for the `calls` and `agents` commands.
     pub fn api(&self) -> Result<crate::api::ApiConfig, ConfigError> {
         Config::api(&self.source())

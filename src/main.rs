@@ -1,5 +1,6 @@
 //! The `vyora-router` binary: parses the command line, sets up logging, and runs.
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
@@ -165,34 +166,73 @@ fn deliveries_list(arg: &ConfigArg, filter: &ListFilter, json: bool) -> anyhow::
 }
 
 /// `deliveries replay`: chosen deliveries of a sink back to pending; the running server
-/// sends them.
+/// sends them. A sink that neither the config nor the store knows, and a delivery or a
+/// call the sink does not have, are errors: a typo must not read as "nothing to do".
 fn deliveries_replay(
     arg: &ConfigArg,
     sink: &str,
     which: &Replay,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let replayed = with_store(arg, async |store| store.replay(sink, which).await)?;
+    let configured = arg.sink_names()?;
+    let done = with_store(arg, async |store| store.replay(sink, which).await)?;
+    if let Some(stored) = &done.other_sinks
+        && !configured.iter().any(|name| name == sink)
+    {
+        let known: BTreeSet<&str> = configured
+            .iter()
+            .chain(stored)
+            .map(String::as_str)
+            .collect();
+        let known = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.into_iter().collect::<Vec<_>>().join(", ")
+        };
+        anyhow::bail!(
+            "sink {} is in neither the config nor the store (known sinks: {})",
+            render::printable(sink),
+            render::printable(&known)
+        );
+    }
+    if done.matched() == 0 {
+        let sink = render::printable(sink);
+        match which {
+            Replay::Id(id) => anyhow::bail!(
+                "sink {sink} has no delivery {id} (`deliveries list --sink {sink}` shows the ids)"
+            ),
+            Replay::CallId(call) => anyhow::bail!(
+                "sink {sink} has no delivery of call {}",
+                render::printable(call)
+            ),
+            Replay::Dead => {}
+        }
+    }
     if json {
         println!(
             "{}",
-            serde_json::json!({ "sink": sink, "replayed": replayed })
+            serde_json::json!({
+                "sink": sink,
+                "replayed": done.replayed,
+                "already_pending": done.already_pending,
+                "payload_gone": done.payload_gone,
+            })
         );
     } else {
-        println!(
-            "{replayed} deliveries to {sink} are pending again; the running server sends them shortly"
-        );
+        println!("{}", render::replayed(sink, which, &done));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `events show`: a call's stored events and their delivery status per sink.
+/// `events show`: a call's stored events and their delivery status per sink; a call
+/// with none is an error.
 fn events_show(arg: &ConfigArg, call_id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let events = with_store(arg, async |store| store.show_events(call_id).await)?;
+    if events.is_empty() {
+        anyhow::bail!("no stored events for call {}", render::printable(call_id));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&events)?);
-    } else if events.is_empty() {
-        println!("no stored events for call {}", render::printable(call_id));
     } else {
         println!("{}", render::events(&events));
     }

@@ -244,6 +244,16 @@ impl Config {
         validate::store(&raw.store, &validate::server(&raw.server)?)
     }
 
+    /// The `[[sinks]]`' names, for operator commands that take one: like [`Config::store`],
+    /// no secret is needed.
+    pub fn sink_names(source: &ConfigSource) -> Result<Vec<String>, ConfigError> {
+        Ok(Config::raw(source)?
+            .sinks
+            .into_iter()
+            .map(|sink| sink.name)
+            .collect())
+    }
+
     /// Only `[api]`, for the `calls` and `agents` commands.
     pub fn api(source: &ConfigSource) -> Result<ApiConfig, ConfigError> {
         let mut raw = Config::raw(source)?;

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PostgresConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
-use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
 use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
@@ -390,7 +390,7 @@ impl Backend for PostgresStore {
         Box::pin(queries::list_deliveries(&self.pool, filter))
     }
 
-    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>> {
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>> {
         Box::pin(queries::replay(&self.pool, sink, which))
     }
 
