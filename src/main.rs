@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +18,9 @@ use vyora_router::cli::{
     AgentsCommand, CallsCommand, Cli, Command, ConfigArg, DeliveriesCommand, EventsCommand,
     PollerCommand, StoreCommand,
 };
-use vyora_router::config::{Config, ConfigSource, LogFormat, PostgresConfig};
+use vyora_router::config::{Config, ConfigSource, LogFormat, PostgresConfig, SECRET_ENV};
 use vyora_router::render;
+use vyora_router::server::{HealthError, check_health};
 use vyora_router::signature::Secret;
 use vyora_router::store::operator::{ListFilter, Replay};
 use vyora_router::store::{Store, StoreError};
@@ -28,6 +30,11 @@ use vyora_router::trigger::{self, Trigger};
 const LOG_QUEUE_LINES: usize = 8192;
 /// Log bytes gathered into one write to stdout, at most.
 const LOG_WRITE_BYTES: usize = 64 * 1024;
+/// How long `healthcheck` waits for `/healthz`: less than the image's HEALTHCHECK
+/// timeout (3 s), so that it prints why rather than being killed.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where `trigger` sends without `--url` or `--config`: the default `server.listen`.
+const DEFAULT_TRIGGER_URL: &str = "http://127.0.0.1:8080/webhook";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -94,10 +101,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => poller_status(&config, limit, json),
         Command::Trigger {
             event,
+            config,
             url,
             secret,
             call_id,
-        } => trigger(event, &url, &secret, call_id),
+        } => trigger(event, config, url, secret, call_id),
         Command::Sign { secret, file } => sign(&secret, file.as_deref()),
         Command::Store(StoreCommand::Migrate { from, to, json }) => store_migrate(&from, to, json),
     }
@@ -123,20 +131,29 @@ fn check_config(arg: &ConfigArg, show_urls: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// `healthcheck`: the container's probe of `/healthz` on the admin listener (no curl
-/// needed in the image).
+/// needed in the image). A failure says why: the container runtime keeps the output.
 fn healthcheck(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     let config = arg.load()?;
     // Probes run beside the router, so they use the operator's listener.
     let addr = loopback_for(config.admin.listen);
-    let status = runtime()?
-        .block_on(vyora_router::server::check_health(addr))
-        .with_context(|| format!("health check of {addr}"))?;
-    if status.is_success() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("health check of {addr}: {status}");
-        Ok(ExitCode::FAILURE)
-    }
+    let answer = runtime()?
+        .block_on(async { tokio::time::timeout(HEALTHCHECK_TIMEOUT, check_health(addr)).await });
+    let why = match answer {
+        Ok(Ok(status)) if status.is_success() => return Ok(ExitCode::SUCCESS),
+        Ok(Ok(status)) => format!("{addr} answered {status}"),
+        Ok(Err(HealthError::Connect(e))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "connection refused by {addr}: nothing listens there (is the router running, with this admin.listen?)"
+            )
+        }
+        Ok(Err(e)) => format!("{addr}: {e}"),
+        Err(_) => format!(
+            "no answer from {addr} within {}",
+            humantime::format_duration(HEALTHCHECK_TIMEOUT)
+        ),
+    };
+    eprintln!("health check failed: {why}");
+    Ok(ExitCode::FAILURE)
 }
 
 /// Runs an operator command against the store `arg` names, closing it afterwards so
@@ -308,14 +325,40 @@ fn agents_list(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `trigger`: realistic, correctly signed events sent to a router.
+/// `trigger`: realistic, correctly signed events sent to a router: the one `config`
+/// describes (its webhook URL and first secret), unless `url` and `secret` say otherwise.
 fn trigger(
     event: Trigger,
-    url: &str,
-    secret: &str,
+    config: Option<PathBuf>,
+    url: Option<String>,
+    secret: Option<String>,
     call_id: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let secret = first_secret(secret)?;
+    let config = config
+        .map(|path| Config::load(&ConfigSource::File(path)))
+        .transpose()?;
+    let url = match (url, &config) {
+        (Some(url), _) => url,
+        (None, Some(config)) => format!(
+            "http://{}{}",
+            loopback_for(config.server.listen),
+            config.server.webhook_path
+        ),
+        (None, None) => DEFAULT_TRIGGER_URL.to_owned(),
+    };
+    // The config's secrets are the router's: from the file, else from the environment.
+    let secret = match (secret, &config) {
+        (Some(secret), _) => first_secret(&secret)?,
+        (None, Some(config)) => config
+            .webhook
+            .secrets
+            .first()
+            .cloned()
+            .context("the config has no webhook secret")?,
+        (None, None) => first_secret(&std::env::var(SECRET_ENV).with_context(|| {
+            format!("no signing secret: give --secret, --config or {SECRET_ENV}")
+        })?)?,
+    };
     let call_id = call_id.unwrap_or_else(|| format!("trigger-{:016x}", fastrand::u64(..)));
     vyora_router::net::install_tls_provider();
     let client = reqwest::Client::builder()
@@ -326,7 +369,7 @@ fn trigger(
     for name in event.events() {
         let body = trigger::payload(name, &call_id);
         let (status, answer) = runtime()?
-            .block_on(trigger::send(&client, url, &secret, name, body))
+            .block_on(trigger::send(&client, &url, &secret, name, body))
             .with_context(|| format!("sending {name} to {url}"))?;
         // The answer comes from whatever server --url names: never raw to the terminal.
         println!(
