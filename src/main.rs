@@ -115,6 +115,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn serve(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     let config = arg.load()?;
     let _log = init_logging(&config)?;
+    let source = match arg.source() {
+        ConfigSource::File(path) => path.display().to_string(),
+        ConfigSource::Embedded => "the built-in default".to_owned(),
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %source,
+        store = %Store::location(&config.store),
+        "starting"
+    );
     runtime()?.block_on(serve_until_signalled(config, arg.source()))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -531,3 +531,60 @@ fn healthcheck_says_why_it_failed() {
         text(&out.stderr)
     );
 }
+
+/// Starts `serve` in `cwd` with `args` and JSON logs on port 0, and returns the fields of
+/// its "starting" line.
+async fn starting_line(cwd: &Path, args: &[&str]) -> serde_json::Value {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+        .current_dir(cwd)
+        .arg("serve")
+        .args(args)
+        .env("VYORA_WEBHOOK_SECRET", "s")
+        .env("VYORA_ROUTER_SERVER__LISTEN", "127.0.0.1:0")
+        .env("VYORA_ROUTER_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("VYORA_ROUTER_LOG__FORMAT", "json")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the router");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if log["fields"]["message"] == "starting" {
+                return Some(log["fields"].clone());
+            }
+        }
+        None
+    })
+    .await;
+    let _ = child.kill().await;
+    found
+        .ok()
+        .flatten()
+        .expect("a \"starting\" line in the log")
+}
+
+#[tokio::test]
+async fn serve_logs_which_config_and_which_store_it_starts_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("events.db");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        format!("[store]\npath = \"{}\"\n", db.display()),
+    )
+    .expect("write");
+    let fields = starting_line(dir.path(), &["--config", "router.toml"]).await;
+    assert_eq!(fields["config"], "router.toml", "{fields}");
+    assert_eq!(
+        fields["store"],
+        format!("SQLite at {}", db.display()).as_str(),
+        "{fields}"
+    );
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let fields = starting_line(empty.path(), &[]).await;
+    assert_eq!(fields["config"], "the built-in default", "{fields}");
+    assert_eq!(fields["store"], "SQLite at data/router.db", "{fields}");
+}

@@ -165,6 +165,15 @@ impl Store {
         })
     }
 
+    /// Where the store `config` names is, for the log: SQLite's file, or PostgreSQL's
+    /// database and servers (never a user or a password).
+    pub fn location(config: &StoreConfig) -> String {
+        match &config.backend {
+            StoreBackend::Sqlite => format!("SQLite at {}", config.path.display()),
+            StoreBackend::Postgres(pg) => postgres::location(&pg.url),
+        }
+    }
+
     /// Opens an existing store for an operator command: a wrong SQLite path is an error,
     /// not a new empty database.
     pub async fn open_existing(config: &StoreConfig) -> Result<Store> {

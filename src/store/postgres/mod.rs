@@ -123,6 +123,29 @@ fn connection_config(url: &str) -> Result<tokio_postgres::Config> {
     Ok(config)
 }
 
+/// The database and the servers `url` names, for the log: never its user or password.
+pub(super) fn location(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "PostgreSQL (store.url does not parse)".to_owned();
+    };
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                tokio_postgres::config::Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    // libpq's default database is the user's name, which is not ours to print.
+    let database = config.get_dbname().unwrap_or("(the user's default)");
+    format!("PostgreSQL database {database} on {}", servers.join(", "))
+}
+
 /// Copies the SQLite store at `from` into the PostgreSQL database `to` names.
 pub(super) async fn import_sqlite(from: &std::path::Path, to: &PostgresConfig) -> Result<Migrated> {
     let (pool, _, _) = pool(to)?;
@@ -445,5 +468,15 @@ mod tests {
                 .expect("valid");
         assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
         assert_eq!(own.get_keepalives_idle(), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_location_names_the_database_and_servers_but_no_credentials() {
+        let shown =
+            location("postgres://router:pw-secret@db.example.com:6432/events?sslmode=require");
+        assert_eq!(shown, "PostgreSQL database events on db.example.com:6432");
+        let shown = location("host=a,b user=router password=pw-secret dbname=events");
+        assert_eq!(shown, "PostgreSQL database events on a:5432, b:5432");
+        assert!(!location("postgres://router:pw-secret@db").contains("router"));
     }
 }
