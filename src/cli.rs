@@ -62,12 +62,18 @@ pub enum Command {
     /// Send realistic, correctly signed test events (`call`: the whole lifecycle).
     Trigger {
         event: Trigger,
-        #[arg(long, default_value = "http://127.0.0.1:8080/webhook")]
-        url: String,
-        /// The signing secret [default: the first of VYORA_WEBHOOK_SECRET]. Prefer the
-        /// environment variable: a secret given here is visible to other local users in `ps`
-        #[arg(long, env = "VYORA_WEBHOOK_SECRET", hide_env_values = true)]
-        secret: String,
+        /// The router's config: the URL and the secret are taken from it
+        /// (server.listen, server.webhook_path, webhook.secrets)
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Where to send [default: from --config, else http://127.0.0.1:8080/webhook]
+        #[arg(long)]
+        url: Option<String>,
+        /// The signing secret [default: the first of --config's webhook secrets, else of
+        /// VYORA_WEBHOOK_SECRET]. Prefer the environment variable: a secret given here is
+        /// visible to other local users in `ps`
+        #[arg(long)]
+        secret: Option<String>,
         /// [default: a new random id]
         #[arg(long)]
         call_id: Option<String>,
@@ -213,6 +219,11 @@ impl ConfigArg {
 
     pub fn load(&self) -> Result<Config, ConfigError> {
         Config::load(&self.source())
+    }
+
+    /// The names of the configured sinks, for the commands that take one.
+    pub fn sink_names(&self) -> Result<Vec<String>, ConfigError> {
+        Config::sink_names(&self.source())
     }
 
     /// The `[api]` settings, for the `calls` and `agents` commands.

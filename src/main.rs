@@ -1,7 +1,9 @@
 //! The `vyora-router` binary: parses the command line, sets up logging, and runs.
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +21,10 @@ use vyora_router::cli::{
     PollerCommand, StoreCommand,
 };
 use vyora_router::config::{
-    Config, ConfigSource, LogFormat, PostgresConfig, StoreBackend, StoreConfig,
+    Config, ConfigSource, LogFormat, PostgresConfig, SECRET_ENV, StoreBackend, StoreConfig,
 };
 use vyora_router::render;
+use vyora_router::server::{HealthError, check_health};
 use vyora_router::signature::Secret;
 use vyora_router::store::operator::{ListFilter, Replay};
 use vyora_router::store::{Store, StoreError};
@@ -31,6 +34,11 @@ use vyora_router::trigger::{self, Trigger};
 const LOG_QUEUE_LINES: usize = 8192;
 /// Log bytes gathered into one write to stdout, at most.
 const LOG_WRITE_BYTES: usize = 64 * 1024;
+/// How long `healthcheck` waits for `/healthz`: less than the image's HEALTHCHECK
+/// timeout (3 s), so that it prints why rather than being killed.
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Where `trigger` sends without `--url` or `--config`: the default `server.listen`.
+const DEFAULT_TRIGGER_URL: &str = "http://127.0.0.1:8080/webhook";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -101,10 +109,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => poller_status(&config, limit, json),
         Command::Trigger {
             event,
+            config,
             url,
             secret,
             call_id,
-        } => trigger(event, &url, &secret, call_id),
+        } => trigger(event, config, url, secret, call_id),
         Command::Sign { secret, file } => sign(&secret, file.as_deref()),
         Command::Store(StoreCommand::Migrate {
             config,
@@ -119,6 +128,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn serve(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     let config = arg.load()?;
     let _log = init_logging(&config)?;
+    let source = match arg.source() {
+        ConfigSource::File(path) => path.display().to_string(),
+        ConfigSource::Embedded => "the built-in default".to_owned(),
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %source,
+        store = %Store::location(&config.store),
+        "starting"
+    );
     runtime()?.block_on(serve_until_signalled(config, arg.source()))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -193,15 +212,23 @@ async fn connect_all(config: &Config) -> Vec<(String, Result<String, String>)> {
         .collect()
 }
 
-/// Opens the store as the operator commands do; a SQLite file that does not exist yet is
-/// fine if `serve` could create it.
+/// Opens the store as the operator commands do, changing nothing; what `serve` would
+/// create or migrate at start is fine (a SQLite file not there yet if its directory is
+/// writable, a database without the router's tables, or with those of an older build).
 async fn check_store(config: &StoreConfig) -> Result<String, String> {
     if config.backend == StoreBackend::Sqlite && !config.path.exists() {
         return vyora_router::sinks::file::writable(&config.path);
     }
-    let store = Store::open_existing(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = match Store::open_existing(config).await {
+        Ok(store) => store,
+        Err(e @ StoreError::NoSchema { .. }) => return Ok(format!("connected; {e}")),
+        Err(e @ StoreError::SchemaMismatch { found, current, .. })
+            if usize::try_from(found).is_ok_and(|found| found < current) =>
+        {
+            return Ok(format!("connected; {e}"));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     store.close().await;
     Ok(match config.backend {
         StoreBackend::Sqlite => format!("{} opened", config.path.display()),
@@ -210,20 +237,29 @@ async fn check_store(config: &StoreConfig) -> Result<String, String> {
 }
 
 /// `healthcheck`: the container's probe of `/healthz` on the admin listener (no curl
-/// needed in the image).
+/// needed in the image). A failure says why: the container runtime keeps the output.
 fn healthcheck(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     let config = arg.load()?;
     // Probes run beside the router, so they use the operator's listener.
     let addr = loopback_for(config.admin.listen);
-    let status = runtime()?
-        .block_on(vyora_router::server::check_health(addr))
-        .with_context(|| format!("health check of {addr}"))?;
-    if status.is_success() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("health check of {addr}: {status}");
-        Ok(ExitCode::FAILURE)
-    }
+    let answer = runtime()?
+        .block_on(async { tokio::time::timeout(HEALTHCHECK_TIMEOUT, check_health(addr)).await });
+    let why = match answer {
+        Ok(Ok(status)) if status.is_success() => return Ok(ExitCode::SUCCESS),
+        Ok(Ok(status)) => format!("{addr} answered {status}"),
+        Ok(Err(HealthError::Connect(e))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!(
+                "connection refused by {addr}: nothing listens there (is the router running, with this admin.listen?)"
+            )
+        }
+        Ok(Err(e)) => format!("{addr}: {e}"),
+        Err(_) => format!(
+            "no answer from {addr} within {}",
+            humantime::format_duration(HEALTHCHECK_TIMEOUT)
+        ),
+    };
+    eprintln!("health check failed: {why}");
+    Ok(ExitCode::FAILURE)
 }
 
 /// Runs an operator command against the store `arg` names, closing it afterwards so
@@ -253,34 +289,73 @@ fn deliveries_list(arg: &ConfigArg, filter: &ListFilter, json: bool) -> anyhow::
 }
 
 /// `deliveries replay`: chosen deliveries of a sink back to pending; the running server
-/// sends them.
+/// sends them. A sink that neither the config nor the store knows, and a delivery or a
+/// call the sink does not have, are errors: a typo must not read as "nothing to do".
 fn deliveries_replay(
     arg: &ConfigArg,
     sink: &str,
     which: &Replay,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let replayed = with_store(arg, async |store| store.replay(sink, which).await)?;
+    let configured = arg.sink_names()?;
+    let done = with_store(arg, async |store| store.replay(sink, which).await)?;
+    if let Some(stored) = &done.other_sinks
+        && !configured.iter().any(|name| name == sink)
+    {
+        let known: BTreeSet<&str> = configured
+            .iter()
+            .chain(stored)
+            .map(String::as_str)
+            .collect();
+        let known = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.into_iter().collect::<Vec<_>>().join(", ")
+        };
+        anyhow::bail!(
+            "sink {} is in neither the config nor the store (known sinks: {})",
+            render::printable(sink),
+            render::printable(&known)
+        );
+    }
+    if done.matched() == 0 {
+        let sink = render::printable(sink);
+        match which {
+            Replay::Id(id) => anyhow::bail!(
+                "sink {sink} has no delivery {id} (`deliveries list --sink {sink}` shows the ids)"
+            ),
+            Replay::CallId(call) => anyhow::bail!(
+                "sink {sink} has no delivery of call {}",
+                render::printable(call)
+            ),
+            Replay::Dead => {}
+        }
+    }
     if json {
         println!(
             "{}",
-            serde_json::json!({ "sink": sink, "replayed": replayed })
+            serde_json::json!({
+                "sink": sink,
+                "replayed": done.replayed,
+                "already_pending": done.already_pending,
+                "payload_gone": done.payload_gone,
+            })
         );
     } else {
-        println!(
-            "{replayed} deliveries to {sink} are pending again; the running server sends them shortly"
-        );
+        println!("{}", render::replayed(sink, which, &done));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `events show`: a call's stored events and their delivery status per sink.
+/// `events show`: a call's stored events and their delivery status per sink; a call
+/// with none is an error.
 fn events_show(arg: &ConfigArg, call_id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let events = with_store(arg, async |store| store.show_events(call_id).await)?;
+    if events.is_empty() {
+        anyhow::bail!("no stored events for call {}", render::printable(call_id));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&events)?);
-    } else if events.is_empty() {
-        println!("no stored events for call {}", render::printable(call_id));
     } else {
         println!("{}", render::events(&events));
     }
@@ -368,14 +443,40 @@ fn agents_list(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `trigger`: realistic, correctly signed events sent to a router.
+/// `trigger`: realistic, correctly signed events sent to a router: the one `config`
+/// describes (its webhook URL and first secret), unless `url` and `secret` say otherwise.
 fn trigger(
     event: Trigger,
-    url: &str,
-    secret: &str,
+    config: Option<PathBuf>,
+    url: Option<String>,
+    secret: Option<String>,
     call_id: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let secret = first_secret(secret)?;
+    let config = config
+        .map(|path| Config::load(&ConfigSource::File(path)))
+        .transpose()?;
+    let url = match (url, &config) {
+        (Some(url), _) => url,
+        (None, Some(config)) => format!(
+            "http://{}{}",
+            loopback_for(config.server.listen),
+            config.server.webhook_path
+        ),
+        (None, None) => DEFAULT_TRIGGER_URL.to_owned(),
+    };
+    // The config's secrets are the router's: from the file, else from the environment.
+    let secret = match (secret, &config) {
+        (Some(secret), _) => first_secret(&secret)?,
+        (None, Some(config)) => config
+            .webhook
+            .secrets
+            .first()
+            .cloned()
+            .context("the config has no webhook secret")?,
+        (None, None) => first_secret(&std::env::var(SECRET_ENV).with_context(|| {
+            format!("no signing secret: give --secret, --config or {SECRET_ENV}")
+        })?)?,
+    };
     let call_id = call_id.unwrap_or_else(|| format!("trigger-{:016x}", fastrand::u64(..)));
     vyora_router::net::install_tls_provider();
     let client = reqwest::Client::builder()
@@ -386,7 +487,7 @@ fn trigger(
     for name in event.events() {
         let body = trigger::payload(name, &call_id);
         let (status, answer) = runtime()?
-            .block_on(trigger::send(&client, url, &secret, name, body))
+            .block_on(trigger::send(&client, &url, &secret, name, body))
             .with_context(|| format!("sending {name} to {url}"))?;
         // The answer comes from whatever server --url names: never raw to the terminal.
         println!(

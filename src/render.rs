@@ -1,11 +1,12 @@
-//! Operator tables: what the `deliveries`, `events`, `poller` and `agents` commands print
-//! for a person, with every control character from the API or the store escaped.
+//! Operator tables and answers: what the `deliveries`, `events`, `poller` and `agents`
+//! commands print for a person, with every control character from the API or the store
+//! escaped.
 
 use comfy_table::Table;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 
 use crate::api::Agent;
-use crate::store::operator::{DeliveryRow, EventRow, PollRow};
+use crate::store::operator::{DeliveryRow, EventRow, PollRow, Replay, Replayed};
 
 pub fn polls(rows: &[PollRow]) -> String {
     let mut t = table(&[
@@ -139,6 +140,53 @@ pub fn events(rows: &[EventRow]) -> String {
     t.to_string()
 }
 
+/// What `deliveries replay` did, and why it left what it left.
+pub fn replayed(sink: &str, which: &Replay, done: &Replayed) -> String {
+    let sink = printable(sink);
+    if done.matched() == 0 {
+        return match which {
+            Replay::Dead => format!("no dead deliveries to {sink}: nothing to replay"),
+            Replay::CallId(_) | Replay::Id(_) => {
+                format!("no delivery to {sink} matched: nothing to replay")
+            }
+        };
+    }
+    let mut text = format!(
+        "{} to {sink} {} pending again",
+        deliveries_count(done.replayed),
+        if done.replayed == 1 { "is" } else { "are" }
+    );
+    if done.replayed > 0 {
+        text.push_str("; the running server sends them shortly");
+    }
+    let mut left = Vec::new();
+    if done.already_pending > 0 {
+        left.push(format!(
+            "{} pending already (waiting for the next attempt, or being sent)",
+            deliveries_count(done.already_pending)
+        ));
+    }
+    if done.payload_gone > 0 {
+        left.push(format!(
+            "{} that cannot be sent again: store.retention emptied the payload",
+            deliveries_count(done.payload_gone)
+        ));
+    }
+    if !left.is_empty() {
+        text.push_str("; left as they were: ");
+        text.push_str(&left.join("; "));
+    }
+    text
+}
+
+fn deliveries_count(n: usize) -> String {
+    if n == 1 {
+        "1 delivery".to_owned()
+    } else {
+        format!("{n} deliveries")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +253,27 @@ mod tests {
         }]);
         assert!(!has_control(&events.replace('\n', "")), "{events:?}");
         assert!(events.contains(r"call_completed\u{1b}c"), "{events}");
+    }
+
+    #[test]
+    fn a_replay_that_left_deliveries_as_they_were_says_why() {
+        let done = Replayed {
+            replayed: 2,
+            already_pending: 1,
+            payload_gone: 3,
+            other_sinks: None,
+        };
+        let text = replayed("crm", &Replay::Dead, &done);
+        assert!(
+            text.starts_with("2 deliveries to crm are pending again; the running server"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 delivery pending already")
+                && text.contains("3 deliveries that cannot be sent again: store.retention"),
+            "{text}"
+        );
+        let nothing = replayed("crm", &Replay::Dead, &Replayed::default());
+        assert_eq!(nothing, "no dead deliveries to crm: nothing to replay");
     }
 }

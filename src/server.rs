@@ -109,11 +109,15 @@ enum Rejection {
     #[error("{0}")]
     Event(EventError),
     #[error(
-        "the event's timestamp is {age:?} old, older than webhook.max_event_age allows ({max:?}); a replay is refused"
+        "the event's timestamp is {} old, older than webhook.max_event_age allows ({}); a replay is refused",
+        readable(*.age),
+        readable(*.max)
     )]
     TooOld { age: Duration, max: Duration },
     #[error(
-        "the event's timestamp is {ahead:?} ahead of our clock, more than webhook.max_clock_skew allows ({max:?}); it is refused like an old replay"
+        "the event's timestamp is {} ahead of our clock, more than webhook.max_clock_skew allows ({}); it is refused like an old replay",
+        readable(*.ahead),
+        readable(*.max)
     )]
     FromTheFuture { ahead: Duration, max: Duration },
     #[error("the event could not be stored: {0}")]
@@ -124,6 +128,33 @@ enum Rejection {
     NotReady(serde_json::Map<String, serde_json::Value>),
     #[error("too many request bodies are being received at once; retry later")]
     Overloaded,
+}
+
+/// A duration as a person reads it: its two largest units, rounded down ("3 days 4 hours",
+/// "2 hours 5 minutes", "40 seconds"), not a count of seconds.
+fn readable(d: Duration) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (86_400, "day"),
+        (3_600, "hour"),
+        (60, "minute"),
+        (1, "second"),
+    ];
+    if d.as_secs() == 0 {
+        return format!("{} ms", d.as_millis());
+    }
+    let mut rest = d.as_secs();
+    let mut parts = Vec::new();
+    for (size, unit) in UNITS {
+        let n = rest / size;
+        rest %= size;
+        if n > 0 {
+            parts.push(format!("{n} {unit}{}", if n == 1 { "" } else { "s" }));
+        }
+        if parts.len() == 2 || (n == 0 && !parts.is_empty()) {
+            break;
+        }
+    }
+    parts.join(" ")
 }
 
 impl Rejection {

@@ -1,6 +1,7 @@
 //! The shipped Prometheus rules and Grafana dashboard (`deploy/`) against the router: every
 //! metric, label and recording rule they use exists, the series whose first increase an
-//! alert must see exist at 0 from the start, every alert has its runbook, and a real
+//! alert must see exist at 0 from the start, the store's figures are read once however
+//! many replicas export them, every alert has its runbook, and a real
 //! Prometheus scraping a real router fires and resolves the dead-letter and backlog alerts
 //! when an HTTP sink's downstream goes down and comes back, and the sink-unavailable and
 //! not-ready alerts when an AMQP sink's broker does.
@@ -511,6 +512,154 @@ async fn wait_for_sample(router: &TestRouter, name: &str, labels: &[(&str, &str)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The router's figures of its store. Every replica that shares the store exports the same
+/// value, so the rules and the dashboard read each once: the max over the replicas, never
+/// their sum (4 deliveries waiting on two replicas are not 8), and never one alert or one
+/// line per replica.
+const STORE_WIDE: [&str; 5] = [
+    "vyora_router_outbox_pending",
+    "vyora_router_outbox_dead",
+    "vyora_router_outbox_oldest_pending_age_seconds",
+    "vyora_router_poller_calls_tracked",
+    "vyora_router_quarantine_bytes",
+];
+
+/// Which labels an aggregation keeps.
+#[derive(Debug, PartialEq)]
+enum Kept {
+    By(Vec<String>),
+    AllBut(Vec<String>),
+}
+
+impl Kept {
+    fn keeps(&self, label: &str) -> bool {
+        match self {
+            Kept::By(labels) => labels.iter().any(|l| l == label),
+            Kept::AllBut(labels) => !labels.iter().any(|l| l == label),
+        }
+    }
+}
+
+const AGGREGATIONS: [&str; 7] = ["sum", "max", "min", "avg", "count", "group", "stddev"];
+
+/// The last word of `text` (letters, digits, `_`).
+fn last_word(text: &str) -> &str {
+    text.trim_end()
+        .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .next()
+        .unwrap_or("")
+}
+
+/// The innermost aggregation whose parentheses enclose the text at `at` in `expr`: its
+/// operator and the labels it keeps. Functions (`delta(...)`) and plain parentheses
+/// between them are looked through.
+fn enclosing_aggregation(expr: &str, at: usize) -> Option<(String, Kept)> {
+    let mut depth = 0;
+    for (i, c) in expr[..at].char_indices().rev() {
+        match c {
+            ')' => depth += 1,
+            '(' if depth > 0 => depth -= 1,
+            '(' => {
+                let before = expr[..i].trim_end();
+                if let Some(clause) = before.strip_suffix(')') {
+                    // `op by (labels) (...)` or `op without (labels) (...)`.
+                    let open = clause.rfind('(')?;
+                    let labels: Vec<String> = clause[open + 1..]
+                        .split(',')
+                        .map(|l| l.trim().to_owned())
+                        .filter(|l| !l.is_empty())
+                        .collect();
+                    let keyword = last_word(&clause[..open]);
+                    let op = last_word(clause[..open].trim_end().strip_suffix(keyword)?);
+                    let kept = match keyword {
+                        "by" => Kept::By(labels),
+                        "without" => Kept::AllBut(labels),
+                        _ => continue,
+                    };
+                    return Some((op.to_owned(), kept));
+                }
+                let word = last_word(before);
+                if AGGREGATIONS.contains(&word) {
+                    return Some((word.to_owned(), Kept::By(Vec::new())));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+#[test]
+fn the_enclosing_aggregation_is_found_through_functions_and_by_clauses() {
+    let expr = "max by (job) (delta(vyora_router_quarantine_bytes[1h])) > 0";
+    let at = expr.find("vyora_router").expect("a use");
+    assert_eq!(
+        enclosing_aggregation(expr, at),
+        Some(("max".to_owned(), Kept::By(vec!["job".to_owned()])))
+    );
+    let expr = "sum(vyora_router_outbox_pending) / max without (instance, pod) (x)";
+    assert_eq!(
+        enclosing_aggregation(expr, 4),
+        Some(("sum".to_owned(), Kept::By(Vec::new())))
+    );
+    let expr = "max without (instance, pod) (vyora_router_outbox_dead)";
+    let (_, kept) = enclosing_aggregation(expr, 29).expect("an aggregation");
+    assert!(kept.keeps("job") && !kept.keeps("instance"));
+    assert_eq!(
+        enclosing_aggregation("vyora_router_outbox_dead > 0", 0),
+        None
+    );
+}
+
+#[test]
+fn the_stores_figures_are_read_once_however_many_replicas_export_them() {
+    let mut exprs: Vec<(String, String)> = parse_rules(&repo_file(RULES))
+        .into_iter()
+        .map(|r| {
+            (
+                format!("{RULES}: {}", r.name),
+                r.fields.get("expr").cloned().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut panel_exprs = Vec::new();
+    dashboard_exprs(&dashboard(), &mut panel_exprs);
+    exprs.extend(panel_exprs.into_iter().map(|e| (DASHBOARD.to_owned(), e)));
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for (place, expr) in &exprs {
+        for name in STORE_WIDE {
+            for (at, _) in expr.match_indices(name) {
+                let next = expr[at + name.len()..].chars().next();
+                let previous = expr[..at].chars().next_back();
+                if next.is_some_and(is_name_char) || previous.is_some_and(is_name_char) {
+                    continue;
+                }
+                checked += 1;
+                match enclosing_aggregation(expr, at) {
+                    None => problems.push(format!("{place}: {name} is read per replica: {expr}")),
+                    Some((op, kept)) => {
+                        if !["max", "min", "avg"].contains(&op.as_str()) {
+                            problems
+                                .push(format!("{place}: {op} over the replicas' {name}: {expr}"));
+                        }
+                        if kept.keeps("instance") {
+                            problems.push(format!(
+                                "{place}: {name} is kept per instance, once per replica: {expr}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 8,
+        "only {checked} reads of the store's figures were found"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 #[test]
@@ -1024,9 +1173,9 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
         .await;
     assert!(dead.is_some_and(|d| d > 0.0), "dead deliveries: {dead:?}");
     let store = router.operator_store().await;
-    let replayed = store.replay("crm", &Replay::Dead).await.expect("replay");
+    let done = store.replay("crm", &Replay::Dead).await.expect("replay");
     store.close().await;
-    assert!(replayed > 0);
+    assert!(done.replayed > 0, "{done:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while prometheus
         .value("sum(vyora_router_outbox_dead{sink=\"crm\"})")

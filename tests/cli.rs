@@ -1,10 +1,13 @@
 //! The command line of the built binary: config checking (and `--connect`), environment
-//! overrides, the built-in default, and how `serve` reports a port in use.
+//! overrides, the built-in default, how `serve` reports a port in use, and the helpers
+//! `trigger` and `healthcheck`.
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::downstream::{Downstream, Reply};
 
@@ -739,4 +742,227 @@ fn no_command_prints_a_postgres_password_whatever_is_wrong_with_the_url() {
         assert!(shown.contains("sslmode=verify-full"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
     }
+}
+
+/// An address on loopback where nothing listens (bound, then released).
+fn closed_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_takes_the_url_and_the_secret_from_the_config_unless_given_on_the_command_line() {
+    let running = common::TestRouter::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The router's own config: an unspecified listen address is reached on loopback, and
+    // the file's secret wins over the environment's, as it does for the router.
+    std::fs::write(
+        dir.path().join("router.toml"),
+        format!(
+            "[server]\nlisten = \"0.0.0.0:{}\"\n[webhook]\nsecrets = [\"{}\"]\n",
+            running.addr.port(),
+            common::SECRET
+        ),
+    )
+    .expect("write");
+    let trigger = |extra: &[&str]| {
+        let mut args = vec!["trigger", "call_completed", "--config", "router.toml"];
+        args.extend(extra);
+        tokio::task::block_in_place(|| {
+            router(
+                dir.path(),
+                &args,
+                &[("VYORA_WEBHOOK_SECRET", "not-the-routers-secret")],
+            )
+        })
+    };
+    let out = trigger(&[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("call_completed") && stdout.contains("-> 200"),
+        "{stdout}"
+    );
+
+    let out = trigger(&["--secret", "a-wrong-secret"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stdout).contains("-> 401"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let closed = closed_addr();
+    let out = trigger(&["--url", &format!("http://{closed}/webhook")]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&closed.to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn trigger_shows_its_secret_as_optional_and_says_where_one_may_come_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = router(
+        dir.path(),
+        &["trigger", "--help"],
+        &[("VYORA_WEBHOOK_SECRET", "s")],
+    );
+    let help = text(&out.stdout);
+    let usage = help
+        .lines()
+        .find(|l| l.starts_with("Usage:"))
+        .unwrap_or_else(|| panic!("a usage line: {help}"));
+    assert!(!usage.contains("--secret"), "{usage}");
+
+    let closed = closed_addr();
+    let out = router(
+        dir.path(),
+        &[
+            "trigger",
+            "call_started",
+            "--url",
+            &format!("http://{closed}/"),
+        ],
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--secret")
+            && stderr.contains("--config")
+            && stderr.contains("VYORA_WEBHOOK_SECRET"),
+        "{stderr}"
+    );
+}
+
+/// `healthcheck` against an admin listener at `admin`, killed if it runs past 10 s.
+fn healthcheck(admin: SocketAddr) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        format!("[admin]\nlisten = \"{admin}\"\n[webhook]\nsecrets = [\"s\"]\n"),
+    )
+    .expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+        .current_dir(dir.path())
+        .args(["healthcheck", "--config", "router.toml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run healthcheck");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("status").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("healthcheck against {admin} still runs after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[test]
+fn healthcheck_says_why_it_failed() {
+    let closed = closed_addr();
+    let out = healthcheck(closed);
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr).trim(),
+        format!(
+            "health check failed: connection refused by {closed}: nothing listens there (is the router running, with this admin.listen?)"
+        )
+    );
+
+    // Connections are taken (the kernel's queue) but never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let out = healthcheck(addr);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("no answer from {addr} within 2s")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Answered, but not 200.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = busy.accept() {
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut conn, &mut request);
+            let _ = std::io::Write::write_all(
+                &mut conn,
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n",
+            );
+        }
+    });
+    let out = healthcheck(addr);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("{addr} answered 503 Service Unavailable")),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Starts `serve` in `cwd` with `args` and JSON logs on port 0, and returns the fields of
+/// its "starting" line.
+async fn starting_line(cwd: &Path, args: &[&str]) -> serde_json::Value {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vyora-router"))
+        .current_dir(cwd)
+        .arg("serve")
+        .args(args)
+        .env("VYORA_WEBHOOK_SECRET", "s")
+        .env("VYORA_ROUTER_SERVER__LISTEN", "127.0.0.1:0")
+        .env("VYORA_ROUTER_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("VYORA_ROUTER_LOG__FORMAT", "json")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the router");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let found = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if log["fields"]["message"] == "starting" {
+                return Some(log["fields"].clone());
+            }
+        }
+        None
+    })
+    .await;
+    let _ = child.kill().await;
+    found
+        .ok()
+        .flatten()
+        .expect("a \"starting\" line in the log")
+}
+
+#[tokio::test]
+async fn serve_logs_which_config_and_which_store_it_starts_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("events.db");
+    std::fs::write(
+        dir.path().join("router.toml"),
+        format!("[store]\npath = \"{}\"\n", db.display()),
+    )
+    .expect("write");
+    let fields = starting_line(dir.path(), &["--config", "router.toml"]).await;
+    assert_eq!(fields["config"], "router.toml", "{fields}");
+    assert_eq!(
+        fields["store"],
+        format!("SQLite at {}", db.display()).as_str(),
+        "{fields}"
+    );
+
+    let empty = tempfile::tempdir().expect("tempdir");
+    let fields = starting_line(empty.path(), &[]).await;
+    assert_eq!(fields["config"], "the built-in default", "{fields}");
+    assert_eq!(fields["store"], "SQLite at data/router.db", "{fields}");
 }

@@ -1,8 +1,9 @@
 //! The deployment examples: the router configs that the Kubernetes manifests
 //! (deploy/kubernetes/*.yaml) and docker-compose.postgres.yml carry pass the built binary's
 //! `check-config` with the environment those deployments give it, and the manifests keep
-//! the rules their comments give (probes on /healthz, no admin port in a Service, one
-//! SQLite writer, a grace period above the drain). `.ci/run` validates the same files
+//! the rules their comments give (probes on /healthz, no admin port in a Service and a
+//! NetworkPolicy admitting only Prometheus to it, one SQLite writer, a grace period above
+//! the drain). `.ci/run` validates the same files
 //! against the Kubernetes and compose-spec schemas.
 
 use std::path::Path;
@@ -414,4 +415,72 @@ fn the_postgres_compose_example_is_valid_and_publishes_no_database_or_broker_por
         );
     }
     assert!(!compose.contains("guest"), "default credentials");
+}
+
+/// The ingress rules of a NetworkPolicy document: the items of its `ingress:` list, each
+/// as its lines, trimmed.
+fn ingress_rules(policy: &str) -> Vec<String> {
+    let Some(list) = block_after(policy, "ingress:") else {
+        return Vec::new();
+    };
+    let mut rules: Vec<String> = Vec::new();
+    for line in list.lines() {
+        // block_after removed the list's indentation: its items start at column 0.
+        if line.starts_with("- ") {
+            rules.push(String::new());
+        }
+        if let Some(rule) = rules.last_mut() {
+            rule.push_str(line.trim());
+            rule.push('\n');
+        }
+    }
+    rules
+}
+
+#[test]
+fn every_manifest_admits_only_prometheus_to_the_admin_port_of_its_pods() {
+    for path in manifests() {
+        let name = path.display();
+        let docs = documents(&read(&path));
+        let deployment = docs
+            .iter()
+            .find(|d| kind(d) == "Deployment")
+            .unwrap_or_else(|| panic!("{name}: a Deployment"));
+        let pods = block_after(deployment, "template:")
+            .and_then(|template| yaml_value(&template, "app.kubernetes.io/name").map(str::to_owned))
+            .unwrap_or_else(|| panic!("{name}: the pods' app.kubernetes.io/name"));
+        let policy = docs
+            .iter()
+            .find(|d| kind(d) == "NetworkPolicy")
+            .unwrap_or_else(|| {
+                panic!("{name}: no NetworkPolicy keeps other pods off the admin port")
+            });
+        let selector = block_after(policy, "podSelector:").expect("podSelector");
+        assert_eq!(
+            yaml_value(&selector, "app.kubernetes.io/name"),
+            Some(pods.as_str()),
+            "{name}: the policy selects the router's pods"
+        );
+        assert!(policy.contains("policyTypes: [\"Ingress\"]"), "{name}");
+        let rules = ingress_rules(policy);
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains("port: webhook") && !r.contains("from:")),
+            "{name}: the webhook port is open to the ingress controller: {rules:?}"
+        );
+        for rule in rules
+            .iter()
+            .filter(|r| r.contains("port: admin") || r.contains("9464"))
+        {
+            assert!(
+                rule.contains("from:") && rule.contains("namespaceSelector:"),
+                "{name}: the admin port is open beyond Prometheus' namespace: {rule}"
+            );
+        }
+        assert!(
+            rules.iter().any(|r| r.contains("port: admin")),
+            "{name}: Prometheus is admitted to the admin port: {rules:?}"
+        );
+    }
 }

@@ -308,7 +308,8 @@ async fn a_400_goes_dead_at_once_and_replay_delivers_it_once_fixed() {
     downstream.set_script(|_, _| Reply::Status(200));
     // As the operator's command does: its own handle on the same database.
     let store = router.operator_store().await;
-    assert_eq!(store.replay("crm", &Replay::Dead).await.expect("replay"), 1);
+    let done = store.replay("crm", &Replay::Dead).await.expect("replay");
+    assert_eq!(done.replayed, 1, "{done:?}");
     store.close().await;
     wait_status(&router, "call-h5:call_completed", "delivered").await;
     assert_eq!(downstream.received().len(), 2);

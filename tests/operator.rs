@@ -243,3 +243,159 @@ fn store_migrate_reads_a_source_of_another_schema_version_never_migrates_it() {
     );
     assert_eq!(version_of(&path), 5, "the source was migrated");
 }
+
+/// An operator's config on the router's store in `dir`, with sinks of its own.
+fn operator_config(dir: &std::path::Path, sinks: &str) -> std::path::PathBuf {
+    let config = dir.join("operator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\npath = \"{}\"\n{sinks}",
+            dir.join("router.db").display()
+        ),
+    )
+    .expect("write");
+    config
+}
+
+/// The id `deliveries list` shows for the one delivery of `call` to `sink`.
+fn delivery_id(config: &std::path::Path, sink: &str, call: &str) -> i64 {
+    let (ok, json) = run(
+        config,
+        &[
+            "deliveries",
+            "list",
+            "--sink",
+            sink,
+            "--call-id",
+            call,
+            "--json",
+        ],
+    );
+    assert!(ok, "{json}");
+    let rows: serde_json::Value = serde_json::from_str(&json).expect("JSON output");
+    rows[0]["id"].as_i64().expect("an id")
+}
+
+#[tokio::test]
+async fn replay_refuses_a_sink_or_a_delivery_that_does_not_exist_and_says_why_it_replayed_nothing()
+{
+    // Nothing listens on crm's port: its delivery stays pending (postponed, never dead).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config_text = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"http://{closed}/in\"\n",
+        base_config(dir.path())
+    );
+    let router = TestRouter::start_with(Arc::clone(&dir), &config_text).await;
+    let body = payload("call-wait", "call_completed");
+    assert_eq!(router.post_signed(&body).await.status, 200);
+    wait_for_lines(&router.events_file(), 1, Duration::from_secs(10)).await;
+    // `billing` is configured but has never been routed an event.
+    let config = operator_config(
+        dir.path(),
+        "[[sinks]]\nname = \"billing\"\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"\n",
+    );
+
+    let (ok, text) = run(
+        &config,
+        &["deliveries", "replay", "--sink", "nosuch", "--dead"],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("nosuch")
+            && text.contains("archive")
+            && text.contains("crm")
+            && text.contains("billing"),
+        "names the sink and the known ones: {text}"
+    );
+    let (ok, text) = run(
+        &config,
+        &["deliveries", "replay", "--sink", "billing", "--dead"],
+    );
+    assert!(ok, "a configured sink with nothing dead: {text}");
+    assert!(text.contains("no dead deliveries to billing"), "{text}");
+
+    for which in [["--id", "999"], ["--call-id", "call-nope"]] {
+        let mut args = vec!["deliveries", "replay", "--sink", "crm"];
+        args.extend(which);
+        let (ok, text) = run(&config, &args);
+        assert!(!ok, "{which:?}: {text}");
+        assert!(text.contains(which[1]) && text.contains("crm"), "{text}");
+    }
+
+    // Pending already: nothing to do, and the answer says so.
+    let id = delivery_id(&config, "crm", "call-wait").to_string();
+    let (ok, json) = run(
+        &config,
+        &[
+            "deliveries",
+            "replay",
+            "--sink",
+            "crm",
+            "--id",
+            &id,
+            "--json",
+        ],
+    );
+    assert!(ok, "{json}");
+    let done: serde_json::Value = serde_json::from_str(&json).expect("JSON output");
+    assert_eq!(
+        (&done["replayed"], &done["already_pending"]),
+        (&0.into(), &1.into())
+    );
+    let (ok, text) = run(
+        &config,
+        &[
+            "deliveries",
+            "replay",
+            "--sink",
+            "crm",
+            "--call-id",
+            "call-wait",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("1 delivery pending already"), "{text}");
+
+    // The same event, delivered to the archive, is replayed by the same id.
+    let (ok, text) = run(
+        &config,
+        &["deliveries", "replay", "--sink", "archive", "--id", &id],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.starts_with("1 delivery to archive is pending again"),
+        "{text}"
+    );
+    wait_for_lines(&router.events_file(), 2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn events_show_of_a_call_the_store_does_not_have_fails_naming_it() {
+    let router = TestRouter::start().await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-here", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let config = operator_config(router.path(), "");
+    let (ok, text) = run(&config, &["events", "show", "call-here"]);
+    assert!(ok, "{text}");
+    for json in [false, true] {
+        let mut args = vec!["events", "show", "call-elsewhere"];
+        if json {
+            args.push("--json");
+        }
+        let (ok, text) = run(&config, &args);
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains("no stored events for call call-elsewhere"),
+            "{text}"
+        );
+    }
+}

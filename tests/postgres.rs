@@ -389,15 +389,22 @@ async fn a_router_on_postgres_acknowledges_delivers_and_answers_operator_command
     assert_eq!(rows[0].status, "delivered");
     let events = store.show_events("call-pg").await.expect("show");
     assert_eq!(events.len(), 1);
-    assert_eq!(
-        store
-            .replay("archive", &Replay::CallId("call-pg".into()))
-            .await
-            .expect("replay"),
-        1
-    );
+    let done = store
+        .replay("archive", &Replay::CallId("call-pg".into()))
+        .await
+        .expect("replay");
+    assert_eq!(done.replayed, 1, "{done:?}");
     // Replayed: the router's dispatcher is woken by the notification and writes it again.
     wait_for_lines(&router.events_file(), 2, WAIT).await;
+    // A delivery the sink does not have matches nothing; a sink the store never held a
+    // delivery for is told apart, with the sinks it does know.
+    let missing = store
+        .replay("archive", &Replay::Id(i64::MAX))
+        .await
+        .expect("replay");
+    assert_eq!((missing.matched(), missing.other_sinks), (0, None));
+    let unknown = store.replay("nosuch", &Replay::Dead).await.expect("replay");
+    assert_eq!(unknown.other_sinks, Some(vec!["archive".to_owned()]));
     store.close().await;
     router.stop().await;
 }

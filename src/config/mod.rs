@@ -261,6 +261,16 @@ impl Config {
         validate::postgres(&raw.store).map(Some)
     }
 
+    /// The `[[sinks]]`' names, for operator commands that take one: like [`Config::store`],
+    /// no secret is needed.
+    pub fn sink_names(source: &ConfigSource) -> Result<Vec<String>, ConfigError> {
+        Ok(Config::raw(source)?
+            .sinks
+            .into_iter()
+            .map(|sink| sink.name)
+            .collect())
+    }
+
     /// Only `[api]`, for the `calls` and `agents` commands.
     pub fn api(source: &ConfigSource) -> Result<ApiConfig, ConfigError> {
         let mut raw = Config::raw(source)?;

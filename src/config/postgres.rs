@@ -378,7 +378,7 @@ pub(super) fn check_schema(name: &str) -> Result<(), &'static str> {
 }
 
 /// `store.url` as `check-config` shows it: rebuilt from what was read, so nothing of it
-/// that could be a password is ever shown (`:<redacted>@`, `password=<redacted>`); the
+/// that could be a password is ever shown (`:***@`, whichever way it was given); the
 /// parameters only with `params`, else `?<redacted>`. A URL that does not read is hidden
 /// whole.
 pub(super) fn shown(url: &str, params: bool) -> String {
@@ -391,7 +391,7 @@ pub(super) fn shown(url: &str, params: bool) -> String {
         out.push_str(&encode(user));
         if c.get_password().is_some() {
             out.push(':');
-            out.push_str(REDACTED);
+            out.push_str(super::error::URL_PASSWORD);
         }
         out.push('@');
     }
@@ -536,7 +536,7 @@ mod tests {
             assert!(!with.contains("hunter2"), "{with}");
             assert!(with.contains("sslmode=verify-full"), "{with}");
             assert!(with.contains("router") && with.contains("db"), "{with}");
-            assert!(with.contains(":<redacted>@"), "a password is set: {with}");
+            assert!(with.contains(":***@"), "a password is set: {with}");
             let without = shown(url, false);
             assert!(!without.contains("hunter2"), "{without}");
             assert!(without.ends_with("?<redacted>"), "{without}");

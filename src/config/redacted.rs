@@ -268,7 +268,7 @@ exchange = "vyora"
         for key in [
             "pool_size = 16",
             "lease = \"30s\"",
-            "url = \"postgres://u:***@db/vyora\"",
+            "url = \"postgres://u:***@db:5432/vyora?<redacted>\"",
         ] {
             assert!(shown.contains(key), "{key} not in {shown}");
         }

@@ -256,7 +256,9 @@ pub(super) fn store(
             }
             Some(StoreBackend::Sqlite)
         }
-        "postgres" => errors.check(postgres(s)).map(|pg| StoreBackend::Postgres(Box::new(pg))),
+        "postgres" => errors
+            .check(postgres(s))
+            .map(|pg| StoreBackend::Postgres(Box::new(pg))),
         other => {
             errors.push(ConfigError::invalid(
                 "store.backend",

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
-use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -118,10 +118,11 @@ pub trait Backend: Send + Sync + 'static {
         filter: &'a ListFilter,
     ) -> BoxFuture<'a, Result<Vec<DeliveryRow>>>;
 
-    /// Puts the chosen deliveries of `sink` back to pending with their attempts reset;
-    /// returns how many. Rows already pending, and events whose payload retention
-    /// emptied, are left as they are.
-    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>>;
+    /// Puts the chosen deliveries of `sink` back to pending with their attempts reset.
+    /// Rows already pending, and events whose payload retention emptied, are left as they
+    /// are; the answer counts each kind, and names the sinks the store knows when it
+    /// holds no delivery for `sink` at all.
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>>;
 
     /// The stored events of a call with their delivery status per sink.
     fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>>;
@@ -163,6 +164,15 @@ impl Store {
                 .await?,
             )),
         })
+    }
+
+    /// Where the store `config` names is, for the log: SQLite's file, or PostgreSQL's
+    /// database and servers (never a user or a password).
+    pub fn location(config: &StoreConfig) -> String {
+        match &config.backend {
+            StoreBackend::Sqlite => format!("SQLite at {}", config.path.display()),
+            StoreBackend::Postgres(pg) => postgres::location(pg),
+        }
     }
 
     /// Opens an existing store for an operator command, which never changes its schema:

@@ -38,6 +38,29 @@ pub enum Replay {
     Id(i64),
 }
 
+/// What `deliveries replay` did with the deliveries of the sink that it chose.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct Replayed {
+    /// Put back to pending, attempts reset.
+    pub replayed: usize,
+    /// Left as they were: pending already (waiting for their next attempt, or being sent).
+    pub already_pending: usize,
+    /// Left as they were: `store.retention` emptied the event's payload, so there is
+    /// nothing to send again.
+    pub payload_gone: usize,
+    /// `Some` when the store holds no delivery at all for the sink: the sinks it does hold
+    /// deliveries for, so that a misspelt name is told from a sink with nothing to replay.
+    #[serde(skip)]
+    pub other_sinks: Option<Vec<String>>,
+}
+
+impl Replayed {
+    /// The deliveries of the sink that the selection matched, replayable or not.
+    pub fn matched(&self) -> usize {
+        self.replayed + self.already_pending + self.payload_gone
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct DeliveryRow {
     pub id: i64,

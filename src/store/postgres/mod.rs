@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PostgresConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
-use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
 use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
@@ -138,6 +138,31 @@ fn connection_config(pg: &PostgresConfig) -> tokio_postgres::Config {
         config.keepalives_idle(KEEPALIVE_IDLE);
     }
     config
+}
+
+/// The database and the servers `url` names, for the log: never its user or password.
+pub(super) fn location(pg: &PostgresConfig) -> String {
+    let config = &pg.connection;
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                tokio_postgres::config::Host::Tcp(name) => format!("{name}:{port}"),
+                tokio_postgres::config::Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    // libpq's default database is the user's name, which is not ours to print.
+    let database = config.get_dbname().unwrap_or("(the user's default)");
+    format!(
+        "PostgreSQL database {database}, schema {}, on {}",
+        pg.schema,
+        servers.join(", ")
+    )
 }
 
 /// Copies the SQLite store at `from` into the PostgreSQL database `to` names, creating or
@@ -437,7 +462,7 @@ impl Backend for PostgresStore {
         Box::pin(queries::list_deliveries(&self.db, filter))
     }
 
-    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>> {
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>> {
         Box::pin(queries::replay(&self.db, sink, which))
     }
 
@@ -493,5 +518,25 @@ mod tests {
         ));
         assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
         assert_eq!(own.get_keepalives_idle(), Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_location_names_the_database_and_servers_but_no_credentials() {
+        let at = |url: &str| location(&PostgresConfig::from_url(url).expect("a valid URL"));
+        let shown = at("postgres://router:pw-secret@db.example.com:6432/events?sslmode=require");
+        assert_eq!(
+            shown,
+            "PostgreSQL database events, schema vyora_router, on db.example.com:6432"
+        );
+        let shown = at("host=a,b user=router password=pw-secret dbname=events");
+        assert_eq!(
+            shown,
+            "PostgreSQL database events, schema vyora_router, on a:5432, b:5432"
+        );
+        let shown = at("postgres://alice:pw-secret@db");
+        assert!(
+            !shown.contains("alice") && !shown.contains("pw-secret"),
+            "{shown}"
+        );
     }
 }

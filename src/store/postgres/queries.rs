@@ -7,7 +7,7 @@ use super::Db;
 use sha2::{Digest, Sha256};
 
 use crate::store::operator::{
-    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, SinkStatus,
+    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkStatus,
 };
 use crate::store::{
     Kept, PollUpdate, Pruned, Quarantined, Role, SinkStats, Stats, StoreError, TrackedCall,
@@ -428,37 +428,78 @@ pub(super) async fn list_deliveries(
         .collect())
 }
 
-pub(super) async fn replay(db: &Db, sink: &str, which: &Replay) -> Result<usize, StoreError> {
-    let reset = "UPDATE {schema}.deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(),
-                 last_error = NULL, updated_at = now(),
-                 lease_owner = NULL, lease_token = NULL, lease_until = NULL
-                 WHERE sink = $1 AND status <> 'pending'
-                   AND event_id IN (SELECT id FROM {schema}.events WHERE octet_length(payload) > 0)";
+/// Puts the chosen deliveries of `sink` back to pending with their attempts reset, and
+/// counts what it left as it was: pending ones, and events whose payload retention has
+/// emptied (they cannot be sent again).
+pub(super) async fn replay(db: &Db, sink: &str, which: &Replay) -> Result<Replayed, StoreError> {
+    // One statement: the deliveries chosen, the reset of those that can be sent again
+    // (rechecked under the row lock, so one claimed meanwhile stays as it is), and the
+    // counts.
+    let chosen = |selection: &str| {
+        db.sql(&format!(
+            "WITH chosen AS (
+                 SELECT d.id, d.status = 'pending' AS pending,
+                        octet_length(e.payload) = 0 AS emptied
+                 FROM {{schema}}.deliveries d JOIN {{schema}}.events e ON e.id = d.event_id
+                 WHERE d.sink = $1 AND {selection}
+             ), reset AS (
+                 UPDATE {{schema}}.deliveries d SET status = 'pending', attempts = 0,
+                     next_attempt_at = now(), last_error = NULL, updated_at = now(),
+                     lease_owner = NULL, lease_token = NULL, lease_until = NULL
+                 FROM chosen c
+                 WHERE d.id = c.id AND NOT c.emptied AND d.status <> 'pending'
+                 RETURNING d.id
+             )
+             SELECT count(*), (SELECT count(*) FROM reset),
+                    count(*) FILTER (WHERE emptied AND NOT pending)
+             FROM chosen"
+        ))
+    };
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let changed = match which {
-        Replay::Dead => {
-            tx.execute(&db.sql(&format!("{reset} AND status = 'dead'")), &[&sink])
-                .await?
-        }
+    let counts = match which {
+        Replay::Dead => tx.query_one(&chosen("d.status = 'dead'"), &[&sink]).await?,
         Replay::CallId(call) => {
-            tx.execute(
-                &db.sql(&format!("{reset} AND call_id = $2")),
-                &[&sink, call],
-            )
-            .await?
-        }
-        Replay::Id(id) => {
-            tx.execute(&db.sql(&format!("{reset} AND id = $2")), &[&sink, id])
+            tx.query_one(&chosen("d.call_id = $2"), &[&sink, call])
                 .await?
         }
+        Replay::Id(id) => tx.query_one(&chosen("d.id = $2"), &[&sink, id]).await?,
     };
-    if changed > 0 {
+    let count = |i: usize| usize::try_from(counts.get::<_, i64>(i)).unwrap_or(0);
+    let (matched, replayed, payload_gone) = (count(0), count(1), count(2));
+    let mut out = Replayed {
+        replayed,
+        payload_gone,
+        already_pending: matched.saturating_sub(replayed + payload_gone),
+        other_sinks: None,
+    };
+    if replayed > 0 {
         tx.execute("SELECT pg_notify($1, $2)", &[&&*db.channel, &sink])
             .await?;
     }
+    // Only when nothing matched: listing the sinks reads the whole table.
+    if matched == 0
+        && !tx
+            .query_one(
+                &db.sql("SELECT EXISTS (SELECT 1 FROM {schema}.deliveries WHERE sink = $1)"),
+                &[&sink],
+            )
+            .await?
+            .get::<_, bool>(0)
+    {
+        out.other_sinks = Some(
+            tx.query(
+                &db.sql("SELECT DISTINCT sink FROM {schema}.deliveries ORDER BY sink"),
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+        );
+    }
     tx.commit().await?;
-    Ok(usize::try_from(changed).unwrap_or(usize::MAX))
+    Ok(out)
 }
 
 pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>, StoreError> {

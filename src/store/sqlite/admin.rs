@@ -11,7 +11,7 @@ use rusqlite::{Connection, params};
 
 use super::{call_range, keyed, sink_names};
 use crate::store::operator::{
-    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, SinkStatus,
+    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkStatus,
 };
 
 fn rfc3339(ms: i64) -> String {
@@ -78,31 +78,31 @@ pub(super) fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<V
     }
 }
 
-/// Puts the chosen deliveries of `sink` back to pending with their attempts reset;
-/// returns how many. Pending ones are left as they are, and so are events whose payload
-/// retention has emptied: they cannot be sent again. A delivered event gets a retry row,
-/// due now.
+/// Puts the chosen deliveries of `sink` back to pending with their attempts reset, and
+/// counts what it left as it was: pending ones, and events whose payload retention has
+/// emptied (they cannot be sent again). A delivered event gets a retry row, due now.
 pub(super) fn replay(
     tx: &rusqlite::Transaction<'_>,
     sink: &str,
     which: &Replay,
     now: i64,
-) -> rusqlite::Result<usize> {
-    // The delivered and dead deliveries of `sink` (?1) among the events `which` names:
-    // behind its cursor, or ended with a row of their own (the cursor passes those once
-    // their row is written, not in the same commit).
+) -> rusqlite::Result<Replayed> {
+    // The deliveries to `sink` (?1) among the events `which` names, each with whether it
+    // is pending (after the cursor with no row of its own that ended it, or with a pending
+    // row: the cursor passes an ended delivery once its row is written, not in the same
+    // commit) and whether its payload is gone.
     let chosen = |events: &str| {
         format!(
-            "SELECT e.id, e.call_id FROM events e JOIN cursors c ON c.sink = ?1
-             WHERE {events} AND instr(e.sinks, ',' || ?1 || ',') > 0 AND length(e.payload) > 0
-               AND (e.id <= c.position
-                    OR EXISTS (SELECT 1 FROM retries r WHERE r.sink = ?1 AND r.event_id = e.id))
-               AND NOT EXISTS (SELECT 1 FROM retries r WHERE r.sink = ?1 AND r.event_id = e.id
-                               AND r.status = 'pending')"
+            "SELECT e.id, e.call_id,
+                    COALESCE(r.status = 'pending', e.id > c.position),
+                    length(e.payload) = 0
+             FROM events e JOIN cursors c ON c.sink = ?1
+             LEFT JOIN retries r ON r.sink = ?1 AND r.event_id = e.id
+             WHERE {events} AND instr(e.sinks, ',' || ?1 || ',') > 0"
         )
     };
-    let pick = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?));
-    let targets: Vec<(i64, Option<String>)> = match which {
+    let pick = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
+    let found: Vec<(i64, Option<String>, bool, bool)> = match which {
         Replay::Dead => tx
             .prepare(&chosen(
                 "e.id IN (SELECT event_id FROM retries WHERE sink = ?1 AND status = 'dead')",
@@ -130,10 +130,33 @@ pub(super) fn replay(
          ON CONFLICT (sink, event_id) DO UPDATE SET status = 'pending', attempts = 0,
              next_attempt_at = ?4, last_error = NULL, updated_at = ?4",
     )?;
-    for (event_id, call_id) in &targets {
-        reset.execute(params![sink, event_id, call_id, now])?;
+    let mut out = Replayed::default();
+    for (event_id, call_id, pending, emptied) in &found {
+        if *pending {
+            out.already_pending += 1;
+        } else if *emptied {
+            out.payload_gone += 1;
+        } else {
+            reset.execute(params![sink, event_id, call_id, now])?;
+            out.replayed += 1;
+        }
     }
-    Ok(targets.len())
+    // A sink has a cursor from its first event on: none means the store never held a
+    // delivery for it.
+    if found.is_empty()
+        && !tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM cursors WHERE sink = ?1)",
+            params![sink],
+            |r| r.get(0),
+        )?
+    {
+        out.other_sinks = Some(
+            tx.prepare("SELECT sink FROM cursors ORDER BY sink")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?,
+        );
+    }
+    Ok(out)
 }
 
 pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<Vec<EventRow>> {

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
 use crate::event::{Delivery, DeliveryId, Event};
-use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay};
+use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
 use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
@@ -564,13 +564,13 @@ impl Backend for SqliteStore {
         Box::pin(self.readers.with(move |conn| admin::list(conn, &filter)))
     }
 
-    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<usize>> {
+    fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             let op = Op::Replay {
                 sink: sink.to_owned(),
                 which: which.clone(),
-                outcome: 0,
+                outcome: Replayed::default(),
                 reply,
             };
             self.submit(op, rx).await

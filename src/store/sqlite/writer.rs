@@ -21,7 +21,7 @@ use super::dedup::Dedup;
 use super::{now, to_millis};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
-use crate::store::operator::Replay;
+use crate::store::operator::{Replay, Replayed};
 use crate::store::wakers::Wakers;
 use crate::store::{Ingested, Kept, PollUpdate, Quarantined, StoreError};
 
@@ -78,8 +78,8 @@ pub(super) enum Op {
         sink: String,
         which: Replay,
         /// Set by `apply`, answered after commit.
-        outcome: usize,
-        reply: oneshot::Sender<Result<usize, StoreError>>,
+        outcome: Replayed,
+        reply: oneshot::Sender<Result<Replayed, StoreError>>,
     },
     /// Commit what came before, then stop: the store is closing.
     Close,
