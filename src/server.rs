@@ -4,6 +4,8 @@
 //! A webhook is answered 200 only after its event and outbox rows are committed; the
 //! request never waits on a sink.
 
+mod admission;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use self::admission::{Admission, Answering};
 use crate::body::{self, BodyError};
 use crate::config::Config;
 use crate::event::{Event, EventError, Timestamp};
@@ -478,7 +481,8 @@ async fn store_within<T>(
 }
 
 /// Accepts connections until `shutdown` completes, then lets open connections finish
-/// their current request (up to a deadline) and returns.
+/// their current request (up to a deadline) and returns. With every place taken, a new
+/// connection takes the place of the one idle longest (see [`admission`]).
 pub async fn serve(
     listener: TcpListener,
     surface: Surface,
@@ -501,17 +505,9 @@ pub async fn serve(
         .max_buf_size(MAX_CONNECTION_BUFFER)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
-    // A permit per connection: past the limit we stop accepting instead of growing.
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let admission = Admission::new(max_connections);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, _peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -524,18 +520,36 @@ pub async fn serve(
                 }
             },
         };
+        // Past the limit we close an idle connection for this one, or wait for a place
+        // instead of growing.
+        let connection = tokio::select! {
+            () = &mut shutdown => break,
+            connection = admission.admit() => connection,
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let state = Arc::clone(&state);
-        let service =
-            service_fn(move |req: Request<Incoming>| handle(Arc::clone(&state), surface, req));
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        let tracked = Arc::clone(&connection);
+        let service = service_fn(move |req: Request<Incoming>| {
+            // Taken when hyper hands over the head, before the handler first runs.
+            let request = tracked.request();
+            let answer = handle(Arc::clone(&state), surface, req);
+            async move {
+                let reply = answer.await?;
+                Ok::<_, Infallible>(reply.map(|body| Answering::new(body, request)))
             }
-            drop(permit);
+        });
+        let served = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = served => if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                () = connection.evicted() => {
+                    tracing::debug!("an idle connection closed to admit a new one");
+                }
+            }
         });
     }
     drop(listener);
