@@ -39,6 +39,9 @@ use crate::store::{Ingested, Quarantined, Store, StoreError};
 const RETRY_AFTER_SECS: &str = "5";
 /// What one connection may read ahead of the handler, headers included.
 const MAX_CONNECTION_BUFFER: usize = 8 * 1024;
+/// Connections the kernel may queue for `accept` (it caps this at `net.core.somaxconn`);
+/// listeners bound by the standard library or tokio get 128.
+const ACCEPT_QUEUE: i32 = 4096;
 /// The OpenMetrics content type that `prometheus-client` writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -504,6 +507,12 @@ pub async fn serve(
         // 400 KiB); request bodies themselves are bounded by the body budget.
         .max_buf_size(MAX_CONNECTION_BUFFER)
         .keep_alive(true);
+    // A full accept queue makes the kernel drop new connections, genuine ones included,
+    // whose senders retry only after a second: the queue must outlast a peer that holds
+    // many more connections than we admit.
+    if let Err(e) = socket2::SockRef::from(&listener).listen(ACCEPT_QUEUE) {
+        tracing::warn!(error = %e, "cannot lengthen the accept queue");
+    }
     let graceful = GracefulShutdown::new();
     let admission = Admission::new(max_connections);
     tokio::pin!(shutdown);

@@ -437,3 +437,29 @@ async fn one_peer_holding_and_reopening_idle_connections_does_not_starve_genuine
         "no idle connection was ever closed: the flood never filled the server"
     );
 }
+
+#[tokio::test]
+async fn newcomers_to_a_full_server_wait_in_the_accept_queue_instead_of_being_dropped() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = base_config(dir.path()).replace(
+        "header_read_timeout = \"1s\"",
+        "header_read_timeout = \"10s\"\nmax_connections = 1",
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    // The one place, held by a request whose body stalls: nothing may be closed for a
+    // newcomer.
+    let _stalled = stalled_upload(router.addr, 1000, 10).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past a full accept queue the kernel drops a connection's SYN, and the sender tries
+    // again only a second later.
+    let mut waiting = Vec::new();
+    for i in 0..300 {
+        let connect = tokio::net::TcpStream::connect(router.addr);
+        let connected = tokio::time::timeout(Duration::from_millis(800), connect)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("newcomer {i} was dropped (the kernel caps the queue at net.core.somaxconn)")
+            });
+        waiting.push(connected.expect("connect"));
+    }
+}
