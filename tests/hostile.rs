@@ -1,5 +1,6 @@
-//! A hostile sender with one captured, genuinely signed request: replays under other
-//! headers must not mint identities, deliveries, metric labels or disk use.
+//! Hostile senders: replays of one captured, genuinely signed request under other headers
+//! must not mint identities, deliveries, metric labels or disk use, and connections held
+//! open must neither fill memory nor starve genuine webhooks.
 
 mod common;
 
