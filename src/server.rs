@@ -4,6 +4,8 @@
 //! A webhook is answered 200 only after its event and outbox rows are committed; the
 //! request never waits on a sink.
 
+mod admission;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use self::admission::{Admission, Answering};
 use crate::body::{self, BodyError};
 use crate::config::Config;
 use crate::event::{Event, EventError, Timestamp};
@@ -36,6 +39,9 @@ use crate::store::{Ingested, Quarantined, Store, StoreError};
 const RETRY_AFTER_SECS: &str = "5";
 /// What one connection may read ahead of the handler, headers included.
 const MAX_CONNECTION_BUFFER: usize = 8 * 1024;
+/// Connections the kernel may queue for `accept` (it caps this at `net.core.somaxconn`);
+/// listeners bound by the standard library or tokio get 128.
+const ACCEPT_QUEUE: i32 = 4096;
 /// The OpenMetrics content type that `prometheus-client` writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -509,7 +515,8 @@ async fn store_within<T>(
 }
 
 /// Accepts connections until `shutdown` completes, then lets open connections finish
-/// their current request (up to a deadline) and returns.
+/// their current request (up to a deadline) and returns. With every place taken, a new
+/// connection takes the place of the one idle longest (see [`admission`]).
 pub async fn serve(
     listener: TcpListener,
     surface: Surface,
@@ -531,18 +538,16 @@ pub async fn serve(
         // 400 KiB); request bodies themselves are bounded by the body budget.
         .max_buf_size(MAX_CONNECTION_BUFFER)
         .keep_alive(true);
+    // A full accept queue makes the kernel drop new connections, genuine ones included,
+    // whose senders retry only after a second: the queue must outlast a peer that holds
+    // many more connections than we admit.
+    if let Err(e) = socket2::SockRef::from(&listener).listen(ACCEPT_QUEUE) {
+        tracing::warn!(error = %e, "cannot lengthen the accept queue");
+    }
     let graceful = GracefulShutdown::new();
-    // A permit per connection: past the limit we stop accepting instead of growing.
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let admission = Admission::new(max_connections);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, _peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -555,18 +560,36 @@ pub async fn serve(
                 }
             },
         };
+        // Past the limit we close an idle connection for this one, or wait for a place
+        // instead of growing.
+        let connection = tokio::select! {
+            () = &mut shutdown => break,
+            connection = admission.admit() => connection,
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
         let state = Arc::clone(&state);
-        let service =
-            service_fn(move |req: Request<Incoming>| handle(Arc::clone(&state), surface, req));
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        let tracked = Arc::clone(&connection);
+        let service = service_fn(move |req: Request<Incoming>| {
+            // Taken when hyper hands over the head, before the handler first runs.
+            let request = tracked.request();
+            let answer = handle(Arc::clone(&state), surface, req);
+            async move {
+                let reply = answer.await?;
+                Ok::<_, Infallible>(reply.map(|body| Answering::new(body, request)))
             }
-            drop(permit);
+        });
+        let served = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            tokio::select! {
+                ended = served => if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                () = connection.evicted() => {
+                    tracing::debug!("an idle connection closed to admit a new one");
+                }
+            }
         });
     }
     drop(listener);

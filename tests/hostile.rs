@@ -1,5 +1,6 @@
-//! A hostile sender with one captured, genuinely signed request: replays under other
-//! headers must not mint identities, deliveries, metric labels or disk use.
+//! Hostile senders: replays of one captured, genuinely signed request under other headers
+//! must not mint identities, deliveries, metric labels or disk use, and connections held
+//! open must neither fill memory nor starve genuine webhooks.
 
 mod common;
 
@@ -229,4 +230,237 @@ async fn bodies_past_the_buffer_budget_get_503_and_the_budget_comes_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let body = payload("call-after-budget", "call_completed");
     assert_eq!(router.post_signed(&body).await.status, 200);
+}
+
+/// Lifts this process's soft limit on open files to `wanted` (within the hard limit): the
+/// attack below holds thousands of sockets, at both of their ends.
+fn raise_open_file_limit(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= wanted {
+            return;
+        }
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// One peer (127.0.0.1) holding connections that never send a byte, opening a new one as
+/// soon as the server closes one.
+struct IdleFlood {
+    /// Connections opened so far, first ones and reopened ones.
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+    holders: tokio::task::JoinSet<()>,
+}
+
+impl IdleFlood {
+    fn start(addr: std::net::SocketAddr, sockets: usize) -> IdleFlood {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncReadExt;
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut holders = tokio::task::JoinSet::new();
+        for i in 0..sockets {
+            let (stop, opened) = (stop.clone(), Arc::clone(&opened));
+            // Paced, so the first ones are not refused by a full accept queue.
+            let start = Duration::from_micros(200) * u32::try_from(i).unwrap_or(u32::MAX);
+            holders.spawn(async move {
+                tokio::time::sleep(start).await;
+                loop {
+                    // A connection the full accept queue refused is retried by the kernel
+                    // for minutes.
+                    let connected = tokio::select! {
+                        () = stop.cancelled() => break,
+                        connected = tokio::net::TcpStream::connect(addr) => connected,
+                    };
+                    let Ok(mut stream) = connected else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    let mut byte = [0u8; 1];
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _ = stream.read(&mut byte) => {}
+                    }
+                }
+            });
+        }
+        IdleFlood {
+            opened,
+            stop,
+            holders,
+        }
+    }
+
+    fn opened(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Closes every connection; returns how many were opened in all.
+    async fn stop(mut self) -> usize {
+        self.stop.cancel();
+        while self.holders.join_next().await.is_some() {}
+        self.opened()
+    }
+}
+
+/// Sends `request` on a fresh connection from `source`: the status, or why none came
+/// within Vyora's 5 s.
+async fn send_from(
+    source: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+    request: Request<Full<Bytes>>,
+) -> Result<u16, String> {
+    let exchange = async {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+        socket
+            .bind(std::net::SocketAddr::new(source, 0))
+            .map_err(|e| e.to_string())?;
+        let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(response.status().as_u16())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 5 s".to_owned()))
+}
+
+/// Signed webhooks from 127.0.0.2, four at a time, for `period`: each one's latency, or
+/// why it was not answered 200.
+async fn genuine_webhooks(
+    addr: std::net::SocketAddr,
+    period: Duration,
+    tag: &str,
+) -> Vec<Result<Duration, String>> {
+    let source = std::net::IpAddr::from([127, 0, 0, 2]);
+    let until = tokio::time::Instant::now() + period;
+    let mut senders = tokio::task::JoinSet::new();
+    for sender in 0..4 {
+        let tag = tag.to_owned();
+        senders.spawn(async move {
+            let mut outcomes = Vec::new();
+            while tokio::time::Instant::now() < until {
+                let body = payload(
+                    &format!("{tag}-{sender}-{}", outcomes.len()),
+                    "call_started",
+                );
+                let started = tokio::time::Instant::now();
+                let outcome =
+                    match send_from(source, addr, with_header(&body, "call_started")).await {
+                        Ok(200) => Ok(started.elapsed()),
+                        Ok(status) => Err(format!("status {status}")),
+                        Err(e) => Err(e),
+                    };
+                outcomes.push(outcome);
+            }
+            outcomes
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(sent) = senders.join_next().await {
+        outcomes.extend(sent.expect("sender"));
+    }
+    outcomes
+}
+
+/// `answered of sent, p50 / p99` of a run of [`genuine_webhooks`].
+fn summary(outcomes: &[Result<Duration, String>]) -> String {
+    let mut answered: Vec<Duration> = outcomes.iter().filter_map(|o| o.clone().ok()).collect();
+    answered.sort();
+    let at = |q: f64| {
+        let last = answered.len().saturating_sub(1);
+        answered.get((last as f64 * q).round() as usize).copied()
+    };
+    format!(
+        "{} of {} answered, p50 {:?}, p99 {:?}",
+        answered.len(),
+        outcomes.len(),
+        at(0.5),
+        at(0.99)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_peer_holding_and_reopening_idle_connections_does_not_starve_genuine_webhooks() {
+    raise_open_file_limit(8192);
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    // The default header timeout and connection limit: 2,000 idle sockets are twice
+    // what the server admits at once.
+    let config = base_config(dir.path()).replace(
+        "header_read_timeout = \"1s\"",
+        "header_read_timeout = \"10s\"\nmax_connections = 1024",
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    let quiet = genuine_webhooks(router.addr, Duration::from_secs(2), "quiet").await;
+
+    let flood = IdleFlood::start(router.addr, 2_000);
+    // Every socket connected, and time for the server to take all it admits: the rest
+    // wait in its accept queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while flood.opened() < 2_000 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attacked = genuine_webhooks(router.addr, Duration::from_secs(5), "attacked").await;
+    let opened = flood.stop().await;
+
+    eprintln!(
+        "genuine webhooks from 127.0.0.2: quiet {}; while 127.0.0.1 holds 2,000 idle sockets \
+         (opened {opened}) {}",
+        summary(&quiet),
+        summary(&attacked)
+    );
+    let failed: Vec<&String> = attacked.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} genuine webhooks were not answered: {:?}",
+        failed.len(),
+        attacked.len(),
+        failed.first()
+    );
+    assert!(attacked.len() >= 10, "only {} sent", attacked.len());
+    assert!(
+        opened > 2_000,
+        "no idle connection was ever closed: the flood never filled the server"
+    );
+}
+
+#[tokio::test]
+async fn newcomers_to_a_full_server_wait_in_the_accept_queue_instead_of_being_dropped() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = base_config(dir.path()).replace(
+        "header_read_timeout = \"1s\"",
+        "header_read_timeout = \"10s\"\nmax_connections = 1",
+    );
+    let router = TestRouter::start_with(dir, &config).await;
+    // The one place, held by a request whose body stalls: nothing may be closed for a
+    // newcomer.
+    let _stalled = stalled_upload(router.addr, 1000, 10).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past a full accept queue the kernel drops a connection's SYN, and the sender tries
+    // again only a second later.
+    let mut waiting = Vec::new();
+    for i in 0..300 {
+        let connect = tokio::net::TcpStream::connect(router.addr);
+        let connected = tokio::time::timeout(Duration::from_millis(800), connect)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("newcomer {i} was dropped (the kernel caps the queue at net.core.somaxconn)")
+            });
+        waiting.push(connected.expect("connect"));
+    }
 }
