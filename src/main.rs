@@ -26,7 +26,7 @@ use vyora_router::config::{
 use vyora_router::render;
 use vyora_router::server::{HealthError, check_health};
 use vyora_router::signature::Secret;
-use vyora_router::store::operator::{ListFilter, Replay};
+use vyora_router::store::operator::{ListFilter, Replay, SinkPause};
 use vyora_router::store::{Store, StoreError};
 use vyora_router::trigger::{self, Trigger};
 
@@ -279,7 +279,11 @@ fn with_store<T>(
 
 /// `deliveries list`: deliveries, newest first.
 fn deliveries_list(arg: &ConfigArg, filter: &ListFilter, json: bool) -> anyhow::Result<ExitCode> {
-    let rows = with_store(arg, async |store| store.list_deliveries(filter).await)?;
+    let rows = with_store(arg, async |store| {
+        let mut rows = store.list_deliveries(filter).await?;
+        SinkPause::mark(&store.pauses().await?, &mut rows);
+        Ok::<_, StoreError>(rows)
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

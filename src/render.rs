@@ -86,15 +86,30 @@ pub fn deliveries(rows: &[DeliveryRow]) -> String {
         "last error",
     ]);
     for r in rows {
+        // A paused sink's rows use no attempt while they wait: the pause says when and why.
+        let paused = r.sink_paused.as_ref();
         t.add_row(row([
             &r.id.to_string(),
             or_dash(r.call_id.as_deref()),
             &r.event,
             &r.sink,
-            &r.status,
+            if paused.is_some() {
+                "pending (sink paused)"
+            } else {
+                &r.status
+            },
             &r.attempts.to_string(),
-            or_dash(r.next_attempt_at.as_deref()),
-            or_dash(r.last_error.as_deref()),
+            // Both RFC 3339 in UTC, so the later one sorts last.
+            or_dash(
+                r.next_attempt_at
+                    .as_deref()
+                    .max(paused.map(|p| p.until.as_str())),
+            ),
+            or_dash(
+                r.last_error
+                    .as_deref()
+                    .or(paused.map(|p| p.reason.as_str())),
+            ),
         ]));
     }
     t.to_string()
@@ -190,7 +205,7 @@ fn deliveries_count(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::operator::SinkStatus;
+    use crate::store::operator::{PauseNote, SinkStatus};
 
     /// Whether `text` holds a byte a terminal would obey rather than show.
     fn has_control(text: &str) -> bool {
@@ -229,6 +244,7 @@ mod tests {
             attempts: 3,
             next_attempt_at: None,
             last_error: Some("422: \x1b[31mbad\r\nnext".into()),
+            sink_paused: None,
         }]);
         assert!(
             !has_control(&deliveries.replace('\n', "")),
@@ -253,6 +269,31 @@ mod tests {
         }]);
         assert!(!has_control(&events.replace('\n', "")), "{events:?}");
         assert!(events.contains(r"call_completed\u{1b}c"), "{events}");
+    }
+
+    #[test]
+    fn a_pending_delivery_of_a_paused_sink_shows_the_pause_its_end_and_why() {
+        let table = deliveries(&[DeliveryRow {
+            id: 7,
+            call_id: Some("call-7".into()),
+            event: "call_completed".into(),
+            sink: "crm".into(),
+            status: "pending".into(),
+            attempts: 0,
+            next_attempt_at: Some("2026-05-24T10:30:00Z".into()),
+            last_error: None,
+            sink_paused: Some(PauseNote {
+                until: "2026-05-24T10:31:00Z".into(),
+                reason: "cannot connect to crm.internal:443".into(),
+            }),
+        }]);
+        assert!(table.contains("pending (sink paused)"), "{table}");
+        assert!(table.contains("2026-05-24T10:31:00Z"), "{table}");
+        assert!(!table.contains("2026-05-24T10:30:00Z"), "{table}");
+        assert!(
+            table.contains("cannot connect to crm.internal:443"),
+            "{table}"
+        );
     }
 
     #[test]

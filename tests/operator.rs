@@ -196,7 +196,7 @@ fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_a
         assert!(!ok, "{text}");
         for needed in [
             "schema version 5",
-            "this build uses version 6",
+            "this build uses version 7",
             "vyora-router serve",
         ] {
             assert!(text.contains(needed), "{needed} missing: {text}");
@@ -204,16 +204,16 @@ fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_a
         assert_eq!(version_of(&path), 5, "the command migrated the store");
     }
 
-    set_version(&path, 7);
+    set_version(&path, 8);
     let (ok, text) = run(&config, &["deliveries", "list"]);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("schema version 7") && text.contains("use the build that wrote it"),
+        text.contains("schema version 8") && text.contains("use the build that wrote it"),
         "{text}"
     );
-    assert_eq!(version_of(&path), 7);
+    assert_eq!(version_of(&path), 8);
 
-    set_version(&path, 6);
+    set_version(&path, 7);
     let (ok, text) = run(&config, &["events", "show", "call-v"]);
     assert!(ok && text.contains("call_completed"), "{text}");
 }
@@ -238,10 +238,55 @@ fn store_migrate_reads_a_source_of_another_schema_version_never_migrates_it() {
     );
     assert!(!ok, "{text}");
     assert!(
-        text.contains("schema version 5") && text.contains("this build uses version 6"),
+        text.contains("schema version 5") && text.contains("this build uses version 7"),
         "{text}"
     );
     assert_eq!(version_of(&path), 5, "the source was migrated");
+}
+
+#[tokio::test]
+async fn deliveries_of_a_sink_whose_destination_cannot_be_reached_show_the_pause_and_why() {
+    // A port nothing listens on: the HTTP sink cannot connect, and pauses.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config_text = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"http://127.0.0.1:{port}/in\"\n",
+        base_config(dir.path()),
+    );
+    let router = TestRouter::start_with(Arc::clone(&dir), &config_text).await;
+    let sent = router
+        .post_signed(&payload("call-down", "call_completed"))
+        .await;
+    assert_eq!(sent.status, 200);
+    let config = operator_config(dir.path(), "");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let table = loop {
+        let (ok, table) = run(&config, &["deliveries", "list", "--sink", "crm"]);
+        assert!(ok, "{table}");
+        if table.contains("sink paused") || tokio::time::Instant::now() > deadline {
+            break table;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(table.contains("pending (sink paused)"), "{table}");
+    assert!(table.contains("cannot connect"), "{table}");
+
+    let (ok, json) = run(&config, &["deliveries", "list", "--sink", "crm", "--json"]);
+    assert!(ok, "{json}");
+    let rows: serde_json::Value = serde_json::from_str(&json).expect("JSON output");
+    let row = &rows[0];
+    assert_eq!(row["status"], "pending");
+    assert_eq!(row["attempts"], 0, "a pause uses no attempt: {row}");
+    let until = row["sink_paused"]["until"].as_str().expect("a pause end");
+    let next = row["next_attempt_at"].as_str().expect("a next attempt");
+    assert!(
+        until >= next,
+        "the pause ends after the row's own time: {row}"
+    );
+    drop(router);
 }
 
 /// An operator's config on the router's store in `dir`, with sinks of its own.

@@ -13,7 +13,7 @@ use common::*;
 use vyora_router::config::{StoreBackend, StoreConfig};
 use vyora_router::event::Event;
 use vyora_router::metrics::Metrics;
-use vyora_router::store::operator::{ListFilter, Replay};
+use vyora_router::store::operator::{ListFilter, Replay, SinkPause};
 use vyora_router::store::{Ingested, Role, Settlement, Store, StoreError, StoreOptions};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -791,7 +791,8 @@ async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_o
     }
     admin
         .batch_execute(
-            "UPDATE public.vyora_router_schema SET version = 1; DROP SCHEMA vyora_router",
+            "UPDATE public.vyora_router_schema SET version = 1;
+             DROP TABLE vyora_router.pauses; DROP SCHEMA vyora_router",
         )
         .await
         .expect("version 1");
@@ -803,7 +804,7 @@ async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_o
             let text = e.to_string();
             assert!(
                 text.contains("schema version 1")
-                    && text.contains("this build uses version 2")
+                    && text.contains("this build uses version 3")
                     && text.contains("vyora-router serve"),
                 "{text}"
             );
@@ -837,7 +838,7 @@ async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_o
             .iter()
             .filter(|t| t.starts_with("vyora_router."))
             .count(),
-        7,
+        8,
         "{after:?}"
     );
     let left: i32 = admin
@@ -927,4 +928,39 @@ async fn store_migrate_copies_into_the_database_and_schema_its_config_names() {
     for needed in ["--to", "store.url", "DATABASE_URL"] {
         assert!(text.contains(needed), "{needed} missing: {text}");
     }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_sinks_pause_recorded_by_one_replica_is_seen_by_every_other_until_it_delivers() {
+    let db = TestDb::create().await;
+    let lease = Duration::from_secs(30);
+    let (one, other) = (open(&db, lease).await, open(&db, lease).await);
+    let pause = SinkPause {
+        sink: "crm".to_owned(),
+        until: std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        reason: "cannot connect".to_owned(),
+    };
+    one.record_pause("crm", Some(&pause))
+        .await
+        .expect("recorded");
+    assert_eq!(
+        other.pauses().await.expect("read"),
+        std::slice::from_ref(&pause)
+    );
+
+    let later = SinkPause {
+        until: pause.until + Duration::from_secs(60),
+        ..pause
+    };
+    other
+        .record_pause("crm", Some(&later))
+        .await
+        .expect("recorded");
+    assert_eq!(one.pauses().await.expect("read"), [later]);
+
+    one.record_pause("crm", None).await.expect("cleared");
+    assert_eq!(other.pauses().await.expect("read"), []);
+    one.close().await;
+    other.close().await;
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::task::{self, JoinSet};
@@ -18,6 +19,7 @@ use crate::event::{Delivery, DeliveryId};
 use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
+use crate::store::operator::SinkPause;
 use crate::store::{self, Settlement, Store};
 
 /// Payload bytes fetched for one batch at most (at least one row is always taken).
@@ -131,6 +133,9 @@ struct Shared {
     redaction: Redaction,
     /// Outcomes counted per sink.
     metrics: Arc<Metrics>,
+    /// Whether the store may hold a pause of this sink that a delivery should clear. True
+    /// at start, so that a pause left by an earlier run is cleared by the first delivery.
+    paused: AtomicBool,
 }
 
 impl Dispatcher {
@@ -148,6 +153,7 @@ impl Dispatcher {
                 policy,
                 redaction,
                 metrics,
+                paused: AtomicBool::new(true),
             }),
         }
     }
@@ -367,6 +373,7 @@ async fn record(shared: &Shared, settlements: Vec<Settlement>) {
         };
         metrics.delivery(sink.name(), outcome);
     }
+    record_pause(shared, &settlements).await;
     for tries in 1..=SETTLE_TRIES {
         match store.settle(settlements.clone()).await {
             Ok(()) => break,
@@ -377,6 +384,36 @@ async fn record(shared: &Shared, settlements: Vec<Settlement>) {
                 tokio::time::sleep(STORE_RETRY).await;
             }
         }
+    }
+}
+
+/// Keeps the store's record of the sink's pause in step, for `deliveries list`: set while
+/// the destination cannot be reached, cleared by the first delivery after. A failure to
+/// record is logged only: the pause itself does not depend on it.
+async fn record_pause(shared: &Shared, settlements: &[Settlement]) {
+    let name = shared.sink.name();
+    let postponed = settlements.iter().rev().find_map(|s| match s {
+        Settlement::Postpone { at, error, .. } => Some(SinkPause {
+            sink: name.to_owned(),
+            until: *at,
+            reason: error.clone(),
+        }),
+        _ => None,
+    });
+    let result = if let Some(pause) = &postponed {
+        shared.paused.store(true, Ordering::Relaxed);
+        shared.store.record_pause(name, Some(pause)).await
+    } else if settlements
+        .iter()
+        .any(|s| matches!(s, Settlement::Delivered { .. }))
+        && shared.paused.swap(false, Ordering::Relaxed)
+    {
+        shared.store.record_pause(name, None).await
+    } else {
+        return;
+    };
+    if let Err(e) = result {
+        tracing::error!(sink = name, error = %e, "cannot record the sink's pause");
     }
 }
 

@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
-use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
+use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -108,6 +108,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Records what polling a call found.
     fn record_poll<'a>(&'a self, call_id: &'a str, update: PollUpdate)
     -> BoxFuture<'a, Result<()>>;
+
+    /// Records that `sink` waits until `pause.until` because its destination cannot be
+    /// reached (`Some`), or that it delivers again (`None`), for `deliveries list`.
+    fn record_pause<'a>(
+        &'a self,
+        sink: &'a str,
+        pause: Option<&'a SinkPause>,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// The sinks recorded as paused.
+    fn pauses(&self) -> BoxFuture<'_, Result<Vec<SinkPause>>>;
 
     /// Whether an event with this dedup key is stored.
     fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>>;

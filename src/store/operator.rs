@@ -1,6 +1,8 @@
 //! What the operator commands (`deliveries`, `events`, `poller status`) ask of a store and
 //! get back: plain rows, rendered as tables or JSON by the commands.
 
+use std::time::SystemTime;
+
 use serde::Serialize;
 
 /// A delivery's state.
@@ -72,6 +74,41 @@ pub struct DeliveryRow {
     /// RFC 3339, for pending rows only.
     pub next_attempt_at: Option<String>,
     pub last_error: Option<String>,
+    /// For pending rows of a sink paused because its destination cannot be reached: until
+    /// when (RFC 3339), and why. The row's own attempts and error are left as they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink_paused: Option<PauseNote>,
+}
+
+/// A sink's pause, as `deliveries list` shows it on each of its pending rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct PauseNote {
+    pub until: String,
+    pub reason: String,
+}
+
+/// A sink that waits because its destination as a whole cannot be reached (a broker
+/// down, a host that refuses connections): its deliveries wait without using attempts,
+/// so the rows alone would show nothing wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkPause {
+    pub sink: String,
+    pub until: SystemTime,
+    pub reason: String,
+}
+
+impl SinkPause {
+    /// Notes the pause on each pending row of its sink.
+    pub fn mark(pauses: &[SinkPause], rows: &mut [DeliveryRow]) {
+        for row in rows.iter_mut().filter(|r| r.status == "pending") {
+            if let Some(p) = pauses.iter().find(|p| p.sink == row.sink) {
+                row.sink_paused = Some(PauseNote {
+                    until: humantime::format_rfc3339_seconds(p.until).to_string(),
+                    reason: p.reason.clone(),
+                });
+            }
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

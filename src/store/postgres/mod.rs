@@ -7,6 +7,7 @@ mod claims;
 mod import;
 mod ingest;
 mod listen;
+mod pauses;
 mod queries;
 mod schema;
 mod tls;
@@ -27,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PostgresConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
-use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
+use crate::store::operator::{
+    DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+};
 use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
@@ -449,6 +452,18 @@ impl Backend for PostgresStore {
         update: PollUpdate,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move { queries::record_poll(&self.db, call_id, &update).await })
+    }
+
+    fn record_pause<'a>(
+        &'a self,
+        sink: &'a str,
+        pause: Option<&'a SinkPause>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(pauses::record(&self.db, sink, pause))
+    }
+
+    fn pauses(&self) -> BoxFuture<'_, Result<Vec<SinkPause>>> {
+        Box::pin(pauses::list(&self.db))
     }
 
     fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {

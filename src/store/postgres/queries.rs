@@ -423,6 +423,7 @@ pub(super) async fn list_deliveries(
                 status,
                 attempts: u32::try_from(r.get::<_, i32>(5)).unwrap_or(0),
                 last_error: r.get(7),
+                sink_paused: None,
             }
         })
         .collect())

@@ -30,8 +30,10 @@ const TABLES: &[&str] = &[
 ];
 
 /// Schema versions, applied in order; `{schema}` stands for the schema's quoted name.
-/// Version 2 is [`move_from_public`]: the same tables, in a schema of their own.
-const MIGRATIONS: &[&str] = &[r#"
+/// Version 2 has no SQL of its own: it is [`move_from_public`], the same tables in a
+/// schema of their own.
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {schema}.events (
     id          BIGSERIAL   PRIMARY KEY,
     dedup_key   TEXT        NOT NULL UNIQUE,
@@ -101,10 +103,21 @@ CREATE TABLE {schema}.api_requests (
     at TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX api_requests_at ON {schema}.api_requests (at);
-"#];
+"#,
+    "",
+    r#"
+-- Sinks waiting for their destination, with why, for `deliveries list` (the deliveries
+-- themselves use no attempt while they wait, so their rows show nothing).
+CREATE TABLE {schema}.pauses (
+    sink   TEXT        PRIMARY KEY,
+    until  TIMESTAMPTZ NOT NULL,
+    reason TEXT        NOT NULL
+);
+"#,
+];
 
 /// The schema version this build reads and writes.
-pub(super) const VERSION: usize = MIGRATIONS.len() + 1;
+pub(super) const VERSION: usize = MIGRATIONS.len();
 
 /// `name` as an SQL identifier. `store.schema` was checked to be a plain lowercase
 /// identifier, so quoting only keeps a reserved word (`user`, `order`) usable.
@@ -187,7 +200,11 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> Result<(), Sto
         ))
         .await?;
     }
-    for sql in MIGRATIONS.iter().skip(applied) {
+    for sql in MIGRATIONS
+        .iter()
+        .skip(applied)
+        .filter(|sql| !sql.is_empty())
+    {
         tx.batch_execute(&sql.replace("{schema}", &quoted)).await?;
     }
     let version = i32::try_from(VERSION).unwrap_or(i32::MAX);

@@ -11,7 +11,8 @@ use rusqlite::{Connection, params};
 
 use super::{call_range, keyed, sink_names};
 use crate::store::operator::{
-    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkStatus,
+    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+    SinkStatus,
 };
 
 fn rfc3339(ms: i64) -> String {
@@ -38,7 +39,22 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
         status,
         attempts: r.get(5)?,
         last_error: r.get(7)?,
+        sink_paused: None,
     })
+}
+
+/// The sinks recorded as paused.
+pub(super) fn pauses(conn: &Connection) -> rusqlite::Result<Vec<SinkPause>> {
+    conn.prepare("SELECT sink, until_ms, reason FROM pauses ORDER BY sink")?
+        .query_map([], |r| {
+            Ok(SinkPause {
+                sink: r.get(0)?,
+                until: UNIX_EPOCH
+                    + Duration::from_millis(u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0)),
+                reason: r.get(2)?,
+            })
+        })?
+        .collect()
 }
 
 pub(super) fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<Vec<DeliveryRow>> {

@@ -29,7 +29,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
 use crate::event::{Delivery, DeliveryId, Event};
-use crate::store::operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed};
+use crate::store::operator::{
+    DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+};
 use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
@@ -549,6 +551,26 @@ impl Backend for SqliteStore {
             };
             self.submit(op, rx).await
         })
+    }
+
+    fn record_pause<'a>(
+        &'a self,
+        sink: &'a str,
+        pause: Option<&'a SinkPause>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Pause {
+                sink: sink.to_owned(),
+                pause: pause.map(|p| (to_millis(p.until), p.reason.clone())),
+                reply,
+            };
+            self.submit(op, rx).await
+        })
+    }
+
+    fn pauses(&self) -> BoxFuture<'_, Result<Vec<SinkPause>>> {
+        Box::pin(self.readers.with(admin::pauses))
     }
 
     fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {

@@ -15,7 +15,7 @@ use crate::store::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
-/// Version 5 is [`to_event_log`], version 6 [`to_runs`].
+/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`PAUSES`].
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -149,8 +149,17 @@ pub(super) fn restrict_to_owner(db: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Version 7: sinks waiting for their destination, with why, for `deliveries list` (the
+/// deliveries themselves use no attempt while they wait, so their rows show nothing).
+const PAUSES: &str = "
+CREATE TABLE pauses (
+    sink     TEXT    PRIMARY KEY,
+    until_ms INTEGER NOT NULL,
+    reason   TEXT    NOT NULL
+) WITHOUT ROWID;";
+
 /// The schema versions this build knows.
-const VERSIONS: usize = MIGRATIONS.len() + 2;
+const VERSIONS: usize = MIGRATIONS.len() + 3;
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     migrate_to(conn, path, VERSIONS)
@@ -224,7 +233,8 @@ pub(super) fn migrate_to(
         match MIGRATIONS.get(next) {
             Some(sql) => tx.execute_batch(sql),
             None if next == MIGRATIONS.len() => to_event_log(&tx),
-            None => to_runs(&tx),
+            None if next == MIGRATIONS.len() + 1 => to_runs(&tx),
+            None => tx.execute_batch(PAUSES),
         }
         .map_err(migrate_err)?;
         let version = i64::try_from(next + 1).unwrap_or(i64::MAX);
@@ -417,7 +427,7 @@ mod tests {
                 e,
                 StoreError::SchemaMismatch {
                     found: 5,
-                    current: 6,
+                    current: 7,
                     ..
                 }
             ),

@@ -68,6 +68,12 @@ pub(super) enum Op {
         update: PollUpdate,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A sink's pause (until, in milliseconds, and why), or its end.
+    Pause {
+        sink: String,
+        pause: Option<(i64, String)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Prune {
         range: PruneRange,
         /// Set by `apply`, answered after commit.
@@ -118,7 +124,9 @@ impl Op {
         match self {
             Op::Ingest { reply, .. } => reply.is_closed(),
             Op::Quarantine { reply, .. } => reply.is_closed(),
-            Op::Settle { reply, .. } | Op::Poll { reply, .. } => reply.is_closed(),
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
+                reply.is_closed()
+            }
             Op::Prune { reply, .. } => reply.is_closed(),
             Op::Replay { reply, .. } => reply.is_closed(),
             Op::Close => false,
@@ -214,6 +222,20 @@ impl Op {
                 };
                 Ok(())
             }
+            Op::Pause { sink, pause, .. } => {
+                match pause {
+                    Some((until, reason)) => tx
+                        .prepare_cached(
+                            "INSERT INTO pauses (sink, until_ms, reason) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (sink) DO UPDATE SET until_ms = ?2, reason = ?3",
+                        )?
+                        .execute(params![&*sink, *until, &*reason])?,
+                    None => tx
+                        .prepare_cached("DELETE FROM pauses WHERE sink = ?1")?
+                        .execute(params![&*sink])?,
+                };
+                Ok(())
+            }
             Op::Quarantine { entry, outcome, .. } => {
                 *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
@@ -240,7 +262,7 @@ impl Op {
             Op::Quarantine { outcome, reply, .. } => {
                 let _ = reply.send(result.map(|()| outcome));
             }
-            Op::Settle { reply, .. } | Op::Poll { reply, .. } => {
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
                 let _ = reply.send(result);
             }
             Op::Prune { outcome, reply, .. } => {
