@@ -338,6 +338,15 @@ async fn replay_refuses_a_sink_or_a_delivery_that_does_not_exist_and_says_why_it
     let body = payload("call-wait", "call_completed");
     assert_eq!(router.post_signed(&body).await.status, 200);
     wait_for_lines(&router.events_file(), 1, Duration::from_secs(10)).await;
+    // Written to the file, and then recorded as delivered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while router
+        .count("SELECT count(*) FROM outbox WHERE sink = 'archive' AND status = 'delivered'")
+        < 1
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // `billing` is configured but has never been routed an event.
     let config = operator_config(
         dir.path(),

@@ -3,11 +3,14 @@
 //! moves each sink's cursor over what is settled.
 //!
 //! Per sink, every routed event after `position` is one of: claimed (in a dispatcher's
-//! hands), settled (done, waiting for the cursor to pass it), held (skipped by the last
-//! scan because an earlier event of its call is still pending on the sink), or not yet
-//! examined (beyond `scanned_to`). The cursor may pass only settled events, so it stops at
-//! the first claimed, held or unexamined one. After a crash, everything after the
-//! persisted cursor is delivered again: at least once.
+//! hands), settled (done, waiting for the cursor to pass it), or not yet examined (beyond
+//! `scanned_to`). An event held back because an earlier event of its call is still
+//! pending on the sink is settled too: it gets a row of its own in `retries`, which waits
+//! until the earlier event is delivered or dead, so a call that keeps failing holds the
+//! cursor back no more than a delivered event does. The cursor may pass only settled
+//! events whose rows are written, so it stops at the first claimed, unexamined or
+//! unwritten one. After a crash, everything after the persisted cursor is delivered
+//! again: at least once, and no more than what was in hand or being written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, PoisonError};
@@ -40,16 +43,17 @@ struct SinkState {
     scanned_to: i64,
     /// First attempts handed out and not settled: event id -> call.
     fresh: BTreeMap<i64, Option<String>>,
-    /// First attempts settled but not yet behind the cursor.
+    /// First attempts settled (held back ones too) but not yet behind the cursor.
     done: BTreeSet<i64>,
-    /// First attempts the last scan skipped to keep a call's order.
-    held: BTreeSet<i64>,
     /// Retries handed out and not settled: event id -> call.
     retries: BTreeMap<i64, Option<String>>,
     /// Deliveries whose retry row is being written (a first attempt that failed, or a
     /// retry's outcome): until it is, only this keeps them, and their call's later events,
     /// from being handed out on what the row said before.
     writing: BTreeMap<i64, Option<String>>,
+    /// Those of `writing` whose outcome ends the delivery (delivered or dead): a held event
+    /// of their call need not wait for them.
+    ending: BTreeSet<i64>,
     /// The sink said it is unavailable: nothing is handed out before this.
     paused_until: Option<Instant>,
 }
@@ -62,7 +66,6 @@ impl SinkState {
     fn floor(&self, position: i64) -> i64 {
         let blocked = [
             self.fresh.keys().next().copied(),
-            self.held.first().copied(),
             self.writing
                 .range(position.saturating_add(1)..)
                 .next()
@@ -92,14 +95,29 @@ impl SinkState {
         }
     }
 
-    fn calls_in_hand(&self) -> BTreeSet<String> {
-        self.fresh
-            .values()
-            .chain(self.retries.values())
-            .chain(self.writing.values())
-            .flatten()
-            .cloned()
-            .collect()
+    /// Each call with an event in hand or being written, and its latest such event.
+    fn calls_in_hand(&self) -> BTreeMap<String, i64> {
+        let mut calls = BTreeMap::new();
+        for (id, call) in self.fresh.iter().chain(&self.retries).chain(&self.writing) {
+            if let Some(call) = call {
+                let latest = calls.entry(call.clone()).or_insert(*id);
+                *latest = (*latest).max(*id);
+            }
+        }
+        calls
+    }
+
+    /// Whether event `id` may still be delivered later than now, as far as this process
+    /// knows: in hand, being written with an outcome that tries again, or after the
+    /// cursor and neither settled nor being written (handed back, postponed, or not read
+    /// yet). A pending row of it in the store is the writer's to check.
+    fn may_come_later(&self, id: i64) -> bool {
+        self.fresh.contains_key(&id)
+            || self.retries.contains_key(&id)
+            || (self.writing.contains_key(&id) && !self.ending.contains(&id))
+            || (self.position.is_some_and(|p| id > p)
+                && !self.done.contains(&id)
+                && !self.writing.contains_key(&id))
     }
 }
 
@@ -108,7 +126,16 @@ pub(super) struct Snapshot {
     pub(super) position: Option<i64>,
     pub(super) skip: BTreeSet<i64>,
     pub(super) retries_in_hand: BTreeSet<i64>,
-    pub(super) calls_in_hand: BTreeSet<String>,
+    pub(super) calls_in_hand: BTreeMap<String, i64>,
+}
+
+/// A first attempt the scan held back for its call's order, and the earlier event of the
+/// call it waits for.
+#[derive(Debug, Clone)]
+pub(super) struct HeldBack {
+    pub(super) id: i64,
+    pub(super) call_id: String,
+    pub(super) behind: i64,
 }
 
 /// What one claim found (see [`Claims::record`]).
@@ -117,8 +144,8 @@ pub(super) struct Claimed<'a> {
     pub(super) fresh: &'a [(i64, Option<String>)],
     /// Retries handed out.
     pub(super) retries: &'a [(i64, Option<String>)],
-    /// First attempts skipped to keep a call's order.
-    pub(super) held: BTreeSet<i64>,
+    /// First attempts held back to keep a call's order: each gets a waiting row.
+    pub(super) held: Vec<HeldBack>,
     /// How far the scan of first attempts looked, if it looked at all.
     pub(super) examined_to: Option<i64>,
 }
@@ -146,6 +173,17 @@ pub(super) enum Change {
     },
     /// A retry went through: its row says so.
     Delivered { sink: String, event_id: i64 },
+    /// A first attempt held back for its call's order gets a row that waits, unless what
+    /// it waited for has ended by the time the row is written.
+    Held {
+        sink: String,
+        event_id: i64,
+        call_id: String,
+        behind: i64,
+    },
+    /// A delivery of the call ended (delivered or dead): the call's next waiting row, if
+    /// the earliest pending one waits, becomes due.
+    Release { sink: String, call_id: String },
 }
 
 /// What a batch of settlements comes to: retry rows to write, cursors to move.
@@ -232,12 +270,19 @@ impl Claims {
         }
         // A claim filled by retries looked at no first attempt: what the last scan held
         // back stays held.
+        let mut moved = Outcome::default();
+        for h in held {
+            // Settled once its row is written; until then, being written holds the cursor.
+            s.done.insert(h.id);
+            s.writing.insert(h.id, Some(h.call_id.clone()));
+            moved.changes.push(Change::Held {
+                sink: s.name.clone(),
+                event_id: h.id,
+                call_id: h.call_id,
+                behind: h.behind,
+            });
+        }
         if let Some(to) = examined_to {
-            // A shorter scan than the last (a smaller limit) says nothing of the events
-            // beyond it: what the last one held there stays held, and examined.
-            let beyond = s.held.split_off(&to.saturating_add(1));
-            s.held = held;
-            s.held.extend(beyond);
             let scanned = s.scanned_to.max(to);
             // An event the scan skipped as in hand, and handed back (released, postponed,
             // its settlement unwritten) while the scan ran, was looked at by nobody: the
@@ -248,9 +293,8 @@ impl Claims {
                 .find(|id| **id > after && !s.fresh.contains_key(id) && !s.done.contains(id));
             s.scanned_to = returned.map_or(scanned, |first| scanned.min(first - 1));
         }
-        let mut moved = Outcome::default();
         s.advance_into(index, &mut moved);
-        let moved = (!moved.cursors.is_empty()).then_some(moved);
+        let moved = (!moved.cursors.is_empty() || !moved.changes.is_empty()).then_some(moved);
         (u64::try_from(index).unwrap_or(0) << 1, moved)
     }
 
@@ -283,6 +327,12 @@ impl Claims {
                 let Some(call_id) = s.fresh.remove(&event_id) else {
                     continue;
                 };
+                if let (Some(call_id), true) = (&call_id, ends(settlement)) {
+                    out.changes.push(Change::Release {
+                        sink: sink.clone(),
+                        call_id: call_id.clone(),
+                    });
+                }
                 match settlement {
                     Settlement::Delivered { .. } => {
                         s.done.insert(event_id);
@@ -302,6 +352,7 @@ impl Claims {
                     Settlement::Dead { error, .. } => {
                         s.done.insert(event_id);
                         s.writing.insert(event_id, call_id.clone());
+                        s.ending.insert(event_id);
                         out.changes.push(Change::Failed {
                             sink,
                             event_id,
@@ -322,11 +373,17 @@ impl Claims {
                 let Some(call_id) = s.retries.remove(&event_id) else {
                     continue;
                 };
-                s.writing.insert(event_id, call_id);
+                if ends(settlement) {
+                    s.ending.insert(event_id);
+                }
+                s.writing.insert(event_id, call_id.clone());
                 out.changes.push(match settlement {
-                    Settlement::Delivered { .. } => Change::Delivered { sink, event_id },
+                    Settlement::Delivered { .. } => Change::Delivered {
+                        sink: sink.clone(),
+                        event_id,
+                    },
                     Settlement::Retry { at, error, .. } => Change::Again {
-                        sink,
+                        sink: sink.clone(),
                         event_id,
                         dead: false,
                         counted: true,
@@ -336,7 +393,7 @@ impl Claims {
                     Settlement::Postpone { at, error, .. } => {
                         pause(s, *at);
                         Change::Again {
-                            sink,
+                            sink: sink.clone(),
                             event_id,
                             dead: false,
                             counted: false,
@@ -345,7 +402,7 @@ impl Claims {
                         }
                     }
                     Settlement::Dead { error, .. } => Change::Again {
-                        sink,
+                        sink: sink.clone(),
                         event_id,
                         dead: true,
                         counted: true,
@@ -353,6 +410,9 @@ impl Claims {
                         error: error.clone(),
                     },
                 });
+                if let (Some(call_id), true) = (call_id, ends(settlement)) {
+                    out.changes.push(Change::Release { sink, call_id });
+                }
             }
         }
         for index in touched {
@@ -370,13 +430,14 @@ impl Claims {
         let mut failed = Vec::new();
         for change in &outcome.changes {
             match change {
-                Change::Failed { sink, event_id, .. } => {
+                Change::Failed { sink, event_id, .. } | Change::Held { sink, event_id, .. } => {
                     rows.push((sink.clone(), *event_id));
                     failed.push((sink.clone(), *event_id));
                 }
                 Change::Again { sink, event_id, .. } | Change::Delivered { sink, event_id } => {
                     rows.push((sink.clone(), *event_id));
                 }
+                Change::Release { .. } => {}
             }
         }
         Writing {
@@ -408,6 +469,16 @@ impl Claims {
         }
     }
 
+    /// Whether event `id` of `sink` may still be delivered later (see
+    /// [`SinkState::may_come_later`]); the writer asks it as it writes a held event's row.
+    pub(super) fn may_come_later(&self, sink: &str, id: i64) -> bool {
+        let state = self.lock();
+        state
+            .index
+            .get(sink)
+            .is_some_and(|i| state.sinks[*i].may_come_later(id))
+    }
+
     /// When the sink's pause ends, if it is paused.
     pub(super) fn paused_until(&self, sink: &str) -> Option<SystemTime> {
         let mut state = self.lock();
@@ -421,7 +492,7 @@ impl Claims {
 pub(super) struct Writing<'a> {
     claims: &'a Claims,
     rows: Vec<(String, i64)>,
-    /// First attempts whose retry rows the write carries.
+    /// First attempts whose rows (retrying or waiting) the write carries.
     failed: Vec<(String, i64)>,
     /// Each touched sink and its cursor as written before.
     before: Vec<(usize, i64)>,
@@ -438,6 +509,7 @@ impl Writing<'_> {
         for (sink, event_id) in self.rows.drain(..) {
             if let Some(index) = state.index.get(&sink).copied() {
                 state.sinks[index].writing.remove(&event_id);
+                state.sinks[index].ending.remove(&event_id);
             }
         }
         let mut out = Outcome::default();
@@ -459,6 +531,7 @@ impl Drop for Writing<'_> {
         for (sink, event_id) in &self.rows {
             if let Some(index) = state.index.get(sink).copied() {
                 state.sinks[index].writing.remove(event_id);
+                state.sinks[index].ending.remove(event_id);
             }
         }
         // Not written, or not known to be: the failed first attempts are neither settled
@@ -481,6 +554,14 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// Whether the outcome ends the delivery, so that its call's next event may go.
+fn ends(settlement: &Settlement) -> bool {
+    matches!(
+        settlement,
+        Settlement::Delivered { .. } | Settlement::Dead { .. }
+    )
+}
+
 fn pause(s: &mut SinkState, until: SystemTime) {
     let left = until.duration_since(SystemTime::now()).unwrap_or_default();
     let until = Instant::now() + left;
@@ -496,7 +577,7 @@ mod tests {
     fn found<'a>(
         fresh: &'a [(i64, Option<String>)],
         retries: &'a [(i64, Option<String>)],
-        held: BTreeSet<i64>,
+        held: Vec<HeldBack>,
         examined_to: Option<i64>,
     ) -> Claimed<'a> {
         Claimed {
@@ -509,7 +590,7 @@ mod tests {
 
     fn claimed(claims: &Claims, sink: &str, ids: &[i64], examined_to: i64) -> u64 {
         let fresh: Vec<_> = ids.iter().map(|id| (*id, None)).collect();
-        let claim = found(&fresh, &[], BTreeSet::new(), Some(examined_to));
+        let claim = found(&fresh, &[], Vec::new(), Some(examined_to));
         claims.record(sink, claim, &BTreeSet::new()).0
     }
 
@@ -544,7 +625,7 @@ mod tests {
         drop(claims.writing(&out));
         let snapshot = claims.snapshot("a").expect("not paused");
         assert!(!snapshot.skip.contains(&3));
-        let nothing_new = || found(&[], &[], BTreeSet::new(), None);
+        let nothing_new = || found(&[], &[], Vec::new(), None);
         assert!(
             claims
                 .record("a", nothing_new(), &BTreeSet::new())
@@ -580,28 +661,76 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_filled_by_retries_keeps_what_the_last_scan_held_back() {
+    fn a_held_back_event_holds_the_cursor_only_until_its_waiting_row_is_written() {
         let claims = Claims::default();
         claims.set_position("a", 0);
-        let held = BTreeSet::from([2]);
-        let claim = found(&[(1, None), (3, None)], &[], held, Some(3));
-        let (c, _) = claims.record("a", claim, &BTreeSet::new());
-        for id in [1, 3] {
-            claims.settle(&[Settlement::Delivered {
-                id: Claims::id(c, id, false),
-            }]);
-        }
-        let claim = found(&[], &[(7, None)], BTreeSet::new(), None);
-        let (_, moved) = claims.record("a", claim, &BTreeSet::new());
-        assert!(moved.is_none(), "nothing new was examined");
-        let out = claims.settle(&[Settlement::Delivered {
-            id: Claims::id(c, 7, true),
-        }]);
+        let call = || Some("call-1".to_owned());
+        let held = vec![HeldBack {
+            id: 2,
+            call_id: "call-1".to_owned(),
+            behind: 1,
+        }];
+        let fresh = [(1, call()), (3, None)];
+        let claim = found(&fresh, &[], held, Some(3));
+        let (c, moved) = claims.record("a", claim, &BTreeSet::new());
+        let moved = moved.expect("the held event's row to write");
+        assert!(matches!(
+            moved.changes[..],
+            [Change::Held {
+                event_id: 2,
+                behind: 1,
+                ..
+            }]
+        ));
+        assert!(claims.may_come_later("a", 1), "1 is in hand");
+        let writing = claims.writing(&moved);
+        let out = claims.settle(&[
+            Settlement::Retry {
+                id: Claims::id(c, 1, false),
+                at: SystemTime::now(),
+                error: "500".into(),
+            },
+            Settlement::Delivered {
+                id: Claims::id(c, 3, false),
+            },
+        ]);
+        assert!(claims.may_come_later("a", 1), "1 is tried again");
+        assert!(out.cursors.is_empty(), "rows of 1 and 2 are being written");
         assert!(
-            out.cursors.iter().all(|(_, p)| *p < 2),
-            "the cursor passed a held event: {:?}",
-            out.cursors
+            writing.committed().is_none(),
+            "1's row is still being written"
         );
+        let moved = claims.writing(&out).committed().expect("moved");
+        assert_eq!(moved.cursors, [("a".to_owned(), 3)], "past 1, 2 and 3");
+        assert!(!claims.may_come_later("a", 3), "3 was delivered");
+    }
+
+    #[test]
+    fn an_event_that_ends_its_call_releases_the_calls_next_waiting_row() {
+        let claims = Claims::default();
+        claims.set_position("a", 0);
+        let call = Some("call-1".to_owned());
+        let (c, _) = claims.record(
+            "a",
+            found(&[(1, call.clone())], &[(5, call)], Vec::new(), Some(1)),
+            &BTreeSet::new(),
+        );
+        let out = claims.settle(&[
+            Settlement::Delivered {
+                id: Claims::id(c, 1, false),
+            },
+            Settlement::Dead {
+                id: Claims::id(c, 5, true),
+                error: "gone".into(),
+            },
+        ]);
+        let released = out
+            .changes
+            .iter()
+            .filter(|c| matches!(c, Change::Release { call_id, .. } if call_id == "call-1"))
+            .count();
+        assert_eq!(released, 2, "{:?}", out.changes);
+        assert!(!claims.may_come_later("a", 5), "5 is dead, being written");
     }
 
     #[test]
@@ -612,7 +741,7 @@ mod tests {
         let fresh = [(1, call.clone())];
         let (c, _) = claims.record(
             "a",
-            found(&fresh, &[], BTreeSet::new(), Some(1)),
+            found(&fresh, &[], Vec::new(), Some(1)),
             &BTreeSet::new(),
         );
         let out = claims.settle(&[Settlement::Retry {
@@ -622,7 +751,7 @@ mod tests {
         }]);
         let writing = claims.writing(&out);
         let in_hand = |claims: &Claims| claims.snapshot("a").expect("not paused").calls_in_hand;
-        assert!(in_hand(&claims).contains("call-1"));
+        assert!(in_hand(&claims).contains_key("call-1"));
         drop(writing);
         assert!(in_hand(&claims).is_empty(), "the row holds it back now");
     }
@@ -635,7 +764,7 @@ mod tests {
         let retries = [(4, call.clone())];
         let (c, _) = claims.record(
             "a",
-            found(&[], &retries, BTreeSet::new(), None),
+            found(&[], &retries, Vec::new(), None),
             &BTreeSet::new(),
         );
         let out = claims.settle(&[Settlement::Retry {
@@ -649,7 +778,7 @@ mod tests {
             snapshot.retries_in_hand.contains(&4),
             "its row still says it is due"
         );
-        assert!(snapshot.calls_in_hand.contains("call-1"));
+        assert!(snapshot.calls_in_hand.contains_key("call-1"));
         drop(writing);
         let snapshot = claims.snapshot("a").expect("not paused");
         assert!(snapshot.retries_in_hand.is_empty() && snapshot.calls_in_hand.is_empty());
@@ -671,7 +800,7 @@ mod tests {
         claims.release(&[Claims::id(first, 2, false)]);
         // The second claim found 3 and 4, and delivers them.
         let fresh = [(3, None), (4, None)];
-        let claim = found(&fresh, &[], BTreeSet::new(), Some(4));
+        let claim = found(&fresh, &[], Vec::new(), Some(4));
         let (second, _) = claims.record("a", claim, &snapshot.skip);
         let out = claims.settle(&[
             Settlement::Delivered {

@@ -174,7 +174,7 @@ pub(super) struct SqliteStore {
     track_calls: Option<Duration>,
     readers: Readers,
     /// What each sink has in hand, and where its cursor is.
-    claims: Claims,
+    claims: Arc<Claims>,
     /// The writer thread, joined by `close`.
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -227,6 +227,7 @@ impl SqliteStore {
             .map_err(StoreError::Thread)?;
 
         let (tx, rx) = mpsc::channel(writer::QUEUE_DEPTH);
+        let claims = Arc::new(Claims::default());
         let wakers = Arc::new(Wakers::default());
         let writable = Arc::new(AtomicBool::new(true));
         let context = WriterContext {
@@ -241,6 +242,7 @@ impl SqliteStore {
                 run_chunk,
                 commit_interval: config.commit_interval,
             },
+            claims: Arc::clone(&claims),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -252,7 +254,7 @@ impl SqliteStore {
             writable,
             track_calls,
             readers: Readers::new(path),
-            claims: Claims::default(),
+            claims,
             writer: Mutex::new(Some(handle)),
         })
     }
@@ -334,6 +336,17 @@ impl SqliteStore {
         Ok(writing.committed())
     }
 
+    /// [`Self::write_settled`], then the cursor move its rows allow: not written now,
+    /// that move is made by the sink's next one.
+    async fn write_and_move(&self, outcome: Outcome) -> Result<()> {
+        if let Some(moved) = self.write_settled(outcome).await?
+            && let Err(e) = self.write_settled(moved).await
+        {
+            tracing::warn!(error = %e, "cannot move a cursor");
+        }
+        Ok(())
+    }
+
     async fn claim_for(&self, sink: &str, limit: usize, max_bytes: usize) -> Result<Vec<Delivery>> {
         let Some(mut snapshot) = self.claims.snapshot(sink) else {
             return Ok(Vec::new());
@@ -369,9 +382,10 @@ impl SqliteStore {
         };
         let (claim, moved) = self.claims.record(sink, claimed, &skipped);
         if let Some(outcome) = moved
-            && let Err(e) = self.write_settled(outcome).await
+            && let Err(e) = self.write_and_move(outcome).await
         {
-            tracing::warn!(sink, error = %e, "cannot move the cursor");
+            // Held back events not written are handed out again by a later claim.
+            tracing::warn!(sink, error = %e, "cannot record held back events or move the cursor");
         }
         let retries = found.retries.into_iter().map(|r| (r, true));
         let fresh = found.fresh.into_iter().map(|r| (r, false));
@@ -468,13 +482,7 @@ impl Backend for SqliteStore {
             if outcome.changes.is_empty() && outcome.cursors.is_empty() {
                 return Ok(());
             }
-            if let Some(moved) = self.write_settled(outcome).await?
-                && let Err(e) = self.write_settled(moved).await
-            {
-                // The outcomes are in; a cursor move not written now is at the next one.
-                tracing::warn!(error = %e, "cannot move a cursor");
-            }
-            Ok(())
+            self.write_and_move(outcome).await
         })
     }
 

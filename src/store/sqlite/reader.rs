@@ -1,15 +1,15 @@
 //! SQLite reads: a small pool of read connections (WAL lets them run beside the writer)
 //! and one function per query the dispatchers, the poller and the metrics make.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::time::SystemTime;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::claims::Snapshot;
+use super::claims::{HeldBack, Snapshot};
 use super::schema;
+use super::writer::WAITING;
 use super::{from_millis, to_millis};
 use crate::event::Source;
 use crate::store::{SinkStats, Stats, StoreError, TrackedCall};
@@ -95,16 +95,16 @@ fn row(r: &rusqlite::Row<'_>, attempts: u32) -> rusqlite::Result<Row> {
 pub(super) struct Scan {
     pub(super) retries: Vec<Row>,
     pub(super) fresh: Vec<Row>,
-    /// First attempts skipped to keep a call's order.
-    pub(super) held: BTreeSet<i64>,
+    /// First attempts held back to keep a call's order.
+    pub(super) held: Vec<HeldBack>,
     /// The last event examined after the cursor.
     pub(super) examined_to: Option<i64>,
 }
 
 /// Up to `limit` deliveries of `sink` (and about `max_bytes` of payload, at least one):
 /// due retries first, then first attempts after `position`, in order. Skips what is in
-/// hand and keeps each call's order: an event waits while an earlier one of its call is
-/// in hand, has a pending retry on this sink, or was skipped itself.
+/// hand and keeps each call's order: an event is held back while an earlier one of its
+/// call is in hand, has a pending row on this sink, or was held back itself.
 pub(super) fn scan(
     conn: &Connection,
     sink: &str,
@@ -136,10 +136,11 @@ pub(super) fn scan(
             if snapshot.retries_in_hand.contains(&retry.id) {
                 continue;
             }
-            if let Some(call) = &retry.call_id
-                && !blocked.insert(call.clone())
-            {
-                continue;
+            if let Some(call) = &retry.call_id {
+                if blocked.contains_key(call) {
+                    continue;
+                }
+                blocked.insert(call.clone(), retry.id);
             }
             bytes += retry.payload.len();
             out.retries.push(retry);
@@ -161,8 +162,8 @@ pub(super) fn scan(
          ORDER BY e.id LIMIT ?3"
     ))?;
     let mut waiting = conn.prepare_cached(
-        "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2 AND status = 'pending'
-         AND event_id < ?3 LIMIT 1",
+        "SELECT MAX(event_id) FROM retries WHERE sink = ?1 AND call_id = ?2
+         AND status = 'pending' AND event_id < ?3",
     )?;
     // Enough to see past what is in hand, and past held events.
     let fetch = limit + snapshot.skip.len() + HELD_LOOKAHEAD;
@@ -183,14 +184,17 @@ pub(super) fn scan(
         }
         let call_id: Option<String> = r.get(2)?;
         if let Some(call) = call_id {
-            let earlier = blocked.contains(&call)
-                || waiting
-                    .query_row(params![sink, call, id], |_| Ok(()))
-                    .optional()?
-                    .is_some();
-            blocked.insert(call);
-            if earlier {
-                out.held.insert(id);
+            let behind = match blocked.get(&call) {
+                Some(earlier) => Some(*earlier),
+                None => waiting.query_row(params![sink, call, id], |r| r.get(0))?,
+            };
+            blocked.insert(call.clone(), id);
+            if let Some(behind) = behind {
+                out.held.push(HeldBack {
+                    id,
+                    call_id: call,
+                    behind,
+                });
                 continue;
             }
         }
@@ -211,10 +215,10 @@ pub(super) fn scan(
     Ok(out)
 }
 
-/// Rows a claim reads beyond its limit and what is in hand, so that events held back for
-/// their call's order (two at most per call behind a pending retry) do not stop the
-/// others: bounded, since every claim reads them again until the retry ends.
-const HELD_LOOKAHEAD: usize = 4096;
+/// Rows a claim reads beyond its limit and what is in hand: events it holds back for
+/// their call's order count against neither (each gets a waiting row, written before the
+/// next claim, so no claim reads them twice).
+const HELD_LOOKAHEAD: usize = 256;
 
 /// How a sink's name appears in `events.sinks`.
 fn tag(sink: &str) -> String {
@@ -242,9 +246,10 @@ pub(super) fn next_due(conn: &Connection, sink: &str) -> rusqlite::Result<Option
     let now = to_millis(SystemTime::now());
     conn.prepare_cached(
         "SELECT MIN(next_attempt_at) FROM retries
-         WHERE sink = ?1 AND status = 'pending' AND next_attempt_at > ?2",
+         WHERE sink = ?1 AND status = 'pending' AND next_attempt_at > ?2
+           AND next_attempt_at < ?3",
     )?
-    .query_row(params![sink, now], |r| r.get::<_, Option<i64>>(0))
+    .query_row(params![sink, now, WAITING], |r| r.get::<_, Option<i64>>(0))
     .optional()
     .map(|v| v.flatten().map(from_millis))
 }

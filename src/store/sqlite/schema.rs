@@ -15,7 +15,7 @@ use crate::store::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
-/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`PAUSES`].
+/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`V7`].
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -150,13 +150,31 @@ pub(super) fn restrict_to_owner(db: &Path) -> Result<(), StoreError> {
 }
 
 /// Version 7: sinks waiting for their destination, with why, for `deliveries list` (the
-/// deliveries themselves use no attempt while they wait, so their rows show nothing).
-const PAUSES: &str = "
+/// deliveries themselves use no attempt while they wait, so their rows show nothing);
+/// and `outbox` shows a row waiting for an earlier event of its call (its
+/// `next_attempt_at` is `writer::WAITING`, no time) as due when it was received.
+const V7: &str = "
 CREATE TABLE pauses (
     sink     TEXT    PRIMARY KEY,
     until_ms INTEGER NOT NULL,
     reason   TEXT    NOT NULL
-) WITHOUT ROWID;";
+) WITHOUT ROWID;
+
+DROP VIEW outbox;
+CREATE VIEW outbox AS
+SELECT e.id AS event_id, c.sink AS sink, e.call_id AS call_id,
+       CASE WHEN r.status IS NOT NULL THEN r.status
+            WHEN e.id > c.position THEN 'pending' ELSE 'delivered' END AS status,
+       COALESCE(r.attempts, CASE WHEN e.id > c.position THEN 0 ELSE 1 END) AS attempts,
+       CASE WHEN r.next_attempt_at IS NULL OR r.next_attempt_at = 9223372036854775807
+            THEN e.received_at ELSE r.next_attempt_at END AS next_attempt_at,
+       r.last_error AS last_error,
+       COALESCE(r.updated_at, e.received_at) AS updated_at
+FROM events e
+JOIN cursors c ON instr(e.sinks, ',' || c.sink || ',') > 0
+LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = e.id;";
+// The view above spells `writer::WAITING` out.
+const _: () = assert!(super::writer::WAITING == 9_223_372_036_854_775_807);
 
 /// The schema versions this build knows.
 const VERSIONS: usize = MIGRATIONS.len() + 3;
@@ -234,7 +252,7 @@ pub(super) fn migrate_to(
             Some(sql) => tx.execute_batch(sql),
             None if next == MIGRATIONS.len() => to_event_log(&tx),
             None if next == MIGRATIONS.len() + 1 => to_runs(&tx),
-            None => tx.execute_batch(PAUSES),
+            None => tx.execute_batch(V7),
         }
         .map_err(migrate_err)?;
         let version = i64::try_from(next + 1).unwrap_or(i64::MAX);

@@ -923,3 +923,111 @@ async fn events_held_behind_pending_retries_do_not_stop_other_calls() {
         .expect("stored");
     assert_eq!(claim_rows(&store, "a", 10).await, [201]);
 }
+
+#[tokio::test]
+async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the_cursor_passes_it()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    store
+        .ingest(event("c1", "call_completed"), sinks(&["a"]))
+        .await
+        .expect("stored");
+    store
+        .ingest(event("c1", "all_processing_completed"), sinks(&["a"]))
+        .await
+        .expect("stored");
+    for n in 0..50 {
+        store
+            .ingest(event(&format!("other{n}"), "call_completed"), sinks(&["a"]))
+            .await
+            .expect("stored");
+    }
+    let due = store.claim("a", 100, usize::MAX).await.expect("due");
+    assert_eq!(due.len(), 51, "all but the held event");
+    let in_an_hour = now() + Duration::from_secs(3600);
+    let settled = due
+        .iter()
+        .map(|d| {
+            if d.dedup_key == "c1:call_completed" {
+                Settlement::Retry {
+                    id: d.id,
+                    at: in_an_hour,
+                    error: "500".into(),
+                }
+            } else {
+                Settlement::Delivered { id: d.id }
+            }
+        })
+        .collect();
+    store.settle(settled).await.expect("settled");
+    let db = Connection::open(dir.path().join("router.db")).expect("open");
+    assert_eq!(cursor_of(&db, "a"), 52, "the cursor passed the held event");
+    let (status, at, note): (String, i64, String) = db
+        .query_row(
+            "SELECT status, next_attempt_at, last_error FROM retries WHERE event_id = 2",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("the held event's row");
+    assert_eq!((status.as_str(), at), ("pending", writer::WAITING));
+    assert!(note.contains("earlier event of its call"), "{note}");
+    let shown: (String, String) = db
+        .query_row(
+            "SELECT status, last_error FROM outbox WHERE event_id = 2",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("the outbox view shows it");
+    assert_eq!(shown.0, "pending");
+    assert_eq!(
+        store.next_due("a").await.expect("next due"),
+        Some(in_an_hour).map(|t| super::from_millis(to_millis(t))),
+        "a waiting row has no time of its own"
+    );
+    drop(store);
+
+    // After a restart, the failing event's success lets the held one go, in order.
+    let store = open(dir.path()).await;
+    db.execute(
+        "UPDATE retries SET next_attempt_at = 0 WHERE event_id = 1",
+        [],
+    )
+    .expect("due now");
+    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
+    store
+        .settle(vec![Settlement::Delivered { id: due[0].id }])
+        .await
+        .expect("settled");
+    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [2]);
+    assert_eq!(due[0].attempts, 0, "waiting used no attempt");
+}
+
+#[tokio::test]
+async fn an_event_held_behind_one_in_hand_at_a_crash_goes_out_after_it_not_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    store
+        .ingest(event("c1", "call_completed"), sinks(&["a"]))
+        .await
+        .expect("stored");
+    store
+        .ingest(event("c1", "all_processing_completed"), sinks(&["a"]))
+        .await
+        .expect("stored");
+    // 1 is in hand and never settled (the process dies); 2 is held back behind it.
+    assert_eq!(claim_rows(&store, "a", 10).await, [1]);
+    assert!(claim_rows(&store, "a", 10).await.is_empty());
+    drop(store);
+
+    let store = open(dir.path()).await;
+    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
+    store
+        .settle(vec![Settlement::Delivered { id: due[0].id }])
+        .await
+        .expect("settled");
+    assert_eq!(claim_rows(&store, "a", 10).await, [2]);
+}

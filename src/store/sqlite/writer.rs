@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
-use super::claims::{Change, Outcome};
+use super::claims::{Change, Claims, Outcome};
 use super::dedup::Dedup;
 use super::{now, to_millis};
 use crate::event::{Event, Source};
@@ -139,6 +139,7 @@ impl Op {
         now: i64,
         limits: &Limits,
         index: &mut Index,
+        claims: &Claims,
     ) -> rusqlite::Result<()> {
         match self {
             Op::Ingest {
@@ -240,7 +241,7 @@ impl Op {
                 *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
             }
-            Op::Settle { outcome, .. } => settle(tx, outcome, now),
+            Op::Settle { outcome, .. } => settle(tx, outcome, now, claims),
         }
     }
 
@@ -350,7 +351,18 @@ fn track_call(
 
 /// Writes what settling came to: retry rows for failed first attempts, updated or
 /// removed ones for retries, and the cursors that moved.
-fn settle(tx: &rusqlite::Transaction<'_>, outcome: &Outcome, now: i64) -> rusqlite::Result<()> {
+/// `next_attempt_at` of a row waiting for an earlier event of its call: never due by
+/// itself; [`Change::Release`] makes it due once that event is delivered or dead.
+pub(super) const WAITING: i64 = i64::MAX;
+/// What a waiting row shows as its last error, to say why nothing happens to it.
+const WAITING_NOTE: &str = "waiting for an earlier event of its call";
+
+fn settle(
+    tx: &rusqlite::Transaction<'_>,
+    outcome: &Outcome,
+    now: i64,
+    claims: &Claims,
+) -> rusqlite::Result<()> {
     for change in &outcome.changes {
         match change {
             Change::Failed {
@@ -408,6 +420,42 @@ fn settle(tx: &rusqlite::Transaction<'_>, outcome: &Outcome, now: i64) -> rusqli
                      WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
                 )?
                 .execute(params![sink, event_id, now])?,
+            Change::Held {
+                sink,
+                event_id,
+                call_id,
+                behind,
+            } => {
+                // Decided here, in the writer's order, not when the scan held it back: what
+                // it waited for may have ended since, its own release already written.
+                let waits = claims.may_come_later(sink, *behind)
+                    || tx
+                        .prepare_cached(
+                            "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2
+                             AND status = 'pending' AND event_id < ?3",
+                        )?
+                        .exists(params![sink, call_id, event_id])?;
+                let (next, note) = if waits {
+                    (WAITING, Some(WAITING_NOTE))
+                } else {
+                    (now, None)
+                };
+                tx.prepare_cached(
+                    "INSERT INTO retries (sink, event_id, call_id, status, attempts,
+                                          next_attempt_at, last_error, updated_at)
+                     VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6)
+                     ON CONFLICT (sink, event_id) DO NOTHING",
+                )?
+                .execute(params![sink, event_id, call_id, next, note, now])?
+            }
+            Change::Release { sink, call_id } => tx
+                .prepare_cached(
+                    "UPDATE retries SET next_attempt_at = ?3, last_error = NULL, updated_at = ?3
+                     WHERE sink = ?1 AND next_attempt_at = ?4 AND event_id = (
+                         SELECT MIN(event_id) FROM retries
+                         WHERE sink = ?1 AND call_id = ?2 AND status = 'pending')",
+                )?
+                .execute(params![sink, call_id, now, WAITING])?,
         };
     }
     let mut cursor = tx.prepare_cached(
@@ -539,11 +587,12 @@ fn commit(
     ops: &mut [Op],
     limits: &Limits,
     index: &mut Index,
+    claims: &Claims,
 ) -> rusqlite::Result<()> {
     if let Some(dedup) = &mut index.loaded {
         dedup.begin();
     }
-    let result = apply_all(conn, ops, limits, index);
+    let result = apply_all(conn, ops, limits, index, claims);
     if let Some(dedup) = &mut index.loaded {
         match result {
             Ok(()) => dedup.committed(),
@@ -558,6 +607,7 @@ fn apply_all(
     ops: &mut [Op],
     limits: &Limits,
     index: &mut Index,
+    claims: &Claims,
 ) -> rusqlite::Result<()> {
     let now = to_millis(now());
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -567,7 +617,7 @@ fn apply_all(
     // Checked once the write lock is ours, which can take a while when another process
     // holds it: a caller that has since answered 503 must not see its event stored.
     for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
-        op.apply(&tx, now, limits, index)?;
+        op.apply(&tx, now, limits, index, claims)?;
     }
     tx.commit()
 }
@@ -620,6 +670,9 @@ pub(super) struct WriterContext {
     /// Tells the checkpointer there is something to copy.
     pub(super) commit_signal: std::sync::mpsc::SyncSender<()>,
     pub(super) limits: Limits,
+    /// What each sink has in hand: a held event's row is written as waiting only while
+    /// what it waits for may still come later.
+    pub(super) claims: Arc<Claims>,
 }
 
 pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterContext) {
@@ -630,6 +683,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
         metrics,
         commit_signal,
         limits,
+        claims,
     } = ctx;
     let mut index = Index {
         run_size: limits.run_size,
@@ -672,7 +726,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
         }
         let started = std::time::Instant::now();
         last_commit = Some(started);
-        let committed = commit(&mut conn, &mut group, limits, &mut index);
+        let committed = commit(&mut conn, &mut group, limits, &mut index, claims);
         if let Some(m) = metrics {
             m.commit_latency.observe(started.elapsed().as_secs_f64());
         }
@@ -688,8 +742,13 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
                 tracing::warn!(error = %e, ops = group.len(), "group commit failed; retrying one by one");
                 let mut any = false;
                 for mut op in group.drain(..) {
-                    let result =
-                        commit(&mut conn, std::slice::from_mut(&mut op), limits, &mut index);
+                    let result = commit(
+                        &mut conn,
+                        std::slice::from_mut(&mut op),
+                        limits,
+                        &mut index,
+                        claims,
+                    );
                     any |= result.is_ok();
                     op.answer(result.map_err(StoreError::from), &mut woken);
                 }
