@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, RateLimiter};
 use crate::config::{Config, SinkConfig};
+use crate::dispatch::flow::Guarded;
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
@@ -65,7 +66,9 @@ impl SinkSet {
                 .get(&config.name)
                 .is_some_and(|r| r.fingerprint == config.fingerprint);
             if !unchanged {
-                fresh.push((config, sinks::build(config, self.policy.backoff.max)?));
+                let sink = sinks::build(config, self.policy.backoff.max)?;
+                let sink = Guarded::wrap(sink, &config.flow, Arc::clone(&self.metrics));
+                fresh.push((config, sink));
             }
         }
         let stale: Vec<String> = self

@@ -42,6 +42,10 @@ pub struct Metrics {
     oldest_pending_age: Family<Labels1, Gauge<f64, AtomicU64>>,
     /// Whether each sink can deliver now (connected, not paused).
     sink_ready: Family<Labels1, Gauge>,
+    /// Whether each sink's circuit breaker is open.
+    circuit_open: Family<Labels1, Gauge>,
+    /// Time deliveries waited for their sink's rate limit.
+    rate_limited: Family<Labels1, Counter<f64, AtomicU64>>,
     /// Whether `/readyz` would answer 200, as of the last scrape or refresh.
     ready: Gauge,
     /// Requests to Vyora's API by status.
@@ -194,6 +198,19 @@ impl Metrics {
             "Whether a sink can deliver now: 1 connected and not paused, 0 not",
             sink_ready.clone(),
         );
+        let circuit_open = Family::<Labels1, Gauge>::default();
+        registry.register(
+            "sink_circuit_open",
+            "Whether a sink's circuit breaker is open: 1 its deliveries wait without being tried, 0 not",
+            circuit_open.clone(),
+        );
+        let rate_limited = Family::<Labels1, Counter<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "sink_rate_limit_wait",
+            "Time deliveries waited for their sink's rate limit",
+            Unit::Seconds,
+            rate_limited.clone(),
+        );
         let ready = Gauge::default();
         registry.register(
             "ready",
@@ -256,6 +273,8 @@ impl Metrics {
             quarantine_dropped,
             quarantine_bytes,
             sink_ready,
+            circuit_open,
+            rate_limited,
             ready,
             quarantine_max_bytes,
             settlements_rejected,
@@ -293,6 +312,20 @@ impl Metrics {
         }
     }
 
+    /// A sink's circuit breaker opened (`true`) or closed.
+    pub fn circuit(&self, sink: &str, open: bool) {
+        self.circuit_open
+            .get_or_create(&[("sink", sink.to_owned())])
+            .set(i64::from(open));
+    }
+
+    /// Deliveries of `sink` waited `waited` for its rate limit.
+    pub fn rate_limited(&self, sink: &str, waited: Duration) {
+        self.rate_limited
+            .get_or_create(&[("sink", sink.to_owned())])
+            .inc_by(waited.as_secs_f64());
+    }
+
     /// Whether each running sink can deliver now. A sink no longer running disappears
     /// (after the others are set, so a scrape never sees a running sink missing).
     pub fn set_sinks_ready<'a>(&self, sinks: impl IntoIterator<Item = (&'a str, bool)>) {
@@ -308,7 +341,10 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         for gone in shown.difference(&current) {
-            self.sink_ready.remove(&[("sink", gone.clone())]);
+            let label = [("sink", gone.clone())];
+            self.sink_ready.remove(&label);
+            self.circuit_open.remove(&label);
+            self.rate_limited.remove(&label);
         }
         *shown = current;
     }

@@ -226,7 +226,7 @@ async fn every_metric_and_label_the_rules_and_the_dashboard_use_is_in_the_router
     .await;
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let config = format!(
-        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\ntimeout = \"2s\"\n\n[api]\nbase_url = \"{}\"\napi_key = \"vya_test_key\"\n\n[poller]\nenabled = true\nwait_for_analysis = \"200ms\"\ninterval = \"200ms\"\n",
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\ntimeout = \"2s\"\nrate_limit = \"1000/s\"\n\n[api]\nbase_url = \"{}\"\napi_key = \"vya_test_key\"\n\n[poller]\nenabled = true\nwait_for_analysis = \"200ms\"\ninterval = \"200ms\"\n",
         base_config(dir.path()).replace("[server]\n", "[server]\nack_timeout = \"300ms\"\n"),
         crm.url("/in"),
         api.url(""),
@@ -1049,8 +1049,10 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
     // to 30 s and then goes dead, so while events keep coming, some are dying and the
     // oldest waiting one soon passes the compressed 15 s threshold.
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    // No circuit breaker: it would stop the attempts, and with them the dead letters
+    // this test is about (tests/flow_control.rs covers it).
     let config = format!(
-        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"http://{}/in\"\ntimeout = \"2s\"\n",
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"http://{}/in\"\ntimeout = \"2s\"\ncircuit_breaker = {{ failures = 0 }}\n",
         base_config(dir.path())
             .replace(
                 "backoff_initial = \"50ms\"",

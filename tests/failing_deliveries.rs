@@ -229,7 +229,9 @@ async fn a_destination_failing_everything_leaves_the_router_idle_between_retries
     let config = write_config(
         dir.path(),
         &format!(
-            "[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\n",
+            // The engine's own behaviour: no circuit breaker to stop the attempts.
+            "[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\n\
+             circuit_breaker = {{ failures = 0 }}\n",
             downstream.url("/in")
         ),
     );

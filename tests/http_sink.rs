@@ -147,7 +147,10 @@ async fn a_failing_delivery_is_sent_once_per_attempt_until_it_goes_dead() {
     let downstream = Downstream::start(|_, _| Reply::Status(500)).await;
     let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
     let config = format!(
-        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\nconcurrency = 4\n",
+        // No circuit breaker: 40 events failing together would open it, and this test
+        // counts every attempt up to the dead letter.
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\nconcurrency = 4\n\
+         circuit_breaker = {{ failures = 0 }}\n",
         base_config(dir.path()).replace(
             "[delivery]\n",
             &format!("[delivery]\nmax_attempts = {MAX_ATTEMPTS}\n")

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ConfigError, DurationText, Errors, FigmentReport};
 use crate::api::ApiOptions;
 use crate::routing::EventSelector;
+use crate::sinks::flow::Breaker;
 
 /// The file's top-level keys, [`RawConfig`]'s fields (a test keeps them in step).
 const SECTIONS: &[&str] = &[
@@ -401,12 +402,44 @@ pub(super) struct RawSink {
     pub(super) filter: BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) redact: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) rate_limit: Option<String>,
+    #[serde(default)]
+    pub(super) circuit_breaker: RawBreaker,
     #[serde(flatten)]
     pub(super) options: Dict,
 }
 
+/// A sink's `circuit_breaker` table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBreaker {
+    #[serde(default = "breaker_failures")]
+    pub(super) failures: u32,
+    #[serde(default = "breaker_cool_down")]
+    pub(super) cool_down: String,
+}
+
+impl Default for RawBreaker {
+    fn default() -> Self {
+        RawBreaker {
+            failures: breaker_failures(),
+            cool_down: breaker_cool_down(),
+        }
+    }
+}
+
+fn breaker_failures() -> u32 {
+    Breaker::DEFAULT_FAILURES
+}
+
+fn breaker_cool_down() -> String {
+    Breaker::DEFAULT_COOL_DOWN.to_owned()
+}
+
 /// [`RawSink`]'s own keys, for the error on an unknown one (a test keeps them in step).
-pub(super) const COMMON_SINK_KEYS: &str = "name, type, events, filter, redact";
+pub(super) const COMMON_SINK_KEYS: &str =
+    "name, type, events, filter, redact, rate_limit, circuit_breaker";
 
 fn all_events() -> Vec<String> {
     vec![EventSelector::ALL.to_owned()]
@@ -425,6 +458,8 @@ mod tests {
             events: all_events(),
             filter: BTreeMap::from([("agent_id".to_owned(), vec!["a".to_owned()])]),
             redact: vec!["transcript".into()],
+            rate_limit: Some("1/s".into()),
+            circuit_breaker: RawBreaker::default(),
             options: Dict::new(),
         };
         let table: toml::Table =

@@ -32,6 +32,7 @@ use crate::routing::{EventSelector, Filter, is_event_name};
 use crate::signature::Secret;
 use crate::sinks::amqp::AmqpOptions;
 use crate::sinks::file::FileOptions;
+use crate::sinks::flow::{Breaker, Flow, RateLimit};
 use crate::sinks::http::HttpOptions;
 use crate::sinks::{SinkConfig, SinkKind};
 
@@ -630,6 +631,7 @@ fn sink(raw: &mut RawSink, extra_events: &[String]) -> Result<SinkConfig, Config
         errors.check(EventSelector::parse(&raw.events, extra_events).at(&format!("{at}.events")));
     let filter = errors.check(Filter::parse(&raw.filter).at(&format!("{at}.filter")));
     let redact = errors.check(Redaction::parse(&raw.redact).at(&format!("{at}.redact")));
+    let flow = errors.check(flow(raw, &at));
     let kind = match raw.kind.as_str() {
         "file" => errors
             .check(options::<FileOptions>(raw).and_then(|o| o.validate().at(&at)))
@@ -652,8 +654,8 @@ fn sink(raw: &mut RawSink, extra_events: &[String]) -> Result<SinkConfig, Config
             None
         }
     };
-    let (Some(name), Some(events), Some(filter), Some(redact), Some(kind)) =
-        (name, events, filter, redact, kind)
+    let (Some(name), Some(events), Some(filter), Some(redact), Some(flow), Some(kind)) =
+        (name, events, filter, redact, flow, kind)
     else {
         return Err(errors.into());
     };
@@ -666,7 +668,22 @@ fn sink(raw: &mut RawSink, extra_events: &[String]) -> Result<SinkConfig, Config
         events,
         filter,
         redact,
+        flow,
         kind,
+    })
+}
+
+/// A sink's `rate_limit` and `circuit_breaker`.
+fn flow(raw: &RawSink, at: &str) -> Result<Flow, ConfigError> {
+    let rate_limit = match &raw.rate_limit {
+        Some(limit) => Some(RateLimit::parse(limit).at(&format!("{at}.rate_limit"))?),
+        None => None,
+    };
+    let b = &raw.circuit_breaker;
+    let breaker = Breaker::parse(b.failures, &b.cool_down).at(&format!("{at}.circuit_breaker"))?;
+    Ok(Flow {
+        rate_limit,
+        breaker,
     })
 }
 

@@ -4,6 +4,8 @@
 //! The dispatcher holds at most `batch_size * concurrency` rows in memory, whatever the
 //! backlog: a sink that is down for hours leaves its rows in SQLite, not here.
 
+pub mod flow;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

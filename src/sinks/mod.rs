@@ -9,6 +9,7 @@
 
 pub mod amqp;
 pub mod file;
+pub mod flow;
 pub mod http;
 
 use std::future::Future;
@@ -73,6 +74,8 @@ pub struct SinkConfig {
     pub events: EventSelector,
     pub filter: Filter,
     pub redact: Redaction,
+    /// Its rate limit and circuit breaker.
+    pub flow: flow::Flow,
     pub kind: SinkKind,
 }
 
