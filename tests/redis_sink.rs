@@ -1,0 +1,381 @@
+//! The Redis Streams sink against a real server: the shared one (through a TCP proxy to
+//! cut the connection or play a server that is down) and a private one the test stops.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::process::{start_router, write_config};
+use common::proxy::Proxy;
+use common::redis_server::{
+    Entry, PrivateServer, connect, delete_matching, entries, server_addr, server_url, unique,
+    url_via, wait_for_entries,
+};
+use common::*;
+use tokio::time::Instant;
+use vyora_router::event::{Delivery, DeliveryId, Source};
+use vyora_router::sinks::redis::{RedisOptions, RedisSink};
+use vyora_router::sinks::{Sink, SinkError};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A `redis` sink table writing every event to `stream`.
+fn sink_table(url: &str, stream: &str) -> String {
+    format!(
+        "[[sinks]]\nname = \"stream\"\ntype = \"redis\"\nurl = \"{url}\"\nstream = \"{stream}\"\nidempotency_ttl = \"10m\"\nsecret = \"downstream-secret\"\n"
+    )
+}
+
+async fn router_with_redis(url: &str, stream: &str) -> TestRouter {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = format!("{}\n{}", base_config(dir.path()), sink_table(url, stream));
+    TestRouter::start_with(dir, &config).await
+}
+
+async fn wait_ready(router: &TestRouter, status: u16) {
+    let deadline = Instant::now() + WAIT;
+    while router.readyz().await.status != status {
+        assert!(Instant::now() < deadline, "/readyz never answered {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A sink built directly, as the router builds it, from a table's own keys.
+fn sink(url: &str, stream: &str) -> Arc<RedisSink> {
+    let options: RedisOptions = toml::from_str(&format!(
+        "url = \"{url}\"\nstream = \"{stream}\"\nidempotency_ttl = \"10m\"\n"
+    ))
+    .expect("options");
+    RedisSink::start("stream", &options.validate().expect("valid")).expect("sink")
+}
+
+fn delivery(call_id: &str) -> Delivery {
+    Delivery {
+        id: DeliveryId::row(7),
+        attempts: 0,
+        event: "call_completed".into(),
+        call_id: Some(call_id.into()),
+        dedup_key: format!("{call_id}:call_completed"),
+        source: Source::Webhook,
+        received_at: SystemTime::now(),
+        payload: Bytes::from(payload(call_id, "call_completed")),
+    }
+}
+
+/// Each call's events in the order its stream entries have them.
+fn order_per_call(all: &[Entry]) -> HashMap<String, Vec<String>> {
+    let mut calls: HashMap<String, Vec<String>> = HashMap::new();
+    for e in all {
+        calls
+            .entry(e.field("call_id").to_owned())
+            .or_default()
+            .push(e.field("event").to_owned());
+    }
+    calls
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn an_entry_carries_the_event_call_id_payload_idempotency_key_and_signature() {
+    let stream = unique("vyora-test-s");
+    let router = router_with_redis(&server_url(), &format!("{stream}.{{event}}")).await;
+    wait_ready(&router, 200).await;
+    let body = payload("call-r1", "call_completed");
+    assert_eq!(router.post_signed(&body).await.status, 200);
+    let key = format!("{stream}.call_completed");
+    let all = wait_for_entries(&server_url(), &key, 1, WAIT).await;
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    let e = all.first().expect("an entry");
+    assert_eq!(e.field("payload"), body, "byte-identical");
+    assert_eq!(e.field("event"), "call_completed");
+    assert_eq!(e.field("call_id"), "call-r1");
+    assert_eq!(e.field("source"), "webhook");
+    assert_eq!(e.field("idempotency_key"), "call-r1:call_completed");
+    let downstream = vyora_router::signature::Secret::new(b"downstream-secret").expect("secret");
+    assert_eq!(
+        e.field("signature"),
+        vyora_router::signature::sign(&downstream, body.as_bytes())
+    );
+    assert!(
+        e.field("received_at")
+            .parse::<u64>()
+            .is_ok_and(|ms| ms > 1_700_000_000_000)
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn delivering_the_same_delivery_twice_adds_one_entry() {
+    let stream = unique("vyora-test-s");
+    let sink = sink(&server_url(), &stream);
+    let d = delivery("call-twice");
+    assert!(sink.deliver(std::slice::from_ref(&d)).await[0].is_ok());
+    // Again alone (a redelivery after a lost answer), then twice in one pipeline.
+    assert!(sink.deliver(std::slice::from_ref(&d)).await[0].is_ok());
+    let both = sink.deliver(&[d.clone(), d.clone()]).await;
+    assert!(both.iter().all(Result::is_ok), "{both:?}");
+    let other = delivery("call-other");
+    assert!(sink.deliver(&[other]).await[0].is_ok());
+    let all = entries(&server_url(), &stream).await;
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    let calls: Vec<&str> = all.iter().map(|e| e.field("call_id")).collect();
+    assert_eq!(calls, ["call-twice", "call-other"]);
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn a_key_of_another_type_fails_the_delivery_with_the_servers_answer() {
+    let stream = unique("vyora-test-s");
+    let mut c = connect(&server_url()).await;
+    let _: () = redis::cmd("SET")
+        .arg(&stream)
+        .arg("not a stream")
+        .query_async(&mut c)
+        .await
+        .expect("SET");
+    let sink = sink(&server_url(), &stream);
+    let results = sink.deliver(&[delivery("call-wrongtype")]).await;
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    match &results[0] {
+        Err(
+            e @ SinkError::Redis {
+                permanent: false, ..
+            },
+        ) => {
+            assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+        }
+        other => panic!("expected the server's refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn cutting_the_connection_three_times_loses_none_of_2000_events_and_keeps_each_calls_order() {
+    let stream = unique("vyora-test-s");
+    let proxy = Proxy::start(server_addr(), true).await;
+    let router = router_with_redis(&url_via(proxy.addr), &stream).await;
+    wait_ready(&router, 200).await;
+
+    // 8 senders, 125 calls each, every call's two events in their order.
+    let addr = router.addr;
+    let senders: Vec<_> = (0..8)
+        .map(|w| {
+            tokio::spawn(async move {
+                for n in 0..125 {
+                    let call = format!("cut-{w}-{n}");
+                    for event in ["call_started", "call_completed"] {
+                        let answer = post_signed(addr, &payload(&call, event)).await;
+                        assert_eq!(answer.status, 200, "acks stay fast and positive");
+                    }
+                }
+            })
+        })
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.cut().await;
+    }
+    for s in senders {
+        s.await.expect("sender");
+    }
+    let all = wait_for_entries(&server_url(), &stream, 2000, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all_after = entries(&server_url(), &stream).await;
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    let keys: HashSet<&str> = all_after
+        .iter()
+        .map(|e| e.field("idempotency_key"))
+        .collect();
+    let connections = proxy.carried();
+    eprintln!(
+        "2000 events over {connections} connections: {} entries, {} distinct",
+        all_after.len(),
+        keys.len()
+    );
+    assert!(all.len() >= 2000, "only {} entries", all.len());
+    assert_eq!(
+        keys.len(),
+        2000,
+        "every acknowledged event is in the stream"
+    );
+    assert_eq!(all_after.len(), 2000, "and each exactly once");
+    assert!(
+        connections >= 4,
+        "reconnected after each cut ({connections} connections)"
+    );
+    let out_of_order: Vec<_> = order_per_call(&all_after)
+        .into_iter()
+        .filter(|(_, events)| events != &["call_started", "call_completed"])
+        .collect();
+    assert!(out_of_order.is_empty(), "{out_of_order:?}");
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn readiness_turns_503_while_redis_is_unreachable_and_back_to_200() {
+    let stream = unique("vyora-test-s");
+    let proxy = Proxy::start(server_addr(), false).await;
+    let router = router_with_redis(&url_via(proxy.addr), &stream).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = router.readyz().await;
+        if answer.status == 503 && answer.body.contains("Redis unreachable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", answer.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        router
+            .post_signed(&payload("call-r6", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    proxy.set_up(true);
+    wait_ready(&router, 200).await;
+    let all = wait_for_entries(&server_url(), &stream, 1, WAIT).await;
+    assert_eq!(all.len(), 1);
+    proxy.set_up(false);
+    proxy.cut().await;
+    wait_ready(&router, 503).await;
+    proxy.set_up(true);
+    wait_ready(&router, 200).await;
+    let attempts: u32 = router
+        .db()
+        .query_row(
+            "SELECT attempts FROM outbox WHERE sink = 'stream'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("row");
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    assert!(
+        attempts <= 1,
+        "waiting for Redis used no attempts: {attempts}"
+    );
+}
+
+/// The caller's personal data in `payload`'s body.
+const PERSONAL: [&str; 3] = ["9876543210", "Rahul Sharma", "your home loan inquiry"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs redis-server on the PATH and VYORA_TEST_REDIS_URL set, run with --include-ignored"]
+async fn a_redis_server_stopped_for_30_s_under_load_costs_nothing_acknowledged() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut server = PrivateServer::start(data.path()).await;
+    let stream = unique("vyora-outage-s");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spawned = start_router(&write_config(
+        dir.path(),
+        &sink_table(&server.url(), &stream),
+    ))
+    .await;
+    let addr = spawned.addr;
+
+    // About 200 events a second from 4 connections, for the whole test.
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let running = Arc::new(AtomicBool::new(true));
+    let senders: Vec<_> = (0..4)
+        .map(|w| {
+            let (acked, latencies, running) = (
+                Arc::clone(&acked),
+                Arc::clone(&latencies),
+                Arc::clone(&running),
+            );
+            tokio::spawn(async move {
+                let mut n = 0;
+                while running.load(Ordering::SeqCst) {
+                    let id = format!("out-{w}-{n}");
+                    let started = Instant::now();
+                    let answer = post_signed(addr, &payload(&id, "call_completed")).await;
+                    latencies.lock().expect("lock").push((
+                        started,
+                        started.elapsed(),
+                        answer.status,
+                    ));
+                    if answer.status == 200 {
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .insert(format!("{id}:call_completed"));
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outage_started = Instant::now();
+    server.stop().await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let ready = get(spawned.admin, "/readyz").await;
+    server.restart(data.path()).await;
+    let outage_ended = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.store(false, Ordering::SeqCst);
+    for s in senders {
+        s.await.expect("sender");
+    }
+
+    let acked = acked.lock().expect("lock").clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut all = entries(&server.url(), &stream).await;
+    while all.len() < acked.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        all = entries(&server.url(), &stream).await;
+    }
+    let keys: HashSet<String> = all
+        .iter()
+        .map(|e| e.field("idempotency_key").to_owned())
+        .collect();
+    let lost = acked.iter().filter(|k| !keys.contains(*k)).count();
+    let latencies = latencies.lock().expect("lock").clone();
+    let mut during: Vec<Duration> = latencies
+        .iter()
+        .filter(|(at, _, _)| *at >= outage_started && *at <= outage_ended)
+        .map(|(_, d, _)| *d)
+        .collect();
+    during.sort();
+    let not_ok = latencies.iter().filter(|(_, _, s)| *s != 200).count();
+    eprintln!(
+        "Redis outage {:?}: {} acknowledged, {not_ok} not 200, {} answered during the outage (p50 {:?}, p99 {:?}, max {:?}), {} entries, {} distinct, lost {lost}",
+        outage_ended - outage_started,
+        acked.len(),
+        during.len(),
+        during[during.len() / 2],
+        during[during.len() * 99 / 100],
+        during[during.len() - 1],
+        all.len(),
+        keys.len(),
+    );
+    let log = std::fs::read_to_string(&spawned.log).expect("the router's log");
+    drop(spawned);
+    assert_eq!(
+        ready.status, 503,
+        "readiness says Redis is down: {}",
+        ready.body
+    );
+    assert_eq!(
+        not_ok, 0,
+        "every webhook is acknowledged while Redis is down"
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(all.len(), keys.len(), "each event once");
+    assert!(
+        during[during.len() - 1] < Duration::from_secs(1),
+        "acks stay fast: max {:?}",
+        during[during.len() - 1]
+    );
+    assert!(log.contains("cannot reach Redis"), "the outage is logged");
+    for data in PERSONAL {
+        assert!(!log.contains(data), "{data} in the log");
+    }
+}
