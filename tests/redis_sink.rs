@@ -260,6 +260,59 @@ async fn readiness_turns_503_while_redis_is_unreachable_and_back_to_200() {
     );
 }
 
+#[tokio::test]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn a_refused_login_shows_in_readiness_and_the_sink_recovers_once_the_acl_lets_it_in() {
+    let user = unique("vyora-test-u");
+    let mut admin = connect(&server_url()).await;
+    let acl = |args: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg(args);
+        cmd
+    };
+    let _: () = acl(&[
+        "SETUSER",
+        &user,
+        "on",
+        ">right-password",
+        "~*",
+        "&*",
+        "+@all",
+    ])
+    .query_async(&mut admin)
+    .await
+    .expect("ACL SETUSER");
+    let mut url = reqwest::Url::parse(&server_url()).expect("URL");
+    url.set_username(&user).expect("user");
+    url.set_password(Some("wrong-password")).expect("password");
+    let stream = unique("vyora-test-s");
+    let router = router_with_redis(url.as_str(), &stream).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = router.readyz().await;
+        assert!(!answer.body.contains("wrong-password"), "{}", answer.body);
+        if answer.status == 503 && answer.body.contains("Redis unreachable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", answer.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = payload("call-r7", "call_completed");
+    assert_eq!(router.post_signed(&body).await.status, 200);
+
+    // The operator fixes the ACL: the same sink logs in and delivers, no restart.
+    let _: () = acl(&["SETUSER", &user, ">wrong-password"])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    wait_ready(&router, 200).await;
+    let all = wait_for_entries(&server_url(), &stream, 1, WAIT).await;
+    let _: redis::RedisResult<()> = acl(&["DELUSER", &user]).query_async(&mut admin).await;
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].field("payload"), body);
+}
+
 /// The caller's personal data in `payload`'s body.
 const PERSONAL: [&str; 3] = ["9876543210", "Rahul Sharma", "your home loan inquiry"];
 

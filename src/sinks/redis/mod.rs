@@ -51,8 +51,10 @@ struct Health {
 pub struct RedisSink {
     name: String,
     config: RedisSinkConfig,
+    client: redis::Client,
     /// Cloned per use: clones share one multiplexed connection and its reconnection.
-    connection: ConnectionManager,
+    /// Replaced after a failure the manager would not recover from by itself.
+    connection: Mutex<ConnectionManager>,
     script: Script,
     health: Mutex<Health>,
 }
@@ -67,20 +69,12 @@ impl RedisSink {
             reason: e.to_string(),
         };
         let client = redis::Client::open(config.url.as_str()).map_err(refused)?;
-        // Few quick retries inside the client: the store keeps what is not delivered and
-        // our own backoff paces the next try, so a delivery never waits long on a server
-        // that is down.
-        let manager = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(config.timeout));
-        let connection =
-            ConnectionManager::new_lazy_with_config(client, manager).map_err(refused)?;
+        let connection = manager(&client, config).map_err(refused)?;
         let sink = Arc::new(RedisSink {
             name: name.to_owned(),
             config: config.clone(),
-            connection,
+            client,
+            connection: Mutex::new(connection),
             script: entry::script(),
             health: Mutex::new(Health {
                 unready: Some("not connected yet".into()),
@@ -89,6 +83,13 @@ impl RedisSink {
         });
         tokio::spawn(watch(Arc::downgrade(&sink)));
         Ok(sink)
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -110,6 +111,17 @@ impl RedisSink {
 
     /// Redis could not be reached: unready, and how long deliveries wait.
     fn unreachable(&self, e: &RedisError) -> SinkError {
+        // The manager reconnects after an I/O error only; after any other failure to
+        // connect (a refused login, a handshake the server answered with an error) it
+        // would answer with that error forever, so it is replaced.
+        if !e.is_io_error()
+            && let Ok(fresh) = manager(&self.client, &self.config)
+        {
+            *self
+                .connection
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = fresh;
+        }
         let mut health = self.health();
         health.failures = health.failures.saturating_add(1);
         let wait = RECONNECT.equal_jitter(health.failures);
@@ -133,7 +145,7 @@ impl RedisSink {
             streams.push(stream);
             pipe.add_command(cmd);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let mut answers = pipe
             .query_async::<Vec<RedisResult<Value>>>(&mut connection)
             .await;
@@ -187,6 +199,18 @@ impl RedisSink {
     }
 }
 
+/// A connection that is made on first use and remade after I/O errors. Few quick retries
+/// inside the client: the store keeps what is not delivered and our own backoff paces the
+/// next try, so a delivery never waits long on a server that is down.
+fn manager(client: &redis::Client, config: &RedisSinkConfig) -> RedisResult<ConnectionManager> {
+    let settings = ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(config.timeout));
+    ConnectionManager::new_lazy_with_config(client.clone(), settings)
+}
+
 /// Whether `e` is the server's answer (it refused a command) rather than a failure to
 /// reach it. A server still loading its data is treated as unreachable: it will answer.
 fn reached(e: &RedisError) -> bool {
@@ -217,7 +241,7 @@ async fn watch(sink: Weak<RedisSink>) {
         let Some(strong) = sink.upgrade() else {
             return;
         };
-        let mut connection = strong.connection.clone();
+        let mut connection = strong.connection();
         let ping = redis::cmd("PING");
         match tokio::time::timeout(
             CONNECT_TIMEOUT + strong.config.timeout,
