@@ -1,9 +1,11 @@
-//! Add throughput to Redis Streams, three ways in one run, interleaved over rounds:
+//! Add throughput to Redis Streams in one run, interleaved over rounds:
 //! (1) naive: a plain redis-rs client awaiting each `XADD` before the next;
 //! (2) ceiling: a plain client pipelining `XADD`s (window of 256), no store, no script;
-//! (3) router: the SQLite outbox drained by the router's dispatcher and Redis sink (the
-//!     idempotent script per entry, the idempotency key kept beside the stream).
-//! Each adds N ~1.5 KB entries to a fresh stream, deleted afterwards.
+//! (3) sink alone: the router's Redis sink fed from memory, `concurrency` batches at once
+//!     (the idempotent script per entry, the idempotency key kept beside the stream);
+//! (4) store alone: the SQLite outbox drained by the dispatcher into a sink that discards;
+//! (5) router: the SQLite outbox drained by the router's dispatcher and Redis sink.
+//! Each adds N ~1.5 KB entries to a fresh stream, deleted afterwards; (4) adds none.
 //!
 //! `cargo run --release --example redis_bench -- [--messages 50000] [--rounds 3] [--url redis://...]`
 
@@ -15,10 +17,11 @@ use bytes::Bytes;
 use clap::Parser;
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
-use vyora_router::config::Config;
+use vyora_router::config::{Config, SinkKind};
 use vyora_router::dispatch::{Dispatcher, RetryPolicy};
-use vyora_router::event::Event;
+use vyora_router::event::{Delivery, DeliveryId, Event, Source};
 use vyora_router::metrics::Metrics;
+use vyora_router::sinks::{BoxFuture, Sink, SinkError};
 use vyora_router::store::{Store, StoreOptions};
 
 #[derive(Parser)]
@@ -36,6 +39,12 @@ struct Args {
     /// Entries in one pipeline, for the ceiling and the router alike.
     #[arg(long, default_value_t = 256)]
     window: usize,
+    /// The sink's `concurrency`: pipelines in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Run only these of the five (1-based), e.g. `--only 2,5`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<usize>,
 }
 
 fn payload(n: usize) -> String {
@@ -97,10 +106,35 @@ async fn plain(
     Ok((started.elapsed(), stream))
 }
 
-async fn router(url: &str, bodies: &[String], window: usize) -> anyhow::Result<(Duration, String)> {
-    let stream = stream("router");
-    let dir = tempfile::tempdir()?;
-    let config = Config::from_toml(&format!(
+/// Takes every batch at once and sends nothing: what the store and dispatcher cost alone.
+struct Discard {
+    window: usize,
+    concurrency: usize,
+}
+
+impl Sink for Discard {
+    fn name(&self) -> &str {
+        "stream"
+    }
+
+    fn batch_size(&self) -> usize {
+        self.window
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move { batch.iter().map(|_| Ok(())).collect() })
+    }
+}
+
+/// The sink's `concurrency`, set once from the command line.
+static CONCURRENCY: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+fn config(url: &str, stream: &str, window: usize, db: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::from_toml(&format!(
         r#"
 [webhook]
 secrets = ["bench"]
@@ -113,9 +147,83 @@ url = "{url}"
 stream = "{stream}"
 idempotency_ttl = "10m"
 max_in_flight = {window}
+concurrency = {concurrency}
 "#,
-        db = dir.path().join("bench.db").display()
-    ))?;
+        db = db.display(),
+        concurrency = CONCURRENCY.get().copied().unwrap_or(4),
+    ))?)
+}
+
+/// The router's sink fed from memory: `concurrency` batches in flight, as the dispatcher
+/// keeps them, with no store.
+async fn sink_alone(
+    url: &str,
+    bodies: &[String],
+    window: usize,
+) -> anyhow::Result<(Duration, String)> {
+    let stream = stream("sink");
+    let config = config(url, &stream, window, std::path::Path::new("unused.db"))?;
+    let SinkKind::Redis(redis) = &config.sinks[0].kind else {
+        anyhow::bail!("not a redis sink");
+    };
+    let concurrency = redis.concurrency;
+    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?;
+    let batches: Vec<Vec<Delivery>> = bodies
+        .chunks(window)
+        .enumerate()
+        .map(|(i, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(j, body)| {
+                    let n = i * window + j;
+                    Delivery {
+                        id: DeliveryId::row(n as i64),
+                        attempts: 0,
+                        event: "call_completed".into(),
+                        call_id: Some(format!("bench-{n}")),
+                        dedup_key: format!("bench-{n}:call_completed"),
+                        source: Source::Webhook,
+                        received_at: std::time::SystemTime::now(),
+                        payload: Bytes::from(body.clone()),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let batches = Arc::new(batches);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (sink, batches, next) = (Arc::clone(&sink), Arc::clone(&batches), Arc::clone(&next));
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some(batch) = batches.get(i) else {
+                    return Ok(());
+                };
+                for result in sink.deliver(batch).await {
+                    result.map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok((started.elapsed(), stream))
+}
+
+async fn router(
+    url: &str,
+    bodies: &[String],
+    window: usize,
+    discard: bool,
+) -> anyhow::Result<(Duration, String)> {
+    let stream = stream("router");
+    let dir = tempfile::tempdir()?;
+    let config = config(url, &stream, window, &dir.path().join("bench.db"))?;
     let store = Store::open(&config.store, StoreOptions::default()).await?;
     // Fill the outbox first, so the measurement is outbox -> added entry only.
     let sink_name: Arc<str> = Arc::from("stream");
@@ -137,7 +245,13 @@ max_in_flight = {window}
     }
     while fills.join_next().await.is_some() {}
 
-    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?;
+    let sink: Arc<dyn Sink> = match &config.sinks[0].kind {
+        SinkKind::Redis(redis) if discard => Arc::new(Discard {
+            window,
+            concurrency: redis.concurrency,
+        }),
+        _ => vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?,
+    };
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         sink,
@@ -175,6 +289,7 @@ fn median(values: &mut [f64]) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    CONCURRENCY.get_or_init(|| args.concurrency);
     let bodies: Vec<String> = (0..args.messages).map(payload).collect();
     let size = bodies.iter().map(String::len).sum::<usize>() / bodies.len().max(1);
     let mut connection = redis::Client::open(args.url.as_str())?
@@ -184,16 +299,24 @@ async fn main() -> anyhow::Result<()> {
     let labels = [
         "naive (one XADD at a time)",
         "ceiling (pipelined, no store)",
+        "sink alone (idempotent, no store)",
+        "store alone (outbox -> discard)",
         "router (outbox -> idempotent)",
     ];
-    let mut rates = vec![Vec::new(); 3];
+    let mut rates = vec![Vec::new(); labels.len()];
     let mut ratios = Vec::new();
     for round in 1..=args.rounds.max(1) {
         for (run, label) in labels.iter().enumerate() {
+            if !args.only.is_empty() && !args.only.contains(&(run + 1)) {
+                rates[run].push(f64::NAN);
+                continue;
+            }
             let (elapsed, stream) = match run {
                 0 => plain(&mut connection, &bodies, 1).await?,
                 1 => plain(&mut connection, &bodies, args.window).await?,
-                _ => router(&args.url, &bodies, args.window).await?,
+                2 => sink_alone(&args.url, &bodies, args.window).await?,
+                3 => router(&args.url, &bodies, args.window, true).await?,
+                _ => router(&args.url, &bodies, args.window, false).await?,
             };
             clean(&mut connection, &stream).await?;
             let rate = args.messages as f64 / elapsed.as_secs_f64();
@@ -203,16 +326,19 @@ async fn main() -> anyhow::Result<()> {
             );
             rates[run].push(rate);
         }
-        ratios.push(rates[2][round - 1] / rates[1][round - 1]);
+        ratios.push(rates[4][round - 1] / rates[1][round - 1]);
     }
-    let medians: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
+    let m: Vec<f64> = rates.iter_mut().map(|r| median(r)).collect();
     println!(
-        "medians: naive {:.0}, ceiling {:.0}, router {:.0} entries/s; router / ceiling = {:.0}% (median of rounds), router / naive = {:.1}x",
-        medians[0],
-        medians[1],
-        medians[2],
+        "medians (entries/s): naive {:.0}, ceiling {:.0}, sink alone {:.0}, store alone {:.0}, router {:.0}",
+        m[0], m[1], m[2], m[3], m[4]
+    );
+    println!(
+        "router / ceiling = {:.0}% (median of rounds); router / sink alone = {:.0}%, router / store alone = {:.0}%, router / naive = {:.1}x",
         100.0 * median(&mut ratios),
-        medians[2] / medians[0]
+        100.0 * m[4] / m[2],
+        100.0 * m[4] / m[3],
+        m[4] / m[0]
     );
     Ok(())
 }

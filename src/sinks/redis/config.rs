@@ -30,6 +30,8 @@ pub struct RedisOptions {
     timeout: DurationText,
     #[serde(default = "default_max_in_flight")]
     max_in_flight: u64,
+    #[serde(default = "default_concurrency")]
+    concurrency: u64,
 }
 
 fn default_stream() -> String {
@@ -54,6 +56,10 @@ fn default_max_in_flight() -> u64 {
     256
 }
 
+fn default_concurrency() -> u64 {
+    4
+}
+
 #[derive(Clone)]
 pub struct RedisSinkConfig {
     /// `redis://` or `rediss://`, checked at start; may hold an ACL user and password.
@@ -72,6 +78,9 @@ pub struct RedisSinkConfig {
     pub timeout: Duration,
     /// Entries sent in one pipeline, at most.
     pub max_in_flight: usize,
+    /// Pipelines in flight at once, on the one connection. A call's later event is not
+    /// handed out while an earlier one is in flight, so this does not reorder a call.
+    pub concurrency: usize,
 }
 
 impl fmt::Debug for RedisSinkConfig {
@@ -85,6 +94,7 @@ impl fmt::Debug for RedisSinkConfig {
             .field("secret", &self.secret)
             .field("timeout", &self.timeout)
             .field("max_in_flight", &self.max_in_flight)
+            .field("concurrency", &self.concurrency)
             .finish()
     }
 }
@@ -134,6 +144,7 @@ impl RedisOptions {
             secret,
             timeout: error::duration(&self.timeout).under("timeout")?,
             max_in_flight: error::count(self.max_in_flight).under("max_in_flight")?,
+            concurrency: error::count(self.concurrency).under("concurrency")?,
         })
     }
 }
@@ -162,6 +173,7 @@ pub(crate) mod tests {
         assert!(c.secret.is_none());
         assert_eq!(c.timeout, Duration::from_secs(10));
         assert_eq!(c.max_in_flight, 256);
+        assert_eq!(c.concurrency, 4);
         assert_eq!(c.stream, RoutingKey::parse("vyora.{event}").expect("valid"));
     }
 
@@ -194,6 +206,7 @@ pub(crate) mod tests {
             (format!("{base}secret = \"\"\n"), "secret"),
             (format!("{base}timeout = \"0s\"\n"), "timeout"),
             (format!("{base}max_in_flight = 0\n"), "max_in_flight"),
+            (format!("{base}concurrency = 0\n"), "concurrency"),
         ];
         for (toml, key) in cases {
             let e = options(&toml).validate().expect_err(key);

@@ -277,6 +277,10 @@ impl Sink for RedisSink {
         self.config.max_in_flight
     }
 
+    fn concurrency(&self) -> usize {
+        self.config.concurrency
+    }
+
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
         Box::pin(self.add(batch))
     }
