@@ -175,9 +175,18 @@ async fn cutting_the_connection_three_times_loses_none_of_2000_events_and_keeps_
             })
         })
         .collect();
+    // Each cut waits for the connection the previous one broke to be made again, so that
+    // every cut breaks one.
+    let mut carried = proxy.carried();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         proxy.cut().await;
+        let deadline = Instant::now() + WAIT;
+        while proxy.carried() == carried {
+            assert!(Instant::now() < deadline, "never reconnected after a cut");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        carried = proxy.carried();
     }
     for s in senders {
         s.await.expect("sender");
@@ -191,10 +200,20 @@ async fn cutting_the_connection_three_times_loses_none_of_2000_events_and_keeps_
         .map(|e| e.field("idempotency_key"))
         .collect();
     let connections = proxy.carried();
+    let samples = router.scrape().await;
+    let outcome = |o| {
+        metric(
+            &samples,
+            "vyora_router_deliveries_total",
+            &[("sink", "stream"), ("outcome", o)],
+        )
+    };
     eprintln!(
-        "2000 events over {connections} connections: {} entries, {} distinct",
+        "2000 events over {connections} connections: {} entries, {} distinct; deliveries postponed {} times after a cut, retried {} times",
         all_after.len(),
-        keys.len()
+        keys.len(),
+        outcome("postponed"),
+        outcome("retried"),
     );
     assert!(all.len() >= 2000, "only {} entries", all.len());
     assert_eq!(
