@@ -128,6 +128,29 @@ async fn delivering_the_same_delivery_twice_adds_one_entry() {
 
 #[tokio::test]
 #[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn a_maxlen_trims_the_stream_approximately() {
+    let stream = unique("vyora-test-s");
+    let options: RedisOptions = toml::from_str(&format!(
+        "url = \"{}\"\nstream = \"{stream}\"\nidempotency_ttl = \"10m\"\nmaxlen = 10\n",
+        server_url()
+    ))
+    .expect("options");
+    let sink = RedisSink::start("stream", &options.validate().expect("valid")).expect("sink");
+    let batch: Vec<Delivery> = (0..500).map(|n| delivery(&format!("trim-{n}"))).collect();
+    assert!(sink.deliver(&batch).await.iter().all(Result::is_ok));
+    let mut c = connect(&server_url()).await;
+    let length: usize = redis::cmd("XLEN")
+        .arg(&stream)
+        .query_async(&mut c)
+        .await
+        .expect("XLEN");
+    delete_matching(&server_url(), &format!("*{stream}*")).await;
+    // `~` trims whole radix-tree nodes (100 entries each by default), never below 10.
+    assert!((10..=200).contains(&length), "XLEN {length}");
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
 async fn a_key_of_another_type_fails_the_delivery_with_the_servers_answer() {
     let stream = unique("vyora-test-s");
     let mut c = connect(&server_url()).await;
