@@ -136,6 +136,11 @@ async fn a_redis_server_stopped_for_30_s_under_load_costs_nothing_acknowledged()
         during[during.len() - 1]
     );
     assert!(log.contains("cannot reach Redis"), "the outage is logged");
+    // The restarted server had lost the script: it was loaded again.
+    assert!(
+        log.contains("loading the script that adds entries"),
+        "the script is loaded again after the restart"
+    );
     for data in PERSONAL {
         assert!(!log.contains(data), "{data} in the log");
     }

@@ -177,6 +177,11 @@ impl RedisSink {
             }
         };
         self.answered();
+        // A server still loading its data answers each entry so: one wait for the batch.
+        let mut unreachable = answers
+            .iter()
+            .find_map(|a| a.as_ref().err().filter(|e| !reached(e)))
+            .map(|e| self.unreachable(e));
         let mut answers = answers.into_iter();
         batch
             .iter()
@@ -194,7 +199,9 @@ impl RedisSink {
                     }),
                 },
                 Some(Err(e)) if reached(&e) => Err(refused(&e)),
-                Some(Err(e)) => Err(self.unreachable(&e)),
+                Some(Err(e)) => Err(unreachable
+                    .get_or_insert_with(|| self.unreachable(&e))
+                    .clone()),
                 None => Err(SinkError::Redis {
                     reason: "Redis gave fewer answers than entries sent".into(),
                     permanent: false,
