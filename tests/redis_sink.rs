@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::proxy::Proxy;
 use common::redis_server::{
-    Entry, connect, delete_matching, entries, server_addr, server_url, unique, url_via,
-    wait_for_entries,
+    Entry, PrivateServer, connect, delete_matching, entries, server_addr, server_url, unique,
+    url_via, wait_for_entries,
 };
 use common::*;
 use tokio::time::Instant;
@@ -172,6 +172,60 @@ async fn a_key_of_another_type_fails_the_delivery_with_the_servers_answer() {
         }
         other => panic!("expected the server's refusal, got {other:?}"),
     }
+}
+
+#[tokio::test]
+#[ignore = "needs redis-server on the PATH and VYORA_TEST_REDIS_URL set, run with --include-ignored"]
+async fn a_server_out_of_memory_shows_as_the_deliverys_last_error_and_it_is_delivered_once_memory_is_freed()
+ {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = PrivateServer::start(data.path()).await;
+    let mut admin = connect(&server.url()).await;
+    let config = |key: &str, value: &str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg(key).arg(value);
+        cmd
+    };
+    let _: () = config("maxmemory-policy", "noeviction")
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG SET");
+    let _: () = config("maxmemory", "1")
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG SET");
+    let stream = unique("vyora-test-s");
+    let router = router_with_redis(&server.url(), &stream).await;
+    assert_eq!(
+        router
+            .post_signed(&payload("call-oom", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let error: Option<String> = router
+            .db()
+            .query_row(
+                "SELECT last_error FROM outbox WHERE sink = 'stream'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(None);
+        if error.as_deref().is_some_and(|e| e.contains("OOM")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "last error: {error:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _: () = config("maxmemory", "0")
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG SET");
+    let all = wait_for_entries(&server.url(), &stream, 1, WAIT).await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].field("call_id"), "call-oom");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
