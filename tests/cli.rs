@@ -252,6 +252,7 @@ fn compose_router_config(compose: &str) -> String {
     config
         .replace("${RABBITMQ_DEFAULT_USER}", "vyora")
         .replace("${RABBITMQ_DEFAULT_PASS}", "compose-password")
+        .replace("${REDIS_PASSWORD:-}", "redis-password")
 }
 
 #[test]

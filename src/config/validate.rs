@@ -34,6 +34,7 @@ use crate::sinks::amqp::AmqpOptions;
 use crate::sinks::file::FileOptions;
 use crate::sinks::flow::{Breaker, Flow, RateLimit};
 use crate::sinks::http::HttpOptions;
+use crate::sinks::redis::RedisOptions;
 use crate::sinks::{SinkConfig, SinkKind};
 
 impl Read {
@@ -642,12 +643,15 @@ fn sink(raw: &mut RawSink, extra_events: &[String]) -> Result<SinkConfig, Config
         "amqp" => errors
             .check(options::<AmqpOptions>(raw).and_then(|o| o.validate().at(&at)))
             .map(|c| SinkKind::Amqp(Box::new(c))),
+        "redis" => errors
+            .check(options::<RedisOptions>(raw).and_then(|o| o.validate().at(&at)))
+            .map(|c| SinkKind::Redis(Box::new(c))),
         other => {
             errors.push(ConfigError::invalid(
                 format!("{at}.type"),
                 other,
                 format!(
-                    "is not a sink type{}; use \"file\", \"http\" or \"amqp\"",
+                    "is not a sink type{}; use \"file\", \"http\", \"amqp\" or \"redis\"",
                     near(other, SINK_TYPES)
                 ),
             ));
@@ -687,7 +691,7 @@ fn flow(raw: &RawSink, at: &str) -> Result<Flow, ConfigError> {
     })
 }
 
-const SINK_TYPES: [&str; 3] = ["file", "http", "amqp"];
+const SINK_TYPES: [&str; 4] = ["file", "http", "amqp", "redis"];
 
 /// The type's own keys, read by `T`, which refuses every key it does not know; the
 /// error suggests the nearest key a sink of this type has. Read, the table is replaced by

@@ -11,6 +11,7 @@ pub mod amqp;
 pub mod file;
 pub mod flow;
 pub mod http;
+pub mod redis;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -85,6 +86,7 @@ pub enum SinkKind {
     File(file::FileSinkConfig),
     Http(Box<http::HttpSinkConfig>),
     Amqp(Box<amqp::AmqpSinkConfig>),
+    Redis(Box<redis::RedisSinkConfig>),
 }
 
 impl SinkKind {
@@ -94,6 +96,7 @@ impl SinkKind {
             SinkKind::File(file) => file,
             SinkKind::Http(http) => http.as_ref(),
             SinkKind::Amqp(amqp) => amqp.as_ref(),
+            SinkKind::Redis(redis) => redis.as_ref(),
         }
     }
 
@@ -103,6 +106,7 @@ impl SinkKind {
             SinkKind::File(_) => "file",
             SinkKind::Http(_) => "http",
             SinkKind::Amqp(_) => "amqp",
+            SinkKind::Redis(_) => "redis",
         }
     }
 }
@@ -132,6 +136,8 @@ pub enum SinkError {
     HttpTransport(String),
     #[error("{reason}")]
     Amqp { reason: String, permanent: bool },
+    #[error("{reason}")]
+    Redis { reason: String, permanent: bool },
     #[error("the payload was emptied by store.retention; the event cannot be sent again")]
     Pruned,
     /// The sink's code panicked on this batch: a bug, retried with backoff like a failure.
@@ -154,9 +160,9 @@ impl SinkError {
     pub fn is_permanent(&self) -> bool {
         match self {
             SinkError::NotJson(_) | SinkError::Pruned => true,
-            SinkError::HttpStatus { permanent, .. } | SinkError::Amqp { permanent, .. } => {
-                *permanent
-            }
+            SinkError::HttpStatus { permanent, .. }
+            | SinkError::Amqp { permanent, .. }
+            | SinkError::Redis { permanent, .. } => *permanent,
             SinkError::FileIo { .. }
             | SinkError::Panicked(_)
             | SinkError::HttpTransport(_)
@@ -187,6 +193,8 @@ pub enum BuildError {
         name: String,
         source: reqwest::Error,
     },
+    #[error("sink {name:?}: cannot set up the Redis client: {reason}")]
+    Redis { name: String, reason: String },
 }
 
 /// Builds a sink. `max_wait` caps how long a destination can ask us to wait
@@ -196,5 +204,6 @@ pub fn build(config: &SinkConfig, max_wait: Duration) -> Result<Arc<dyn Sink>, B
         SinkKind::File(file) => Ok(Arc::new(file::FileSink::open(&config.name, &file.path)?)),
         SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http, max_wait)?)),
         SinkKind::Amqp(amqp) => Ok(amqp::AmqpSink::start(&config.name, amqp)),
+        SinkKind::Redis(redis) => Ok(redis::RedisSink::start(&config.name, redis)?),
     }
 }

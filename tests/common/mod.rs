@@ -7,6 +7,7 @@ pub mod downstream;
 pub mod pg;
 pub mod process;
 pub mod proxy;
+pub mod redis_server;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
