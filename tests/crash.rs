@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::amqp;
 use common::downstream::{Downstream, Reply};
 use common::process::{spawn_router, write_config};
+use common::{amqp, redis_server};
 use common::{payload, read_lines, sign};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -188,6 +188,27 @@ async fn every_acknowledged_event_reaches_the_file_the_queue_and_the_downstream_
             ("http", http),
             ("amqp", queued.clone()),
         ]
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs Redis: set VYORA_TEST_REDIS_URL, run with --include-ignored"]
+async fn every_acknowledged_event_reaches_a_redis_stream_across_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("events.jsonl");
+    let url = redis_server::server_url();
+    let stream = redis_server::unique("vyora-crash");
+    let extra = format!(
+        "[[sinks]]\nname = \"stream\"\ntype = \"redis\"\nurl = \"{url}\"\nstream = \"{stream}\"\n"
+    );
+    oracle(dir.path(), &extra, async || {
+        let entries = redis_server::entries(&url, &stream).await;
+        let ids = entries
+            .iter()
+            .map(|e| e.field("idempotency_key").to_owned())
+            .collect();
+        vec![("file", file_ids(&file)), ("redis", ids)]
     })
     .await;
 }
