@@ -364,6 +364,10 @@ pub struct TrackedCall {
     pub polls: u32,
 }
 
+/// An engine's own error (SQLite's, PostgreSQL's), kept whole: each engine's module
+/// converts its errors, so nothing here names an engine's types.
+pub type EngineError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store {path} does not exist; check store.path (the router creates it)")]
@@ -379,15 +383,12 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("cannot open the store {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Open { path: PathBuf, source: EngineError },
     #[error("cannot migrate the store {path} to schema version {version}: {source}")]
     Migrate {
         path: PathBuf,
         version: usize,
-        source: rusqlite::Error,
+        source: EngineError,
     },
     #[error("the store {path} has schema version {found}, newer than this build knows ({known})")]
     TooNew {
@@ -395,14 +396,12 @@ pub enum StoreError {
         found: i64,
         known: usize,
     },
+    // The engines' errors show their causes in their own text, so they are not given as
+    // sources too: `{:#}` would print each cause again.
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    // The PostgreSQL errors show their causes in their own text, so they are not given
-    // as sources too: `{:#}` would print each cause again.
-    #[error("database error: {0}")]
-    Postgres(tokio_postgres::Error),
+    Database(EngineError),
     #[error("no database connection: {0}")]
-    Pool(deadpool_postgres::PoolError),
+    NoConnection(EngineError),
     #[error("cannot connect to PostgreSQL at {host} (sslmode={mode}): {problem}")]
     Connect {
         host: String,
@@ -441,18 +440,6 @@ fn advice(found: i64, current: usize) -> &'static str {
         "use the build that wrote it (or a newer one)"
     } else {
         "run `vyora-router serve` of this build once (it migrates the store when it starts), or use the build that matches the store"
-    }
-}
-
-impl From<tokio_postgres::Error> for StoreError {
-    fn from(e: tokio_postgres::Error) -> StoreError {
-        StoreError::Postgres(e)
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for StoreError {
-    fn from(e: deadpool_postgres::PoolError) -> StoreError {
-        StoreError::Pool(e)
     }
 }
 

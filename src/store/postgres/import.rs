@@ -70,7 +70,7 @@ pub(super) async fn from_sqlite(
     )
     .map_err(|source| StoreError::Open {
         path: from.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     let mut done = Migrated::default();
     let mut after = 0i64;

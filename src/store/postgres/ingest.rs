@@ -118,7 +118,7 @@ async fn commit_group(writers: &Writers, group: Vec<Op>) {
             answer(writers, group, outcomes);
         }
         // Without a connection every event fails alike: no point in one by one.
-        Err(e) if group.len() > 1 && !matches!(e, StoreError::Pool(_)) => {
+        Err(e) if group.len() > 1 && !matches!(e, StoreError::NoConnection(_)) => {
             // One event's failure must not fail its neighbours: retry each alone.
             tracing::warn!(error = %e, events = group.len(), "group commit failed; retrying one by one");
             let mut any = false;

@@ -518,6 +518,20 @@ impl Backend for PostgresStore {
     }
 }
 
+/// PostgreSQL's errors reach the rest of the crate as the store's, whole; a pool that
+/// cannot hand out a connection is told apart (a write may then be retried alone).
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> StoreError {
+        StoreError::Database(Box::new(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(e: deadpool_postgres::PoolError) -> StoreError {
+        StoreError::NoConnection(Box::new(e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

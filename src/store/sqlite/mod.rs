@@ -163,6 +163,13 @@ fn decompress(codec: i64, stored: Vec<u8>) -> std::io::Result<Bytes> {
     })
 }
 
+/// SQLite's errors reach the rest of the crate as the store's, whole.
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError::Database(Box::new(e))
+    }
+}
+
 pub(super) struct SqliteStore {
     /// The writer's queue; every write is an [`Op`] on it.
     tx: mpsc::Sender<Op>,

@@ -86,9 +86,9 @@ CREATE UNIQUE INDEX quarantine_by_hash ON quarantine (body_hash);
 const PAGE_SIZE: i64 = 1024;
 
 pub(super) fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    let open_err = |source| StoreError::Open {
+    let open_err = |source: rusqlite::Error| StoreError::Open {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
@@ -197,7 +197,7 @@ pub(in crate::store) fn check_version(path: &Path) -> Result<(), StoreError> {
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
             StoreError::Open {
                 path: path.to_owned(),
-                source,
+                source: Box::new(source),
             }
         })?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -233,10 +233,10 @@ pub(super) fn migrate_to(
         });
     }
     for next in applied..target.min(VERSIONS) {
-        let migrate_err = |source| StoreError::Migrate {
+        let migrate_err = |source: rusqlite::Error| StoreError::Migrate {
             path: path.to_owned(),
             version: next + 1,
-            source,
+            source: Box::new(source),
         };
         // A new store passes through the old layout empty: nothing to say.
         if next == MIGRATIONS.len() && applied > 0 {
@@ -421,7 +421,7 @@ pub(super) fn wal_path(db: &Path) -> PathBuf {
 pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(|source| StoreError::Open {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     })?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
