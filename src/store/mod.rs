@@ -12,6 +12,7 @@
 //! handed to one dispatcher at a time until it is settled or released; a call's later
 //! event is not claimed for a sink while an earlier one is pending there.
 
+mod export;
 pub mod operator;
 mod postgres;
 mod sqlite;
@@ -223,8 +224,8 @@ pub async fn migrate_sqlite_to_postgres(
     from: &std::path::Path,
     to: &crate::config::PostgresConfig,
 ) -> Result<Migrated> {
-    sqlite::schema::check_version(from)?;
-    postgres::import_sqlite(from, to).await
+    let mut export = sqlite::export::SqliteExport::open(from)?;
+    postgres::import(&mut export, to).await
 }
 
 /// What the store is opened with beyond its config.

@@ -1,22 +1,21 @@
-//! `store migrate`: copies a SQLite store into PostgreSQL, so a team that outgrows one
-//! sidecar keeps its backlog (pending deliveries stay pending), its dead letters and its
-//! dedup history. Events go over in their original order, in batches, each batch with its
-//! deliveries in one transaction; an event already there is skipped with its deliveries,
-//! so running it again (after an interruption) copies only what is missing.
+//! `store migrate`: fills PostgreSQL from another store's export (`store::export`), so a
+//! team that outgrows one sidecar keeps its backlog (pending deliveries stay pending), its
+//! dead letters and its dedup history. Events go over in their original order, in
+//! batches, each batch with its deliveries in one transaction; an event already there is
+//! skipped with its deliveries, so running it again (after an interruption) copies only
+//! what is missing.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::Db;
 use crate::store::StoreError;
+use crate::store::export::{Export, ExportedDelivery, ExportedEvent};
 
 /// Events copied per transaction.
-const BATCH: i64 = 500;
+const BATCH: usize = 500;
 
 /// What a migration copied; `skipped` were in PostgreSQL already.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -30,104 +29,30 @@ pub struct Migrated {
     pub quarantined: u64,
 }
 
-fn at(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-/// One SQLite delivery on its way over, its event id already PostgreSQL's.
-struct Delivery {
-    event_id: i64,
-    sink: String,
-    call_id: Option<String>,
-    status: String,
-    attempts: i32,
-    next_attempt_at: SystemTime,
-    last_error: Option<String>,
-    updated_at: SystemTime,
-}
-
-/// One SQLite event on its way over.
-struct Row {
-    id: i64,
-    dedup_key: String,
-    event: String,
-    call_id: Option<String>,
-    source: String,
-    received_at: SystemTime,
-    payload: Vec<u8>,
-}
-
-/// Copies everything from the SQLite database at `from` into the (migrated) PostgreSQL
-/// database `client` is connected to.
-pub(super) async fn from_sqlite(
-    from: &Path,
+/// Copies everything `from` exports into the (migrated) PostgreSQL database `client` is
+/// connected to.
+pub(super) async fn from_export(
+    from: &mut dyn Export,
     db: &Db,
     client: &mut deadpool_postgres::Client,
 ) -> Result<Migrated, StoreError> {
-    let sqlite = Connection::open_with_flags(
-        from,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|source| StoreError::Open {
-        path: from.to_owned(),
-        source: Box::new(source),
-    })?;
     let mut done = Migrated::default();
-    let mut after = 0i64;
     loop {
-        let rows = events_after(&sqlite, after)?;
-        let Some(last) = rows.last().map(|r| r.id) else {
+        let events = from.next_events(BATCH)?;
+        if events.is_empty() {
             break;
-        };
-        copy_batch(&sqlite, db, client, &rows, &mut done).await?;
-        after = last;
+        }
+        copy_batch(db, client, &events, &mut done).await?;
     }
-    copy_polls(&sqlite, db, client, &mut done).await?;
-    copy_quarantine(&sqlite, db, client, &mut done).await?;
+    copy_polls(from, db, client, &mut done).await?;
+    copy_quarantine(from, db, client, &mut done).await?;
     Ok(done)
 }
 
-fn events_after(sqlite: &Connection, after: i64) -> Result<Vec<Row>, StoreError> {
-    let mut stmt = sqlite.prepare_cached(
-        "SELECT id, dedup_key, event, call_id, source, received_at, codec, payload FROM events
-         WHERE id > ?1 ORDER BY id LIMIT ?2",
-    )?;
-    let rows = stmt.query_map(params![after, BATCH], |r| {
-        Ok((
-            Row {
-                id: r.get(0)?,
-                dedup_key: r.get(1)?,
-                event: r.get(2)?,
-                call_id: r.get(3)?,
-                source: r.get(4)?,
-                received_at: at(r.get(5)?),
-                payload: r.get(7)?,
-            },
-            r.get::<_, i64>(6)?,
-        ))
-    })?;
-    // PostgreSQL keeps payloads as signed.
-    let mut out = Vec::new();
-    for row in rows {
-        let (mut row, codec) = row?;
-        if codec != 0 {
-            row.payload = zstd::decode_all(&row.payload[..]).map_err(|e| {
-                StoreError::Setup(format!(
-                    "the stored payload of event {} is damaged: {e}",
-                    row.id
-                ))
-            })?;
-        }
-        out.push(row);
-    }
-    Ok(out)
-}
-
 async fn copy_batch(
-    sqlite: &Connection,
     db: &Db,
     client: &mut deadpool_postgres::Client,
-    rows: &[Row],
+    events: &[ExportedEvent],
     done: &mut Migrated,
 ) -> Result<(), StoreError> {
     let tx = client.transaction().await?;
@@ -139,62 +64,33 @@ async fn copy_batch(
              ON CONFLICT (dedup_key) DO NOTHING
              RETURNING id, dedup_key"),
             &[
-                &rows
-                    .iter()
-                    .map(|r| r.dedup_key.as_str())
-                    .collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.event.as_str()).collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.call_id.as_deref())
-                    .collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.source.as_str()).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.received_at).collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.payload.as_slice())
-                    .collect::<Vec<_>>(),
+                &events.iter().map(|e| e.dedup_key.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.call_id.as_deref()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.source.as_str()).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.received_at).collect::<Vec<_>>(),
+                &events.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(),
             ],
         )
         .await?;
     let new_id: HashMap<String, i64> = inserted.iter().map(|r| (r.get(1), r.get(0))).collect();
     done.events += u64::try_from(new_id.len()).unwrap_or(0);
-    done.skipped += u64::try_from(rows.len() - new_id.len()).unwrap_or(0);
+    done.skipped += u64::try_from(events.len() - new_id.len()).unwrap_or(0);
 
     // The deliveries of the events that went over, with their state as it was.
-    let ids: HashMap<i64, i64> = rows
-        .iter()
-        .filter_map(|r| new_id.get(&r.dedup_key).map(|pg| (r.id, *pg)))
-        .collect();
-    let mut stmt = sqlite.prepare_cached(
-        "SELECT event_id, sink, call_id, status, attempts, next_attempt_at, last_error, updated_at
-         FROM outbox WHERE event_id >= ?1 AND event_id <= ?2 ORDER BY event_id, sink",
-    )?;
-    let (first, last) = (rows[0].id, rows[rows.len() - 1].id);
-    let mut deliveries: Vec<Delivery> = Vec::new();
-    for d in stmt.query_map(params![first, last], |r| {
-        Ok(Delivery {
-            event_id: r.get(0)?,
-            sink: r.get(1)?,
-            call_id: r.get(2)?,
-            status: r.get(3)?,
-            attempts: r.get(4)?,
-            next_attempt_at: at(r.get(5)?),
-            last_error: r.get(6)?,
-            updated_at: at(r.get(7)?),
-        })
-    })? {
-        let mut d = d?;
-        let Some(pg_event) = ids.get(&d.event_id) else {
+    let mut deliveries: Vec<(i64, Option<&str>, &ExportedDelivery)> = Vec::new();
+    for e in events {
+        let Some(id) = new_id.get(&e.dedup_key) else {
             continue;
         };
-        d.event_id = *pg_event;
-        match d.status.as_str() {
-            "pending" => done.pending += 1,
-            "delivered" => done.delivered += 1,
-            _ => done.dead += 1,
+        for d in &e.deliveries {
+            match d.status.as_str() {
+                "pending" => done.pending += 1,
+                "delivered" => done.delivered += 1,
+                _ => done.dead += 1,
+            }
+            deliveries.push((*id, e.call_id.as_deref(), d));
         }
-        deliveries.push(d);
     }
     if !deliveries.is_empty() {
         tx.execute(
@@ -203,29 +99,14 @@ async fn copy_batch(
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[],
                                   $6::timestamptz[], $7::text[], $8::timestamptz[])"),
             &[
-                &deliveries.iter().map(|d| d.event_id).collect::<Vec<_>>(),
-                &deliveries
-                    .iter()
-                    .map(|d| d.sink.as_str())
-                    .collect::<Vec<_>>(),
-                &deliveries
-                    .iter()
-                    .map(|d| d.call_id.as_deref())
-                    .collect::<Vec<_>>(),
-                &deliveries
-                    .iter()
-                    .map(|d| d.status.as_str())
-                    .collect::<Vec<_>>(),
-                &deliveries.iter().map(|d| d.attempts).collect::<Vec<_>>(),
-                &deliveries
-                    .iter()
-                    .map(|d| d.next_attempt_at)
-                    .collect::<Vec<_>>(),
-                &deliveries
-                    .iter()
-                    .map(|d| d.last_error.as_deref())
-                    .collect::<Vec<_>>(),
-                &deliveries.iter().map(|d| d.updated_at).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, _, d)| d.sink.as_str()).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, call, _)| *call).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, _, d)| d.status.as_str()).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, _, d)| d.attempts).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, _, d)| d.next_attempt_at).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, _, d)| d.last_error.as_deref()).collect::<Vec<_>>(),
+                &deliveries.iter().map(|(_, _, d)| d.updated_at).collect::<Vec<_>>(),
             ],
         )
         .await?;
@@ -235,15 +116,11 @@ async fn copy_batch(
 }
 
 async fn copy_polls(
-    sqlite: &Connection,
+    from: &mut dyn Export,
     db: &Db,
     client: &deadpool_postgres::Client,
     done: &mut Migrated,
 ) -> Result<(), StoreError> {
-    let mut stmt = sqlite.prepare(
-        "SELECT call_id, status, first_seen_at, last_event_at, next_poll_at, polls, last_result,
-                updated_at FROM polls",
-    )?;
     let insert = client
         .prepare(
             &db.sql("INSERT INTO {schema}.polls (call_id, status, first_seen_at, last_event_at, next_poll_at,
@@ -251,25 +128,19 @@ async fn copy_polls(
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (call_id) DO NOTHING"),
         )
         .await?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            at(r.get(2)?),
-            at(r.get(3)?),
-            at(r.get(4)?),
-            r.get::<_, i32>(5)?,
-            r.get::<_, Option<String>>(6)?,
-            at(r.get(7)?),
-        ))
-    })?;
-    for row in rows {
-        let (call, status, first, last, next, polls, result, updated) = row?;
+    for p in from.polls()? {
         done.polls += client
             .execute(
                 &insert,
                 &[
-                    &call, &status, &first, &last, &next, &polls, &result, &updated,
+                    &p.call_id,
+                    &p.status,
+                    &p.first_seen_at,
+                    &p.last_event_at,
+                    &p.next_poll_at,
+                    &p.polls,
+                    &p.last_result,
+                    &p.updated_at,
                 ],
             )
             .await?;
@@ -278,33 +149,25 @@ async fn copy_polls(
 }
 
 async fn copy_quarantine(
-    sqlite: &Connection,
+    from: &mut dyn Export,
     db: &Db,
     client: &deadpool_postgres::Client,
     done: &mut Migrated,
 ) -> Result<(), StoreError> {
-    let mut stmt = sqlite
-        .prepare("SELECT received_at, reason, event_header, body FROM quarantine ORDER BY id")?;
     let insert = client
         .prepare(&db.sql(
             "INSERT INTO {schema}.quarantine (received_at, reason, event_header, body, body_hash)
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (body_hash) DO NOTHING",
         ))
         .await?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            at(r.get(0)?),
-            r.get::<_, String>(1)?,
-            r.get::<_, Option<String>>(2)?,
-            r.get::<_, Vec<u8>>(3)?,
-        ))
-    })?;
-    for row in rows {
-        let (received, reason, header, body) = row?;
+    for q in from.quarantine()? {
         // Bodies quarantined before hashes were kept get theirs here.
-        let hash = Sha256::digest(&body).to_vec();
+        let hash = Sha256::digest(&q.body).to_vec();
         done.quarantined += client
-            .execute(&insert, &[&received, &reason, &header, &body, &hash])
+            .execute(
+                &insert,
+                &[&q.received_at, &q.reason, &q.event_header, &q.body, &hash],
+            )
             .await?;
     }
     Ok(())

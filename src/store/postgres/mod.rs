@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::PostgresConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
+use crate::store::export::Export;
 use crate::store::operator::{
     DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
 };
@@ -168,14 +169,14 @@ pub(super) fn location(pg: &PostgresConfig) -> String {
     )
 }
 
-/// Copies the SQLite store at `from` into the PostgreSQL database `to` names, creating or
+/// Fills the PostgreSQL database `to` names from another store's export, creating or
 /// migrating its schema there.
-pub(super) async fn import_sqlite(from: &std::path::Path, to: &PostgresConfig) -> Result<Migrated> {
+pub(super) async fn import(from: &mut dyn Export, to: &PostgresConfig) -> Result<Migrated> {
     let (pool, _, _) = pool(to)?;
     let db = Db::new(pool, &to.schema);
     let mut client = db.get().await.map_err(|e| tls::connect_error(to, &e))?;
     schema::migrate(&mut client, &to.schema).await?;
-    let migrated = import::from_sqlite(from, &db, &mut client).await;
+    let migrated = import::from_export(from, &db, &mut client).await;
     db.pool.close();
     migrated
 }

@@ -11,6 +11,7 @@
 mod admin;
 mod claims;
 mod dedup;
+pub(super) mod export;
 mod reader;
 pub(super) mod schema;
 #[cfg(test)]
