@@ -259,3 +259,72 @@ fn the_rule_checker_sees_grouped_nested_and_inline_imports() {
             .is_none()
     );
 }
+
+/// Sibling name -> the siblings it imports, for the children of the folder `dir` (its
+/// `mod.rs` aside); and what each child imports from `mod.rs` itself.
+fn siblings(dir: &Path) -> (BTreeMap<String, BTreeSet<String>>, Vec<String>) {
+    let mut names = BTreeSet::new();
+    for entry in std::fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".rs").to_owned())
+            .unwrap_or_default();
+        let rust = path.is_dir() || path.extension().is_some_and(|e| e == "rs");
+        if rust && name != "mod" && name != "tests" {
+            names.insert(name);
+        }
+    }
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut from_parent = Vec::new();
+    for name in &names {
+        let file = dir.join(format!("{name}.rs"));
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue; // a folder: its own children are checked on their own
+        };
+        let code = code(&text);
+        let mut found = BTreeSet::new();
+        let mut from = 0;
+        while let Some(at) = code[from..].find("super::") {
+            let start = from + at;
+            let rest = &code[start + "super::".len()..];
+            if !rest.starts_with("super::") {
+                paths(rest, &mut found);
+            }
+            from = start + "super::".len();
+        }
+        for (first, _) in found {
+            if names.contains(&first) {
+                edges.entry(name.clone()).or_default().insert(first);
+            } else {
+                from_parent.push(format!("{name} imports super::{first}"));
+            }
+        }
+    }
+    (edges, from_parent)
+}
+
+#[test]
+fn an_engines_parts_import_each_other_never_their_folders_mod_rs_and_never_in_a_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for engine in ["store/sqlite", "store/postgres"] {
+        let (edges, from_parent) = siblings(&src.join(engine));
+        assert!(
+            from_parent.is_empty(),
+            "{engine}: what its parts share belongs in a module of its own: {from_parent:?}"
+        );
+        for start in edges.keys() {
+            let mut stack = vec![(start.clone(), vec![start.clone()])];
+            while let Some((at, path)) = stack.pop() {
+                for next in edges.get(&at).into_iter().flatten() {
+                    assert!(next != start, "{engine}: {} -> {next}", path.join(" -> "));
+                    if !path.contains(next) {
+                        let mut longer = path.clone();
+                        longer.push(next.clone());
+                        stack.push((next.clone(), longer));
+                    }
+                }
+            }
+        }
+    }
+}

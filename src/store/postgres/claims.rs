@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use super::Db;
+use super::db::Db;
 use bytes::Bytes;
 
 use crate::event::{Delivery, DeliveryId, Source};

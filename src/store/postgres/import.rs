@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::Db;
+use super::db::Db;
 use crate::store::StoreError;
 use crate::store::export::{Export, ExportedDelivery, ExportedEvent};
 

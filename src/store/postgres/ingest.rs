@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::Db;
+use super::db::Db;
 use futures_util::future::join_all;
 use tokio::sync::{Mutex, mpsc, oneshot};
 

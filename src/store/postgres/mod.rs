@@ -4,6 +4,7 @@
 //! time prunes and polls, by a lease row; wake-ups travel by `LISTEN/NOTIFY`.
 
 mod claims;
+mod db;
 mod import;
 mod ingest;
 mod listen;
@@ -17,9 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
-};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -75,38 +74,7 @@ pub(super) struct PostgresStore {
     stop: CancellationToken,
 }
 
-/// The connections, and the schema every statement names its tables in. Names are
-/// qualified rather than left to each connection's `search_path`, which PgBouncer's
-/// transaction pooling would not keep.
-#[derive(Clone)]
-pub(super) struct Db {
-    pool: Pool,
-    /// `store.schema`, quoted (`"vyora_router"`).
-    schema: Arc<str>,
-    /// The `LISTEN/NOTIFY` channel, named after the schema, so routers on other schemas
-    /// of the database do not wake each other; a notification's payload names the sinks.
-    channel: Arc<str>,
-}
-
-impl Db {
-    fn new(pool: Pool, schema: &str) -> Db {
-        Db {
-            pool,
-            schema: schema::quote(schema).into(),
-            channel: schema.into(),
-        }
-    }
-
-    /// `template` with each `{schema}` replaced by the schema's quoted name.
-    fn sql(&self, template: &str) -> String {
-        template.replace("{schema}", &self.schema)
-    }
-
-    async fn get(&self) -> Result<Object, PoolError> {
-        self.pool.get().await
-    }
-}
-
+use db::Db;
 pub use import::Migrated;
 
 /// The connection pool for `pg`, with rustls as its `sslmode` asks.

@@ -1,7 +1,7 @@
 //! Sinks waiting for their destination on PostgreSQL: one row per paused sink, written by
 //! whichever replica saw the destination down last, for `deliveries list`.
 
-use super::Db;
+use super::db::Db;
 use crate::store::StoreError;
 use crate::store::operator::SinkPause;
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::Db;
+use super::db::Db;
 use sha2::{Digest, Sha256};
 
 use crate::store::operator::{

@@ -9,7 +9,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 
-use super::{call_range, keyed, sink_names};
+use super::keys::{call_range, keyed};
+use super::sink_list::sink_names;
 use crate::store::operator::{
     DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
     SinkStatus,

@@ -507,7 +507,7 @@ mod tests {
                     insert
                         .execute(rusqlite::params![
                             id,
-                            &super::super::key(&key)[..],
+                            &super::super::keys::key(&key)[..],
                             key,
                             call
                         ])

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, params};
 
-use super::{decompress, from_millis};
+use super::codec::decompress;
+use super::millis::from_millis;
 use crate::store::export::{
     Export, ExportedDelivery, ExportedEvent, ExportedPoll, ExportedQuarantined,
 };

@@ -10,22 +10,23 @@
 
 mod admin;
 mod claims;
+mod codec;
 mod dedup;
 pub(super) mod export;
+mod keys;
+mod millis;
 mod reader;
 pub(super) mod schema;
+mod sink_list;
 #[cfg(test)]
 mod tests;
 mod writer;
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
@@ -36,9 +37,11 @@ use crate::store::operator::{
 use crate::store::wakers::Wakers;
 use crate::store::{
     Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
-    Stats, StoreError, StoreOptions, TrackedCall, now,
+    Stats, StoreError, StoreOptions, TrackedCall,
 };
 use claims::{Claimed, Claims, Outcome};
+use codec::{compress, decompress};
+use millis::to_millis;
 use reader::Readers;
 use writer::{Op, PruneRange, WriterContext};
 
@@ -46,123 +49,6 @@ use writer::{Op, PruneRange, WriterContext};
 const PRUNE_BATCH: i64 = 500;
 /// The pause between pruning steps, which leaves the writer to the requests.
 const PRUNE_PAUSE: Duration = Duration::from_millis(10);
-
-fn to_millis(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-fn from_millis(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-}
-
-/// The 16 bytes that stand for a dedup key in the index: 8 of the SHA-256 of its call part
-/// (before the last `:`), then 8 of its event part. A fixed, short entry instead of the
-/// text; and a call's events share a prefix, so they are found without an index of their
-/// own. Two keys may share the 16 bytes: the stored text decides.
-fn key(dedup_key: &str) -> [u8; 16] {
-    let (call, event) = dedup_key.rsplit_once(':').unwrap_or((dedup_key, ""));
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&Sha256::digest(call.as_bytes())[..8]);
-    key[8..].copy_from_slice(&Sha256::digest(event.as_bytes())[..8]);
-    key
-}
-
-/// The range of keys of the events of call `call_id`.
-fn call_range(call_id: &str) -> ([u8; 16], [u8; 16]) {
-    let mut low = [0u8; 16];
-    low[..8].copy_from_slice(&Sha256::digest(call_id.as_bytes())[..8]);
-    let mut high = low;
-    high[8..].fill(0xff);
-    (low, high)
-}
-
-/// SQL true for the events (`e`) whose key lies between the parameters `low` and `high`:
-/// those in the dedup index's runs, and those of the log after the last run (whose keys
-/// only the writer's memory holds). `CROSS JOIN` keeps SQLite reading the few runs first
-/// and searching each, rather than scanning every key.
-fn keyed(low: &str, high: &str) -> String {
-    format!(
-        "e.id IN (SELECT d.id FROM dedup_runs r CROSS JOIN dedup d ON d.run = r.last
-                      AND d.key BETWEEN {low} AND {high}
-                  UNION ALL
-                  SELECT t.id FROM events t
-                  WHERE t.id > (SELECT COALESCE(MAX(last), 0) FROM dedup_runs)
-                    AND t.key BETWEEN {low} AND {high})"
-    )
-}
-
-/// The sinks an event was routed to, as stored: `,a,b,` (empty for none).
-fn sinks_text(sinks: &[Arc<str>]) -> String {
-    if sinks.is_empty() {
-        return String::new();
-    }
-    let mut text = String::from(",");
-    for sink in sinks {
-        text.push_str(sink);
-        text.push(',');
-    }
-    text
-}
-
-fn sink_names(text: &str) -> impl Iterator<Item = &str> {
-    text.split(',').filter(|s| !s.is_empty())
-}
-
-/// Payloads as signed; [`CODEC_ZSTD`]: zstd-compressed, which JSON with transcripts takes
-/// well (the bytes a sink receives are always the signed ones).
-const CODEC_RAW: i64 = 0;
-const CODEC_ZSTD: i64 = 1;
-/// zstd's level: fast, and most of the gain of the higher ones on JSON this size.
-const ZSTD_LEVEL: i32 = 3;
-
-/// The largest payload a stored frame may claim to hold: far above any body the server
-/// accepts, so only a damaged row is refused, before a large allocation.
-const MAX_STORED_PAYLOAD: u64 = 64 * 1024 * 1024;
-
-thread_local! {
-    // A zstd context costs more to create than to compress a webhook with: each thread
-    // keeps one of each.
-    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-}
-
-/// The payload as stored, and how.
-fn compress(payload: &[u8]) -> (Vec<u8>, i64) {
-    let packed = COMPRESSOR.with_borrow_mut(|slot| {
-        if slot.is_none() {
-            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
-        }
-        slot.as_mut().map(|c| c.compress(payload))
-    });
-    match packed {
-        Some(Ok(packed)) if packed.len() < payload.len() => (packed, CODEC_ZSTD),
-        _ => (payload.to_vec(), CODEC_RAW),
-    }
-}
-
-/// The payload as signed, from what is stored.
-fn decompress(codec: i64, stored: Vec<u8>) -> std::io::Result<Bytes> {
-    if codec != CODEC_ZSTD {
-        return Ok(Bytes::from(stored));
-    }
-    let size = zstd::zstd_safe::get_frame_content_size(&stored)
-        .ok()
-        .flatten()
-        .filter(|size| *size <= MAX_STORED_PAYLOAD)
-        .and_then(|size| usize::try_from(size).ok())
-        .ok_or_else(|| std::io::Error::other("no plausible content size in the zstd frame"))?;
-    DECOMPRESSOR.with_borrow_mut(|slot| {
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match slot.as_mut() {
-            Some(d) => d.decompress(&stored, size).map(Bytes::from),
-            None => Err(std::io::Error::other("no zstd decompressor")),
-        }
-    })
-}
 
 /// SQLite's errors reach the rest of the crate as the store's, whole.
 impl From<rusqlite::Error> for StoreError {

@@ -8,9 +8,10 @@ use std::time::SystemTime;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::claims::{HeldBack, Snapshot};
+use super::keys::{key, keyed};
+use super::millis::{from_millis, to_millis};
 use super::schema;
 use super::writer::WAITING;
-use super::{from_millis, to_millis};
 use crate::event::Source;
 use crate::store::{SinkStats, Stats, StoreError, TrackedCall};
 
@@ -352,9 +353,9 @@ pub(super) fn next_poll(conn: &Connection) -> rusqlite::Result<Option<SystemTime
 pub(super) fn has_event(conn: &Connection, dedup_key: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached(&format!(
         "SELECT 1 FROM events e WHERE {} AND e.dedup_key = ?2",
-        super::keyed("?1", "?1")
+        keyed("?1", "?1")
     ))?
-    .query_row(params![&super::key(dedup_key)[..], dedup_key], |_| Ok(()))
+    .query_row(params![&key(dedup_key)[..], dedup_key], |_| Ok(()))
     .optional()
     .map(|found| found.is_some())
 }

@@ -293,7 +293,7 @@ fn to_event_log(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
             let dedup_key: String = r.get(1)?;
             write.execute(rusqlite::params![
                 r.get::<_, i64>(0)?,
-                &super::key(&dedup_key)[..],
+                &super::keys::key(&dedup_key)[..],
                 dedup_key,
                 r.get::<_, String>(2)?,
                 r.get::<_, Option<String>>(3)?,

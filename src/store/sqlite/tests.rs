@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use rusqlite::Connection;
 
-use super::{schema, to_millis, writer};
+use super::millis::{from_millis, to_millis};
+use super::{schema, writer};
 use crate::config::{StoreConfig, Synchronous};
 use crate::event::Event;
 use crate::store::{Ingested, Settlement, Store, StoreOptions, now};
@@ -678,27 +679,27 @@ async fn a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own() {
 #[test]
 fn a_stored_payload_comes_back_byte_identical_and_a_damaged_frame_is_an_error() {
     let body = crate::trigger::payload("call_completed", "call-z1");
-    let (stored, codec) = super::compress(body.as_bytes());
-    assert_eq!(codec, super::CODEC_ZSTD, "JSON this size compresses");
+    let (stored, codec) = super::codec::compress(body.as_bytes());
+    assert_eq!(codec, super::codec::CODEC_ZSTD, "JSON this size compresses");
     assert!(stored.len() < body.len());
-    let back = super::decompress(codec, stored.clone()).expect("decompresses");
+    let back = super::codec::decompress(codec, stored.clone()).expect("decompresses");
     assert_eq!(&back[..], body.as_bytes());
     // Twice on one thread: the context is reused, not spent.
     assert_eq!(
-        &super::decompress(codec, stored.clone()).expect("again")[..],
+        &super::codec::decompress(codec, stored.clone()).expect("again")[..],
         body.as_bytes()
     );
 
-    let (raw, codec) = super::compress(b"{}");
+    let (raw, codec) = super::codec::compress(b"{}");
     assert_eq!(
         (raw.as_slice(), codec),
-        (&b"{}"[..], super::CODEC_RAW),
+        (&b"{}"[..], super::codec::CODEC_RAW),
         "too small to gain"
     );
 
     let mut damaged = stored;
     damaged.truncate(damaged.len() / 2);
-    assert!(super::decompress(super::CODEC_ZSTD, damaged).is_err());
+    assert!(super::codec::decompress(super::codec::CODEC_ZSTD, damaged).is_err());
 }
 
 /// Row ids of a claim's deliveries.
@@ -830,7 +831,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     db.execute(
         "UPDATE events SET codec = ?1, payload = X'00010203' WHERE id = 2",
-        [super::CODEC_ZSTD],
+        [super::codec::CODEC_ZSTD],
     )
     .expect("damage");
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
@@ -982,7 +983,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
     assert_eq!(shown.0, "pending");
     assert_eq!(
         store.next_due("a").await.expect("next due"),
-        Some(in_an_hour).map(|t| super::from_millis(to_millis(t))),
+        Some(in_an_hour).map(|t| from_millis(to_millis(t))),
         "a waiting row has no time of its own"
     );
     drop(store);

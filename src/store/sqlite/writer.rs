@@ -18,12 +18,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::admin;
 use super::claims::{Change, Claims, Outcome};
 use super::dedup::Dedup;
-use super::{now, to_millis};
+use super::keys::key;
+use super::millis::to_millis;
+use super::sink_list::{sink_names, sinks_text};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
 use crate::store::operator::{Replay, Replayed};
 use crate::store::wakers::Wakers;
-use crate::store::{Ingested, Kept, PollUpdate, Quarantined, StoreError};
+use crate::store::{Ingested, Kept, PollUpdate, Quarantined, StoreError, now};
 
 /// Most operations committed in one transaction.
 pub(super) const MAX_GROUP: usize = 512;
@@ -151,7 +153,7 @@ impl Op {
                 outcome,
                 ..
             } => {
-                let key = super::key(&event.dedup_key);
+                let key = key(&event.dedup_key);
                 let dedup = index.get(tx)?;
                 if dedup.seen(tx, &key, &event.dedup_key)? {
                     *outcome = Ingested::Duplicate;
@@ -171,7 +173,7 @@ impl Op {
                     event.call_id,
                     event.source.as_str(),
                     now,
-                    super::sinks_text(sinks),
+                    sinks_text(sinks),
                     *codec,
                     &stored[..]
                 ])?;
@@ -508,7 +510,7 @@ fn prune(
                 (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
             oldest = Some(oldest.map_or(received_at, |o| o.min(received_at)));
             let done = !kept.contains(&id)
-                && super::sink_names(&sinks)
+                && sink_names(&sinks)
                     .all(|sink| cursors.get(sink).is_some_and(|position| *position >= id));
             if !done {
                 continue;
