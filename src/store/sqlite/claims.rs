@@ -54,6 +54,13 @@ struct SinkState {
     /// Those of `writing` whose outcome ends the delivery (delivered or dead): a held event
     /// of their call need not wait for them.
     ending: BTreeSet<i64>,
+    /// First attempts that a held back event waits for: their end (delivered or dead)
+    /// releases the call's waiting row. Any other first attempt's end has nothing to
+    /// release, and writes nothing: the cursor passes it.
+    holding: BTreeSet<i64>,
+    /// Waiting rows were in the store when this process started: they may wait for any
+    /// first attempt up to this event, which releases its call when it ends.
+    held_before_start: i64,
     /// The sink said it is unavailable: nothing is handed out before this.
     paused_until: Option<Instant>,
 }
@@ -233,14 +240,16 @@ impl Claims {
         })
     }
 
-    /// The cursor read from the store, the first time a sink claims.
-    pub(super) fn set_position(&self, sink: &str, position: i64) {
+    /// The cursor read from the store, the first time a sink claims, and the last event
+    /// that a waiting row already in the store may wait for (0: none waits).
+    pub(super) fn set_position(&self, sink: &str, position: i64, held_before_start: i64) {
         let mut state = self.lock();
         let (_, s) = Claims::sink(&mut state, sink);
         if s.position.is_none() {
             s.position = Some(position);
             s.persisted = position;
             s.scanned_to = position;
+            s.held_before_start = held_before_start;
         }
     }
 
@@ -272,6 +281,9 @@ impl Claims {
         // back stays held.
         let mut moved = Outcome::default();
         for h in held {
+            if s.fresh.contains_key(&h.behind) {
+                s.holding.insert(h.behind);
+            }
             // Settled once its row is written; until then, being written holds the cursor.
             s.done.insert(h.id);
             s.writing.insert(h.id, Some(h.call_id.clone()));
@@ -327,7 +339,11 @@ impl Claims {
                 let Some(call_id) = s.fresh.remove(&event_id) else {
                     continue;
                 };
-                if let (Some(call_id), true) = (&call_id, ends(settlement)) {
+                // A postponed event goes out again as a first attempt: what waits for it
+                // still does.
+                let holds = !matches!(settlement, Settlement::Postpone { .. })
+                    && (s.holding.remove(&event_id) || event_id <= s.held_before_start);
+                if let (Some(call_id), true) = (&call_id, holds && ends(settlement)) {
                     out.changes.push(Change::Release {
                         sink: sink.clone(),
                         call_id: call_id.clone(),
@@ -597,7 +613,7 @@ mod tests {
     #[test]
     fn the_cursor_passes_only_what_is_settled_in_order() {
         let claims = Claims::default();
-        claims.set_position("a", 0);
+        claims.set_position("a", 0, 0);
         let c = claimed(&claims, "a", &[1, 2, 3], 3);
         let id = |row| Claims::id(c, row, false);
         let out = claims.settle(&[Settlement::Delivered { id: id(2) }]);
@@ -642,7 +658,7 @@ mod tests {
     #[test]
     fn a_released_or_postponed_event_keeps_the_cursor_before_it_and_a_postponement_pauses() {
         let claims = Claims::default();
-        claims.set_position("a", 10);
+        claims.set_position("a", 10, 0);
         let c = claimed(&claims, "a", &[11, 12], 12);
         claims.release(&[Claims::id(c, 11, false)]);
         let out = claims.settle(&[Settlement::Delivered {
@@ -663,7 +679,7 @@ mod tests {
     #[test]
     fn a_held_back_event_holds_the_cursor_only_until_its_waiting_row_is_written() {
         let claims = Claims::default();
-        claims.set_position("a", 0);
+        claims.set_position("a", 0, 0);
         let call = || Some("call-1".to_owned());
         let held = vec![HeldBack {
             id: 2,
@@ -705,38 +721,116 @@ mod tests {
         assert!(!claims.may_come_later("a", 3), "3 was delivered");
     }
 
+    fn releases(out: &Outcome) -> Vec<&str> {
+        out.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Release { call_id, .. } => Some(call_id.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn call(name: &str) -> Option<String> {
+        Some(name.to_owned())
+    }
+
     #[test]
-    fn an_event_that_ends_its_call_releases_the_calls_next_waiting_row() {
+    fn an_ended_delivery_releases_its_call_only_when_an_event_may_wait_for_it() {
         let claims = Claims::default();
-        claims.set_position("a", 0);
-        let call = Some("call-1".to_owned());
+        claims.set_position("a", 0, 0);
+        let held = vec![HeldBack {
+            id: 3,
+            call_id: "call-1".to_owned(),
+            behind: 1,
+        }];
+        let fresh = [(1, call("call-1")), (2, call("call-2"))];
+        let retries = [(5, call("call-3"))];
         let (c, _) = claims.record(
             "a",
-            found(&[(1, call.clone())], &[(5, call)], Vec::new(), Some(1)),
+            found(&fresh, &retries, held, Some(3)),
             &BTreeSet::new(),
         );
         let out = claims.settle(&[
             Settlement::Delivered {
                 id: Claims::id(c, 1, false),
             },
+            Settlement::Delivered {
+                id: Claims::id(c, 2, false),
+            },
             Settlement::Dead {
                 id: Claims::id(c, 5, true),
                 error: "gone".into(),
             },
         ]);
-        let released = out
-            .changes
-            .iter()
-            .filter(|c| matches!(c, Change::Release { call_id, .. } if call_id == "call-1"))
-            .count();
-        assert_eq!(released, 2, "{:?}", out.changes);
+        assert_eq!(
+            releases(&out),
+            ["call-1", "call-3"],
+            "3 waits for 1 and a retry row may have waiting rows behind it; nothing waits for 2"
+        );
         assert!(!claims.may_come_later("a", 5), "5 is dead, being written");
+    }
+
+    #[test]
+    fn a_postponed_event_that_holds_another_releases_it_when_it_goes_out_again_and_ends() {
+        let claims = Claims::default();
+        claims.set_position("a", 0, 0);
+        let held = vec![HeldBack {
+            id: 2,
+            call_id: "call-1".to_owned(),
+            behind: 1,
+        }];
+        let (c, _) = claims.record(
+            "a",
+            found(&[(1, call("call-1"))], &[], held, Some(2)),
+            &BTreeSet::new(),
+        );
+        let out = claims.settle(&[Settlement::Postpone {
+            id: Claims::id(c, 1, false),
+            at: SystemTime::now(),
+            error: "cannot connect".into(),
+        }]);
+        assert!(releases(&out).is_empty(), "1 has not ended");
+        let (c, _) = claims.record(
+            "a",
+            found(&[(1, call("call-1"))], &[], Vec::new(), Some(2)),
+            &BTreeSet::new(),
+        );
+        let out = claims.settle(&[Settlement::Delivered {
+            id: Claims::id(c, 1, false),
+        }]);
+        assert_eq!(releases(&out), ["call-1"]);
+    }
+
+    #[test]
+    fn after_a_restart_with_waiting_rows_every_event_up_to_the_last_stored_releases_its_call() {
+        let claims = Claims::default();
+        claims.set_position("a", 0, 4);
+        let fresh = [(2, call("call-2")), (6, call("call-6"))];
+        let (c, _) = claims.record(
+            "a",
+            found(&fresh, &[], Vec::new(), Some(6)),
+            &BTreeSet::new(),
+        );
+        let out = claims.settle(&[
+            Settlement::Delivered {
+                id: Claims::id(c, 2, false),
+            },
+            Settlement::Delivered {
+                id: Claims::id(c, 6, false),
+            },
+        ]);
+        assert_eq!(
+            releases(&out),
+            ["call-2"],
+            "a row written before the restart may wait for 2, none for 6"
+        );
     }
 
     #[test]
     fn a_failed_first_attempt_keeps_its_call_in_hand_until_its_retry_row_is_written() {
         let claims = Claims::default();
-        claims.set_position("a", 0);
+        claims.set_position("a", 0, 0);
         let call = Some("call-1".to_owned());
         let fresh = [(1, call.clone())];
         let (c, _) = claims.record(
@@ -759,7 +853,7 @@ mod tests {
     #[test]
     fn a_settled_retry_is_not_handed_out_again_until_its_row_is_written() {
         let claims = Claims::default();
-        claims.set_position("a", 0);
+        claims.set_position("a", 0, 0);
         let call = Some("call-1".to_owned());
         let retries = [(4, call.clone())];
         let (c, _) = claims.record(
@@ -787,7 +881,7 @@ mod tests {
     #[test]
     fn an_event_handed_back_while_another_claim_scans_is_not_passed_by_the_cursor() {
         let claims = Claims::default();
-        claims.set_position("a", 0);
+        claims.set_position("a", 0, 0);
         let first = claimed(&claims, "a", &[1, 2], 2);
         // A second claim starts: it skips 1 and 2, in hand.
         let snapshot = claims.snapshot("a").expect("not paused");

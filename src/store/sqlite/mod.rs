@@ -249,11 +249,16 @@ impl SqliteStore {
             Some(position) => position,
             None => {
                 let name = sink.to_owned();
-                let position = self
+                let (position, held) = self
                     .readers
-                    .with(move |conn| reader::position(conn, &name))
+                    .with(move |conn| {
+                        Ok((
+                            reader::position(conn, &name)?,
+                            reader::held_before_start(conn, &name)?,
+                        ))
+                    })
                     .await?;
-                self.claims.set_position(sink, position);
+                self.claims.set_position(sink, position, held);
                 snapshot.position = Some(position);
                 position
             }
