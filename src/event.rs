@@ -80,7 +80,7 @@ impl Timestamp {
     }
 }
 
-/// Which delivery a sink is handed: the outbox row, and the claim it was handed out
+/// Which delivery a sink is handed: the (event, sink) pair, and the claim it was handed out
 /// under (a store shared by several replicas refuses an outcome whose claim has expired).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeliveryId {

@@ -1,6 +1,6 @@
 //! The missed-analysis fallback: polls Vyora's REST API for calls whose
 //! `all_processing_completed` webhook never arrived, and stores what it finds through the
-//! same dedup-and-outbox path as webhooks, marked `source = "poll"`.
+//! same dedup-and-store path as webhooks, marked `source = "poll"`.
 //!
 //! The schedule lives in the store (`polls`), so a restart neither forgets a call nor
 //! polls one early. Every request waits on the shared [`RateLimiter`](crate::api::RateLimiter).

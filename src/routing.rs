@@ -1,5 +1,5 @@
 //! Routing: which sinks receive which event. Decided once, when the event is stored, so
-//! the outbox rows record it and a later config change never rewrites history.
+//! the stored deliveries record it and a later config change never rewrites history.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The HTTP front: accept loop, limits, routing of requests, and the one place where
 //! outcomes become status codes.
 //!
-//! A webhook is answered 200 only after its event and outbox rows are committed; the
+//! A webhook is answered 200 only after its event and its deliveries are committed; the
 //! request never waits on a sink.
 
 mod admission;

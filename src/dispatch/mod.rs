@@ -1,4 +1,4 @@
-//! Outbox dispatchers: one per sink, claiming due rows, delivering them, and recording the
+//! Dispatchers: one per sink, claiming due deliveries, delivering them, and recording the
 //! outcome; failures retry with exponential backoff and full jitter until the row goes dead.
 //!
 //! The dispatcher holds at most `batch_size * concurrency` rows in memory, whatever the
@@ -26,7 +26,7 @@ use crate::store::{self, Settlement, Store};
 
 /// Payload bytes fetched for one batch at most (at least one row is always taken).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// A dispatcher re-checks the outbox at least this often, in case a wake-up was missed
+/// A dispatcher re-checks its sink's queue at least this often, in case a wake-up was missed
 /// (rows written by another process, such as an operator's replay).
 const POLL_FALLBACK: Duration = Duration::from_secs(2);
 /// Under load, a dispatcher fetches at most once per this interval (unless it is draining
@@ -203,7 +203,7 @@ impl Dispatcher {
                         claims.insert(task.id(), claimed);
                     }
                     Err(e) => {
-                        tracing::error!(sink = %name, error = %e, "cannot read the outbox");
+                        tracing::error!(sink = %name, error = %e, "cannot read the sink's queue");
                         store_failed = true;
                         break;
                     }
@@ -296,7 +296,7 @@ impl Dispatcher {
                 .min(POLL_FALLBACK),
             Ok(None) => POLL_FALLBACK,
             Err(e) => {
-                tracing::error!(sink = %name, error = %e, "cannot read the outbox");
+                tracing::error!(sink = %name, error = %e, "cannot read the sink's queue");
                 STORE_RETRY
             }
         }

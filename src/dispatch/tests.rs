@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use rusqlite::Connection;
 
 use super::*;
 use crate::config::{StoreConfig, Synchronous};
@@ -95,30 +94,38 @@ async fn setup(
     (dir, store, sink, stop)
 }
 
-fn row(dir: &tempfile::TempDir) -> (String, u32, Option<String>) {
-    Connection::open(dir.path().join("router.db"))
-        .expect("open")
-        .query_row("SELECT status, attempts, last_error FROM outbox", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .expect("one row")
+/// The delivery of call `c1`'s one event to `sink`, as the operator commands see it.
+async fn delivery(store: &Store, sink: &str) -> (String, u32, Option<String>) {
+    let events = store.show_events("c1").await.expect("events of c1");
+    let [event] = events.as_slice() else {
+        panic!("one event of c1, found {}", events.len());
+    };
+    let d = event
+        .deliveries
+        .iter()
+        .find(|d| d.sink == sink)
+        .unwrap_or_else(|| panic!("a delivery to {sink}"));
+    (d.status.clone(), d.attempts, d.last_error.clone())
 }
 
-async fn wait_for_status(dir: &tempfile::TempDir, status: &str) -> (String, u32, Option<String>) {
+async fn wait_for_status(store: &Store, status: &str) -> (String, u32, Option<String>) {
     for _ in 0..500 {
-        let r = row(dir);
+        let r = delivery(store, "flaky").await;
         if r.0 == status {
             return r;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("row never became {status}: {:?}", row(dir));
+    panic!(
+        "row never became {status}: {:?}",
+        delivery(store, "flaky").await
+    );
 }
 
 #[tokio::test]
 async fn a_sink_that_fails_twice_is_retried_and_delivers_once() {
-    let (dir, _store, sink, stop) = setup(2, 12).await;
-    let (_, attempts, error) = wait_for_status(&dir, "delivered").await;
+    let (_dir, store, sink, stop) = setup(2, 12).await;
+    let (_, attempts, error) = wait_for_status(&store, "delivered").await;
     assert_eq!(attempts, 3);
     assert_eq!(error, None);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -131,8 +138,8 @@ async fn a_sink_that_fails_twice_is_retried_and_delivers_once() {
 
 #[tokio::test]
 async fn a_row_that_keeps_failing_goes_dead_after_max_attempts() {
-    let (dir, _store, sink, stop) = setup(usize::MAX, 3).await;
-    let (_, attempts, error) = wait_for_status(&dir, "dead").await;
+    let (_dir, store, sink, stop) = setup(usize::MAX, 3).await;
+    let (_, attempts, error) = wait_for_status(&store, "dead").await;
     assert_eq!(attempts, 3);
     assert!(
         error
@@ -220,25 +227,15 @@ async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() 
     let (stop, running) =
         dispatch_with_a_minute_of_backoff(sink.clone(), &store, Duration::from_millis(100));
 
-    let db = Connection::open(dir.path().join("router.db")).expect("open");
-    let poisoned = || -> (u32, Option<String>) {
-        db.query_row(
-            "SELECT o.attempts, o.last_error FROM outbox o JOIN events e ON e.id = o.event_id
-             WHERE e.call_id = 'c1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .expect("row")
-    };
     for _ in 0..500 {
-        if poisoned().0 > 0 {
+        if delivery(&store, "panicky").await.1 > 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Give a busy loop time to show itself.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (attempts, error) = poisoned();
+    let (_, attempts, error) = delivery(&store, "panicky").await;
     assert_eq!(attempts, 1, "one failed attempt, then the backoff");
     assert!(error.unwrap_or_default().contains("poison"));
     assert_eq!(sink.panics.load(Ordering::SeqCst), 1, "no busy loop");
@@ -293,14 +290,7 @@ async fn a_delivery_that_panics_while_the_dispatcher_drains_counts_a_failed_atte
     tokio::time::sleep(Duration::from_millis(50)).await;
     sink.release.notify_one();
     running.await.expect("dispatcher ends");
-    let db = Connection::open(dir.path().join("router.db")).expect("open");
-    let (status, attempts, error): (String, u32, Option<String>) = db
-        .query_row(
-            "SELECT status, attempts, last_error FROM outbox WHERE sink = 'late'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .expect("row");
+    let (status, attempts, error) = delivery(&store, "late").await;
     assert_eq!((status.as_str(), attempts), ("pending", 1));
     assert!(error.unwrap_or_default().contains("late poison"));
 }

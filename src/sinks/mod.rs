@@ -13,9 +13,7 @@ pub mod flow;
 pub mod http;
 pub mod redis;
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +21,8 @@ use crate::event::Delivery;
 use crate::redact::Redaction;
 use crate::routing::{EventSelector, Filter, Route};
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// The futures sinks return: the ecosystem's one type, shared with the store's.
+pub use futures_util::future::BoxFuture;
 
 /// A destination for events.
 ///

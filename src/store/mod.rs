@@ -18,10 +18,8 @@ mod postgres;
 mod sqlite;
 mod wakers;
 
-use std::future::Future;
 use std::ops::Deref;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +31,8 @@ use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
 use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause};
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// The futures engines return: the ecosystem's one type, shared with the sinks'.
+pub use futures_util::future::BoxFuture;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// What a store does, whatever the engine. See the module documentation for the

@@ -9,7 +9,7 @@
 //! filter in memory, so a lookup reads only the runs that may hold the key; pruning
 //! deletes a run whole once none of its events is left.
 //!
-//! Writing or deleting a run takes [`CHUNK`] keys per commit of the writer, never all at
+//! PartialRun or deleting a run takes [`CHUNK`] keys per commit of the writer, never all at
 //! once: 65,536 keys in one transaction held every request waiting on it for about
 //! 100 ms.
 
@@ -37,7 +37,7 @@ struct Run {
 }
 
 /// A run being written, a chunk per commit; its keys are looked up here until it is whole.
-struct Writing {
+struct PartialRun {
     first: i64,
     last: i64,
     /// In key order.
@@ -53,7 +53,7 @@ pub(super) struct Dedup {
     chunk: usize,
     /// Keys of the events after the last run (and the run being written), with their ids.
     recent: BTreeSet<(Key, i64)>,
-    writing: Option<Writing>,
+    writing: Option<PartialRun>,
     /// Oldest first.
     runs: Vec<Run>,
     /// The id the next event gets: ids only grow, even once pruning has deleted the
@@ -253,7 +253,7 @@ impl Dedup {
         if self.writing.is_none() && self.recent.len() >= self.run_size {
             // `begin` came before: nothing of the open transaction is in `recent` yet.
             let keys: Vec<(Key, i64)> = std::mem::take(&mut self.recent).into_iter().collect();
-            self.writing = Some(Writing {
+            self.writing = Some(PartialRun {
                 first: self.runs.last().map_or(1, |r| r.last + 1),
                 last: self.next_id - 1,
                 keys,

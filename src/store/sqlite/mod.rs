@@ -163,11 +163,11 @@ impl SqliteStore {
     }
 
     /// One pruning step through the writer.
-    async fn prune_step(&self, range: PruneRange) -> Result<writer::Pruned> {
+    async fn prune_step(&self, range: PruneRange) -> Result<writer::PruneStep> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Prune {
             range,
-            outcome: writer::Pruned::default(),
+            outcome: writer::PruneStep::default(),
             reply,
         };
         self.submit(op, rx).await

@@ -79,8 +79,8 @@ pub(super) enum Op {
     Prune {
         range: PruneRange,
         /// Set by `apply`, answered after commit.
-        outcome: Pruned,
-        reply: oneshot::Sender<Result<Pruned, StoreError>>,
+        outcome: PruneStep,
+        reply: oneshot::Sender<Result<PruneStep, StoreError>>,
     },
     Replay {
         sink: String,
@@ -108,7 +108,7 @@ pub(super) struct PruneRange {
 
 /// What a pruning step did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Pruned {
+pub(super) struct PruneStep {
     pub payloads: usize,
     pub events: usize,
     /// The range's oldest event is too recent to prune: later ids are newer still.
@@ -483,7 +483,7 @@ fn prune(
     tx: &rusqlite::Transaction<'_>,
     range: &PruneRange,
     dedup: &mut Dedup,
-) -> rusqlite::Result<Pruned> {
+) -> rusqlite::Result<PruneStep> {
     let payloads_before = to_millis(range.payloads_before);
     let keys_before = to_millis(range.keys_before);
     let cursors: HashMap<String, i64> = tx
@@ -546,7 +546,7 @@ fn prune(
     let next = tx
         .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
         .query_row(params![range.to], |r| r.get(0))?;
-    Ok(Pruned {
+    Ok(PruneStep {
         payloads: emptied.len(),
         events: deleted.len(),
         reached_recent: oldest.is_some_and(|t| t >= payloads_before),
