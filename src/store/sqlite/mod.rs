@@ -15,11 +15,14 @@ mod dedup;
 pub(super) mod export;
 mod keys;
 mod millis;
+mod prune;
 mod reader;
 pub(super) mod schema;
+mod settle;
 mod sink_list;
 #[cfg(test)]
 mod tests;
+mod wal;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,8 +45,9 @@ use crate::store::{
 use claims::{Claimed, Claims, Outcome};
 use codec::{compress, decompress};
 use millis::to_millis;
+use prune::{PruneRange, PruneStep};
 use reader::Readers;
-use writer::{Op, PruneRange, WriterContext};
+use writer::{Op, WriterContext};
 
 /// Events examined per pruning step (one short write transaction each).
 const PRUNE_BATCH: i64 = 500;
@@ -111,13 +115,13 @@ impl SqliteStore {
         schema::migrate(&mut conn, &path)?;
         // Checkpoints run on their own thread, not inside a commit that requests wait for.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        conn.pragma_update(None, "journal_size_limit", writer::WAL_TARGET_BYTES as i64)?;
+        conn.pragma_update(None, "journal_size_limit", wal::WAL_TARGET_BYTES as i64)?;
         let checkpointer = schema::connect(&path, config.synchronous)?;
         // The writer signals each commit; the checkpointer sleeps while nothing is written.
         let (commit_signal, commits) = std::sync::mpsc::sync_channel::<()>(1);
         std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || writer::checkpoint_loop(&checkpointer, &commits))
+            .spawn(move || wal::checkpoint_loop(&checkpointer, &commits))
             .map_err(StoreError::Thread)?;
 
         let (tx, rx) = mpsc::channel(writer::QUEUE_DEPTH);
@@ -163,11 +167,11 @@ impl SqliteStore {
     }
 
     /// One pruning step through the writer.
-    async fn prune_step(&self, range: PruneRange) -> Result<writer::PruneStep> {
+    async fn prune_step(&self, range: PruneRange) -> Result<PruneStep> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Prune {
             range,
-            outcome: writer::PruneStep::default(),
+            outcome: PruneStep::default(),
             reply,
         };
         self.submit(op, rx).await

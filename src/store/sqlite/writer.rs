@@ -3,24 +3,27 @@
 //! It takes whatever is queued (up to [`MAX_GROUP`] operations), applies it in one
 //! transaction, commits with a single fsync, and only then answers each waiting caller.
 //! Under load many requests share one fsync, which is what lets `synchronous = FULL` keep
-//! up. Checkpoints run on a thread of their own (see [`checkpoint_loop`]).
+//! up. Checkpoints run on a thread of their own (see [`super::wal::checkpoint_loop`]).
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
-use super::claims::{Change, Claims, Outcome};
+use super::claims::{Claims, Outcome};
 use super::dedup::Dedup;
 use super::keys::key;
 use super::millis::to_millis;
-use super::sink_list::{sink_names, sinks_text};
+use super::prune::{PruneRange, PruneStep, prune};
+use super::settle::settle;
+use super::sink_list::sinks_text;
+use super::wal::{WAL_LIMIT_BYTES, WAL_TARGET_BYTES, limit_wal};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
 use crate::store::operator::{Replay, Replayed};
@@ -31,14 +34,6 @@ use crate::store::{Ingested, Kept, PollUpdate, Quarantined, StoreError, now};
 pub(super) const MAX_GROUP: usize = 512;
 /// Operations waiting for the writer; callers beyond this wait for room (and time out).
 pub(super) const QUEUE_DEPTH: usize = 1024;
-/// How often the background checkpointer copies committed WAL frames into the database.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(10);
-/// WAL size the writer keeps the log near (see [`checkpoint_loop`]); SQLite also cuts the
-/// file back to it whenever the log restarts.
-pub(super) const WAL_TARGET_BYTES: u64 = 4 * 1024 * 1024;
-/// Past this the writer truncates the log whatever it costs: disk use stays bounded even
-/// if checkpoints cannot keep up.
-const WAL_LIMIT_BYTES: u64 = 256 * 1024 * 1024;
 /// How often at most the writer finishes a checkpoint itself.
 const WRITER_CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
@@ -91,33 +86,6 @@ pub(super) enum Op {
     },
     /// Commit what came before, then stop: the store is closing.
     Close,
-}
-
-/// One pruning step: the events with ids in `[from, to)`.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct PruneRange {
-    pub from: i64,
-    pub to: i64,
-    /// Payloads of events received before this, delivered to every sink, are emptied.
-    pub payloads_before: SystemTime,
-    /// Events (dedup keys) received before this, delivered to every sink, are deleted.
-    pub keys_before: SystemTime,
-    /// Runs of the dedup index starting before this id may be deleted, a chunk a step.
-    pub runs_before: i64,
-}
-
-/// What a pruning step did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct PruneStep {
-    pub payloads: usize,
-    pub events: usize,
-    /// The range's oldest event is too recent to prune: later ids are newer still.
-    pub reached_recent: bool,
-    /// The first event id at or after the range's end: where the next step starts, so a
-    /// run of deleted ids (behind an event kept for its dead delivery) is skipped.
-    pub next: Option<i64>,
-    /// A chunk of a run of the dedup index was deleted: there may be more.
-    pub runs_left: bool,
 }
 
 impl Op {
@@ -351,210 +319,6 @@ fn track_call(
     }
 }
 
-/// Writes what settling came to: retry rows for failed first attempts, updated or
-/// removed ones for retries, and the cursors that moved.
-/// `next_attempt_at` of a row waiting for an earlier event of its call: never due by
-/// itself; [`Change::Release`] makes it due once that event is delivered or dead.
-pub(super) const WAITING: i64 = i64::MAX;
-/// What a waiting row shows as its last error, to say why nothing happens to it.
-const WAITING_NOTE: &str = "waiting for an earlier event of its call";
-
-fn settle(
-    tx: &rusqlite::Transaction<'_>,
-    outcome: &Outcome,
-    now: i64,
-    claims: &Claims,
-) -> rusqlite::Result<()> {
-    for change in &outcome.changes {
-        match change {
-            Change::Failed {
-                sink,
-                event_id,
-                call_id,
-                dead,
-                next,
-                error,
-            } => tx
-                .prepare_cached(
-                    "INSERT INTO retries (sink, event_id, call_id, status, attempts,
-                                          next_attempt_at, last_error, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7)
-                     ON CONFLICT (sink, event_id) DO UPDATE SET status = excluded.status,
-                         attempts = retries.attempts + 1,
-                         next_attempt_at = excluded.next_attempt_at,
-                         last_error = excluded.last_error, updated_at = excluded.updated_at",
-                )?
-                .execute(params![
-                    sink,
-                    event_id,
-                    call_id,
-                    status(*dead),
-                    to_millis(*next),
-                    error,
-                    now
-                ])?,
-            Change::Again {
-                sink,
-                event_id,
-                dead,
-                counted,
-                next,
-                error,
-            } => tx
-                .prepare_cached(
-                    "UPDATE retries SET status = ?3, attempts = attempts + ?4,
-                         next_attempt_at = ?5, last_error = ?6, updated_at = ?7
-                     WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
-                )?
-                .execute(params![
-                    sink,
-                    event_id,
-                    status(*dead),
-                    i64::from(*counted),
-                    to_millis(*next),
-                    error,
-                    now
-                ])?,
-            Change::Delivered { sink, event_id } => tx
-                .prepare_cached(
-                    "UPDATE retries SET status = 'delivered', attempts = attempts + 1,
-                         last_error = NULL, updated_at = ?3
-                     WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
-                )?
-                .execute(params![sink, event_id, now])?,
-            Change::Held {
-                sink,
-                event_id,
-                call_id,
-                behind,
-            } => {
-                // Decided here, in the writer's order, not when the scan held it back: what
-                // it waited for may have ended since, its own release already written.
-                let waits = claims.may_come_later(sink, *behind)
-                    || tx
-                        .prepare_cached(
-                            "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2
-                             AND status = 'pending' AND event_id < ?3",
-                        )?
-                        .exists(params![sink, call_id, event_id])?;
-                let (next, note) = if waits {
-                    (WAITING, Some(WAITING_NOTE))
-                } else {
-                    (now, None)
-                };
-                tx.prepare_cached(
-                    "INSERT INTO retries (sink, event_id, call_id, status, attempts,
-                                          next_attempt_at, last_error, updated_at)
-                     VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6)
-                     ON CONFLICT (sink, event_id) DO NOTHING",
-                )?
-                .execute(params![sink, event_id, call_id, next, note, now])?
-            }
-            Change::Release { sink, call_id } => tx
-                .prepare_cached(
-                    "UPDATE retries SET next_attempt_at = ?3, last_error = NULL, updated_at = ?3
-                     WHERE sink = ?1 AND next_attempt_at = ?4 AND event_id = (
-                         SELECT MIN(event_id) FROM retries
-                         WHERE sink = ?1 AND call_id = ?2 AND status = 'pending')",
-                )?
-                .execute(params![sink, call_id, now, WAITING])?,
-        };
-    }
-    let mut cursor = tx.prepare_cached(
-        "INSERT INTO cursors (sink, position) VALUES (?1, ?2)
-         ON CONFLICT (sink) DO UPDATE SET position = MAX(position, excluded.position)",
-    )?;
-    for (sink, position) in &outcome.cursors {
-        cursor.execute(params![sink, position])?;
-    }
-    Ok(())
-}
-
-fn status(dead: bool) -> &'static str {
-    if dead { "dead" } else { "pending" }
-}
-
-/// Empties old payloads and deletes expired dedup keys in one id range, sparing every
-/// event not yet done for one of its sinks: after that sink's cursor, or with a retry row
-/// (pending or dead: its payload is needed to deliver or replay it). Quarantined bodies
-/// go with the payloads, finished poll records with the keys, and runs of the dedup index
-/// with their last event.
-fn prune(
-    tx: &rusqlite::Transaction<'_>,
-    range: &PruneRange,
-    dedup: &mut Dedup,
-) -> rusqlite::Result<PruneStep> {
-    let payloads_before = to_millis(range.payloads_before);
-    let keys_before = to_millis(range.keys_before);
-    let cursors: HashMap<String, i64> = tx
-        .prepare_cached("SELECT sink, position FROM cursors")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let kept: HashSet<i64> = tx
-        .prepare_cached(
-            "SELECT event_id FROM retries WHERE event_id >= ?1 AND event_id < ?2
-             AND status != 'delivered'",
-        )?
-        .query_map(params![range.from, range.to], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut oldest: Option<i64> = None;
-    let (mut emptied, mut deleted) = (Vec::new(), Vec::new());
-    {
-        let mut rows = tx.prepare_cached(
-            "SELECT id, sinks, received_at, length(payload) > 0 FROM events
-             WHERE id >= ?1 AND id < ?2",
-        )?;
-        let mut rows = rows.query(params![range.from, range.to])?;
-        while let Some(r) = rows.next()? {
-            let (id, sinks, received_at, has_payload): (i64, String, i64, bool) =
-                (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
-            oldest = Some(oldest.map_or(received_at, |o| o.min(received_at)));
-            let done = !kept.contains(&id)
-                && sink_names(&sinks)
-                    .all(|sink| cursors.get(sink).is_some_and(|position| *position >= id));
-            if !done {
-                continue;
-            }
-            if received_at < keys_before {
-                deleted.push(id);
-            } else if received_at < payloads_before && has_payload {
-                emptied.push(id);
-            }
-        }
-    }
-    let mut empty =
-        tx.prepare_cached("UPDATE events SET payload = X'', codec = 0 WHERE id = ?1")?;
-    for id in &emptied {
-        empty.execute(params![id])?;
-    }
-    let mut delete = tx.prepare_cached("DELETE FROM events WHERE id = ?1")?;
-    let mut forget = tx.prepare_cached("DELETE FROM retries WHERE event_id = ?1")?;
-    for id in &deleted {
-        delete.execute(params![id])?;
-        forget.execute(params![id])?;
-    }
-    tx.prepare_cached(
-        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 ORDER BY id LIMIT 100)",
-    )?
-    .execute(params![payloads_before])?;
-    tx.prepare_cached(
-        "DELETE FROM polls WHERE call_id IN (
-             SELECT call_id FROM polls WHERE status != 'waiting' AND updated_at < ?1 LIMIT 100)",
-    )?
-    .execute(params![keys_before])?;
-    let runs_left = dedup.prune(tx, range.runs_before)?;
-    let next = tx
-        .prepare_cached("SELECT MIN(id) FROM events WHERE id >= ?1")?
-        .query_row(params![range.to], |r| r.get(0))?;
-    Ok(PruneStep {
-        payloads: emptied.len(),
-        events: deleted.len(),
-        reached_recent: oldest.is_some_and(|t| t >= payloads_before),
-        next,
-        runs_left,
-    })
-}
-
 /// The writer's bounds that come from the config.
 pub(super) struct Limits {
     pub(super) quarantine_max_bytes: u64,
@@ -622,44 +386,6 @@ fn apply_all(
         op.apply(&tx, now, limits, index, claims)?;
     }
     tx.commit()
-}
-
-/// Copies committed WAL frames into the database file, at most every
-/// [`CHECKPOINT_INTERVAL`] and only after commits, concurrently with the writer, until
-/// the writer thread ends.
-///
-/// Checkpointing inside a commit (SQLite's default) stalls every request waiting on that
-/// commit for as long as the random page writes and the database fsync take: tens of
-/// milliseconds on a large store. Here the writer only finishes the job: a checkpoint on
-/// another connection cannot restart the log while commits keep arriving, so once the WAL
-/// passes [`WAL_TARGET_BYTES`] the writer checkpoints between two groups, which copies only
-/// the frames written since this thread's last pass, and the next transaction restarts
-/// the log.
-pub(super) fn checkpoint_loop(conn: &Connection, commits: &std::sync::mpsc::Receiver<()>) {
-    // Ends when the writer, the only sender, has ended.
-    while commits.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "background checkpoint failed");
-        }
-        std::thread::sleep(CHECKPOINT_INTERVAL);
-    }
-}
-
-/// Keeps the WAL near `target` bytes: past it, a checkpoint lets the log restart; past
-/// `limit`, the log is truncated outright.
-pub(super) fn limit_wal(conn: &Connection, wal: &Path, target: u64, limit: u64) {
-    let size = std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0);
-    if size <= target {
-        return;
-    }
-    let mode = if size > limit { "TRUNCATE" } else { "PASSIVE" };
-    match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-        r.get::<_, i64>(0)
-    }) {
-        Ok(0) => tracing::debug!(mode, size, "WAL checkpointed by the writer"),
-        Ok(_) => tracing::debug!(mode, "WAL checkpoint postponed: readers are still using it"),
-        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-    }
 }
 
 /// What the writer thread shares with the rest of the store.

@@ -1,0 +1,130 @@
+//! Settling in the writer's transaction: retry rows for failed first attempts, waiting
+//! rows for events held behind an earlier one of their call, releases, and cursor moves.
+
+use rusqlite::params;
+
+use super::claims::{Change, Claims, Outcome};
+use super::millis::to_millis;
+
+/// `next_attempt_at` of a row waiting for an earlier event of its call: never due by
+/// itself; [`Change::Release`] makes it due once that event is delivered or dead.
+pub(super) const WAITING: i64 = i64::MAX;
+/// What a waiting row shows as its last error, to say why nothing happens to it.
+const WAITING_NOTE: &str = "waiting for an earlier event of its call";
+
+/// Writes what settling came to: retry rows for failed first attempts, updated or
+/// removed ones for retries, and the cursors that moved.
+pub(super) fn settle(
+    tx: &rusqlite::Transaction<'_>,
+    outcome: &Outcome,
+    now: i64,
+    claims: &Claims,
+) -> rusqlite::Result<()> {
+    for change in &outcome.changes {
+        match change {
+            Change::Failed {
+                sink,
+                event_id,
+                call_id,
+                dead,
+                next,
+                error,
+            } => tx
+                .prepare_cached(
+                    "INSERT INTO retries (sink, event_id, call_id, status, attempts,
+                                          next_attempt_at, last_error, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7)
+                     ON CONFLICT (sink, event_id) DO UPDATE SET status = excluded.status,
+                         attempts = retries.attempts + 1,
+                         next_attempt_at = excluded.next_attempt_at,
+                         last_error = excluded.last_error, updated_at = excluded.updated_at",
+                )?
+                .execute(params![
+                    sink,
+                    event_id,
+                    call_id,
+                    status(*dead),
+                    to_millis(*next),
+                    error,
+                    now
+                ])?,
+            Change::Again {
+                sink,
+                event_id,
+                dead,
+                counted,
+                next,
+                error,
+            } => tx
+                .prepare_cached(
+                    "UPDATE retries SET status = ?3, attempts = attempts + ?4,
+                         next_attempt_at = ?5, last_error = ?6, updated_at = ?7
+                     WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
+                )?
+                .execute(params![
+                    sink,
+                    event_id,
+                    status(*dead),
+                    i64::from(*counted),
+                    to_millis(*next),
+                    error,
+                    now
+                ])?,
+            Change::Delivered { sink, event_id } => tx
+                .prepare_cached(
+                    "UPDATE retries SET status = 'delivered', attempts = attempts + 1,
+                         last_error = NULL, updated_at = ?3
+                     WHERE sink = ?1 AND event_id = ?2 AND status = 'pending'",
+                )?
+                .execute(params![sink, event_id, now])?,
+            Change::Held {
+                sink,
+                event_id,
+                call_id,
+                behind,
+            } => {
+                // Decided here, in the writer's order, not when the scan held it back: what
+                // it waited for may have ended since, its own release already written.
+                let waits = claims.may_come_later(sink, *behind)
+                    || tx
+                        .prepare_cached(
+                            "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2
+                             AND status = 'pending' AND event_id < ?3",
+                        )?
+                        .exists(params![sink, call_id, event_id])?;
+                let (next, note) = if waits {
+                    (WAITING, Some(WAITING_NOTE))
+                } else {
+                    (now, None)
+                };
+                tx.prepare_cached(
+                    "INSERT INTO retries (sink, event_id, call_id, status, attempts,
+                                          next_attempt_at, last_error, updated_at)
+                     VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?6)
+                     ON CONFLICT (sink, event_id) DO NOTHING",
+                )?
+                .execute(params![sink, event_id, call_id, next, note, now])?
+            }
+            Change::Release { sink, call_id } => tx
+                .prepare_cached(
+                    "UPDATE retries SET next_attempt_at = ?3, last_error = NULL, updated_at = ?3
+                     WHERE sink = ?1 AND next_attempt_at = ?4 AND event_id = (
+                         SELECT MIN(event_id) FROM retries
+                         WHERE sink = ?1 AND call_id = ?2 AND status = 'pending')",
+                )?
+                .execute(params![sink, call_id, now, WAITING])?,
+        };
+    }
+    let mut cursor = tx.prepare_cached(
+        "INSERT INTO cursors (sink, position) VALUES (?1, ?2)
+         ON CONFLICT (sink) DO UPDATE SET position = MAX(position, excluded.position)",
+    )?;
+    for (sink, position) in &outcome.cursors {
+        cursor.execute(params![sink, position])?;
+    }
+    Ok(())
+}
+
+fn status(dead: bool) -> &'static str {
+    if dead { "dead" } else { "pending" }
+}
