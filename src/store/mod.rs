@@ -35,9 +35,8 @@ use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, Sin
 pub use futures_util::future::BoxFuture;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// What a store does, whatever the engine. See the module documentation for the
-/// promises every implementation keeps.
-pub trait Backend: Send + Sync + 'static {
+/// Taking events in: the webhook and poller path.
+pub trait Ingest: Send + Sync + 'static {
     /// Stores `event` with one delivery per sink in `sinks`, unless its dedup key is
     /// already stored; answers once that is durable. A caller that stops waiting (its
     /// deadline passed) before the store reaches the write withdraws it, so what was
@@ -52,6 +51,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Why the store cannot take writes right now, if it cannot (reported by `/readyz`).
     fn unready(&self) -> Option<String>;
 
+    /// Whether an event with this dedup key is stored.
+    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>>;
+}
+
+/// One sink's deliveries, as its dispatcher takes and settles them.
+pub trait SinkQueue: Send + Sync + 'static {
     /// Up to `limit` due deliveries of `sink` (and at most about `max_bytes` of payload,
     /// at least one), oldest first, none already claimed and none whose call has an
     /// earlier delivery pending on this sink. They stay claimed until settled or released.
@@ -75,30 +80,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Signalled when deliveries for `sink` were stored (or may have been).
     fn waker(&self, sink: &str) -> Arc<Notify>;
 
-    /// Whether this process holds `role` now: a store shared by several processes lets
-    /// one of them at a time prune or poll.
-    fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>>;
+    /// Records that `sink` waits until `pause.until` because its destination cannot be
+    /// reached (`Some`), or that it delivers again (`None`), for `deliveries list`.
+    fn record_pause<'a>(
+        &'a self,
+        sink: &'a str,
+        pause: Option<&'a SinkPause>,
+    ) -> BoxFuture<'a, Result<()>>;
+}
 
-    /// Records one request to Vyora's API against the budget that every process sharing
-    /// this store spends (`limit` in any `window`), or says how long until it has room.
-    fn reserve_api_call(
-        &self,
-        limit: usize,
-        window: Duration,
-    ) -> BoxFuture<'_, Result<Option<Duration>>>;
-
-    /// Empties the payloads of events received before `payloads_before` and deletes the
-    /// events (dedup keys) received before `keys_before`, sparing every event with a
-    /// delivery pending or dead; in short steps, so requests are never held up for long.
-    fn prune(
-        &self,
-        payloads_before: SystemTime,
-        keys_before: SystemTime,
-    ) -> BoxFuture<'_, Result<Pruned>>;
-
-    /// Backlog figures for the metrics.
-    fn stats(&self) -> BoxFuture<'_, Result<Stats>>;
-
+/// The poller's schedule of calls whose analysis has not arrived, and its API budget.
+pub trait PollSchedule: Send + Sync + 'static {
     /// Calls the poller should look at now, earliest first.
     fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>>;
 
@@ -109,19 +101,19 @@ pub trait Backend: Send + Sync + 'static {
     fn record_poll<'a>(&'a self, call_id: &'a str, update: PollUpdate)
     -> BoxFuture<'a, Result<()>>;
 
-    /// Records that `sink` waits until `pause.until` because its destination cannot be
-    /// reached (`Some`), or that it delivers again (`None`), for `deliveries list`.
-    fn record_pause<'a>(
-        &'a self,
-        sink: &'a str,
-        pause: Option<&'a SinkPause>,
-    ) -> BoxFuture<'a, Result<()>>;
+    /// Records one request to Vyora's API against the budget that every process sharing
+    /// this store spends (`limit` in any `window`), or says how long until it has room.
+    fn reserve_api_call(
+        &self,
+        limit: usize,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Option<Duration>>>;
+}
 
+/// What operators see and change: the commands, metrics and console.
+pub trait Operator: Send + Sync + 'static {
     /// The sinks recorded as paused.
     fn pauses(&self) -> BoxFuture<'_, Result<Vec<SinkPause>>>;
-
-    /// Whether an event with this dedup key is stored.
-    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>>;
 
     /// Deliveries for `deliveries list`, newest first.
     fn list_deliveries<'a>(
@@ -141,9 +133,34 @@ pub trait Backend: Send + Sync + 'static {
     /// Tracked calls, waiting ones first (soonest first), then the most recently finished.
     fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>>;
 
+    /// Backlog figures for the metrics.
+    fn stats(&self) -> BoxFuture<'_, Result<Stats>>;
+}
+
+/// Keeping the store: who leads, retention, closing.
+pub trait Maintenance: Send + Sync + 'static {
+    /// Whether this process holds `role` now: a store shared by several processes lets
+    /// one of them at a time prune or poll.
+    fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>>;
+
+    /// Empties the payloads of events received before `payloads_before` and deletes the
+    /// events (dedup keys) received before `keys_before`, sparing every event with a
+    /// delivery pending or dead; in short steps, so requests are never held up for long.
+    fn prune(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> BoxFuture<'_, Result<Pruned>>;
+
     /// Finishes every write already queued, then stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
+
+/// What a store does, whatever the engine, in one role per part of the router that uses
+/// it. See the module documentation for the promises every implementation keeps.
+pub trait Backend: Ingest + SinkQueue + PollSchedule + Operator + Maintenance {}
+
+impl<T: Ingest + SinkQueue + PollSchedule + Operator + Maintenance> Backend for T {}
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]

@@ -33,8 +33,8 @@ use crate::store::operator::{
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
-    Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
-    Stats, StoreError, StoreOptions, TrackedCall,
+    BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate, Pruned,
+    Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions, TrackedCall,
 };
 use claims::Held;
 
@@ -296,7 +296,7 @@ async fn heartbeat(
     }
 }
 
-impl Backend for PostgresStore {
+impl Ingest for PostgresStore {
     fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> BoxFuture<'_, Result<Ingested>> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
@@ -329,6 +329,12 @@ impl Backend for PostgresStore {
         }
     }
 
+    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(queries::has_event(&self.db, dedup_key))
+    }
+}
+
+impl SinkQueue for PostgresStore {
     fn claim<'a>(
         &'a self,
         sink: &'a str,
@@ -379,34 +385,16 @@ impl Backend for PostgresStore {
         self.wakers.get(sink)
     }
 
-    fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>> {
-        Box::pin(async move {
-            let held = queries::lead(&self.db, &self.owner, role, self.lease).await?;
-            self.roles.set(queries::role_name(role), held);
-            Ok(held)
-        })
+    fn record_pause<'a>(
+        &'a self,
+        sink: &'a str,
+        pause: Option<&'a SinkPause>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(pauses::record(&self.db, sink, pause))
     }
+}
 
-    fn reserve_api_call(
-        &self,
-        limit: usize,
-        window: Duration,
-    ) -> BoxFuture<'_, Result<Option<Duration>>> {
-        Box::pin(queries::reserve_api_call(&self.db, limit, window))
-    }
-
-    fn prune(
-        &self,
-        payloads_before: SystemTime,
-        keys_before: SystemTime,
-    ) -> BoxFuture<'_, Result<Pruned>> {
-        Box::pin(queries::prune(&self.db, payloads_before, keys_before))
-    }
-
-    fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
-        Box::pin(queries::stats(&self.db))
-    }
-
+impl PollSchedule for PostgresStore {
     fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>> {
         Box::pin(queries::due_polls(&self.db, limit))
     }
@@ -423,20 +411,18 @@ impl Backend for PostgresStore {
         Box::pin(async move { queries::record_poll(&self.db, call_id, &update).await })
     }
 
-    fn record_pause<'a>(
-        &'a self,
-        sink: &'a str,
-        pause: Option<&'a SinkPause>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(pauses::record(&self.db, sink, pause))
+    fn reserve_api_call(
+        &self,
+        limit: usize,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Option<Duration>>> {
+        Box::pin(queries::reserve_api_call(&self.db, limit, window))
     }
+}
 
+impl Operator for PostgresStore {
     fn pauses(&self) -> BoxFuture<'_, Result<Vec<SinkPause>>> {
         Box::pin(pauses::list(&self.db))
-    }
-
-    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(queries::has_event(&self.db, dedup_key))
     }
 
     fn list_deliveries<'a>(
@@ -456,6 +442,28 @@ impl Backend for PostgresStore {
 
     fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>> {
         Box::pin(queries::poll_status(&self.db, limit))
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
+        Box::pin(queries::stats(&self.db))
+    }
+}
+
+impl Maintenance for PostgresStore {
+    fn lead(&self, role: Role) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let held = queries::lead(&self.db, &self.owner, role, self.lease).await?;
+            self.roles.set(queries::role_name(role), held);
+            Ok(held)
+        })
+    }
+
+    fn prune(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> BoxFuture<'_, Result<Pruned>> {
+        Box::pin(queries::prune(&self.db, payloads_before, keys_before))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -39,8 +39,8 @@ use crate::store::operator::{
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
-    Backend, BoxFuture, Ingested, Kept, PollUpdate, Pruned, Quarantined, Result, Role, Settlement,
-    Stats, StoreError, StoreOptions, TrackedCall,
+    BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate, Pruned,
+    Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions, TrackedCall,
 };
 use claims::{Claimed, Claims, Outcome};
 use codec::{compress, decompress};
@@ -319,7 +319,7 @@ impl SqliteStore {
             }
         }
         if !damaged.is_empty()
-            && let Err(e) = Backend::settle(self, damaged).await
+            && let Err(e) = SinkQueue::settle(self, damaged).await
         {
             // Unwritten, the damaged events are handed out again, and tried again, later.
             tracing::warn!(sink, error = %e, "cannot record damaged payloads");
@@ -328,7 +328,7 @@ impl SqliteStore {
     }
 }
 
-impl Backend for SqliteStore {
+impl Ingest for SqliteStore {
     fn ingest(&self, event: Event, sinks: Vec<Arc<str>>) -> BoxFuture<'_, Result<Ingested>> {
         Box::pin(async move {
             // On the request's task: the writer thread only writes.
@@ -370,6 +370,13 @@ impl Backend for SqliteStore {
         }
     }
 
+    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
+        let key = dedup_key.to_owned();
+        Box::pin(self.readers.with(move |conn| reader::has_event(conn, &key)))
+    }
+}
+
+impl SinkQueue for SqliteStore {
     fn claim<'a>(
         &'a self,
         sink: &'a str,
@@ -411,32 +418,24 @@ impl Backend for SqliteStore {
         self.wakers.get(sink)
     }
 
-    fn lead(&self, _role: Role) -> BoxFuture<'_, Result<bool>> {
-        // One process owns the file: it leads everything.
-        Box::pin(async { Ok(true) })
+    fn record_pause<'a>(
+        &'a self,
+        sink: &'a str,
+        pause: Option<&'a SinkPause>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Pause {
+                sink: sink.to_owned(),
+                pause: pause.map(|p| (to_millis(p.until), p.reason.clone())),
+                reply,
+            };
+            self.submit(op, rx).await
+        })
     }
+}
 
-    fn reserve_api_call(
-        &self,
-        _limit: usize,
-        _window: Duration,
-    ) -> BoxFuture<'_, Result<Option<Duration>>> {
-        // One process spends the budget; its own rate limiter keeps it.
-        Box::pin(async { Ok(None) })
-    }
-
-    fn prune(
-        &self,
-        payloads_before: SystemTime,
-        keys_before: SystemTime,
-    ) -> BoxFuture<'_, Result<Pruned>> {
-        Box::pin(self.prune_pass(payloads_before, keys_before))
-    }
-
-    fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
-        Box::pin(self.readers.with(reader::stats))
-    }
-
+impl PollSchedule for SqliteStore {
     fn due_polls(&self, limit: usize) -> BoxFuture<'_, Result<Vec<TrackedCall>>> {
         Box::pin(
             self.readers
@@ -464,29 +463,19 @@ impl Backend for SqliteStore {
         })
     }
 
-    fn record_pause<'a>(
-        &'a self,
-        sink: &'a str,
-        pause: Option<&'a SinkPause>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let op = Op::Pause {
-                sink: sink.to_owned(),
-                pause: pause.map(|p| (to_millis(p.until), p.reason.clone())),
-                reply,
-            };
-            self.submit(op, rx).await
-        })
+    fn reserve_api_call(
+        &self,
+        _limit: usize,
+        _window: Duration,
+    ) -> BoxFuture<'_, Result<Option<Duration>>> {
+        // One process spends the budget; its own rate limiter keeps it.
+        Box::pin(async { Ok(None) })
     }
+}
 
+impl Operator for SqliteStore {
     fn pauses(&self) -> BoxFuture<'_, Result<Vec<SinkPause>>> {
         Box::pin(self.readers.with(admin::pauses))
-    }
-
-    fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>> {
-        let key = dedup_key.to_owned();
-        Box::pin(self.readers.with(move |conn| reader::has_event(conn, &key)))
     }
 
     fn list_deliveries<'a>(
@@ -523,6 +512,25 @@ impl Backend for SqliteStore {
             self.readers
                 .with(move |conn| admin::poll_status(conn, limit)),
         )
+    }
+
+    fn stats(&self) -> BoxFuture<'_, Result<Stats>> {
+        Box::pin(self.readers.with(reader::stats))
+    }
+}
+
+impl Maintenance for SqliteStore {
+    fn lead(&self, _role: Role) -> BoxFuture<'_, Result<bool>> {
+        // One process owns the file: it leads everything.
+        Box::pin(async { Ok(true) })
+    }
+
+    fn prune(
+        &self,
+        payloads_before: SystemTime,
+        keys_before: SystemTime,
+    ) -> BoxFuture<'_, Result<Pruned>> {
+        Box::pin(self.prune_pass(payloads_before, keys_before))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
