@@ -338,3 +338,55 @@ async fn cutting_the_connection_three_times_loses_none_of_2000_events_and_the_st
         .collect();
     assert!(out_of_order.is_empty(), "{out_of_order:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs a NATS server with JetStream: set VYORA_TEST_NATS_URL"]
+async fn a_full_stream_or_a_missing_one_is_the_deliverys_error_and_the_sinks_readiness() {
+    use async_nats::jetstream::stream;
+    let name = unique("VYORA_T");
+    context()
+        .await
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{name}.*")],
+            max_messages: 1,
+            discard: stream::DiscardPolicy::New,
+            ..stream::Config::default()
+        })
+        .await
+        .expect("create the stream");
+    let options: NatsOptions = toml::from_str(&format!(
+        "url = \"{}\"\nsubject = \"{name}.{{event}}\"\n",
+        server_url()
+    ))
+    .expect("options");
+    let sink = NatsSink::start("nats", &options.validate().expect("valid"))
+        .await
+        .expect("sink");
+    assert!(sink.deliver(&[delivery("call-fits")]).await[0].is_ok());
+    let full = sink.deliver(&[delivery("call-too-many")]).await;
+    let readiness = sink.unready();
+    delete_stream(&name).await;
+    let missing = sink.deliver(&[delivery("call-no-stream")]).await;
+    let readiness_missing = sink.unready();
+    match &full[0] {
+        Err(e) => assert!(e.to_string().contains("stream full"), "{e}"),
+        Ok(()) => panic!("a full stream took the message"),
+    }
+    assert!(
+        readiness
+            .as_deref()
+            .is_some_and(|r| r.contains("stream full")),
+        "{readiness:?}"
+    );
+    match &missing[0] {
+        Err(e) => assert!(e.to_string().contains("no stream for subject"), "{e}"),
+        Ok(()) => panic!("a missing stream took the message"),
+    }
+    assert!(
+        readiness_missing
+            .as_deref()
+            .is_some_and(|r| r.contains("no stream for subject")),
+        "{readiness_missing:?}"
+    );
+}
