@@ -320,10 +320,20 @@ async fn cutting_the_connection_three_times_loses_none_of_2000_events_and_the_st
     delete_stream(&stream).await;
     let ids: HashSet<&str> = all_after.iter().map(|m| header(m, "Nats-Msg-Id")).collect();
     let connections = proxy.carried();
+    let samples = router.scrape().await;
+    let outcome = |o| {
+        metric(
+            &samples,
+            "vyora_router_deliveries_total",
+            &[("sink", "nats"), ("outcome", o)],
+        )
+    };
     eprintln!(
-        "2000 events over {connections} connections: {} messages, {} distinct",
+        "2000 events over {connections} connections: {} messages, {} distinct; deliveries postponed {} times after a cut, retried {} times",
         all_after.len(),
         ids.len(),
+        outcome("postponed"),
+        outcome("retried"),
     );
     assert!(all.len() >= 2000, "only {} messages", all.len());
     assert_eq!(ids.len(), 2000, "every acknowledged event is in the stream");
