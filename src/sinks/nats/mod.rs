@@ -110,9 +110,12 @@ impl NatsSink {
             .connect(config.url.as_str())
             .await
             .map_err(|e| refused(e.to_string()))?;
+        // A batch is at most `max_in_flight` messages; the room for as many again holds
+        // the acks a batch abandoned when its connection dropped, until they time out.
         let jetstream = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
-            .max_ack_inflight(config.max_in_flight)
+            .ack_timeout(config.ack_timeout)
+            .max_ack_inflight(config.max_in_flight.saturating_mul(2))
             .build(client.clone());
         let sink = Arc::new(NatsSink {
             name: name.to_owned(),
@@ -208,20 +211,23 @@ impl NatsSink {
             pending.push(sent.await.map(|ack| (ack, subject)));
         }
         let mut results = Vec::with_capacity(batch.len());
-        let mut lost = false;
+        // One wait for the batch, whatever number of its deliveries fail.
+        let mut lost: Option<SinkError> = None;
+        let mut wait = None;
         for (d, sent) in batch.iter().zip(pending) {
             let outcome = match sent {
-                Ok(_) if lost => Err(None),
+                Ok(_) if lost.is_some() => Err(None),
                 Ok((ack, subject)) => self.acked(d, ack, &subject, &mut disconnects).await,
                 Err(e) => Err(Some(e)),
             };
             results.push(match outcome {
                 Ok(()) => Ok(()),
-                Err(None) => {
-                    lost = true;
-                    Err(self.unreachable("the connection was lost before the ack"))
-                }
-                Err(Some(e)) => Err(self.refused(d, &e)),
+                Err(None) => Err(lost
+                    .get_or_insert_with(|| {
+                        self.unreachable("the connection was lost before the ack")
+                    })
+                    .clone()),
+                Err(Some(e)) => Err(self.refused(d, &e, &mut wait)),
             });
         }
         results
@@ -260,7 +266,7 @@ impl NatsSink {
 
     /// A publish the server refused or left unanswered: the delivery's last error and,
     /// for a stream problem, readiness's reason.
-    fn refused(&self, d: &Delivery, e: &PublishError) -> SinkError {
+    fn refused(&self, d: &Delivery, e: &PublishError, wait: &mut Option<Duration>) -> SinkError {
         let subject = self.config.subject.render_subject(d);
         let text = e.to_string();
         let reason = match e.kind() {
@@ -302,11 +308,11 @@ impl NatsSink {
                 permanent: false,
             };
         }
-        health.failures = health.failures.saturating_add(1);
-        SinkError::Unavailable {
-            reason,
-            retry_in: NO_STREAM.equal_jitter(health.failures),
-        }
+        let retry_in = *wait.get_or_insert_with(|| {
+            health.failures = health.failures.saturating_add(1);
+            NO_STREAM.equal_jitter(health.failures)
+        });
+        SinkError::Unavailable { reason, retry_in }
     }
 }
 
