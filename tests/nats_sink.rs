@@ -400,3 +400,57 @@ async fn a_full_stream_or_a_missing_one_is_the_deliverys_error_and_the_sinks_rea
         "{readiness_missing:?}"
     );
 }
+
+#[tokio::test]
+#[ignore = "needs nats-server on the PATH and VYORA_TEST_NATS_URL set, run with --include-ignored"]
+async fn a_refused_token_shows_in_readiness_without_the_token_and_the_right_one_delivers() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = common::nats::TokenServer::start(data.path(), "right-token").await;
+    let subject = "tok.{event}";
+    let declare = "stream = \"TOK\"\ndeclare = true\n";
+
+    let wrong = router_with_nats(
+        &server.url(),
+        subject,
+        &format!("{declare}token = \"wrong-token\"\n"),
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer = wrong.readyz().await;
+        assert!(!answer.body.contains("wrong-token"), "{}", answer.body);
+        if answer.status == 503 && answer.body.contains("NATS unreachable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", answer.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(wrong);
+
+    let right = router_with_nats(
+        &server.url(),
+        subject,
+        &format!("{declare}token = \"right-token\"\n"),
+    )
+    .await;
+    wait_ready(&right, 200).await;
+    let body = payload("call-token", "call_completed");
+    assert_eq!(right.post_signed(&body).await.status, 200);
+    let client = async_nats::ConnectOptions::with_token("right-token".into())
+        .connect(server.url())
+        .await
+        .expect("the test logs in");
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut stream = js.get_stream("TOK").await.expect("declared");
+        let held = stream.info().await.expect("info").state.messages;
+        if held == 1 {
+            let m = stream.get_raw_message(1).await.expect("the message");
+            assert_eq!(m.payload, body.as_bytes());
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stream holds {held}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

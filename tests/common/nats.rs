@@ -101,3 +101,59 @@ pub async fn wait_for_messages(name: &str, n: usize, within: Duration) -> Vec<St
 pub fn header<'a>(m: &'a StreamMessage, name: &str) -> &'a str {
     m.headers.get(name).map(|v| v.as_str()).unwrap_or("")
 }
+
+/// A `nats-server -js` of the test's own on a free port, logging in by `token` only,
+/// keeping its streams in `dir`; stopped when dropped.
+pub struct TokenServer {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl TokenServer {
+    pub async fn start(dir: &std::path::Path, token: &str) -> TokenServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "--auth",
+                token,
+            ])
+            .arg("-sd")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs (apt-get install nats-server)");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        TokenServer { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
