@@ -405,7 +405,7 @@ async fn a_full_stream_or_a_missing_one_is_the_deliverys_error_and_the_sinks_rea
 #[ignore = "needs nats-server on the PATH and VYORA_TEST_NATS_URL set, run with --include-ignored"]
 async fn a_refused_token_shows_in_readiness_without_the_token_and_the_right_one_delivers() {
     let data = tempfile::tempdir().expect("tempdir");
-    let server = common::nats::TokenServer::start(data.path(), "right-token").await;
+    let server = common::nats::PrivateServer::start(data.path(), &["--auth", "right-token"]).await;
     let subject = "tok.{event}";
     let declare = "stream = \"TOK\"\ndeclare = true\n";
 

@@ -102,32 +102,26 @@ pub fn header<'a>(m: &'a StreamMessage, name: &str) -> &'a str {
     m.headers.get(name).map(|v| v.as_str()).unwrap_or("")
 }
 
-/// A `nats-server -js` of the test's own on a free port, logging in by `token` only,
-/// keeping its streams in `dir`; stopped when dropped.
-pub struct TokenServer {
+/// A `nats-server -js` of the test's own on a free port with the extra `args`, run in
+/// `dir` and keeping its streams there; stopped when dropped.
+pub struct PrivateServer {
     pub port: u16,
     child: std::process::Child,
 }
 
-impl TokenServer {
-    pub async fn start(dir: &std::path::Path, token: &str) -> TokenServer {
+impl PrivateServer {
+    pub async fn start(dir: &std::path::Path, args: &[&str]) -> PrivateServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("a free port")
             .local_addr()
             .expect("addr")
             .port();
         let child = std::process::Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "--auth",
-                token,
-            ])
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
             .arg("-sd")
             .arg(dir)
+            .current_dir(dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -143,7 +137,7 @@ impl TokenServer {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        TokenServer { port, child }
+        PrivateServer { port, child }
     }
 
     pub fn url(&self) -> String {
@@ -151,7 +145,7 @@ impl TokenServer {
     }
 }
 
-impl Drop for TokenServer {
+impl Drop for PrivateServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
