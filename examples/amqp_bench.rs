@@ -184,7 +184,7 @@ max_in_flight = {window}
     }
     while fills.join_next().await.is_some() {}
 
-    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?;
+    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max).await?;
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         sink,

@@ -167,7 +167,7 @@ async fn sink_alone(
         anyhow::bail!("not a redis sink");
     };
     let concurrency = redis.concurrency;
-    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?;
+    let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max).await?;
     let batches: Vec<Vec<Delivery>> = bodies
         .chunks(window)
         .enumerate()
@@ -250,7 +250,7 @@ async fn router(
             window,
             concurrency: redis.concurrency,
         }),
-        _ => vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max)?,
+        _ => vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max).await?,
     };
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(

@@ -66,7 +66,7 @@ impl SinkSet {
                 .get(&config.name)
                 .is_some_and(|r| r.fingerprint == config.fingerprint);
             if !unchanged {
-                let sink = sinks::build(config, self.policy.backoff.max)?;
+                let sink = sinks::build(config, self.policy.backoff.max).await?;
                 let sink = Guarded::wrap(sink, &config.flow, Arc::clone(&self.metrics));
                 fresh.push((config, sink));
             }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::downstream::{Downstream, Reply};
 use common::process::{spawn_router, write_config};
-use common::{amqp, redis_server};
+use common::{amqp, nats, redis_server};
 use common::{payload, read_lines, sign};
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -211,4 +211,27 @@ async fn every_acknowledged_event_reaches_a_redis_stream_across_kill_9() {
         vec![("file", file_ids(&file)), ("redis", ids)]
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a NATS server with JetStream: set VYORA_TEST_NATS_URL"]
+async fn every_acknowledged_event_reaches_a_nats_stream_across_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("events.jsonl");
+    let stream = nats::unique("VYORA_CRASH");
+    nats::create_stream(&stream, &[format!("{stream}.*")]).await;
+    let extra = format!(
+        "[[sinks]]\nname = \"nats\"\ntype = \"nats\"\nurl = \"{}\"\nsubject = \"{stream}.{{event}}\"\n",
+        nats::server_url()
+    );
+    oracle(dir.path(), &extra, async || {
+        let ids = nats::messages(&stream)
+            .await
+            .iter()
+            .map(|m| nats::header(m, "Nats-Msg-Id").to_owned())
+            .collect();
+        vec![("file", file_ids(&file)), ("nats", ids)]
+    })
+    .await;
+    nats::delete_stream(&stream).await;
 }

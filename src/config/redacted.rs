@@ -94,7 +94,9 @@ fn redact_sink(sink: &mut RawSink, urls: Urls) {
     let path_too = sink.kind == "http";
     for (key, value) in &mut sink.options {
         match (key.as_str(), value) {
-            ("secret", v) => *v = Value::String(Tag::Default, REDACTED.to_owned()),
+            ("secret" | "password" | "token" | "nkey", v) => {
+                *v = Value::String(Tag::Default, REDACTED.to_owned())
+            }
             ("headers", Value::Dict(_, headers)) => {
                 for v in headers.values_mut() {
                     *v = Value::String(Tag::Default, REDACTED.to_owned());

@@ -34,6 +34,7 @@ use crate::sinks::amqp::AmqpOptions;
 use crate::sinks::file::FileOptions;
 use crate::sinks::flow::{Breaker, Flow, RateLimit};
 use crate::sinks::http::HttpOptions;
+use crate::sinks::nats::NatsOptions;
 use crate::sinks::redis::RedisOptions;
 use crate::sinks::{SinkConfig, SinkKind};
 
@@ -646,12 +647,15 @@ fn sink(raw: &mut RawSink, extra_events: &[String]) -> Result<SinkConfig, Config
         "redis" => errors
             .check(options::<RedisOptions>(raw).and_then(|o| o.validate().at(&at)))
             .map(|c| SinkKind::Redis(Box::new(c))),
+        "nats" => errors
+            .check(options::<NatsOptions>(raw).and_then(|o| o.validate().at(&at)))
+            .map(|c| SinkKind::Nats(Box::new(c))),
         other => {
             errors.push(ConfigError::invalid(
                 format!("{at}.type"),
                 other,
                 format!(
-                    "is not a sink type{}; use \"file\", \"http\", \"amqp\" or \"redis\"",
+                    "is not a sink type{}; use \"file\", \"http\", \"amqp\", \"redis\" or \"nats\"",
                     near(other, SINK_TYPES)
                 ),
             ));
@@ -691,7 +695,7 @@ fn flow(raw: &RawSink, at: &str) -> Result<Flow, ConfigError> {
     })
 }
 
-const SINK_TYPES: [&str; 4] = ["file", "http", "amqp", "redis"];
+const SINK_TYPES: [&str; 5] = ["file", "http", "amqp", "redis", "nats"];
 
 /// The type's own keys, read by `T`, which refuses every key it does not know; the
 /// error suggests the nearest key a sink of this type has. Read, the table is replaced by

@@ -11,7 +11,9 @@ pub mod amqp;
 pub mod file;
 pub mod flow;
 pub mod http;
+pub mod nats;
 pub mod redis;
+pub mod topic;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -86,6 +88,7 @@ pub enum SinkKind {
     Http(Box<http::HttpSinkConfig>),
     Amqp(Box<amqp::AmqpSinkConfig>),
     Redis(Box<redis::RedisSinkConfig>),
+    Nats(Box<nats::NatsSinkConfig>),
 }
 
 impl SinkKind {
@@ -96,6 +99,7 @@ impl SinkKind {
             SinkKind::Http(http) => http.as_ref(),
             SinkKind::Amqp(amqp) => amqp.as_ref(),
             SinkKind::Redis(redis) => redis.as_ref(),
+            SinkKind::Nats(nats) => nats.as_ref(),
         }
     }
 
@@ -106,6 +110,7 @@ impl SinkKind {
             SinkKind::Http(_) => "http",
             SinkKind::Amqp(_) => "amqp",
             SinkKind::Redis(_) => "redis",
+            SinkKind::Nats(_) => "nats",
         }
     }
 }
@@ -137,6 +142,8 @@ pub enum SinkError {
     Amqp { reason: String, permanent: bool },
     #[error("{reason}")]
     Redis { reason: String, permanent: bool },
+    #[error("{reason}")]
+    Nats { reason: String, permanent: bool },
     #[error("the payload was emptied by store.retention; the event cannot be sent again")]
     Pruned,
     /// The sink's code panicked on this batch: a bug, retried with backoff like a failure.
@@ -161,7 +168,8 @@ impl SinkError {
             SinkError::NotJson(_) | SinkError::Pruned => true,
             SinkError::HttpStatus { permanent, .. }
             | SinkError::Amqp { permanent, .. }
-            | SinkError::Redis { permanent, .. } => *permanent,
+            | SinkError::Redis { permanent, .. }
+            | SinkError::Nats { permanent, .. } => *permanent,
             SinkError::FileIo { .. }
             | SinkError::Panicked(_)
             | SinkError::HttpTransport(_)
@@ -194,15 +202,19 @@ pub enum BuildError {
     },
     #[error("sink {name:?}: cannot set up the Redis client: {reason}")]
     Redis { name: String, reason: String },
+    #[error("sink {name:?}: {reason}")]
+    Nats { name: String, reason: String },
 }
 
 /// Builds a sink. `max_wait` caps how long a destination can ask us to wait
-/// (`delivery.backoff_max`).
-pub fn build(config: &SinkConfig, max_wait: Duration) -> Result<Arc<dyn Sink>, BuildError> {
+/// (`delivery.backoff_max`). A NATS sink whose server answers is refused here when no
+/// stream captures its subject.
+pub async fn build(config: &SinkConfig, max_wait: Duration) -> Result<Arc<dyn Sink>, BuildError> {
     match &config.kind {
         SinkKind::File(file) => Ok(Arc::new(file::FileSink::open(&config.name, &file.path)?)),
         SinkKind::Http(http) => Ok(Arc::new(http::HttpSink::new(&config.name, http, max_wait)?)),
         SinkKind::Amqp(amqp) => Ok(amqp::AmqpSink::start(&config.name, amqp)),
         SinkKind::Redis(redis) => Ok(redis::RedisSink::start(&config.name, redis)?),
+        SinkKind::Nats(nats) => Ok(nats::NatsSink::start(&config.name, nats).await?),
     }
 }

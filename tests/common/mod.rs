@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod downstream;
+pub mod nats;
 pub mod pg;
 pub mod process;
 pub mod proxy;

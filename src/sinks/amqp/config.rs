@@ -7,8 +7,8 @@ use std::time::Duration;
 use lapin::types::ShortString;
 use serde::{Deserialize, Serialize};
 
-use super::RoutingKey;
 use crate::config::error::{self, DurationText, Invalid, InvalidAt, without_password};
+use crate::sinks::topic::Topic;
 
 /// An `amqp` sink's own keys, beside those every sink has.
 #[derive(Debug, Deserialize, Serialize)]
@@ -59,7 +59,7 @@ pub struct AmqpSinkConfig {
     pub exchange_kind: lapin::ExchangeKind,
     /// Declare the exchange (durable) on every connect.
     pub declare: bool,
-    pub routing_key: RoutingKey,
+    pub routing_key: Topic,
     /// Unroutable messages come back and are not counted as delivered.
     pub mandatory: bool,
     pub confirm_timeout: Duration,
@@ -115,7 +115,7 @@ impl AmqpOptions {
             )
             .under("exchange"));
         }
-        let routing_key = RoutingKey::parse(&self.routing_key).under("routing_key")?;
+        let routing_key = Topic::parse(&self.routing_key).under("routing_key")?;
         // Fallible: lapin's `From<String>` panics beyond 255 bytes.
         let exchange = ShortString::try_new(self.exchange.as_str())
             .map_err(|e| Invalid::new(&self.exchange, e.to_string()))

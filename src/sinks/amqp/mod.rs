@@ -14,13 +14,12 @@
 //! exchange and routing key (`returned`). The returned message itself is never logged, and
 //! lapin's own dump of it is filtered out (`log_cap`).
 //!
-//! Its settings are in `config`, the routing key template in `routing_key`.
+//! Its settings are in `config`; the routing key template is `super::topic`'s.
 
 mod config;
 mod log_cap;
 mod probe;
 mod returned;
-mod routing_key;
 
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::{Duration, UNIX_EPOCH};
@@ -34,7 +33,6 @@ use tokio::time::Instant;
 
 pub use config::{AmqpOptions, AmqpSinkConfig};
 pub use log_cap::log_cap;
-pub use routing_key::RoutingKey;
 
 use super::{BoxFuture, Sink, SinkError};
 use crate::backoff::Backoff;
@@ -439,8 +437,8 @@ impl Sink for AmqpSink {
 
 #[cfg(test)]
 mod tests {
-    use super::routing_key::tests::delivery;
     use super::*;
+    use crate::sinks::topic::tests::delivery;
 
     #[test]
     fn a_property_over_255_bytes_fails_the_delivery_permanently_instead_of_panicking() {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::error::{self, DurationText, Invalid, InvalidAt, REDACTED, without_password};
 use crate::signature::Secret;
-use crate::sinks::amqp::RoutingKey;
+use crate::sinks::topic::Topic;
 
 /// A `redis` sink's own keys, beside those every sink has.
 #[derive(Debug, Deserialize, Serialize)]
@@ -65,7 +65,7 @@ pub struct RedisSinkConfig {
     /// `redis://` or `rediss://`, checked at start; may hold an ACL user and password.
     pub url: String,
     /// The stream key, by the routing key's rule: a value cannot add `.`-separated words.
-    pub stream: RoutingKey,
+    pub stream: Topic,
     /// `XADD ... MAXLEN ~ n`; `None`: never trimmed.
     pub maxlen: Option<u64>,
     /// How long a delivery's idempotency key is kept, so a redelivery adds nothing.
@@ -120,7 +120,7 @@ impl RedisOptions {
                 "is not a URL the Redis client accepts (redis[s]://[user:password@]host[:port][/db])",
             ));
         }
-        let stream = RoutingKey::parse(&self.stream).under("stream")?;
+        let stream = Topic::parse(&self.stream).under("stream")?;
         let idempotency_ttl = error::duration(&self.idempotency_ttl).under("idempotency_ttl")?;
         if idempotency_ttl < Duration::from_secs(1) {
             return Err(
@@ -174,7 +174,7 @@ pub(crate) mod tests {
         assert_eq!(c.timeout, Duration::from_secs(10));
         assert_eq!(c.max_in_flight, 256);
         assert_eq!(c.concurrency, 4);
-        assert_eq!(c.stream, RoutingKey::parse("vyora.{event}").expect("valid"));
+        assert_eq!(c.stream, Topic::parse("vyora.{event}").expect("valid"));
     }
 
     #[test]
