@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, RateLimiter};
 use crate::config::{Config, SinkConfig};
+use crate::console::{self, Console};
 use crate::dispatch::flow::Guarded;
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::live::{Live, LiveHandle};
@@ -36,6 +37,8 @@ pub enum RunError {
     Sink(#[from] sinks::BuildError),
     #[error("the poller cannot start: {0}")]
     Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Console(#[from] console::NoRandom),
 }
 
 /// A sink with its dispatcher running.
@@ -288,11 +291,22 @@ pub async fn run(
         stop.clone(),
     )));
 
+    let console = if config.admin.console {
+        Some(Console::new(
+            config.admin.token.clone(),
+            store.clone(),
+            live.clone(),
+            poller_health.clone(),
+        )?)
+    } else {
+        None
+    };
     let components = server::Components {
         store: store.clone(),
         live: live.clone(),
         poller: poller_health,
         metrics,
+        console,
     };
     let state = Arc::new(server::State::new(&config, components));
     let Listeners { webhook, admin } = listeners;

@@ -46,6 +46,7 @@ mod backoff;
 mod body;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod dispatch;
 pub mod event;
 pub mod live;

@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use self::admission::{Admission, Answering};
 use crate::body::{self, BodyError};
 use crate::config::Config;
+use crate::console::{self, Console};
 use crate::event::{Event, EventError, Timestamp};
 use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
@@ -65,6 +66,8 @@ pub struct State {
     poller: Option<Arc<PollerHealth>>,
     /// Counted per request; encoded for `/metrics`.
     metrics: Arc<Metrics>,
+    /// The operator console on the admin listener, unless `admin.console = false`.
+    console: Option<Console>,
 }
 
 /// What the server works with beyond its own settings.
@@ -73,6 +76,7 @@ pub struct Components {
     pub live: LiveHandle,
     pub poller: Option<Arc<PollerHealth>>,
     pub metrics: Arc<Metrics>,
+    pub console: Option<Console>,
 }
 
 impl State {
@@ -82,6 +86,7 @@ impl State {
             live,
             poller,
             metrics,
+            console,
         } = components;
         State {
             webhook_path: config.server.webhook_path.clone(),
@@ -93,6 +98,7 @@ impl State {
             live,
             poller,
             metrics,
+            console,
         }
     }
 }
@@ -297,6 +303,12 @@ pub async fn handle<B: RequestBody>(
     req: Request<B>,
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path();
+    if surface == Surface::Admin
+        && console::is_console_path(path)
+        && let Some(console) = &state.console
+    {
+        return Ok(console::handle(console, req).await);
+    }
     let operator_path = path == READY_PATH || path == METRICS_PATH;
     let result = if surface == Surface::Public && path == state.webhook_path {
         if req.method() == Method::POST {

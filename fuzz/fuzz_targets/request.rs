@@ -50,6 +50,7 @@ fn harness() -> &'static Harness {
             live,
             poller: None,
             metrics: Arc::new(Metrics::new()),
+            console: None,
         };
         let state = Arc::new(State::new(&config, components));
         let secret = Secret::new(b"fuzz-secret").expect("secret");
