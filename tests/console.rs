@@ -311,3 +311,66 @@ fn encode(pairs: &[(&str, &str)]) -> String {
     }
     s.finish()
 }
+
+#[tokio::test]
+async fn the_live_view_streams_events_as_they_are_stored_and_settled() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
+
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = with_token(base_config(dir.path()));
+    let router = TestRouter::start_with(dir, &config).await;
+    let admin = router.admin;
+    let cookie = login(admin).await;
+    let page = get(admin, "/ui/live", Some(&cookie)).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains(r#"<script src="/ui/static/live.js">"#));
+    assert_eq!(
+        get(admin, "/ui/live/events", None).await.status,
+        303,
+        "the stream asks for the token too"
+    );
+
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let request = Request::get("/ui/live/events")
+        .header("host", admin.to_string())
+        .header("cookie", &cookie)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    // The stream is open once its first comment arrives.
+    body.frame().await.expect("a frame").expect("data");
+
+    let sent = tokio::time::Instant::now();
+    let call = r#"live-<b>"1"#;
+    assert_eq!(
+        post_signed(router.addr, &payload(call, "call_completed"))
+            .await
+            .status,
+        200
+    );
+    let mut text = String::new();
+    while !(text.contains(r#""kind":"stored""#) && text.contains(r#""outcome":"delivered""#)) {
+        let frame = tokio::time::timeout(Duration::from_secs(2), body.frame())
+            .await
+            .expect("within 2 s")
+            .expect("a frame")
+            .expect("data");
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(sent.elapsed() < Duration::from_secs(2));
+    assert!(text.contains(r#""call_id":"live-<b>\"1""#), "{text}");
+    assert!(text.contains(r#""sink":"archive""#), "{text}");
+    assert!(!text.contains("phone_number"), "no payload: {text}");
+}

@@ -51,6 +51,7 @@ fn harness() -> &'static Harness {
             poller: None,
             metrics: Arc::new(Metrics::new()),
             console: None,
+            feed: Default::default(),
         };
         let state = Arc::new(State::new(&config, components));
         let secret = Secret::new(b"fuzz-secret").expect("secret");

@@ -7,13 +7,16 @@
 //! decided in `auth`; every answer carries the strict headers of [`secure`].
 
 mod auth;
+mod live;
 mod pages;
 mod replay;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use hyper::header::{
@@ -22,10 +25,12 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use maud::Markup;
+use tokio_util::sync::CancellationToken;
 
 pub use self::auth::NoRandom;
 use self::auth::{Auth, COOKIE_NAME, Denied, LoginError};
 use crate::config::AdminToken;
+use crate::feed::Feed;
 use crate::live::LiveHandle;
 use crate::poller::PollerHealth;
 use crate::store::{Store, StoreError};
@@ -40,9 +45,10 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(10);
 const CSP: &str = "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'";
 const STYLESHEET: &str = include_str!("static/console.css");
+const LIVE_SCRIPT: &str = include_str!("static/live.js");
 
-/// An answer of the console.
-pub type Page = Response<Full<Bytes>>;
+/// An answer of the console: a page, or the live view's endless stream.
+pub type Page = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 /// What the console reads and changes, and its keys.
 pub struct Console {
@@ -53,20 +59,37 @@ pub struct Console {
     /// The poller's state (none when it does not run).
     poller: Option<Arc<PollerHealth>>,
     auth: Auth,
+    /// What the live view streams.
+    feed: Feed,
+    /// Cancelled when the listener stops, ending the live view's streams.
+    closing: CancellationToken,
+}
+
+/// What the console works with beyond its token.
+pub struct Parts {
+    pub store: Store,
+    pub live: LiveHandle,
+    pub poller: Option<Arc<PollerHealth>>,
+    pub feed: Feed,
+    pub closing: CancellationToken,
 }
 
 impl Console {
-    pub fn new(
-        token: Option<AdminToken>,
-        store: Store,
-        live: LiveHandle,
-        poller: Option<Arc<PollerHealth>>,
-    ) -> Result<Console, NoRandom> {
+    pub fn new(token: Option<AdminToken>, parts: Parts) -> Result<Console, NoRandom> {
+        let Parts {
+            store,
+            live,
+            poller,
+            feed,
+            closing,
+        } = parts;
         Ok(Console {
             store,
             live,
             poller,
             auth: Auth::new(token)?,
+            feed,
+            closing,
         })
     }
 }
@@ -117,6 +140,12 @@ where
             return Ok(with_type(
                 Bytes::from_static(STYLESHEET.as_bytes()),
                 "text/css",
+            ));
+        }
+        (&Method::GET, "/ui/static/live.js") => {
+            return Ok(with_type(
+                Bytes::from_static(LIVE_SCRIPT.as_bytes()),
+                "text/javascript",
             ));
         }
         (&Method::GET, "/ui/login") => {
@@ -176,6 +205,14 @@ where
         (&Method::GET, "/ui/call") => view.call(&query).await?,
         (&Method::GET, "/ui/dead") => view.dead(&query).await?,
         (&Method::GET, "/ui/replay") => view.confirm_replay(&query)?,
+        (&Method::GET, "/ui/live") => view.live(),
+        (&Method::GET, "/ui/live/events") => {
+            let stream = live::stream(console.feed.subscribe(), console.closing.clone());
+            let mut page = Response::new(stream.boxed_unsync());
+            page.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            return Ok(page);
+        }
         (&Method::POST, "/ui/replay") => {
             let form = read_form(body).await?;
             changes(&form)?;
@@ -191,7 +228,11 @@ where
             );
             return Ok(page);
         }
-        (_, PREFIX | "/ui/events" | "/ui/call" | "/ui/dead" | "/ui/replay" | "/ui/logout") => {
+        (
+            _,
+            PREFIX | "/ui/events" | "/ui/call" | "/ui/dead" | "/ui/replay" | "/ui/logout"
+            | "/ui/live" | "/ui/live/events",
+        ) => {
             return Err(Refusal::MethodNotAllowed);
         }
         _ => return Err(Refusal::NotFound),
@@ -232,7 +273,7 @@ fn secure(page: &mut Page) {
 }
 
 fn with_type(body: Bytes, content_type: &'static str) -> Page {
-    let mut page = Response::new(Full::new(body));
+    let mut page = Response::new(Full::new(body).boxed_unsync());
     page.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     page
@@ -249,7 +290,7 @@ fn html(status: StatusCode, markup: Markup) -> Page {
 
 /// A 303 to a console path (a constant, never a value from the request).
 fn redirect(to: &'static str) -> Page {
-    let mut page = Response::new(Full::new(Bytes::new()));
+    let mut page = Response::new(Full::new(Bytes::new()).boxed_unsync());
     *page.status_mut() = StatusCode::SEE_OTHER;
     page.headers_mut()
         .insert(LOCATION, HeaderValue::from_static(to));

@@ -38,6 +38,7 @@ impl View<'_> {
                             a href="/ui" { "Overview" }
                             a href="/ui/events" { "Deliveries" }
                             a href="/ui/dead" { "Dead letters" }
+                            a href="/ui/live" { "Live" }
                         }
                         form.search method="get" action="/ui/call" {
                             label { "Call id " input type="search" name="id" required; }
