@@ -42,12 +42,12 @@ impl View<'_> {
                         }
                         form.search method="get" action="/ui/call" {
                             label { "Call id " input type="search" name="id" required; }
-                            button { "Find" }
+                            button type="submit" { "Find" }
                         }
                         @if self.console.auth.has_token() {
                             form method="post" action="/ui/logout" {
                                 input type="hidden" name="csrf" value=(self.csrf);
-                                button { "Log out" }
+                                button type="submit" { "Log out" }
                             }
                         }
                     }
@@ -163,7 +163,7 @@ impl View<'_> {
                     }
                 }
                 label { "Call id " input type="search" name="call_id" value=[filter.call_id.as_deref()]; }
-                button { "Show" }
+                button type="submit" { "Show" }
             }
             (self.delivery_table(&rows, false))
         };
@@ -297,7 +297,7 @@ pub(super) fn login(problem: Option<&str>) -> Markup {
             @if let Some(p) = problem { p.bad { (p) } }
             form method="post" action="/ui/login" {
                 label { "Admin token " input type="password" name="token" autocomplete="current-password" required autofocus; }
-                button { "Log in" }
+                button type="submit" { "Log in" }
             }
         },
     )
@@ -337,7 +337,8 @@ fn sink_state(
 ) -> Markup {
     html! {
         @if let Some(p) = pause.filter(|p| p.until > now) {
-            span.bad { "paused" } " for " (ago(p.until, now)) ": " (p.reason)
+            span.bad { "paused" } " until " (humantime::format_rfc3339_seconds(p.until).to_string())
+            " (cannot reach its destination; waiting costs no attempts): " (p.reason)
         } @else {
             @match unready {
                 None => span.meta { "not configured (deliveries left in the store)" },

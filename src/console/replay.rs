@@ -55,7 +55,7 @@ impl View<'_> {
                     Replay::Id(id) => input type="hidden" name="id" value=(id);,
                     _ => input type="hidden" name="all" value="dead";,
                 }
-                button.danger { "Replay" }
+                button.danger type="submit" { "Replay" }
                 " "
                 a href=(link("/ui/dead", &[("sink", chosen.sink)])) { "Cancel" }
             }
