@@ -192,6 +192,7 @@ max_in_flight = {window}
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
         Arc::new(Metrics::new()),
+        vyora_router::feed::Feed::default(),
     );
     let started = Instant::now();
     let task = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(5)));

@@ -259,6 +259,7 @@ async fn router(
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
         Arc::new(Metrics::new()),
+        vyora_router::feed::Feed::default(),
     );
     let started = Instant::now();
     let task = tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(5)));

@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, RateLimiter};
 use crate::config::{Config, SinkConfig};
+use crate::console::{self, Console};
 use crate::dispatch::flow::Guarded;
 use crate::dispatch::{Dispatcher, RetryPolicy};
+use crate::feed::Feed;
 use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
 use crate::poller::{Poller, PollerHealth};
@@ -36,6 +38,8 @@ pub enum RunError {
     Sink(#[from] sinks::BuildError),
     #[error("the poller cannot start: {0}")]
     Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Console(#[from] console::NoRandom),
 }
 
 /// A sink with its dispatcher running.
@@ -52,6 +56,8 @@ struct SinkSet {
     store: Store,
     policy: RetryPolicy,
     metrics: Arc<Metrics>,
+    /// Handed to every dispatcher: settlements for the console's live view.
+    feed: Feed,
     drain: Duration,
 }
 
@@ -95,6 +101,7 @@ impl SinkSet {
                 self.policy.clone(),
                 config.redact.clone(),
                 Arc::clone(&self.metrics),
+                self.feed.clone(),
             );
             let stop = CancellationToken::new();
             self.metrics.sink_added(&config.name);
@@ -247,6 +254,7 @@ pub async fn run(
         store: store.clone(),
         policy: RetryPolicy::from(&config.delivery),
         metrics: Arc::clone(&metrics),
+        feed: Feed::default(),
         drain: config.server.shutdown_timeout,
     };
     sinks.apply(&config.sinks).await?;
@@ -288,11 +296,27 @@ pub async fn run(
         stop.clone(),
     )));
 
+    // One signal stops both listeners (and the console's live streams).
+    let stop_serving = CancellationToken::new();
+    let console = if config.admin.console {
+        let parts = console::Parts {
+            store: store.clone(),
+            live: live.clone(),
+            poller: poller_health.clone(),
+            feed: sinks.feed.clone(),
+            closing: stop_serving.clone(),
+        };
+        Some(Console::new(config.admin.token.clone(), parts)?)
+    } else {
+        None
+    };
     let components = server::Components {
         store: store.clone(),
         live: live.clone(),
         poller: poller_health,
         metrics,
+        console,
+        feed: sinks.feed.clone(),
     };
     let state = Arc::new(server::State::new(&config, components));
     let Listeners { webhook, admin } = listeners;
@@ -302,8 +326,6 @@ pub async fn run(
     if let Ok(addr) = admin.local_addr() {
         tracing::info!(%addr, "admin listening");
     }
-    // One signal stops both listeners.
-    let stop_serving = CancellationToken::new();
     let stopper = stop_serving.clone();
     tokio::spawn(async move {
         shutdown.await;

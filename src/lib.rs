@@ -14,6 +14,9 @@
 //!   operator's queries. SQLite (an event log with a cursor per sink) lives in
 //!   `store/sqlite/`, PostgreSQL (delivery rows under leases, for replicas) in
 //!   `store/postgres/`.
+//! - [`console`]: the operator console at `/ui` on the admin listener (pages rendered by
+//!   the server, a login derived from `admin.token`, replay, and a live view over the
+//!   [`feed`] that the webhook path and the dispatchers publish to).
 //! - [`dispatch`]: one dispatcher per sink claims due deliveries, hands them to the sink,
 //!   and settles delivered / retry later / dead, with the one `backoff` schedule.
 //! - [`sinks`]: the destinations behind one trait; each kind in its folder with its own
@@ -31,12 +34,12 @@
 //!
 //! 1. Leaves, which import nothing of the crate: `protocol` (header names, event names,
 //!    reserved paths), [`event`], [`signature`], `backoff`, [`metrics`], [`net`], `body`,
-//!    and `config::error`.
+//!    [`feed`] and `config::error`.
 //! 2. Rules and destinations: [`routing`], `redact`, [`api`], [`sinks`] (which never
 //!    import the store).
 //! 3. [`config`], which knows every component's settings.
 //! 4. [`store`] and [`live`].
-//! 5. The moving parts: [`server`], [`dispatch`], `poller`.
+//! 5. The moving parts: [`server`] (which serves [`console`]), [`dispatch`], `poller`.
 //! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`]) and `main.rs`; only
 //!    `app` and `main.rs` import [`server`].
 
@@ -46,8 +49,10 @@ mod backoff;
 mod body;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod dispatch;
 pub mod event;
+pub mod feed;
 pub mod live;
 pub mod metrics;
 pub mod net;

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
@@ -27,7 +28,9 @@ use tokio::sync::Semaphore;
 use self::admission::{Admission, Answering};
 use crate::body::{self, BodyError};
 use crate::config::Config;
+use crate::console::{self, Console};
 use crate::event::{Event, EventError, Timestamp};
+use crate::feed::{Feed, Happening, What};
 use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
 use crate::poller::PollerHealth;
@@ -65,6 +68,10 @@ pub struct State {
     poller: Option<Arc<PollerHealth>>,
     /// Counted per request; encoded for `/metrics`.
     metrics: Arc<Metrics>,
+    /// The operator console on the admin listener, unless `admin.console = false`.
+    console: Option<Console>,
+    /// Stored events, for the console's live view.
+    feed: Feed,
 }
 
 /// What the server works with beyond its own settings.
@@ -73,6 +80,8 @@ pub struct Components {
     pub live: LiveHandle,
     pub poller: Option<Arc<PollerHealth>>,
     pub metrics: Arc<Metrics>,
+    pub console: Option<Console>,
+    pub feed: Feed,
 }
 
 impl State {
@@ -82,6 +91,8 @@ impl State {
             live,
             poller,
             metrics,
+            console,
+            feed,
         } = components;
         State {
             webhook_path: config.server.webhook_path.clone(),
@@ -93,6 +104,8 @@ impl State {
             live,
             poller,
             metrics,
+            console,
+            feed,
         }
     }
 }
@@ -189,9 +202,13 @@ enum Accepted {
     Event(Ingested),
 }
 
-pub type Reply = Response<Full<Bytes>>;
+/// An answer: all of them whole, but for the console's live stream.
+pub type Reply = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
-fn json(status: StatusCode, body: serde_json::Value) -> Reply {
+/// An answer of the server's own, sent whole.
+type Plain = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, body: serde_json::Value) -> Plain {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
     response
@@ -201,7 +218,7 @@ fn json(status: StatusCode, body: serde_json::Value) -> Reply {
 }
 
 /// Every status code the server sends is decided here.
-fn respond(result: Result<Accepted, Rejection>) -> Reply {
+fn respond(result: Result<Accepted, Rejection>) -> Plain {
     let rejection = match result {
         Ok(Accepted::Healthy) => return json(StatusCode::OK, serde_json::json!({"status": "ok"})),
         Ok(Accepted::Ready) => return json(StatusCode::OK, serde_json::json!({"status": "ready"})),
@@ -297,10 +314,16 @@ pub async fn handle<B: RequestBody>(
     req: Request<B>,
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path();
+    if surface == Surface::Admin
+        && console::is_console_path(path)
+        && let Some(console) = &state.console
+    {
+        return Ok(console::handle(console, req).await);
+    }
     let operator_path = path == READY_PATH || path == METRICS_PATH;
     let result = if surface == Surface::Public && path == state.webhook_path {
         if req.method() == Method::POST {
-            return Ok(webhook(&state, req).await);
+            return Ok(webhook(&state, req).await.map(BodyExt::boxed_unsync));
         }
         Err(Rejection::MethodNotAllowed { allow: "POST" })
     } else if path == HEALTH_PATH || (surface == Surface::Admin && operator_path) {
@@ -322,7 +345,7 @@ pub async fn handle<B: RequestBody>(
     } else {
         Err(Rejection::NotFound)
     };
-    Ok(respond(result))
+    Ok(respond(result).map(BodyExt::boxed_unsync))
 }
 
 /// Ready when the store accepts commits and every sink that needs a connection has one.
@@ -353,7 +376,7 @@ struct Seen {
     call_id: Option<String>,
 }
 
-async fn webhook<B: RequestBody>(state: &State, req: Request<B>) -> Reply {
+async fn webhook<B: RequestBody>(state: &State, req: Request<B>) -> Plain {
     let started = Instant::now();
     let mut seen = Seen::default();
     let result = receive(state, req, &mut seen).await;
@@ -460,7 +483,16 @@ async fn receive<B: RequestBody>(
     seen.call_id = event.call_id.clone();
     check_age(state, &live, &event)?;
     let sinks = live.router.sinks_for(&event);
+    let happening = state.feed.watched().then(|| Happening {
+        at: SystemTime::now(),
+        call_id: event.call_id.clone(),
+        event: event.name.clone(),
+        what: What::Stored { sinks: sinks.len() },
+    });
     let ingested = store_within(state.ack_timeout, state.store.ingest(event, sinks)).await?;
+    if let (Some(happening), Ingested::Stored { .. }) = (happening, &ingested) {
+        state.feed.publish(happening);
+    }
     Ok(Accepted::Event(ingested))
 }
 

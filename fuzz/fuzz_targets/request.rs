@@ -50,6 +50,8 @@ fn harness() -> &'static Harness {
             live,
             poller: None,
             metrics: Arc::new(Metrics::new()),
+            console: None,
+            feed: Default::default(),
         };
         let state = Arc::new(State::new(&config, components));
         let secret = Secret::new(b"fuzz-secret").expect("secret");

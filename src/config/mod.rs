@@ -19,6 +19,7 @@
 //! `sinks/<kind>/config.rs`, the `[api]` table's in `api/config.rs`; this module puts
 //! them together and names the keys.
 
+mod admin;
 pub mod error;
 mod postgres;
 mod raw;
@@ -36,6 +37,7 @@ pub use crate::api::API_KEY_ENV;
 use crate::api::ApiConfig;
 use crate::signature::Secret;
 pub use crate::sinks::{SinkConfig, SinkKind};
+pub use admin::AdminToken;
 use error::InvalidAt;
 pub use error::{ConfigError, FigmentReport, Invalid};
 pub use postgres::{DEFAULT_SCHEMA, PostgresConfig, SslMode, UrlError};
@@ -133,6 +135,10 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Whether `/ui` is served.
+    pub console: bool,
+    /// What the console asks of a browser or a client; required off loopback.
+    pub token: Option<AdminToken>,
 }
 
 #[derive(Debug, Clone)]

@@ -274,12 +274,17 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAdmin {
     pub(super) listen: String,
+    pub(super) console: bool,
+    /// Empty: no token.
+    pub(super) token: String,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         RawAdmin {
             listen: "127.0.0.1:9464".into(),
+            console: true,
+            token: String::new(),
         }
     }
 }

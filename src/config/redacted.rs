@@ -51,6 +51,9 @@ fn rendering(raw: &RawConfig, urls: Urls) -> String {
     for secret in &mut shown.webhook.secrets {
         *secret = REDACTED.to_owned();
     }
+    if !shown.admin.token.is_empty() {
+        shown.admin.token = REDACTED.to_owned();
+    }
     if !shown.api.api_key.is_empty() {
         shown.api.api_key = REDACTED.to_owned();
     }

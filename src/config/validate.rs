@@ -233,7 +233,12 @@ fn admin(a: &RawAdmin, server: Option<&ServerConfig>) -> Result<AdminConfig, Con
             "must differ from server.listen: operator endpoints have a listener of their own",
         ));
     }
-    Ok(AdminConfig { listen })
+    let (console, token) = super::admin::console(a, listen)?;
+    Ok(AdminConfig {
+        listen,
+        console,
+        token,
+    })
 }
 
 /// The longest `store.commit_interval`. Every acknowledgement may wait for it, so a

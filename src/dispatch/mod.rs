@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::DeliveryConfig;
 use crate::event::{Delivery, DeliveryId};
+use crate::feed::{Feed, Happening, What};
 use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
@@ -135,6 +136,8 @@ struct Shared {
     redaction: Redaction,
     /// Outcomes counted per sink.
     metrics: Arc<Metrics>,
+    /// Outcomes as they settle, for the console's live view.
+    feed: Feed,
     /// Whether the store may hold a pause of this sink that a delivery should clear. True
     /// at start, so that a pause left by an earlier run is cleared by the first delivery.
     paused: AtomicBool,
@@ -147,6 +150,7 @@ impl Dispatcher {
         policy: RetryPolicy,
         redaction: Redaction,
         metrics: Arc<Metrics>,
+        feed: Feed,
     ) -> Dispatcher {
         Dispatcher {
             shared: Arc::new(Shared {
@@ -155,6 +159,7 @@ impl Dispatcher {
                 policy,
                 redaction,
                 metrics,
+                feed,
                 paused: AtomicBool::new(true),
             }),
         }
@@ -283,7 +288,7 @@ impl Dispatcher {
                 self.shared.policy.settle(c, Err(error), name)
             })
             .collect();
-        record(&self.shared, settlements).await;
+        record(&self.shared, settlements, &[]).await;
     }
 
     /// How long until a pending row that is not due yet becomes due (rows due now are either
@@ -323,6 +328,15 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
     } = &*shared;
     let mut settlements = Vec::with_capacity(batch.len());
     let mut ready = Vec::with_capacity(batch.len());
+    // What the live view shows of each delivery, taken only while somebody watches.
+    let names: Vec<Named> = if shared.feed.watched() {
+        batch
+            .iter()
+            .map(|d| (d.id, d.call_id.clone(), d.event.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for mut d in batch {
         if d.payload.is_empty() {
             // Only a replay of an event older than store.retention gets here.
@@ -355,11 +369,15 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
             .zip(results)
             .map(|(d, result)| policy.settle(&Claim::of(d), result, sink.name())),
     );
-    record(&shared, settlements).await;
+    record(&shared, settlements, &names).await;
 }
 
-/// Counts the outcomes and writes them to the store.
-async fn record(shared: &Shared, settlements: Vec<Settlement>) {
+/// A delivery as the live view names it: its call and event.
+type Named = (DeliveryId, Option<String>, String);
+
+/// Counts the outcomes, writes them to the store, and publishes those of `names` (the
+/// deliveries the live view may show) to the feed.
+async fn record(shared: &Shared, settlements: Vec<Settlement>, names: &[Named]) {
     let Shared {
         sink,
         store,
@@ -367,18 +385,32 @@ async fn record(shared: &Shared, settlements: Vec<Settlement>) {
         ..
     } = shared;
     for s in &settlements {
-        let outcome = match s {
-            Settlement::Delivered { .. } => "delivered",
-            Settlement::Retry { .. } => "retried",
-            Settlement::Postpone { .. } => "postponed",
-            Settlement::Dead { .. } => "dead",
-        };
-        metrics.delivery(sink.name(), outcome);
+        metrics.delivery(sink.name(), outcome_of(s));
     }
     record_pause(shared, &settlements).await;
+    let mut published: Vec<Happening> = settlements
+        .iter()
+        .filter_map(|s| {
+            let (_, call_id, event) = names.iter().find(|(id, ..)| *id == s.id())?;
+            Some(Happening {
+                at: SystemTime::now(),
+                call_id: call_id.clone(),
+                event: event.clone(),
+                what: What::Settled {
+                    sink: sink.name().to_owned(),
+                    outcome: outcome_of(s),
+                },
+            })
+        })
+        .collect();
     for tries in 1..=SETTLE_TRIES {
         match store.settle(settlements.clone()).await {
-            Ok(()) => break,
+            Ok(()) => {
+                for happening in std::mem::take(&mut published) {
+                    shared.feed.publish(happening);
+                }
+                break;
+            }
             Err(e) => {
                 // Unrecorded outcomes leave the rows pending: they are sent again later,
                 // which at-least-once allows and the sinks' ids make harmless.
@@ -386,6 +418,16 @@ async fn record(shared: &Shared, settlements: Vec<Settlement>) {
                 tokio::time::sleep(STORE_RETRY).await;
             }
         }
+    }
+}
+
+/// The outcome label of metrics and the live view.
+fn outcome_of(settlement: &Settlement) -> &'static str {
+    match settlement {
+        Settlement::Delivered { .. } => "delivered",
+        Settlement::Retry { .. } => "retried",
+        Settlement::Postpone { .. } => "postponed",
+        Settlement::Dead { .. } => "dead",
     }
 }
 

@@ -80,6 +80,7 @@ async fn setup(
         policy(max_attempts),
         Redaction::default(),
         Arc::new(Metrics::new()),
+        Feed::default(),
     );
     tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));
     let event = Event::from_webhook(
@@ -172,6 +173,7 @@ fn dispatch_with_a_minute_of_backoff(
         policy,
         Redaction::default(),
         Arc::new(Metrics::new()),
+        Feed::default(),
     );
     let stop = CancellationToken::new();
     let running = tokio::spawn(dispatcher.run(stop.clone(), drain));
