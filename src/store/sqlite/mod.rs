@@ -253,16 +253,11 @@ impl SqliteStore {
             Some(position) => position,
             None => {
                 let name = sink.to_owned();
-                let (position, held) = self
+                let position = self
                     .readers
-                    .with(move |conn| {
-                        Ok((
-                            reader::position(conn, &name)?,
-                            reader::held_before_start(conn, &name)?,
-                        ))
-                    })
+                    .with(move |conn| reader::position(conn, &name))
                     .await?;
-                self.claims.set_position(sink, position, held);
+                self.claims.set_position(sink, position);
                 snapshot.position = Some(position);
                 position
             }

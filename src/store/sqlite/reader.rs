@@ -226,17 +226,6 @@ fn tag(sink: &str) -> String {
     format!(",{sink},")
 }
 
-/// The last event that a waiting row of `sink` may wait for, or 0 when none waits: read
-/// at start, since what waits in the store was not held back by this process.
-pub(super) fn held_before_start(conn: &Connection, sink: &str) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "SELECT CASE WHEN EXISTS (SELECT 1 FROM retries WHERE sink = ?1
-                                  AND status = 'pending' AND next_attempt_at = ?2)
-                THEN COALESCE((SELECT MAX(id) FROM events), 0) ELSE 0 END",
-    )?
-    .query_row(params![sink, WAITING], |r| r.get(0))
-}
-
 /// Where `sink` stands: its cursor, or just before its first event if it has none yet.
 pub(super) fn position(conn: &Connection, sink: &str) -> rusqlite::Result<i64> {
     let cursor: Option<i64> = conn

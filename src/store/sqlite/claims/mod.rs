@@ -60,13 +60,6 @@ struct SinkState {
     /// Those of `writing` whose outcome ends the delivery (delivered or dead): a held event
     /// of their call need not wait for them.
     ending: BTreeSet<i64>,
-    /// First attempts that a held back event waits for: their end (delivered or dead)
-    /// releases the call's waiting row. Any other first attempt's end has nothing to
-    /// release, and writes nothing: the cursor passes it.
-    holding: BTreeSet<i64>,
-    /// Waiting rows were in the store when this process started: they may wait for any
-    /// first attempt up to this event, which releases its call when it ends.
-    held_before_start: i64,
     /// The sink said it is unavailable: nothing is handed out before this.
     paused_until: Option<Instant>,
 }
@@ -246,16 +239,14 @@ impl Claims {
         })
     }
 
-    /// The cursor read from the store, the first time a sink claims, and the last event
-    /// that a waiting row already in the store may wait for (0: none waits).
-    pub(super) fn set_position(&self, sink: &str, position: i64, held_before_start: i64) {
+    /// The cursor read from the store, the first time a sink claims.
+    pub(super) fn set_position(&self, sink: &str, position: i64) {
         let mut state = self.lock();
         let (_, s) = Claims::sink(&mut state, sink);
         if s.position.is_none() {
             s.position = Some(position);
             s.persisted = position;
             s.scanned_to = position;
-            s.held_before_start = held_before_start;
         }
     }
 
@@ -287,9 +278,6 @@ impl Claims {
         // back stays held.
         let mut moved = Outcome::default();
         for h in held {
-            if s.fresh.contains_key(&h.behind) {
-                s.holding.insert(h.behind);
-            }
             // Settled once its row is written; until then, being written holds the cursor.
             s.done.insert(h.id);
             s.writing.insert(h.id, Some(h.call_id.clone()));
@@ -345,11 +333,7 @@ impl Claims {
                 let Some(call_id) = s.fresh.remove(&event_id) else {
                     continue;
                 };
-                // A postponed event goes out again as a first attempt: what waits for it
-                // still does.
-                let holds = !matches!(settlement, Settlement::Postpone { .. })
-                    && (s.holding.remove(&event_id) || event_id <= s.held_before_start);
-                if let (Some(call_id), true) = (&call_id, holds && ends(settlement)) {
+                if let (Some(call_id), true) = (&call_id, ends(settlement)) {
                     out.changes.push(Change::Release {
                         sink: sink.clone(),
                         call_id: call_id.clone(),
