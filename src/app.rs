@@ -247,6 +247,7 @@ pub async fn run(
             .enabled
             .then_some(config.poller.wait_for_analysis),
         metrics: Some(Arc::clone(&metrics)),
+        attempts_kept: config.delivery.attempts_kept,
     };
     let store = Store::open(&config.store, options).await?;
     let mut sinks = SinkSet {

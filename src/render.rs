@@ -152,7 +152,39 @@ pub fn events(rows: &[EventRow]) -> String {
             ]));
         }
     }
-    t.to_string()
+    let history = attempts(rows);
+    if history.is_empty() {
+        t.to_string()
+    } else {
+        format!("{t}\nattempts:\n{history}")
+    }
+}
+
+/// Each delivery's kept attempts, oldest first; empty when none was kept.
+fn attempts(rows: &[EventRow]) -> String {
+    let mut t = table(&[
+        "event", "sink", "#", "at", "took", "outcome", "code", "error", "answer",
+    ]);
+    let mut any = false;
+    for e in rows {
+        for d in &e.deliveries {
+            for a in &d.history {
+                any = true;
+                t.add_row(row([
+                    &e.event,
+                    &d.sink,
+                    &a.number.to_string(),
+                    &a.at,
+                    &format!("{} ms", a.duration_ms),
+                    &a.outcome,
+                    &a.code.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                    or_dash(a.error.as_deref()),
+                    or_dash(a.response.as_deref()),
+                ]));
+            }
+        }
+    }
+    if any { t.to_string() } else { String::new() }
 }
 
 /// What `deliveries replay` did, and why it left what it left.
@@ -205,7 +237,7 @@ fn deliveries_count(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::operator::{PauseNote, SinkStatus};
+    use crate::store::operator::{AttemptRow, PauseNote, SinkStatus};
 
     /// Whether `text` holds a byte a terminal would obey rather than show.
     fn has_control(text: &str) -> bool {
@@ -265,10 +297,21 @@ mod tests {
                 status: "dead".into(),
                 attempts: 3,
                 last_error: Some("\x07".into()),
+                history: vec![AttemptRow {
+                    number: 3,
+                    at: "2026-05-24T10:30:00.250Z".into(),
+                    duration_ms: 12,
+                    outcome: "dead".into(),
+                    code: Some(422),
+                    error: Some("answered 422".into()),
+                    response: Some("<h1>\x1b[8mhidden</h1>".into()),
+                }],
             }],
         }]);
         assert!(!has_control(&events.replace('\n', "")), "{events:?}");
         assert!(events.contains(r"call_completed\u{1b}c"), "{events}");
+        assert!(events.contains(r"<h1>\u{1b}[8mhidden</h1>"), "{events}");
+        assert!(events.contains("422"), "{events}");
     }
 
     #[test]

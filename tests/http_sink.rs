@@ -140,6 +140,92 @@ async fn a_500_twice_then_200_is_delivered_exactly_once() {
     assert_eq!(downstream.received().len(), 3, "no request after the 200");
 }
 
+#[tokio::test]
+async fn each_failed_attempt_is_kept_with_its_status_and_answer_and_so_is_the_success_after_them() {
+    let downstream = Downstream::start(|_, i| {
+        if i < 2 {
+            Reply::Json(503, serde_json::json!({ "error": format!("busy {i}") }))
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let router = router_with_http_sink(&downstream, "").await;
+    // A first-time success keeps no history (delivery.record_successes is off).
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h3", "call_started"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        router
+            .post_signed(&payload("call-h3", "call_completed"))
+            .await
+            .status,
+        200
+    );
+    wait_status(&router, "call-h3:call_completed", "delivered").await;
+
+    let events = router
+        .operator_store()
+        .await
+        .show_events("call-h3")
+        .await
+        .expect("shown");
+    let history = |event: &str| {
+        let e = events.iter().find(|e| e.event == event).expect("the event");
+        let crm = e.deliveries.iter().find(|d| d.sink == "crm").expect("crm");
+        crm.history
+            .iter()
+            .map(|a| {
+                (
+                    a.number,
+                    a.outcome.clone(),
+                    a.code,
+                    a.response.clone().unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    // The downstream's first two answers went to call_started, which then waited for its
+    // retry; call_completed waited behind it and went out once, first time.
+    assert_eq!(
+        history("call_started"),
+        [
+            (
+                1,
+                "retried".into(),
+                Some(503),
+                r#"{"error":"busy 0"}"#.into()
+            ),
+            (
+                2,
+                "retried".into(),
+                Some(503),
+                r#"{"error":"busy 1"}"#.into()
+            ),
+            (3, "delivered".into(), None, String::new()),
+        ]
+    );
+    assert_eq!(history("call_completed"), []);
+    let started = events
+        .iter()
+        .find(|e| e.event == "call_started")
+        .expect("the event");
+    let crm = started.deliveries.iter().find(|d| d.sink == "crm");
+    let first = &crm.expect("crm").history[0];
+    assert!(
+        first.error.as_deref().is_some_and(|e| e.contains("503")),
+        "{first:?}"
+    );
+    assert!(
+        first.at.ends_with('Z') && first.at.contains('.'),
+        "{first:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_delivery_is_sent_once_per_attempt_until_it_goes_dead() {
     const EVENTS: usize = 40;

@@ -196,7 +196,7 @@ fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_a
         assert!(!ok, "{text}");
         for needed in [
             "schema version 5",
-            "this build uses version 7",
+            "this build uses version 8",
             "vyora-router serve",
         ] {
             assert!(text.contains(needed), "{needed} missing: {text}");
@@ -204,16 +204,16 @@ fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_a
         assert_eq!(version_of(&path), 5, "the command migrated the store");
     }
 
-    set_version(&path, 8);
+    set_version(&path, 9);
     let (ok, text) = run(&config, &["deliveries", "list"]);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("schema version 8") && text.contains("use the build that wrote it"),
+        text.contains("schema version 9") && text.contains("use the build that wrote it"),
         "{text}"
     );
-    assert_eq!(version_of(&path), 8);
+    assert_eq!(version_of(&path), 9);
 
-    set_version(&path, 7);
+    set_version(&path, 8);
     let (ok, text) = run(&config, &["events", "show", "call-v"]);
     assert!(ok && text.contains("call_completed"), "{text}");
 }
@@ -238,7 +238,7 @@ fn store_migrate_reads_a_source_of_another_schema_version_never_migrates_it() {
     );
     assert!(!ok, "{text}");
     assert!(
-        text.contains("schema version 5") && text.contains("this build uses version 7"),
+        text.contains("schema version 5") && text.contains("this build uses version 8"),
         "{text}"
     );
     assert_eq!(version_of(&path), 5, "the source was migrated");

@@ -14,7 +14,9 @@ use vyora_router::config::{StoreBackend, StoreConfig};
 use vyora_router::event::Event;
 use vyora_router::metrics::Metrics;
 use vyora_router::store::operator::{ListFilter, Replay, SinkPause};
-use vyora_router::store::{Ingested, Role, Settlement, Store, StoreError, StoreOptions};
+use vyora_router::store::{
+    Attempt, AttemptOutcome, Ingested, Role, Settlement, Store, StoreError, StoreOptions,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -101,7 +103,7 @@ async fn a_claim_is_exclusive_and_a_later_event_of_the_call_waits_across_replica
     let other = b.claim("s", 10, usize::MAX).await.expect("claim");
     let keys: Vec<_> = other.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c2:call_completed"]);
-    a.settle(vec![Settlement::Delivered { id: first[0].id }])
+    a.settle(vec![Settlement::Delivered { id: first[0].id }], Vec::new())
         .await
         .expect("settled");
     let next = b.claim("s", 10, usize::MAX).await.expect("claim");
@@ -109,6 +111,85 @@ async fn a_claim_is_exclusive_and_a_later_event_of_the_call_waits_across_replica
     assert_eq!(keys, ["c1:all_processing_completed"]);
     a.close().await;
     b.close().await;
+}
+
+/// The history of `call`'s only event's only delivery, as (number, outcome).
+async fn history(store: &Store, call: &str) -> Vec<(u32, String)> {
+    let events = store.show_events(call).await.expect("shown");
+    events[0].deliveries[0]
+        .history
+        .iter()
+        .map(|a| (a.number, a.outcome.clone()))
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_loses_them_with_its_payload() {
+    let db = TestDb::create().await;
+    let options = StoreOptions {
+        attempts_kept: 3,
+        ..StoreOptions::default()
+    };
+    let store = open_with(&db, Duration::from_secs(30), options).await;
+    store
+        .ingest(event("c1", "call_completed"), sinks(&["s"]))
+        .await
+        .expect("stored");
+    let attempt = |id, number, outcome| Attempt {
+        id,
+        number,
+        started_at: std::time::SystemTime::now(),
+        duration: Duration::from_millis(7),
+        outcome,
+        code: Some(503),
+        error: Some(format!("answered 503 ({number})")),
+        response: Some(format!("busy {number}")),
+    };
+    for number in 1..=4 {
+        let due = store.claim("s", 10, usize::MAX).await.expect("claim");
+        let id = due[0].id;
+        let retry = Settlement::Retry {
+            id,
+            at: std::time::SystemTime::now(),
+            error: "answered 503".into(),
+        };
+        let kept = attempt(id, number, AttemptOutcome::Retried);
+        store
+            .settle(vec![retry], vec![kept])
+            .await
+            .expect("settled");
+    }
+    let due = store.claim("s", 10, usize::MAX).await.expect("claim");
+    let id = due[0].id;
+    let delivered = attempt(id, 5, AttemptOutcome::Delivered);
+    store
+        .settle(vec![Settlement::Delivered { id }], vec![delivered])
+        .await
+        .expect("settled");
+    assert_eq!(
+        history(&store, "c1").await,
+        [
+            (3, "retried".into()),
+            (4, "retried".into()),
+            (5, "delivered".into())
+        ]
+    );
+    let events = store.show_events("c1").await.expect("shown");
+    let third = &events[0].deliveries[0].history[0];
+    assert_eq!(
+        (third.code, third.duration_ms, third.response.as_deref()),
+        (Some(503), 7, Some("busy 3"))
+    );
+
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    let pruned = store
+        .prune(later, std::time::SystemTime::UNIX_EPOCH)
+        .await
+        .expect("pruned");
+    assert_eq!(pruned.payloads, 1);
+    assert_eq!(history(&store, "c1").await, []);
+    store.close().await;
 }
 
 #[tokio::test]
@@ -173,7 +254,7 @@ async fn an_earlier_event_committed_after_a_later_one_waits_while_the_later_is_i
     first.commit().await.expect("commit");
     let earlier = b.claim("s", 10, usize::MAX).await.expect("claim");
     assert!(earlier.is_empty(), "two events of the call in hand at once");
-    a.settle(vec![Settlement::Delivered { id: later[0].id }])
+    a.settle(vec![Settlement::Delivered { id: later[0].id }], Vec::new())
         .await
         .expect("settled");
     let earlier = b.claim("s", 10, usize::MAX).await.expect("claim");
@@ -226,15 +307,18 @@ async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result(
     );
     assert_ne!(taken[0].id, late[0].id, "a new claim, a new token");
     other
-        .settle(vec![Settlement::Delivered { id: taken[0].id }])
+        .settle(vec![Settlement::Delivered { id: taken[0].id }], Vec::new())
         .await
         .expect("settled");
     // The paused replica wakes up and reports its (stale) failure.
     paused
-        .settle(vec![Settlement::Dead {
-            id: late[0].id,
-            error: "stale".into(),
-        }])
+        .settle(
+            vec![Settlement::Dead {
+                id: late[0].id,
+                error: "stale".into(),
+            }],
+            Vec::new(),
+        )
         .await
         .expect("answered");
     let (status, error): (String, Option<String>) = {
@@ -435,13 +519,16 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
         let rows = store.claim("archive", 10, usize::MAX).await.expect("claim");
         let (delivered, dead) = (rows[0].id, rows[1].id);
         store
-            .settle(vec![
-                Settlement::Delivered { id: delivered },
-                Settlement::Dead {
-                    id: dead,
-                    error: "gone".into(),
-                },
-            ])
+            .settle(
+                vec![
+                    Settlement::Delivered { id: delivered },
+                    Settlement::Dead {
+                        id: dead,
+                        error: "gone".into(),
+                    },
+                ],
+                Vec::new(),
+            )
             .await
             .expect("settled");
         store.release(vec![rows[2].id]);
@@ -792,7 +879,8 @@ async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_o
     admin
         .batch_execute(
             "UPDATE public.vyora_router_schema SET version = 1;
-             DROP TABLE vyora_router.pauses; DROP SCHEMA vyora_router",
+             DROP TABLE vyora_router.attempts; DROP TABLE vyora_router.pauses;
+             DROP SCHEMA vyora_router",
         )
         .await
         .expect("version 1");
@@ -804,7 +892,7 @@ async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_o
             let text = e.to_string();
             assert!(
                 text.contains("schema version 1")
-                    && text.contains("this build uses version 3")
+                    && text.contains("this build uses version 4")
                     && text.contains("vyora-router serve"),
                 "{text}"
             );
@@ -838,7 +926,7 @@ async fn a_database_of_the_layout_in_public_moves_into_its_own_schema_at_start_o
             .iter()
             .filter(|t| t.starts_with("vyora_router."))
             .count(),
-        8,
+        9,
         "{after:?}"
     );
     let left: i32 = admin

@@ -54,6 +54,8 @@ pub const ENV_PREFIX: &str = "VYORA_ROUTER_";
 pub const SECRET_ENV: &str = "VYORA_WEBHOOK_SECRET";
 /// The PostgreSQL URL from the environment, used when `store.url` is empty.
 pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
+/// `delivery.attempts_kept`'s default.
+pub const ATTEMPTS_KEPT: usize = 20;
 
 /// Where the config text comes from.
 #[derive(Debug, Clone)]
@@ -213,6 +215,11 @@ pub struct DeliveryConfig {
     pub max_attempts: u32,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Attempts kept in each delivery's history, the oldest dropped first; 0 keeps none.
+    pub attempts_kept: usize,
+    /// Whether the history keeps every success too, not only failures and the success
+    /// that ends them.
+    pub record_successes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

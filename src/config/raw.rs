@@ -361,6 +361,8 @@ pub(super) struct RawDelivery {
     pub(super) max_attempts: u64,
     pub(super) backoff_initial: DurationText,
     pub(super) backoff_max: DurationText,
+    pub(super) attempts_kept: u64,
+    pub(super) record_successes: bool,
 }
 
 impl Default for RawDelivery {
@@ -369,6 +371,8 @@ impl Default for RawDelivery {
             max_attempts: 12,
             backoff_initial: "1s".into(),
             backoff_max: "5m".into(),
+            attempts_kept: super::ATTEMPTS_KEPT as u64,
+            record_successes: false,
         }
     }
 }

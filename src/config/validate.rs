@@ -475,6 +475,10 @@ fn webhook(
     })
 }
 
+/// Each kept attempt costs up to about 1.7 KB (its error and the start of the answer), so
+/// a delivery's history stays under about 170 KB.
+const MAX_ATTEMPTS_KEPT: usize = 100;
+
 fn delivery(d: &RawDelivery) -> Result<DeliveryConfig, ConfigError> {
     let mut errors = Errors::default();
     let max_attempts = errors.check(
@@ -484,6 +488,18 @@ fn delivery(d: &RawDelivery) -> Result<DeliveryConfig, ConfigError> {
                 u32::try_from(n).map_err(|_| {
                     ConfigError::invalid("delivery.max_attempts", d.max_attempts, "is too large")
                 })
+            }),
+    );
+    let attempts_kept = errors.check(
+        usize::try_from(d.attempts_kept)
+            .ok()
+            .filter(|n| *n <= MAX_ATTEMPTS_KEPT)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "delivery.attempts_kept",
+                    d.attempts_kept,
+                    format!("must be at most {MAX_ATTEMPTS_KEPT}"),
+                )
             }),
     );
     let backoff_initial =
@@ -501,8 +517,8 @@ fn delivery(d: &RawDelivery) -> Result<DeliveryConfig, ConfigError> {
             ),
         ));
     }
-    let (Some(max_attempts), Some(backoff_initial), Some(backoff_max)) =
-        (max_attempts, backoff_initial, backoff_max)
+    let (Some(max_attempts), Some(backoff_initial), Some(backoff_max), Some(attempts_kept)) =
+        (max_attempts, backoff_initial, backoff_max, attempts_kept)
     else {
         return Err(errors.into());
     };
@@ -510,6 +526,8 @@ fn delivery(d: &RawDelivery) -> Result<DeliveryConfig, ConfigError> {
         max_attempts,
         backoff_initial,
         backoff_max,
+        attempts_kept,
+        record_successes: d.record_successes,
     })
 }
 

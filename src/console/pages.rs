@@ -202,6 +202,23 @@ impl View<'_> {
                             }
                         }
                     }
+                    @for d in event.deliveries.iter().filter(|d| !d.history.is_empty()) {
+                        h3 { "Attempts to " (d.sink) }
+                        ol.timeline {
+                            @for a in &d.history {
+                                li class=(a.outcome) {
+                                    span.when { "#" (a.number) " at " (a.at) ", " (a.duration_ms) " ms" }
+                                    " "
+                                    span class=(a.outcome) { (a.outcome) }
+                                    @if let Some(code) = a.code { " " span.code { (code) } }
+                                    @if let Some(error) = &a.error { div.error { (error) } }
+                                    @if let Some(answer) = &a.response {
+                                        details { summary { "answer" } pre.error { (answer) } }
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
             }
             @if !rows.is_empty() {

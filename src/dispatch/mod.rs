@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
 use crate::store::operator::SinkPause;
-use crate::store::{self, Settlement, Store};
+use crate::store::{self, Attempt, AttemptOutcome, Settlement, Store};
 
 /// Payload bytes fetched for one batch at most (at least one row is always taken).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -44,6 +44,9 @@ const SETTLE_TRIES: u32 = 3;
 pub struct RetryPolicy {
     pub max_attempts: u32,
     pub backoff: Backoff,
+    /// Whether a delivery's history keeps every success, not only failures and the
+    /// success that ends them.
+    pub record_successes: bool,
 }
 
 impl From<&DeliveryConfig> for RetryPolicy {
@@ -51,13 +54,75 @@ impl From<&DeliveryConfig> for RetryPolicy {
         RetryPolicy {
             max_attempts: c.max_attempts,
             backoff: Backoff::new(c.backoff_initial, c.backoff_max),
+            record_successes: c.record_successes,
+        }
+    }
+}
+
+/// When a batch was handed to its sink, and how long the sink took to answer.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    started_at: SystemTime,
+    duration: Duration,
+}
+
+impl Timing {
+    /// For outcomes decided without asking the sink.
+    fn now() -> Timing {
+        Timing {
+            started_at: SystemTime::now(),
+            duration: Duration::ZERO,
         }
     }
 }
 
 impl RetryPolicy {
-    /// What to record for a delivery that was attempted for the `attempts + 1`-th time.
-    fn settle(&self, d: &Claim, result: Result<(), SinkError>, sink: &str) -> Settlement {
+    /// What to record for a delivery that was attempted for the `attempts + 1`-th time:
+    /// its outcome, and the attempt for its history unless the history skips it (a
+    /// postponement, which is the sink's pause and no attempt; a first-time success,
+    /// unless `record_successes`).
+    fn settle(
+        &self,
+        d: &Claim,
+        result: Result<(), SinkError>,
+        sink: &str,
+        timing: Timing,
+    ) -> (Settlement, Option<Attempt>) {
+        let (code, response) = match &result {
+            Err(SinkError::HttpStatus {
+                status, snippet, ..
+            }) => (
+                Some(*status),
+                Some(capped(snippet, Attempt::RESPONSE_BYTES)),
+            ),
+            _ => (None, None),
+        };
+        let settlement = self.outcome(d, result, sink);
+        let (outcome, error) = match &settlement {
+            Settlement::Delivered { .. } if d.attempts > 0 || self.record_successes => {
+                (AttemptOutcome::Delivered, None)
+            }
+            Settlement::Retry { error, .. } => (AttemptOutcome::Retried, Some(error)),
+            Settlement::Dead { error, .. } => (AttemptOutcome::Dead, Some(error)),
+            Settlement::Delivered { .. } | Settlement::Postpone { .. } => {
+                return (settlement, None);
+            }
+        };
+        let attempt = Attempt {
+            id: d.id,
+            number: d.attempts.saturating_add(1),
+            started_at: timing.started_at,
+            duration: timing.duration,
+            outcome,
+            code,
+            error: error.map(|e| capped(e, Attempt::ERROR_BYTES)),
+            response,
+        };
+        (settlement, Some(attempt))
+    }
+
+    /// [`Self::settle`]'s outcome.
+    fn outcome(&self, d: &Claim, result: Result<(), SinkError>, sink: &str) -> Settlement {
         let failures = d.attempts.saturating_add(1);
         match result {
             Ok(()) => Settlement::Delivered { id: d.id },
@@ -99,6 +164,15 @@ impl RetryPolicy {
             }
         }
     }
+}
+
+/// `text` cut to at most `max` bytes, at a character's boundary.
+fn capped(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// A row handed to a delivery task: what settling it takes, should the task die.
@@ -281,14 +355,15 @@ impl Dispatcher {
             "the delivery task was cancelled".to_owned()
         };
         tracing::error!(sink = %name, rows = claimed.len(), reason, "a delivery task failed");
-        let settlements = claimed
+        let timing = Timing::now();
+        let (settlements, attempts) = claimed
             .iter()
             .map(|c| {
                 let error = SinkError::Panicked(reason.clone());
-                self.shared.policy.settle(c, Err(error), name)
+                self.shared.policy.settle(c, Err(error), name, timing)
             })
-            .collect();
-        record(&self.shared, settlements, &[]).await;
+            .unzip();
+        record(&self.shared, settlements, attempts, &[]).await;
     }
 
     /// How long until a pending row that is not due yet becomes due (rows due now are either
@@ -326,7 +401,7 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
         redaction,
         ..
     } = &*shared;
-    let mut settlements = Vec::with_capacity(batch.len());
+    let mut settled = Vec::with_capacity(batch.len());
     let mut ready = Vec::with_capacity(batch.len());
     // What the live view shows of each delivery, taken only while somebody watches.
     let names: Vec<Named> = if shared.feed.watched() {
@@ -340,7 +415,12 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
     for mut d in batch {
         if d.payload.is_empty() {
             // Only a replay of an event older than store.retention gets here.
-            settlements.push(policy.settle(&Claim::of(&d), Err(SinkError::Pruned), sink.name()));
+            settled.push(policy.settle(
+                &Claim::of(&d),
+                Err(SinkError::Pruned),
+                sink.name(),
+                Timing::now(),
+            ));
             continue;
         }
         // Redacted per sink at delivery time: the stored original stays whole, and what
@@ -349,10 +429,11 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
             match redaction.apply(&d.payload) {
                 Ok(redacted) => d.payload = redacted,
                 Err(e) => {
-                    settlements.push(policy.settle(
+                    settled.push(policy.settle(
                         &Claim::of(&d),
                         Err(SinkError::NotJson(Arc::new(e))),
                         sink.name(),
+                        Timing::now(),
                     ));
                     continue;
                 }
@@ -360,24 +441,36 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
         }
         ready.push(d);
     }
+    let (started_at, clock) = (SystemTime::now(), Instant::now());
     let results = sink.deliver(&ready).await;
+    let timing = Timing {
+        started_at,
+        duration: clock.elapsed(),
+    };
     // Rows a sink did not answer for (there should be none) get no settlement: they stay
     // pending and are tried again.
-    settlements.extend(
+    settled.extend(
         ready
             .iter()
             .zip(results)
-            .map(|(d, result)| policy.settle(&Claim::of(d), result, sink.name())),
+            .map(|(d, result)| policy.settle(&Claim::of(d), result, sink.name(), timing)),
     );
-    record(&shared, settlements, &names).await;
+    let (settlements, attempts): (Vec<Settlement>, Vec<Option<Attempt>>) =
+        settled.into_iter().unzip();
+    record(&shared, settlements, attempts, &names).await;
 }
 
 /// A delivery as the live view names it: its call and event.
 type Named = (DeliveryId, Option<String>, String);
 
-/// Counts the outcomes, writes them to the store, and publishes those of `names` (the
-/// deliveries the live view may show) to the feed.
-async fn record(shared: &Shared, settlements: Vec<Settlement>, names: &[Named]) {
+/// Counts the outcomes, writes them (and the attempts for the history) to the store, and
+/// publishes those of `names` (the deliveries the live view may show) to the feed.
+async fn record(
+    shared: &Shared,
+    settlements: Vec<Settlement>,
+    attempts: Vec<Option<Attempt>>,
+    names: &[Named],
+) {
     let Shared {
         sink,
         store,
@@ -403,8 +496,9 @@ async fn record(shared: &Shared, settlements: Vec<Settlement>, names: &[Named]) 
             })
         })
         .collect();
+    let attempts: Vec<Attempt> = attempts.into_iter().flatten().collect();
     for tries in 1..=SETTLE_TRIES {
-        match store.settle(settlements.clone()).await {
+        match store.settle(settlements.clone(), attempts.clone()).await {
             Ok(()) => {
                 for happening in std::mem::take(&mut published) {
                     shared.feed.publish(happening);

@@ -49,6 +49,7 @@ fn policy(max_attempts: u32) -> RetryPolicy {
     RetryPolicy {
         max_attempts,
         backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(40)),
+        record_successes: false,
     }
 }
 
@@ -166,6 +167,7 @@ fn dispatch_with_a_minute_of_backoff(
     let policy = RetryPolicy {
         max_attempts: 12,
         backoff: Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+        record_successes: false,
     };
     let dispatcher = Dispatcher::new(
         sink,
@@ -295,4 +297,77 @@ async fn a_delivery_that_panics_while_the_dispatcher_drains_counts_a_failed_atte
     let (status, attempts, error) = delivery(&store, "late").await;
     assert_eq!((status.as_str(), attempts), ("pending", 1));
     assert!(error.unwrap_or_default().contains("late poison"));
+}
+
+#[test]
+fn the_history_keeps_failures_and_the_success_after_them_but_not_a_first_success_or_a_wait() {
+    let claim = |attempts| Claim {
+        id: DeliveryId { row: 1, claim: 0 },
+        attempts,
+        dedup_key: "c1:call_completed".into(),
+    };
+    let timing = Timing::now();
+    let kept = |policy: &RetryPolicy, attempts, result| {
+        policy
+            .settle(&claim(attempts), result, "crm", timing)
+            .1
+            .map(|a| (a.number, a.outcome, a.code))
+    };
+    let busy = || {
+        Err(SinkError::HttpStatus {
+            status: 503,
+            snippet: "x".repeat(4000),
+            permanent: false,
+            retry_after: None,
+        })
+    };
+    let down = || {
+        Err(SinkError::Unavailable {
+            reason: "cannot connect".into(),
+            retry_in: Duration::from_secs(1),
+        })
+    };
+    let quiet = policy(3);
+    assert_eq!(kept(&quiet, 0, Ok(())), None);
+    assert_eq!(kept(&quiet, 0, down()), None);
+    assert_eq!(
+        kept(&quiet, 0, busy()),
+        Some((1, AttemptOutcome::Retried, Some(503)))
+    );
+    assert_eq!(
+        kept(&quiet, 2, busy()),
+        Some((3, AttemptOutcome::Dead, Some(503)))
+    );
+    assert_eq!(
+        kept(&quiet, 1, Ok(())),
+        Some((2, AttemptOutcome::Delivered, None))
+    );
+    let every = RetryPolicy {
+        record_successes: true,
+        ..policy(3)
+    };
+    assert_eq!(
+        kept(&every, 0, Ok(())),
+        Some((1, AttemptOutcome::Delivered, None))
+    );
+
+    // The error and the answer are capped, whatever the destination sent.
+    let (_, attempt) = quiet.settle(&claim(0), busy(), "crm", timing);
+    let attempt = attempt.expect("kept");
+    assert_eq!(
+        attempt.response.map(|r| r.len()),
+        Some(Attempt::RESPONSE_BYTES)
+    );
+    assert!(
+        attempt
+            .error
+            .is_some_and(|e| e.len() <= Attempt::ERROR_BYTES)
+    );
+}
+
+#[test]
+fn a_capped_text_ends_on_a_character_boundary() {
+    assert_eq!(capped("héllo", 2), "h");
+    assert_eq!(capped("héllo", 3), "hé");
+    assert_eq!(capped("abc", 10), "abc");
 }

@@ -67,8 +67,14 @@ pub trait SinkQueue: Send + Sync + 'static {
         max_bytes: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>>>;
 
-    /// Records the outcome of delivery attempts and ends their claims.
-    fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>>;
+    /// Records the outcome of delivery attempts and ends their claims, and keeps
+    /// `attempts` in each delivery's history (in the same transaction), at most
+    /// [`StoreOptions::attempts_kept`] per delivery, the oldest dropped first.
+    fn settle(
+        &self,
+        settlements: Vec<Settlement>,
+        attempts: Vec<Attempt>,
+    ) -> BoxFuture<'_, Result<()>>;
 
     /// Ends claims without an outcome (a dispatcher stopped with deliveries in flight):
     /// the rows are claimed again later, as if never handed out.
@@ -245,11 +251,23 @@ pub async fn migrate_sqlite_to_postgres(
 }
 
 /// What the store is opened with beyond its config.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// When the poller runs: how long after a call's latest event to poll it.
     pub track_calls: Option<Duration>,
     pub metrics: Option<Arc<Metrics>>,
+    /// Attempts kept in each delivery's history (`delivery.attempts_kept`).
+    pub attempts_kept: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            track_calls: None,
+            metrics: None,
+            attempts_kept: crate::config::ATTEMPTS_KEPT,
+        }
+    }
 }
 
 /// A task that one process at a time performs on a shared store.
@@ -316,6 +334,58 @@ impl Settlement {
             | Settlement::Postpone { id, .. }
             | Settlement::Dead { id, .. } => *id,
         }
+    }
+}
+
+/// One delivery attempt, as its delivery's history keeps it: failures, the success that
+/// follows one, and every success with `delivery.record_successes`.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub id: DeliveryId,
+    /// Attempts made before this one, plus one (a replay starts the count again).
+    pub number: u32,
+    pub started_at: SystemTime,
+    /// From handing the batch to the sink to its answer.
+    pub duration: Duration,
+    pub outcome: AttemptOutcome,
+    /// The HTTP status the destination answered, if it answered one.
+    pub code: Option<u16>,
+    /// Why it failed, at most [`Attempt::ERROR_BYTES`].
+    pub error: Option<String>,
+    /// The start of the destination's answer (HTTP sinks), at most
+    /// [`Attempt::RESPONSE_BYTES`].
+    pub response: Option<String>,
+}
+
+impl Attempt {
+    pub const ERROR_BYTES: usize = 512;
+    pub const RESPONSE_BYTES: usize = 1024;
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    Delivered,
+    /// Failed; tried again later.
+    Retried,
+    /// Failed for good: the delivery went to the dead letters.
+    Dead,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Delivered => "delivered",
+            AttemptOutcome::Retried => "retried",
+            AttemptOutcome::Dead => "dead",
+        }
+    }
+
+    /// The stored name read back; `None` for one this build does not know.
+    pub fn parse(s: &str) -> Option<AttemptOutcome> {
+        [Self::Delivered, Self::Retried, Self::Dead]
+            .into_iter()
+            .find(|o| o.as_str() == s)
     }
 }
 

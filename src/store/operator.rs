@@ -126,6 +126,25 @@ pub struct SinkStatus {
     pub status: String,
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// The attempts kept in the delivery's history, oldest first.
+    pub history: Vec<AttemptRow>,
+}
+
+/// One attempt of a delivery's history.
+#[derive(Debug, Serialize)]
+pub struct AttemptRow {
+    /// The attempt's number (a replay starts the count again).
+    pub number: u32,
+    /// RFC 3339 with milliseconds.
+    pub at: String,
+    pub duration_ms: u64,
+    /// `delivered`, `retried` or `dead`.
+    pub outcome: String,
+    /// The HTTP status the destination answered.
+    pub code: Option<u16>,
+    pub error: Option<String>,
+    /// The start of the destination's answer.
+    pub response: Option<String>,
 }
 
 #[derive(Debug, Serialize)]

@@ -26,8 +26,9 @@ use crate::backoff::Backoff;
 use crate::event::Delivery;
 use crate::signature::{self, Secret};
 
-/// Bytes of a refusing answer kept for the dead row's last error.
-const SNIPPET_BYTES: usize = 512;
+/// Bytes of a refusing answer kept for the delivery's last error and its attempt history
+/// (which keeps 1 KiB of it).
+const SNIPPET_BYTES: usize = 1024;
 const USER_AGENT: &str = concat!("vyora-router/", env!("CARGO_PKG_VERSION"));
 /// Pauses after connections failed in a row: the first probe soon, then no more often
 /// than every 30 s (never longer than `delivery.backoff_max`), so a backlog starts to

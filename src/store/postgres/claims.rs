@@ -13,7 +13,7 @@ use super::db::Db;
 use bytes::Bytes;
 
 use crate::event::{Delivery, DeliveryId, Source};
-use crate::store::{Settlement, StoreError};
+use crate::store::{Attempt, Settlement, StoreError};
 
 /// Claims, in one statement: due deliveries of a sink that nobody holds, none whose call
 /// has an earlier delivery pending on the sink or another one in hand (an earlier event
@@ -54,18 +54,39 @@ WHERE d.id = ANY($1)
 ORDER BY d.next_attempt_at, d.id";
 
 /// Outcomes recorded only where the claim still holds; the rows it returns were recorded.
+/// Records the outcomes of the deliveries still leased under their tokens, and the
+/// attempts of those in their histories: the oldest dropped to leave room for the new
+/// one within `$15` per delivery.
 const SETTLE: &str = "
-UPDATE {schema}.deliveries d SET
-    status = u.status,
-    attempts = d.attempts + u.counted,
-    next_attempt_at = COALESCE(u.at, d.next_attempt_at),
-    last_error = u.error,
-    updated_at = now(),
-    lease_owner = NULL, lease_token = NULL, lease_until = NULL
-FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::timestamptz[], $6::text[])
-    AS u(id, token, status, counted, at, error)
-WHERE d.id = u.id AND d.lease_token = u.token AND d.status = 'pending'
-RETURNING d.id";
+WITH settled AS (
+    UPDATE {schema}.deliveries d SET
+        status = u.status,
+        attempts = d.attempts + u.counted,
+        next_attempt_at = COALESCE(u.at, d.next_attempt_at),
+        last_error = u.error,
+        updated_at = now(),
+        lease_owner = NULL, lease_token = NULL, lease_until = NULL
+    FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::int[], $5::timestamptz[], $6::text[])
+        AS u(id, token, status, counted, at, error)
+    WHERE d.id = u.id AND d.lease_token = u.token AND d.status = 'pending'
+    RETURNING d.id
+), history AS (
+    SELECT * FROM unnest($7::bigint[], $8::int[], $9::timestamptz[], $10::bigint[],
+                         $11::text[], $12::int[], $13::text[], $14::text[])
+        AS h(id, number, started_at, duration_ms, outcome, code, error, response)
+    WHERE h.id IN (SELECT id FROM settled)
+), trimmed AS (
+    DELETE FROM {schema}.attempts t WHERE t.id IN (
+        SELECT r.id FROM (
+            SELECT a.id, row_number() OVER (PARTITION BY a.delivery_id ORDER BY a.id DESC) AS n
+            FROM {schema}.attempts a WHERE a.delivery_id IN (SELECT id FROM history)) r
+        WHERE r.n >= $15)
+), recorded AS (
+    INSERT INTO {schema}.attempts (delivery_id, number, started_at, duration_ms, outcome,
+                                   code, error, response)
+    SELECT id, number, started_at, duration_ms, outcome, code, error, response FROM history
+)
+SELECT id FROM settled";
 
 const RENEW: &str = "
 UPDATE {schema}.deliveries d SET lease_until = now() + make_interval(secs => $3)
@@ -194,6 +215,8 @@ pub(super) async fn settle(
     db: &Db,
     held: &Held,
     settlements: &[Settlement],
+    attempts: &[Attempt],
+    keep: usize,
 ) -> Result<u64, StoreError> {
     let mut ids = Vec::with_capacity(settlements.len());
     let mut tokens = Vec::with_capacity(settlements.len());
@@ -218,12 +241,30 @@ pub(super) async fn settle(
         ats.push(at);
         errors.push(error);
     }
+    let history = History::of(if keep > 0 { attempts } else { &[] });
+    let keep = i64::try_from(keep).unwrap_or(i64::MAX);
     let recorded = db
         .get()
         .await?
         .query(
             &db.sql(SETTLE),
-            &[&ids, &tokens, &statuses, &counted, &ats, &errors],
+            &[
+                &ids,
+                &tokens,
+                &statuses,
+                &counted,
+                &ats,
+                &errors,
+                &history.ids,
+                &history.numbers,
+                &history.started,
+                &history.durations,
+                &history.outcomes,
+                &history.codes,
+                &history.errors,
+                &history.responses,
+                &keep,
+            ],
         )
         .await;
     // Recorded or not, the claim ends here: an unrecorded outcome leaves the delivery
@@ -232,6 +273,39 @@ pub(super) async fn settle(
     held.remove(&settled);
     let recorded = recorded?;
     Ok(u64::try_from(settlements.len().saturating_sub(recorded.len())).unwrap_or(0))
+}
+
+/// Attempts as the columns [`SETTLE`] takes them.
+struct History<'a> {
+    ids: Vec<i64>,
+    numbers: Vec<i32>,
+    started: Vec<SystemTime>,
+    durations: Vec<i64>,
+    outcomes: Vec<&'static str>,
+    codes: Vec<Option<i32>>,
+    errors: Vec<Option<&'a str>>,
+    responses: Vec<Option<&'a str>>,
+}
+
+impl<'a> History<'a> {
+    fn of(attempts: &'a [Attempt]) -> History<'a> {
+        History {
+            ids: attempts.iter().map(|a| a.id.row).collect(),
+            numbers: attempts
+                .iter()
+                .map(|a| i32::try_from(a.number).unwrap_or(i32::MAX))
+                .collect(),
+            started: attempts.iter().map(|a| a.started_at).collect(),
+            durations: attempts
+                .iter()
+                .map(|a| i64::try_from(a.duration.as_millis()).unwrap_or(i64::MAX))
+                .collect(),
+            outcomes: attempts.iter().map(|a| a.outcome.as_str()).collect(),
+            codes: attempts.iter().map(|a| a.code.map(i32::from)).collect(),
+            errors: attempts.iter().map(|a| a.error.as_deref()).collect(),
+            responses: attempts.iter().map(|a| a.response.as_deref()).collect(),
+        }
+    }
 }
 
 /// Ends claims without an outcome, so another dispatcher may take the rows at once.

@@ -33,8 +33,9 @@ use crate::store::operator::{
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
-    BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate, Pruned,
-    Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions, TrackedCall,
+    Attempt, BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate,
+    Pruned, Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions,
+    TrackedCall,
 };
 use claims::Held;
 
@@ -70,6 +71,8 @@ pub(super) struct PostgresStore {
     roles: Arc<Roles>,
     quarantine_max_bytes: u64,
     metrics: Option<Arc<Metrics>>,
+    /// Attempts kept in each delivery's history (`delivery.attempts_kept`).
+    attempts_kept: usize,
     /// Stops the listener and the heartbeat.
     stop: CancellationToken,
 }
@@ -232,6 +235,7 @@ impl PostgresStore {
             roles,
             quarantine_max_bytes,
             metrics: options.metrics,
+            attempts_kept: options.attempts_kept,
             stop,
         })
     }
@@ -352,9 +356,20 @@ impl SinkQueue for PostgresStore {
         ))
     }
 
-    fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>> {
+    fn settle(
+        &self,
+        settlements: Vec<Settlement>,
+        attempts: Vec<Attempt>,
+    ) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let rejected = claims::settle(&self.db, &self.held, &settlements).await?;
+            let rejected = claims::settle(
+                &self.db,
+                &self.held,
+                &settlements,
+                &attempts,
+                self.attempts_kept,
+            )
+            .await?;
             if rejected > 0 {
                 tracing::warn!(
                     rejected,

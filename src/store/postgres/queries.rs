@@ -7,7 +7,8 @@ use super::db::Db;
 use sha2::{Digest, Sha256};
 
 use crate::store::operator::{
-    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkStatus,
+    AttemptRow, DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed,
+    SinkStatus,
 };
 use crate::store::{
     Kept, PollUpdate, Pruned, Quarantined, Role, SinkStats, Stats, StoreError, TrackedCall,
@@ -294,6 +295,19 @@ pub(super) async fn prune(
             break;
         }
     }
+    // Attempt histories go with the payloads: an answer may quote what was sent.
+    let forget = db.sql(
+        "DELETE FROM {schema}.attempts WHERE id IN (
+             SELECT a.id FROM {schema}.attempts a
+             JOIN {schema}.deliveries d ON d.id = a.delivery_id
+             JOIN {schema}.events e ON e.id = d.event_id
+             WHERE e.received_at < $1 AND octet_length(e.payload) = 0 LIMIT $2)",
+    );
+    while client
+        .execute(&forget, &[&payloads_before, &PRUNE_BATCH])
+        .await?
+        > 0
+    {}
     loop {
         let n = client
             .execute(&delete, &[&keys_before, &PRUNE_BATCH])
@@ -517,21 +531,40 @@ pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>,
     let mut out = Vec::with_capacity(events.len());
     for e in &events {
         let event_id: i64 = e.get(0);
+        let history = client
+            .query(
+                &db.sql(
+                    "SELECT a.delivery_id, a.number, a.started_at, a.duration_ms, a.outcome,
+                            a.code, a.error, a.response
+                     FROM {schema}.attempts a JOIN {schema}.deliveries d ON d.id = a.delivery_id
+                     WHERE d.event_id = $1 ORDER BY a.id",
+                ),
+                &[&event_id],
+            )
+            .await?;
         let deliveries = client
             .query(
                 &db.sql(
-                    "SELECT sink, status, attempts, last_error FROM {schema}.deliveries
+                    "SELECT sink, status, attempts, last_error, id FROM {schema}.deliveries
                  WHERE event_id = $1 ORDER BY id",
                 ),
                 &[&event_id],
             )
             .await?
             .iter()
-            .map(|d| SinkStatus {
-                sink: d.get(0),
-                status: d.get(1),
-                attempts: u32::try_from(d.get::<_, i32>(2)).unwrap_or(0),
-                last_error: d.get(3),
+            .map(|d| {
+                let delivery: i64 = d.get(4);
+                SinkStatus {
+                    sink: d.get(0),
+                    status: d.get(1),
+                    attempts: u32::try_from(d.get::<_, i32>(2)).unwrap_or(0),
+                    last_error: d.get(3),
+                    history: history
+                        .iter()
+                        .filter(|a| a.get::<_, i64>(0) == delivery)
+                        .map(attempt_row)
+                        .collect(),
+                }
             })
             .collect();
         out.push(EventRow {
@@ -543,6 +576,21 @@ pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>,
         });
     }
     Ok(out)
+}
+
+/// A row of the attempts table (after its delivery id) as `events show` shows it.
+fn attempt_row(a: &tokio_postgres::Row) -> AttemptRow {
+    AttemptRow {
+        number: u32::try_from(a.get::<_, i32>(1)).unwrap_or(0),
+        at: humantime::format_rfc3339_millis(a.get(2)).to_string(),
+        duration_ms: u64::try_from(a.get::<_, i64>(3)).unwrap_or(0),
+        outcome: a.get(4),
+        code: a
+            .get::<_, Option<i32>>(5)
+            .and_then(|c| u16::try_from(c).ok()),
+        error: a.get(6),
+        response: a.get(7),
+    }
 }
 
 pub(super) async fn poll_status(db: &Db, limit: usize) -> Result<Vec<PollRow>, StoreError> {

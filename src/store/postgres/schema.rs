@@ -114,6 +114,23 @@ CREATE TABLE {schema}.pauses (
     reason TEXT        NOT NULL
 );
 "#,
+    r#"
+-- Each delivery's attempts, for `events show` and the console: failures (and the success
+-- that ends them, or every success with `delivery.record_successes`), at most
+-- `delivery.attempts_kept` per delivery, deleted with the event's payload.
+CREATE TABLE {schema}.attempts (
+    id          BIGSERIAL   PRIMARY KEY,
+    delivery_id BIGINT      NOT NULL REFERENCES {schema}.deliveries (id) ON DELETE CASCADE,
+    number      INTEGER     NOT NULL,
+    started_at  TIMESTAMPTZ NOT NULL,
+    duration_ms BIGINT      NOT NULL,
+    outcome     TEXT        NOT NULL,
+    code        INTEGER,
+    error       TEXT,
+    response    TEXT
+);
+CREATE INDEX attempts_by_delivery ON {schema}.attempts (delivery_id, id);
+"#,
 ];
 
 /// The schema version this build reads and writes.

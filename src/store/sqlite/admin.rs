@@ -12,13 +12,20 @@ use rusqlite::{Connection, params};
 use super::keys::{call_range, keyed};
 use super::sink_list::sink_names;
 use crate::store::operator::{
-    DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
-    SinkStatus,
+    AttemptRow, DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed,
+    SinkPause, SinkStatus,
 };
 
+fn at_millis(ms: i64) -> std::time::SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
 fn rfc3339(ms: i64) -> String {
-    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_seconds(at).to_string()
+    humantime::format_rfc3339_seconds(at_millis(ms)).to_string()
+}
+
+fn rfc3339_millis(ms: i64) -> String {
+    humantime::format_rfc3339_millis(at_millis(ms)).to_string()
 }
 
 /// Every (event, sink) delivery, in the old one-row-per-delivery shape (the `outbox` view
@@ -191,6 +198,10 @@ pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<
          FROM cursors c LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = ?2
          WHERE c.sink = ?1",
     )?;
+    let mut history = conn.prepare(
+        "SELECT number, started_at, duration_ms, outcome, code, error, response FROM attempts
+         WHERE event_id = ?1 AND sink = ?2 ORDER BY id",
+    )?;
     let found = events
         .query_map(params![&low[..], &high[..], call_id], |r| {
             Ok((
@@ -213,10 +224,26 @@ pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<
                     status: r.get(0)?,
                     attempts: r.get(1)?,
                     last_error: r.get(2)?,
+                    history: Vec::new(),
                 })
             });
             match found {
-                Ok(s) => deliveries.push(s),
+                Ok(mut s) => {
+                    s.history = history
+                        .query_map(params![event_id, sink], |r| {
+                            Ok(AttemptRow {
+                                number: r.get(0)?,
+                                at: rfc3339_millis(r.get(1)?),
+                                duration_ms: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                                outcome: r.get(3)?,
+                                code: r.get(4)?,
+                                error: r.get(5)?,
+                                response: r.get(6)?,
+                            })
+                        })?
+                        .collect::<Result<_, _>>()?;
+                    deliveries.push(s);
+                }
                 Err(rusqlite::Error::QueryReturnedNoRows) => {}
                 Err(e) => return Err(e),
             }

@@ -39,8 +39,9 @@ use crate::store::operator::{
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
-    BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate, Pruned,
-    Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions, TrackedCall,
+    Attempt, BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate,
+    Pruned, Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions,
+    TrackedCall,
 };
 use claims::{Claimed, Claims, Outcome};
 use codec::{compress, decompress};
@@ -95,6 +96,7 @@ impl SqliteStore {
         let StoreOptions {
             track_calls,
             metrics,
+            attempts_kept,
         } = options;
         let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -139,6 +141,7 @@ impl SqliteStore {
                 run_size,
                 run_chunk,
                 commit_interval: config.commit_interval,
+                attempts_kept,
             },
             claims: Arc::clone(&claims),
         };
@@ -314,7 +317,7 @@ impl SqliteStore {
             }
         }
         if !damaged.is_empty()
-            && let Err(e) = SinkQueue::settle(self, damaged).await
+            && let Err(e) = SinkQueue::settle(self, damaged, Vec::new()).await
         {
             // Unwritten, the damaged events are handed out again, and tried again, later.
             tracing::warn!(sink, error = %e, "cannot record damaged payloads");
@@ -381,10 +384,21 @@ impl SinkQueue for SqliteStore {
         Box::pin(self.claim_for(sink, limit, max_bytes))
     }
 
-    fn settle(&self, settlements: Vec<Settlement>) -> BoxFuture<'_, Result<()>> {
+    fn settle(
+        &self,
+        settlements: Vec<Settlement>,
+        attempts: Vec<Attempt>,
+    ) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let outcome = self.claims.settle(&settlements);
-            if outcome.changes.is_empty() && outcome.cursors.is_empty() {
+            let mut outcome = self.claims.settle(&settlements);
+            outcome.attempts = attempts
+                .into_iter()
+                .filter_map(|a| Some((self.claims.sink_of(a.id)?, a)))
+                .collect();
+            if outcome.changes.is_empty()
+                && outcome.cursors.is_empty()
+                && outcome.attempts.is_empty()
+            {
                 return Ok(());
             }
             self.write_and_move(outcome).await

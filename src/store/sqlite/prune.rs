@@ -87,14 +87,18 @@ pub(super) fn prune(
     }
     let mut empty =
         tx.prepare_cached("UPDATE events SET payload = X'', codec = 0 WHERE id = ?1")?;
+    // Attempt histories go with the payloads: an answer may quote what was sent.
+    let mut history = tx.prepare_cached("DELETE FROM attempts WHERE event_id = ?1")?;
     for id in &emptied {
         empty.execute(params![id])?;
+        history.execute(params![id])?;
     }
     let mut delete = tx.prepare_cached("DELETE FROM events WHERE id = ?1")?;
     let mut forget = tx.prepare_cached("DELETE FROM retries WHERE event_id = ?1")?;
     for id in &deleted {
         delete.execute(params![id])?;
         forget.execute(params![id])?;
+        history.execute(params![id])?;
     }
     tx.prepare_cached(
         "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE received_at < ?1 ORDER BY id LIMIT 100)",

@@ -15,7 +15,7 @@ use crate::store::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
-/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`V7`].
+/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`V7`], version 8 [`V8`].
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -176,8 +176,29 @@ LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = e.id;";
 // The view above spells `settle::WAITING` out.
 const _: () = assert!(super::settle::WAITING == 9_223_372_036_854_775_807);
 
+/// Version 8: each delivery's attempts, for `events show` and the console: failures
+/// (and the success that ends them, or every success with `delivery.record_successes`),
+/// at most `delivery.attempts_kept` per delivery, deleted with the event's payload.
+const V8: &str = "
+CREATE TABLE attempts (
+    id          INTEGER PRIMARY KEY,
+    event_id    INTEGER NOT NULL,
+    sink        TEXT    NOT NULL,
+    number      INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    outcome     TEXT    NOT NULL,
+    code        INTEGER,
+    error       TEXT,
+    response    TEXT
+);
+CREATE INDEX attempts_by_delivery ON attempts (event_id, sink, id);";
+
+/// The versions after the event log and the dedup runs, in order.
+const LATER: [&str; 2] = [V7, V8];
+
 /// The schema versions this build knows.
-const VERSIONS: usize = MIGRATIONS.len() + 3;
+const VERSIONS: usize = MIGRATIONS.len() + 2 + LATER.len();
 
 pub(super) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     migrate_to(conn, path, VERSIONS)
@@ -252,7 +273,7 @@ pub(super) fn migrate_to(
             Some(sql) => tx.execute_batch(sql),
             None if next == MIGRATIONS.len() => to_event_log(&tx),
             None if next == MIGRATIONS.len() + 1 => to_runs(&tx),
-            None => tx.execute_batch(V7),
+            None => tx.execute_batch(LATER[next - MIGRATIONS.len() - 2]),
         }
         .map_err(migrate_err)?;
         let version = i64::try_from(next + 1).unwrap_or(i64::MAX);
@@ -445,7 +466,7 @@ mod tests {
                 e,
                 StoreError::SchemaMismatch {
                     found: 5,
-                    current: 7,
+                    current: 8,
                     ..
                 }
             ),

@@ -1,10 +1,12 @@
 //! Settling in the writer's transaction: retry rows for failed first attempts, waiting
-//! rows for events held behind an earlier one of their call, releases, and cursor moves.
+//! rows for events held behind an earlier one of their call, releases, cursor moves, and
+//! the deliveries' attempt histories.
 
 use rusqlite::params;
 
 use super::claims::{Change, Claims, Outcome};
 use super::millis::to_millis;
+use crate::store::Attempt;
 
 /// `next_attempt_at` of a row waiting for an earlier event of its call: never due by
 /// itself; [`Change::Release`] makes it due once that event is delivered or dead.
@@ -13,13 +15,20 @@ pub(super) const WAITING: i64 = i64::MAX;
 const WAITING_NOTE: &str = "waiting for an earlier event of its call";
 
 /// Writes what settling came to: retry rows for failed first attempts, updated or
-/// removed ones for retries, and the cursors that moved.
+/// removed ones for retries, the cursors that moved, and the attempts, at most `keep`
+/// per delivery.
 pub(super) fn settle(
     tx: &rusqlite::Transaction<'_>,
     outcome: &Outcome,
     now: i64,
     claims: &Claims,
+    keep: usize,
 ) -> rusqlite::Result<()> {
+    if keep > 0 {
+        for (sink, attempt) in &outcome.attempts {
+            record_attempt(tx, sink, attempt, keep)?;
+        }
+    }
     for change in &outcome.changes {
         match change {
             Change::Failed {
@@ -122,6 +131,42 @@ pub(super) fn settle(
     for (sink, position) in &outcome.cursors {
         cursor.execute(params![sink, position])?;
     }
+    Ok(())
+}
+
+/// Adds `attempt` to its delivery's history, dropping the oldest beyond `keep`.
+fn record_attempt(
+    tx: &rusqlite::Transaction<'_>,
+    sink: &str,
+    a: &Attempt,
+    keep: usize,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO attempts (event_id, sink, number, started_at, duration_ms, outcome,
+                               code, error, response)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        a.id.row,
+        sink,
+        a.number,
+        to_millis(a.started_at),
+        i64::try_from(a.duration.as_millis()).unwrap_or(i64::MAX),
+        a.outcome.as_str(),
+        a.code,
+        a.error,
+        a.response
+    ])?;
+    tx.prepare_cached(
+        "DELETE FROM attempts WHERE event_id = ?1 AND sink = ?2 AND id <= (
+             SELECT id FROM attempts WHERE event_id = ?1 AND sink = ?2
+             ORDER BY id DESC LIMIT 1 OFFSET ?3)",
+    )?
+    .execute(params![
+        a.id.row,
+        sink,
+        i64::try_from(keep).unwrap_or(i64::MAX)
+    ])?;
     Ok(())
 }
 

@@ -211,7 +211,7 @@ impl Op {
                 *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
             }
-            Op::Settle { outcome, .. } => settle(tx, outcome, now, claims),
+            Op::Settle { outcome, .. } => settle(tx, outcome, now, claims, limits.attempts_kept),
         }
     }
 
@@ -328,6 +328,8 @@ pub(super) struct Limits {
     pub(super) run_chunk: usize,
     /// Least time from one commit's start to the next (`store.commit_interval`).
     pub(super) commit_interval: Duration,
+    /// Attempts kept in each delivery's history (`delivery.attempts_kept`).
+    pub(super) attempts_kept: usize,
 }
 
 /// The dedup index, read on first use: operator commands that never ingest or prune

@@ -17,7 +17,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use crate::event::DeliveryId;
-use crate::store::Settlement;
+use crate::store::{Attempt, Settlement};
 
 mod guard;
 #[cfg(test)]
@@ -197,6 +197,8 @@ pub(super) enum Change {
 pub(super) struct Outcome {
     pub(super) changes: Vec<Change>,
     pub(super) cursors: Vec<(String, i64)>,
+    /// Attempts for the deliveries' histories, each with its sink.
+    pub(super) attempts: Vec<(String, Attempt)>,
     /// Each sink whose cursor moves, and its cursor as written before, should the write
     /// fail.
     pub(super) before: Vec<(usize, i64)>,
@@ -310,6 +312,12 @@ impl Claims {
             row: event_id,
             claim: claim | if retry { RETRY } else { 0 },
         }
+    }
+
+    /// The sink a delivery was handed out for, while this process knows it.
+    pub(super) fn sink_of(&self, id: DeliveryId) -> Option<String> {
+        let index = usize::try_from(id.claim >> 1).ok()?;
+        Some(self.lock().sinks.get(index)?.name.clone())
     }
 
     /// Turns outcomes into retry rows and cursor moves, and ends their claims. A first

@@ -136,7 +136,7 @@ async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
         .iter()
         .map(|d| Settlement::Delivered { id: d.id })
         .collect();
-    store.settle(delivered).await.expect("settled");
+    store.settle(delivered, Vec::new()).await.expect("settled");
     assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
     let latest = count(dir.path(), "SELECT MAX(id) FROM events");
 

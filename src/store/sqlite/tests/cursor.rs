@@ -39,16 +39,20 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
     fail_writes_of(&db, "retries");
     // Two deliveries finish together: the first failed (its retry row cannot be
     // written), the others went through (a cursor move, which can).
-    let failed = store.settle(vec![Settlement::Retry {
-        id: ids[0],
-        at: now(),
-        error: "500".into(),
-    }]);
+    let failed = store.settle(
+        vec![Settlement::Retry {
+            id: ids[0],
+            at: now(),
+            error: "500".into(),
+        }],
+        Vec::new(),
+    );
     let delivered = store.settle(
         ids[1..]
             .iter()
             .map(|id| Settlement::Delivered { id: *id })
             .collect(),
+        Vec::new(),
     );
     let (failed, delivered) = tokio::join!(failed, delivered);
     assert!(failed.is_err(), "the retry row was refused");
@@ -79,8 +83,14 @@ async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in()
         at: now(),
         error: "500".into(),
     };
-    let first = store.settle(vec![retry(0), Settlement::Delivered { id: ids[1] }]);
-    let second = store.settle(vec![retry(2), Settlement::Delivered { id: ids[3] }]);
+    let first = store.settle(
+        vec![retry(0), Settlement::Delivered { id: ids[1] }],
+        Vec::new(),
+    );
+    let second = store.settle(
+        vec![retry(2), Settlement::Delivered { id: ids[3] }],
+        Vec::new(),
+    );
     let (first, second) = tokio::join!(first, second);
     assert!(first.is_err() && second.is_err());
     db.execute_batch("DROP TRIGGER fail_retries").expect("drop");
@@ -98,17 +108,20 @@ async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     lock.execute_batch("BEGIN IMMEDIATE").expect("lock");
     let settled = tokio::time::timeout(
         Duration::from_millis(200),
-        store.settle(vec![Settlement::Retry {
-            id: due[0].id,
-            at: now(),
-            error: "500".into(),
-        }]),
+        store.settle(
+            vec![Settlement::Retry {
+                id: due[0].id,
+                at: now(),
+                error: "500".into(),
+            }],
+            Vec::new(),
+        ),
     )
     .await;
     assert!(settled.is_err(), "cancelled while waiting");
     lock.execute_batch("COMMIT").expect("unlock");
     store
-        .settle(vec![Settlement::Delivered { id: due[1].id }])
+        .settle(vec![Settlement::Delivered { id: due[1].id }], Vec::new())
         .await
         .expect("settled");
     // Whether the abandoned write landed or not, event 1 is delivered once more: as a
@@ -150,6 +163,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
             due.iter()
                 .map(|d| Settlement::Delivered { id: d.id })
                 .collect(),
+            Vec::new(),
         )
         .await
         .expect("settled");
@@ -173,7 +187,7 @@ async fn the_cursor_of_a_sink_that_rarely_gets_an_event_moves_past_the_others() 
     }
     let due = store.claim("rare", 10, usize::MAX).await.expect("due");
     store
-        .settle(vec![Settlement::Delivered { id: due[0].id }])
+        .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
     assert!(claim_rows(&store, "rare", 10).await.is_empty());
@@ -209,6 +223,7 @@ async fn events_held_behind_pending_retries_do_not_stop_other_calls() {
                     error: "500".into(),
                 })
                 .collect(),
+            Vec::new(),
         )
         .await
         .expect("settled");
@@ -261,7 +276,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
             }
         })
         .collect();
-    store.settle(settled).await.expect("settled");
+    store.settle(settled, Vec::new()).await.expect("settled");
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     assert_eq!(cursor_of(&db, "a"), 52, "the cursor passed the held event");
     let (status, at, note): (String, i64, String) = db
@@ -298,7 +313,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
     store
-        .settle(vec![Settlement::Delivered { id: due[0].id }])
+        .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
@@ -327,7 +342,7 @@ async fn an_event_held_behind_one_in_hand_at_a_crash_goes_out_after_it_not_befor
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
     store
-        .settle(vec![Settlement::Delivered { id: due[0].id }])
+        .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
     assert_eq!(claim_rows(&store, "a", 10).await, [2]);

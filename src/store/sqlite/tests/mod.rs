@@ -14,6 +14,7 @@ use crate::event::Event;
 use crate::store::{Ingested, Settlement, Store, StoreOptions, now};
 
 mod cursor;
+mod history;
 mod properties;
 
 fn config(dir: &Path) -> StoreConfig {
@@ -206,18 +207,21 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
     let rows = store.claim("a", 10, usize::MAX).await.expect("due");
     let later = now() + Duration::from_secs(3600);
     store
-        .settle(vec![
-            Settlement::Delivered { id: rows[0].id },
-            Settlement::Retry {
-                id: rows[1].id,
-                at: later,
-                error: "boom".into(),
-            },
-            Settlement::Dead {
-                id: rows[2].id,
-                error: "gone".into(),
-            },
-        ])
+        .settle(
+            vec![
+                Settlement::Delivered { id: rows[0].id },
+                Settlement::Retry {
+                    id: rows[1].id,
+                    at: later,
+                    error: "boom".into(),
+                },
+                Settlement::Dead {
+                    id: rows[2].id,
+                    error: "gone".into(),
+                },
+            ],
+            Vec::new(),
+        )
         .await
         .expect("settled");
     assert!(
@@ -305,7 +309,10 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         at: now(),
         error: "down".into(),
     };
-    store.settle(vec![retry]).await.expect("settled");
+    store
+        .settle(vec![retry], Vec::new())
+        .await
+        .expect("settled");
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     assert!(
         due.iter()
@@ -321,7 +328,7 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         id: retried.id,
         error: "gone".into(),
     };
-    store.settle(vec![dead]).await.expect("settled");
+    store.settle(vec![dead], Vec::new()).await.expect("settled");
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     assert!(
         due.iter()
@@ -469,7 +476,7 @@ async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
         id: dead[0].id,
         error: "gone".into(),
     };
-    store.settle(vec![dead]).await.expect("settled");
+    store.settle(vec![dead], Vec::new()).await.expect("settled");
     // Behind it, more than three ranges of events that pruning deletes, then one kept
     // (pending) so the deleted ids stay a hole instead of being reused.
     many(1..1601).await;

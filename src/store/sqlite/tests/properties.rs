@@ -133,7 +133,7 @@ proptest::proptest! {
                                     Settlement::Dead { .. } => Fate::Dead,
                                     _ => Fate::Open,
                                 };
-                                store.settle(vec![s]).await.expect("settled");
+                                store.settle(vec![s], Vec::new()).await.expect("settled");
                                 fates.insert((sink, id.row), fate);
                             }
                             None => store.release(vec![id]),
@@ -153,7 +153,7 @@ proptest::proptest! {
                     claim_checked(&store, sink, 10, &events, &fates, &mut in_hand).await;
                 }
                 for (sink, d) in in_hand.drain(..) {
-                    store.settle(vec![Settlement::Delivered { id: d.id }]).await.expect("settled");
+                    store.settle(vec![Settlement::Delivered { id: d.id }], Vec::new()).await.expect("settled");
                     fates.insert((sink, d.id.row), Fate::Delivered);
                 }
             }
