@@ -1,6 +1,7 @@
 //! The console in a real headless Chromium, driven over WebDriver: logging in, the
-//! overview with a sink down, a call's events, replaying a dead delivery by clicking,
-//! the live view, and hostile values shown as text. Screenshots go to docs/console/.
+//! overview with a sink down, a call's events and their attempts, replaying a dead
+//! delivery by clicking, the live view, and hostile values shown as text. Screenshots go
+//! to docs/console/.
 
 mod common;
 
@@ -182,6 +183,21 @@ async fn an_operator_logs_in_finds_a_call_replays_it_and_watches_live() {
         injected,
         serde_json::json!(0),
         "no element came from the call id"
+    );
+    // Each attempt on the call's timeline: crm answered 500 and, with one attempt
+    // allowed, each delivery went dead.
+    browser
+        .wait_for_text("Attempts to crm", Duration::from_secs(10), true)
+        .await;
+    let attempts = c
+        .find_all(Locator::Css("ol.timeline li.dead"))
+        .await
+        .expect("attempts");
+    assert!(!attempts.is_empty());
+    let first = attempts[0].text().await.expect("text");
+    assert!(
+        first.contains("#1") && first.contains("500"),
+        "the attempt's number and status: {first}"
     );
     browser.shot("call.png").await;
 
