@@ -1,6 +1,7 @@
 //! The command line: subcommands and their arguments.
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -195,14 +196,62 @@ pub struct ReplayWhich {
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
-    /// The stored events of a call and their delivery status per sink.
+    /// Stored events, newest first, with their delivery status per sink.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Received at or after: an RFC 3339 time, or a duration ago ("2h", "30m").
+        #[arg(long, value_parser = parse_time)]
+        since: Option<SystemTime>,
+        /// Received before: an RFC 3339 time, or a duration ago.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<SystemTime>,
+        /// Only this event (call_started, call_completed, all_processing_completed).
+        #[arg(long)]
+        event: Option<String>,
+        /// Only events routed to this sink.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only events with a delivery in this status (to --sink, if given).
+        #[arg(long, value_enum)]
+        status: Option<Status>,
+        /// The next page: events stored before this id (a list ends saying which).
+        #[arg(long, value_name = "ID")]
+        before: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The stored events of a call, their delivery status per sink, and each delivery's
+    /// attempts.
     Show {
         #[command(flatten)]
         config: ConfigArg,
         call_id: String,
+        /// Show each event's payload, pretty-printed, with personal data masked.
+        #[arg(long)]
+        payload: bool,
+        /// With --payload: show the payload whole, personal data included.
+        #[arg(long, requires = "payload")]
+        reveal: bool,
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A time on the command line: RFC 3339 (`2026-05-24T10:30:00Z`, or without the zone as
+/// UTC), or a duration before now (`2h`, `1d 6h`).
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        return Ok(at);
+    }
+    humantime::parse_duration(text)
+        .ok()
+        .and_then(|ago| SystemTime::now().checked_sub(ago))
+        .ok_or_else(|| {
+            format!("{text:?} is neither an RFC 3339 time (2026-05-24T10:30:00Z) nor a duration ago (2h, 30m)")
+        })
 }
 
 #[derive(Debug, Args)]

@@ -26,7 +26,7 @@ use vyora_router::config::{
 use vyora_router::render;
 use vyora_router::server::{HealthError, check_health};
 use vyora_router::signature::Secret;
-use vyora_router::store::operator::{ListFilter, Replay, SinkPause};
+use vyora_router::store::operator::{EventFilter, ListFilter, Replay, SinkPause};
 use vyora_router::store::{Store, StoreError};
 use vyora_router::trigger::{self, Trigger};
 
@@ -90,11 +90,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             deliveries_replay(&config, &sink, &which, json)
         }
+        Command::Events(EventsCommand::List {
+            config,
+            since,
+            until,
+            event,
+            sink,
+            status,
+            before,
+            limit,
+            json,
+        }) => {
+            let filter = EventFilter {
+                before,
+                since,
+                until,
+                event,
+                sink,
+                status: status.map(Into::into),
+                limit,
+            };
+            events_list(&config, &filter, json)
+        }
         Command::Events(EventsCommand::Show {
             config,
             call_id,
+            payload,
+            reveal,
             json,
-        }) => events_show(&config, &call_id, json),
+        }) => {
+            let payload = match (payload, reveal) {
+                (false, _) => render::Payload::Hidden,
+                (true, false) => render::Payload::Masked,
+                (true, true) => render::Payload::Revealed,
+            };
+            events_show(&config, &call_id, payload, json)
+        }
         Command::Calls(CallsCommand::Get { config, call_id }) => calls_get(&config, &call_id),
         Command::Agents(AgentsCommand::List {
             config,
@@ -353,15 +384,62 @@ fn deliveries_replay(
 
 /// `events show`: a call's stored events and their delivery status per sink; a call
 /// with none is an error.
-fn events_show(arg: &ConfigArg, call_id: &str, json: bool) -> anyhow::Result<ExitCode> {
+fn events_show(
+    arg: &ConfigArg,
+    call_id: &str,
+    payload: render::Payload,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let events = with_store(arg, async |store| store.show_events(call_id).await)?;
     if events.is_empty() {
         anyhow::bail!("no stored events for call {}", render::printable(call_id));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&events)?);
+        let mut shown = serde_json::to_value(&events)?;
+        if payload != render::Payload::Hidden
+            && let Some(list) = shown.as_array_mut()
+        {
+            for (value, event) in list.iter_mut().zip(&events) {
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("payload".into(), payload.json(&event.payload));
+                }
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}", render::events(&events));
+    if payload != render::Payload::Hidden {
+        for event in &events {
+            println!("\n{} {}:", render::printable(&event.event), payload.label());
+            println!("{}", render::payload(&payload.json(&event.payload)));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `events list`: stored events, newest first, a page at a time. A sink that neither the
+/// config names nor any listed event was routed to is an error: a typo must not read as
+/// "no events".
+fn events_list(arg: &ConfigArg, filter: &EventFilter, json: bool) -> anyhow::Result<ExitCode> {
+    let page = with_store(arg, async |store| store.list_events(filter).await)?;
+    if let Some(sink) = &filter.sink
+        && page.events.is_empty()
+        && page.next_before.is_none()
+    {
+        let configured = arg.sink_names()?;
+        if !configured.iter().any(|name| name == sink) {
+            anyhow::bail!(
+                "no sink named {} in the config or the listed events (configured: {})",
+                render::printable(sink),
+                configured.join(", ")
+            );
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&page)?);
     } else {
-        println!("{}", render::events(&events));
+        println!("{}", render::event_page(&page));
     }
     Ok(ExitCode::SUCCESS)
 }

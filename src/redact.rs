@@ -92,6 +92,41 @@ impl Redaction {
     }
 }
 
+/// What an operator sees of a payload unless they reveal it: each field that carries
+/// personal data (those sinks can redact, and the analysis's summary) replaced by a note
+/// of what it held, the phone number masked as a redacted payload masks it; the rest as
+/// it was.
+pub fn masked(payload: &[u8]) -> Result<Value, serde_json::Error> {
+    let mut doc: Value = serde_json::from_slice(payload)?;
+    let hidden = |v: &Value| {
+        Value::String(match v {
+            Value::Array(items) => format!("[hidden: {} items]", items.len()),
+            Value::String(text) => format!("[hidden: {} characters]", text.chars().count()),
+            Value::Null => return Value::Null,
+            _ => "[hidden]".to_owned(),
+        })
+    };
+    if let Some(object) = doc.as_object_mut() {
+        for (key, field) in Field::ALL {
+            let Some(value) = object.get_mut(key) else {
+                continue;
+            };
+            *value = match (field, &*value) {
+                (Field::PhoneNumber, Value::String(number)) => Value::String(mask_phone(number)),
+                _ => hidden(value),
+            };
+        }
+        if let Some(summary) = object
+            .get_mut("analysis")
+            .and_then(Value::as_object_mut)
+            .and_then(|analysis| analysis.get_mut("summary"))
+        {
+            *summary = hidden(summary);
+        }
+    }
+    Ok(doc)
+}
+
 /// `+919876543210` -> `+********3210`: every digit but the last four becomes `*`.
 fn mask_phone(number: &str) -> String {
     let digits = number.chars().filter(char::is_ascii_digit).count();
@@ -117,6 +152,26 @@ mod tests {
     fn redaction(names: &[&str]) -> Redaction {
         let names: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
         Redaction::parse(&names).expect("valid")
+    }
+
+    #[test]
+    fn a_masked_payload_hides_every_personal_field_and_keeps_the_rest() {
+        let payload = br#"{"event":"call_completed","call_id":"c1","phone_number":"+919876543210","contact_name":"Rahul Sharma","transcript":[{"bot":"hi"},{"user":"my PAN is X"}],"recording_url":"https://x/y.mp3","custom_args":{"name":"Rahul"},"analysis":{"summary":"Rahul wants a loan","classification":"hot"},"duration_seconds":47}"#;
+        let shown = masked(payload).expect("json").to_string();
+        for secret in ["9876543", "Rahul", "PAN", "y.mp3"] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
+        for kept in [
+            r#""phone_number":"+********3210""#,
+            r#""transcript":"[hidden: 2 items]""#,
+            r#""contact_name":"[hidden: 12 characters]""#,
+            r#""custom_args":"[hidden]""#,
+            r#""classification":"hot""#,
+            r#""duration_seconds":47"#,
+        ] {
+            assert!(shown.contains(kept), "{kept} missing: {shown}");
+        }
+        assert!(masked(b"not json").is_err());
     }
 
     #[test]

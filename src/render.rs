@@ -6,7 +6,7 @@ use comfy_table::Table;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 
 use crate::api::Agent;
-use crate::store::operator::{DeliveryRow, EventRow, PollRow, Replay, Replayed};
+use crate::store::operator::{DeliveryRow, EventPage, EventRow, PollRow, Replay, Replayed};
 
 pub fn polls(rows: &[PollRow]) -> String {
     let mut t = table(&[
@@ -160,6 +160,85 @@ pub fn events(rows: &[EventRow]) -> String {
     }
 }
 
+/// A page of `events list`, and how to ask for the next.
+pub fn event_page(page: &EventPage) -> String {
+    let mut t = table(&[
+        "id",
+        "received at",
+        "call_id",
+        "event",
+        "source",
+        "deliveries",
+    ]);
+    for e in &page.events {
+        let deliveries: Vec<String> = e
+            .deliveries
+            .iter()
+            .map(|d| match &d.last_error {
+                Some(_) if d.status != "delivered" => {
+                    format!("{}: {} ({} attempts)", d.sink, d.status, d.attempts)
+                }
+                _ => format!("{}: {}", d.sink, d.status),
+            })
+            .collect();
+        t.add_row(row([
+            &e.id.to_string(),
+            &e.received_at,
+            or_dash(e.call_id.as_deref()),
+            &e.event,
+            &e.source,
+            &deliveries.join(", "),
+        ]));
+    }
+    let mut out = if page.events.is_empty() {
+        "no stored event matches".to_owned()
+    } else {
+        t.to_string()
+    };
+    if let Some(before) = page.next_before {
+        out.push_str(&format!("\nmore: add --before {before} for the next page"));
+    }
+    out
+}
+
+/// Whether `events show` prints payloads, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Hidden,
+    /// Personal data masked (`--payload`).
+    Masked,
+    /// Whole (`--payload --reveal`).
+    Revealed,
+}
+
+impl Payload {
+    pub fn label(self) -> &'static str {
+        match self {
+            Payload::Masked => "payload (personal data masked; --reveal shows it)",
+            _ => "payload",
+        }
+    }
+
+    /// The payload as shown: JSON, or a note of why there is none to show.
+    pub fn json(self, stored: &[u8]) -> serde_json::Value {
+        if stored.is_empty() {
+            return serde_json::Value::String("[emptied by store.retention]".into());
+        }
+        let shown = match self {
+            Payload::Revealed => serde_json::from_slice(stored),
+            _ => crate::redact::masked(stored),
+        };
+        shown.unwrap_or_else(|_| serde_json::Value::String("[not JSON]".into()))
+    }
+}
+
+/// A payload as `events show --payload` prints it: pretty JSON, each line's control
+/// characters escaped (JSON escapes C0 but leaves DEL and C1 as they are).
+pub fn payload(json: &serde_json::Value) -> String {
+    let pretty = serde_json::to_string_pretty(json).unwrap_or_default();
+    pretty.lines().map(printable).collect::<Vec<_>>().join("\n")
+}
+
 /// Each delivery's kept attempts, oldest first; empty when none was kept.
 fn attempts(rows: &[EventRow]) -> String {
     let mut t = table(&[
@@ -307,6 +386,7 @@ mod tests {
                     response: Some("<h1>\x1b[8mhidden</h1>".into()),
                 }],
             }],
+            payload: bytes::Bytes::new(),
         }]);
         assert!(!has_control(&events.replace('\n', "")), "{events:?}");
         assert!(events.contains(r"call_completed\u{1b}c"), "{events}");

@@ -453,3 +453,160 @@ async fn events_show_of_a_call_the_store_does_not_have_fails_naming_it() {
         );
     }
 }
+
+/// `vyora-router <args> --json`, which must succeed, parsed.
+fn run_json(config: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let mut with_json = args.to_vec();
+    with_json.push("--json");
+    let (ok, text) = run(config, &with_json);
+    assert!(ok, "{args:?}: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+}
+
+/// The ids of a page of `events list --json`.
+fn listed(page: &serde_json::Value) -> Vec<i64> {
+    page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_i64().expect("id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn events_list_filters_and_pages_and_events_show_masks_payloads_unless_revealed() {
+    let downstream = Downstream::start(|_, _| Reply::Status(422)).await;
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config_text = format!(
+        "{}\n[[sinks]]\nname = \"crm\"\ntype = \"http\"\nurl = \"{}\"\n",
+        base_config(dir.path()),
+        downstream.url("/in")
+    );
+    let router = TestRouter::start_with(Arc::clone(&dir), &config_text).await;
+    for call in ["call-e0", "call-e1", "call-e2"] {
+        for event in ["call_started", "call_completed"] {
+            assert_eq!(router.post_signed(&payload(call, event)).await.status, 200);
+        }
+    }
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, &config_text).expect("write");
+    // crm refuses everything: each of the six goes dead there, one after the other.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while listed(&run_json(
+        &config,
+        &["events", "list", "--sink", "crm", "--status", "dead"],
+    ))
+    .len()
+        < 6
+    {
+        assert!(tokio::time::Instant::now() < deadline, "not all dead");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let all = listed(&run_json(&config, &["events", "list"]));
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0] > w[1]), "newest first: {all:?}");
+
+    // Keyset pages: the first says where the next starts, and together they hold all.
+    let (ok, first) = run(&config, &["events", "list", "--limit", "4"]);
+    assert!(ok, "{first}");
+    let before = all[3].to_string();
+    assert!(
+        first.contains(&format!("--before {before}")),
+        "the next page: {first}"
+    );
+    let page = run_json(&config, &["events", "list", "--limit", "4"]);
+    assert_eq!(listed(&page), all[..4]);
+    assert_eq!(page["next_before"], all[3]);
+    let rest = run_json(&config, &["events", "list", "--before", &before]);
+    assert_eq!(listed(&rest), all[4..]);
+    assert!(rest["next_before"].is_null());
+
+    let started = run_json(&config, &["events", "list", "--event", "call_started"]);
+    assert_eq!(listed(&started).len(), 3);
+    assert!(
+        started["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .all(|e| e["event"] == "call_started")
+    );
+    let delivered = run_json(
+        &config,
+        &["events", "list", "--sink", "crm", "--status", "delivered"],
+    );
+    assert_eq!(listed(&delivered), Vec::<i64>::new());
+    let archived = run_json(
+        &config,
+        &[
+            "events",
+            "list",
+            "--sink",
+            "archive",
+            "--status",
+            "delivered",
+        ],
+    );
+    assert_eq!(listed(&archived).len(), 6);
+    assert_eq!(
+        listed(&run_json(&config, &["events", "list", "--since", "1h"])).len(),
+        6
+    );
+    assert_eq!(
+        listed(&run_json(&config, &["events", "list", "--until", "1h"])).len(),
+        0
+    );
+
+    let (ok, text) = run(&config, &["events", "list", "--sink", "nosuch"]);
+    assert!(
+        !ok && text.contains("nosuch") && text.contains("archive, crm"),
+        "{text}"
+    );
+    let (ok, text) = run(&config, &["events", "list", "--since", "yesterday-ish"]);
+    assert!(!ok && text.contains("yesterday-ish"), "{text}");
+
+    // Payloads: masked by default, whole only when revealed.
+    let (ok, shown) = run(&config, &["events", "show", "call-e0", "--payload"]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("masked")
+            && shown.contains("+********3210")
+            && shown.contains("\"call_id\": \"call-e0\""),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("Rahul") && !shown.contains("9876543210"),
+        "{shown}"
+    );
+    let (ok, revealed) = run(
+        &config,
+        &["events", "show", "call-e0", "--payload", "--reveal"],
+    );
+    assert!(
+        ok && revealed.contains("Rahul Sharma") && revealed.contains("+919876543210"),
+        "{revealed}"
+    );
+    let json = run_json(&config, &["events", "show", "call-e0", "--payload"]);
+    assert_eq!(json[0]["payload"]["call_id"], "call-e0");
+    assert_eq!(
+        json[0]["payload"]["contact_name"],
+        "[hidden: 12 characters]"
+    );
+    let without = run_json(&config, &["events", "show", "call-e0"]);
+    assert!(without[0].get("payload").is_none(), "{without}");
+    // Each delivery's attempts come along: crm refused it once, for good.
+    let crm = without[1]["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .iter()
+        .find(|d| d["sink"] == "crm")
+        .expect("crm")
+        .clone();
+    assert_eq!(crm["history"][0]["code"], 422, "{crm}");
+
+    let (ok, text) = run(&config, &["events", "show", "call-e0", "--reveal"]);
+    assert!(!ok && text.contains("--payload"), "{text}");
+    let (ok, text) = run(&config, &["events", "show", "call-nowhere", "--payload"]);
+    assert!(!ok && text.contains("call-nowhere"), "{text}");
+    drop(router);
+}

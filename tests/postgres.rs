@@ -13,7 +13,7 @@ use common::*;
 use vyora_router::config::{StoreBackend, StoreConfig};
 use vyora_router::event::Event;
 use vyora_router::metrics::Metrics;
-use vyora_router::store::operator::{ListFilter, Replay, SinkPause};
+use vyora_router::store::operator::{DeliveryStatus, EventFilter, ListFilter, Replay, SinkPause};
 use vyora_router::store::{
     Attempt, AttemptOutcome, Ingested, Role, Settlement, Store, StoreError, StoreOptions,
 };
@@ -189,6 +189,83 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_loses_them_wit
         .expect("pruned");
     assert_eq!(pruned.payloads, 1);
     assert_eq!(history(&store, "c1").await, []);
+    store.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn events_are_listed_newest_first_by_page_and_by_event_sink_status_and_time() {
+    let db = TestDb::create().await;
+    let store = open(&db, Duration::from_secs(30)).await;
+    for call in ["c1", "c2", "c3"] {
+        for name in ["call_started", "call_completed"] {
+            store
+                .ingest(event(call, name), sinks(&["a", "b"]))
+                .await
+                .expect("stored");
+        }
+    }
+    let due = store.claim("a", 1, usize::MAX).await.expect("claim");
+    store
+        .settle(
+            vec![Settlement::Dead {
+                id: due[0].id,
+                error: "refused".into(),
+            }],
+            Vec::new(),
+        )
+        .await
+        .expect("settled");
+    let list = |filter: EventFilter| {
+        let store = store.clone();
+        async move {
+            let page = store.list_events(&filter).await.expect("listed");
+            let keys: Vec<String> = page.events.iter().map(|e| e.key.clone()).collect();
+            (keys, page.next_before)
+        }
+    };
+    let all = EventFilter {
+        limit: 50,
+        ..EventFilter::default()
+    };
+    let (keys, next) = list(all.clone()).await;
+    assert_eq!(keys.len(), 6);
+    assert_eq!(keys[0], "c3:call_completed");
+    assert_eq!(next, None);
+
+    let (first, next) = list(EventFilter {
+        limit: 4,
+        ..all.clone()
+    })
+    .await;
+    assert_eq!(first, keys[..4]);
+    let (rest, next) = list(EventFilter {
+        before: next,
+        ..all.clone()
+    })
+    .await;
+    assert_eq!(rest, keys[4..]);
+    assert_eq!(next, None);
+
+    let (dead, _) = list(EventFilter {
+        sink: Some("a".into()),
+        status: Some(DeliveryStatus::Dead),
+        ..all.clone()
+    })
+    .await;
+    assert_eq!(dead, ["c1:call_started"]);
+    let (started, _) = list(EventFilter {
+        event: Some("call_started".into()),
+        ..all.clone()
+    })
+    .await;
+    assert_eq!(started.len(), 3);
+    let (later, _) = list(EventFilter {
+        since: Some(std::time::SystemTime::now() + Duration::from_secs(60)),
+        ..all.clone()
+    })
+    .await;
+    assert_eq!(later, Vec::<String>::new());
     store.close().await;
 }
 

@@ -29,7 +29,9 @@ use tokio::sync::Notify;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
-use operator::{DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause};
+use operator::{
+    DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+};
 
 /// The futures engines return: the ecosystem's one type, shared with the sinks'.
 pub use futures_util::future::BoxFuture;
@@ -133,8 +135,12 @@ pub trait Operator: Send + Sync + 'static {
     /// holds no delivery for `sink` at all.
     fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>>;
 
-    /// The stored events of a call with their delivery status per sink.
+    /// The stored events of a call with their payloads, and their deliveries with status
+    /// and attempts per sink.
     fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>>;
+
+    /// Stored events, newest first, with their delivery status per sink.
+    fn list_events<'a>(&'a self, filter: &'a EventFilter) -> BoxFuture<'a, Result<EventPage>>;
 
     /// Tracked calls, waiting ones first (soonest first), then the most recently finished.
     fn poll_status(&self, limit: usize) -> BoxFuture<'_, Result<Vec<PollRow>>>;

@@ -32,6 +32,58 @@ pub struct ListFilter {
     pub limit: usize,
 }
 
+/// Which events `events list` shows, newest first.
+#[derive(Debug, Default, Clone)]
+pub struct EventFilter {
+    /// Only events stored before this id: the next page of an earlier list.
+    pub before: Option<i64>,
+    /// Only events received at or after this.
+    pub since: Option<SystemTime>,
+    /// Only events received before this.
+    pub until: Option<SystemTime>,
+    pub event: Option<String>,
+    /// Only events routed to this sink (with a delivery in `status` there, if given).
+    pub sink: Option<String>,
+    /// Only events with a delivery in this status (to `sink`, if given).
+    pub status: Option<DeliveryStatus>,
+    pub limit: usize,
+}
+
+/// A page of `events list`.
+#[derive(Debug, Serialize)]
+pub struct EventPage {
+    pub events: Vec<EventSummary>,
+    /// Where the next page starts (`--before`), when there may be more: the list stops
+    /// at `limit` events, or after examining a bounded number of stored ones.
+    pub next_before: Option<i64>,
+}
+
+/// An event as `events list` shows it.
+#[derive(Debug, Serialize)]
+pub struct EventSummary {
+    /// The store's id of the event, which `--before` takes.
+    pub id: i64,
+    pub key: String,
+    pub call_id: Option<String>,
+    pub event: String,
+    pub source: String,
+    pub received_at: String,
+    pub deliveries: Vec<SinkStatus>,
+}
+
+impl EventFilter {
+    /// Whether an event with these deliveries is listed (its own fields already matched).
+    pub fn matches(&self, deliveries: &[SinkStatus]) -> bool {
+        match (&self.sink, self.status) {
+            (None, None) => true,
+            (sink, status) => deliveries.iter().any(|d| {
+                sink.as_ref().is_none_or(|s| *s == d.sink)
+                    && status.is_none_or(|s| s.as_str() == d.status)
+            }),
+        }
+    }
+}
+
 /// Which rows of a sink `deliveries replay` puts back to pending.
 #[derive(Debug, Clone)]
 pub enum Replay {
@@ -118,6 +170,10 @@ pub struct EventRow {
     pub source: String,
     pub received_at: String,
     pub deliveries: Vec<SinkStatus>,
+    /// The payload as signed (empty once `store.retention` emptied it); shown only when
+    /// asked for, masked unless revealed.
+    #[serde(skip)]
+    pub payload: bytes::Bytes,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,7 +182,8 @@ pub struct SinkStatus {
     pub status: String,
     pub attempts: u32,
     pub last_error: Option<String>,
-    /// The attempts kept in the delivery's history, oldest first.
+    /// The attempts kept in the delivery's history, oldest first (`events show` only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptRow>,
 }
 

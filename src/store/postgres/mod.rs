@@ -29,7 +29,7 @@ use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
 use crate::store::export::Export;
 use crate::store::operator::{
-    DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+    DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
@@ -449,6 +449,10 @@ impl Operator for PostgresStore {
 
     fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>> {
         Box::pin(queries::replay(&self.db, sink, which))
+    }
+
+    fn list_events<'a>(&'a self, filter: &'a EventFilter) -> BoxFuture<'a, Result<EventPage>> {
+        Box::pin(queries::list_events(&self.db, filter))
     }
 
     fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>> {

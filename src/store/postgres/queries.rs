@@ -7,8 +7,8 @@ use super::db::Db;
 use sha2::{Digest, Sha256};
 
 use crate::store::operator::{
-    AttemptRow, DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed,
-    SinkStatus,
+    AttemptRow, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow, EventSummary,
+    ListFilter, PollRow, Replay, Replayed, SinkStatus,
 };
 use crate::store::{
     Kept, PollUpdate, Pruned, Quarantined, Role, SinkStats, Stats, StoreError, TrackedCall,
@@ -522,7 +522,7 @@ pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>,
     let events = client
         .query(
             &db.sql(
-                "SELECT id, dedup_key, event, source, received_at FROM {schema}.events
+                "SELECT id, dedup_key, event, source, received_at, payload FROM {schema}.events
              WHERE call_id = $1 ORDER BY id",
             ),
             &[&call_id],
@@ -573,9 +573,83 @@ pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>,
             source: e.get(3),
             received_at: rfc3339(e.get(4)),
             deliveries,
+            payload: bytes::Bytes::from(e.get::<_, Vec<u8>>(5)),
         });
     }
     Ok(out)
+}
+
+/// `events list`: newest first, by id (keyset pagination: `before`).
+pub(super) async fn list_events(db: &Db, filter: &EventFilter) -> Result<EventPage, StoreError> {
+    let client = db.get().await?;
+    let limit = i64::try_from(filter.limit.max(1)).unwrap_or(i64::MAX);
+    let events = client
+        .query(
+            &db.sql(
+                "SELECT e.id, e.dedup_key, e.call_id, e.event, e.source, e.received_at
+                 FROM {schema}.events e WHERE e.id < $1
+                   AND ($2::timestamptz IS NULL OR e.received_at >= $2)
+                   AND ($3::timestamptz IS NULL OR e.received_at < $3)
+                   AND ($4::text IS NULL OR e.event = $4)
+                   AND (($5::text IS NULL AND $6::text IS NULL) OR EXISTS (
+                       SELECT 1 FROM {schema}.deliveries d WHERE d.event_id = e.id
+                       AND ($5::text IS NULL OR d.sink = $5)
+                       AND ($6::text IS NULL OR d.status = $6)))
+                 ORDER BY e.id DESC LIMIT $7",
+            ),
+            &[
+                &filter.before.unwrap_or(i64::MAX),
+                &filter.since,
+                &filter.until,
+                &filter.event,
+                &filter.sink,
+                &filter.status.map(DeliveryStatus::as_str),
+                &limit,
+            ],
+        )
+        .await?;
+    let ids: Vec<i64> = events.iter().map(|e| e.get(0)).collect();
+    let deliveries = client
+        .query(
+            &db.sql(
+                "SELECT event_id, sink, status, attempts, last_error FROM {schema}.deliveries
+                 WHERE event_id = ANY($1) ORDER BY id",
+            ),
+            &[&ids],
+        )
+        .await?;
+    let next_before = (ids.len() == usize::try_from(limit).unwrap_or(usize::MAX))
+        .then(|| ids.last().copied())
+        .flatten();
+    let events = events
+        .iter()
+        .map(|e| {
+            let id: i64 = e.get(0);
+            EventSummary {
+                id,
+                key: e.get(1),
+                call_id: e.get(2),
+                event: e.get(3),
+                source: e.get(4),
+                received_at: rfc3339(e.get(5)),
+                deliveries: deliveries
+                    .iter()
+                    .filter(|d| d.get::<_, i64>(0) == id)
+                    .map(|d| SinkStatus {
+                        sink: d.get(1),
+                        status: d.get(2),
+                        attempts: u32::try_from(d.get::<_, i32>(3)).unwrap_or(0),
+                        last_error: d.get(4),
+                        history: Vec::new(),
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(EventPage {
+        events,
+        next_before,
+    })
 }
 
 /// A row of the attempts table (after its delivery id) as `events show` shows it.

@@ -9,11 +9,13 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, params};
 
+use super::codec::decompress;
 use super::keys::{call_range, keyed};
+use super::millis::to_millis;
 use super::sink_list::sink_names;
 use crate::store::operator::{
-    AttemptRow, DeliveryRow, DeliveryStatus, EventRow, ListFilter, PollRow, Replay, Replayed,
-    SinkPause, SinkStatus,
+    AttemptRow, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow, EventSummary,
+    ListFilter, PollRow, Replay, Replayed, SinkPause, SinkStatus,
 };
 
 fn at_millis(ms: i64) -> std::time::SystemTime {
@@ -183,42 +185,38 @@ pub(super) fn replay(
     Ok(out)
 }
 
-pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<Vec<EventRow>> {
-    let (low, high) = call_range(call_id);
-    let mut events = conn.prepare(&format!(
-        "SELECT e.id, e.dedup_key, e.event, e.source, e.received_at, e.sinks FROM events e
-         WHERE {} AND e.call_id = ?3 ORDER BY e.id",
-        keyed("?1", "?2")
-    ))?;
-    let mut status = conn.prepare(
-        "SELECT CASE WHEN r.status IS NOT NULL THEN r.status
-                     WHEN ?2 > c.position THEN 'pending' ELSE 'delivered' END,
-                COALESCE(r.attempts, CASE WHEN ?2 > c.position THEN 0 ELSE 1 END),
-                r.last_error
-         FROM cursors c LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = ?2
-         WHERE c.sink = ?1",
-    )?;
-    let mut history = conn.prepare(
-        "SELECT number, started_at, duration_ms, outcome, code, error, response FROM attempts
-         WHERE event_id = ?1 AND sink = ?2 ORDER BY id",
-    )?;
-    let found = events
-        .query_map(params![&low[..], &high[..], call_id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut out = Vec::with_capacity(found.len());
-    for (event_id, id, event, source, received_at, sinks) in found {
-        let mut deliveries = Vec::new();
-        for sink in sink_names(&sinks) {
-            let found = status.query_row(params![sink, event_id], |r| {
+/// Each delivery's status (and, when asked, its attempts), read for one event at a time.
+struct Deliveries<'c> {
+    status: rusqlite::CachedStatement<'c>,
+    history: Option<rusqlite::CachedStatement<'c>>,
+}
+
+impl<'c> Deliveries<'c> {
+    fn new(conn: &'c Connection, with_history: bool) -> rusqlite::Result<Deliveries<'c>> {
+        let status = conn.prepare_cached(
+            "SELECT CASE WHEN r.status IS NOT NULL THEN r.status
+                         WHEN ?2 > c.position THEN 'pending' ELSE 'delivered' END,
+                    COALESCE(r.attempts, CASE WHEN ?2 > c.position THEN 0 ELSE 1 END),
+                    r.last_error
+             FROM cursors c LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = ?2
+             WHERE c.sink = ?1",
+        )?;
+        let history = if with_history {
+            Some(conn.prepare_cached(
+                "SELECT number, started_at, duration_ms, outcome, code, error, response
+                 FROM attempts WHERE event_id = ?1 AND sink = ?2 ORDER BY id",
+            )?)
+        } else {
+            None
+        };
+        Ok(Deliveries { status, history })
+    }
+
+    /// The deliveries of event `event_id`, routed to `sinks` (the log's list).
+    fn of(&mut self, event_id: i64, sinks: &str) -> rusqlite::Result<Vec<SinkStatus>> {
+        let mut out = Vec::new();
+        for sink in sink_names(sinks) {
+            let found = self.status.query_row(params![sink, event_id], |r| {
                 Ok(SinkStatus {
                     sink: sink.to_owned(),
                     status: r.get(0)?,
@@ -227,36 +225,126 @@ pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<
                     history: Vec::new(),
                 })
             });
-            match found {
-                Ok(mut s) => {
-                    s.history = history
-                        .query_map(params![event_id, sink], |r| {
-                            Ok(AttemptRow {
-                                number: r.get(0)?,
-                                at: rfc3339_millis(r.get(1)?),
-                                duration_ms: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
-                                outcome: r.get(3)?,
-                                code: r.get(4)?,
-                                error: r.get(5)?,
-                                response: r.get(6)?,
-                            })
-                        })?
-                        .collect::<Result<_, _>>()?;
-                    deliveries.push(s);
-                }
-                Err(rusqlite::Error::QueryReturnedNoRows) => {}
+            let mut delivery = match found {
+                Ok(d) => d,
+                Err(rusqlite::Error::QueryReturnedNoRows) => continue,
                 Err(e) => return Err(e),
+            };
+            if let Some(history) = &mut self.history {
+                delivery.history = history
+                    .query_map(params![event_id, sink], |r| {
+                        Ok(AttemptRow {
+                            number: r.get(0)?,
+                            at: rfc3339_millis(r.get(1)?),
+                            duration_ms: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                            outcome: r.get(3)?,
+                            code: r.get(4)?,
+                            error: r.get(5)?,
+                            response: r.get(6)?,
+                        })
+                    })?
+                    .collect::<Result<_, _>>()?;
             }
+            out.push(delivery);
         }
-        out.push(EventRow {
-            id,
-            event,
-            source,
-            received_at: rfc3339(received_at),
-            deliveries,
-        });
+        Ok(out)
+    }
+}
+
+pub(super) fn show_events(conn: &Connection, call_id: &str) -> rusqlite::Result<Vec<EventRow>> {
+    let (low, high) = call_range(call_id);
+    let mut events = conn.prepare(&format!(
+        "SELECT e.id, e.dedup_key, e.event, e.source, e.received_at, e.sinks, e.codec, e.payload
+         FROM events e WHERE {} AND e.call_id = ?3 ORDER BY e.id",
+        keyed("?1", "?2")
+    ))?;
+    let mut deliveries = Deliveries::new(conn, true)?;
+    let found = events
+        .query_map(params![&low[..], &high[..], call_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                EventRow {
+                    id: r.get(1)?,
+                    event: r.get(2)?,
+                    source: r.get(3)?,
+                    received_at: rfc3339(r.get(4)?),
+                    deliveries: Vec::new(),
+                    // A payload that cannot be read back shows as none; its delivery
+                    // says why.
+                    payload: decompress(r.get(6)?, r.get(7)?).unwrap_or_default(),
+                },
+                r.get::<_, String>(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(found.len());
+    for (event_id, mut event, sinks) in found {
+        event.deliveries = deliveries.of(event_id, &sinks)?;
+        out.push(event);
     }
     Ok(out)
+}
+
+/// Stored events examined at most for one page of `events list`, so a filter that matches
+/// little cannot make one page read the whole log; the page then says where to go on.
+const LIST_SCAN: usize = 20_000;
+
+/// `events list`: newest first, by id (keyset pagination: `before`).
+pub(super) fn list_events(conn: &Connection, filter: &EventFilter) -> rusqlite::Result<EventPage> {
+    let millis = |at: Option<std::time::SystemTime>| at.map(to_millis);
+    // Dead deliveries are all in `retries`: no need to walk the log for them.
+    let dead_only = filter.status == Some(DeliveryStatus::Dead);
+    let sql = format!(
+        "SELECT e.id, e.dedup_key, e.call_id, e.event, e.source, e.received_at, e.sinks
+         FROM events e WHERE e.id < ?1
+           AND (?2 IS NULL OR e.received_at >= ?2) AND (?3 IS NULL OR e.received_at < ?3)
+           AND (?4 IS NULL OR e.event = ?4)
+           AND (?5 IS NULL OR instr(e.sinks, ',' || ?5 || ',') > 0)
+           {}
+         ORDER BY e.id DESC LIMIT ?6",
+        if dead_only {
+            "AND e.id IN (SELECT event_id FROM retries
+                          WHERE status = 'dead' AND (?5 IS NULL OR sink = ?5))"
+        } else {
+            ""
+        }
+    );
+    let mut events = conn.prepare(&sql)?;
+    let mut deliveries = Deliveries::new(conn, false)?;
+    let mut rows = events.query(params![
+        filter.before.unwrap_or(i64::MAX),
+        millis(filter.since),
+        millis(filter.until),
+        filter.event,
+        filter.sink,
+        i64::try_from(LIST_SCAN).unwrap_or(i64::MAX)
+    ])?;
+    let mut page = EventPage {
+        events: Vec::new(),
+        next_before: None,
+    };
+    let mut examined = 0;
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        examined += 1;
+        let found = deliveries.of(id, &r.get::<_, String>(6)?)?;
+        if filter.matches(&found) {
+            page.events.push(EventSummary {
+                id,
+                key: r.get(1)?,
+                call_id: r.get(2)?,
+                event: r.get(3)?,
+                source: r.get(4)?,
+                received_at: rfc3339(r.get(5)?),
+                deliveries: found,
+            });
+        }
+        if page.events.len() >= filter.limit.max(1) || examined >= LIST_SCAN {
+            page.next_before = Some(id);
+            break;
+        }
+    }
+    Ok(page)
 }
 
 /// Tracked calls, waiting ones first (soonest first), then the most recently finished.

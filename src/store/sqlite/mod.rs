@@ -35,7 +35,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::config::StoreConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::store::operator::{
-    DeliveryRow, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+    DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
@@ -506,6 +506,14 @@ impl Operator for SqliteStore {
             };
             self.submit(op, rx).await
         })
+    }
+
+    fn list_events<'a>(&'a self, filter: &'a EventFilter) -> BoxFuture<'a, Result<EventPage>> {
+        let filter = filter.clone();
+        Box::pin(
+            self.readers
+                .with(move |conn| admin::list_events(conn, &filter)),
+        )
     }
 
     fn show_events<'a>(&'a self, call_id: &'a str) -> BoxFuture<'a, Result<Vec<EventRow>>> {
