@@ -175,6 +175,13 @@ pub enum DeliveriesCommand {
         sink: String,
         #[command(flatten)]
         which: ReplayWhich,
+        /// With --dead or --status: only deliveries of events received at or after this
+        /// (an RFC 3339 time, or a duration ago: "2h").
+        #[arg(long, value_parser = parse_time, conflicts_with_all = ["call_id", "id"])]
+        since: Option<SystemTime>,
+        /// With --dead or --status: only deliveries of events received before this.
+        #[arg(long, value_parser = parse_time, conflicts_with_all = ["call_id", "id"])]
+        until: Option<SystemTime>,
         #[arg(long)]
         json: bool,
     },
@@ -183,9 +190,12 @@ pub enum DeliveriesCommand {
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct ReplayWhich {
-    /// Every dead delivery of the sink.
+    /// Every dead delivery of the sink (`--status dead`).
     #[arg(long)]
     pub dead: bool,
+    /// Every delivery of the sink in this status: dead, or delivered (to send again).
+    #[arg(long, value_enum)]
+    pub status: Option<ReplayStatus>,
     /// Every delivery of this call to the sink.
     #[arg(long)]
     pub call_id: Option<String>,
@@ -289,6 +299,22 @@ impl ConfigArg {
     /// `DATABASE_URL`; `None` if none is set.
     pub fn postgres_target(&self, to: Option<&str>) -> Result<Option<PostgresConfig>, ConfigError> {
         Config::postgres_target(&self.source(), to)
+    }
+}
+
+/// The statuses a replay can choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayStatus {
+    Dead,
+    Delivered,
+}
+
+impl From<ReplayStatus> for DeliveryStatus {
+    fn from(s: ReplayStatus) -> DeliveryStatus {
+        match s {
+            ReplayStatus::Dead => DeliveryStatus::Dead,
+            ReplayStatus::Delivered => DeliveryStatus::Delivered,
+        }
     }
 }
 

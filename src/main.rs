@@ -26,7 +26,9 @@ use vyora_router::config::{
 use vyora_router::render;
 use vyora_router::server::{HealthError, check_health};
 use vyora_router::signature::Secret;
-use vyora_router::store::operator::{EventFilter, ListFilter, Replay, SinkPause};
+use vyora_router::store::operator::{
+    DeliveryStatus, EventFilter, ListFilter, REPLAY_MAX, Replay, SinkPause,
+};
 use vyora_router::store::{Store, StoreError};
 use vyora_router::trigger::{self, Trigger};
 
@@ -81,12 +83,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             sink,
             which,
+            since,
+            until,
             json,
         }) => {
-            let which = match (which.dead, which.call_id, which.id) {
+            let which = match (which.status, which.call_id, which.id) {
                 (_, Some(call), _) => Replay::CallId(call),
                 (_, _, Some(id)) => Replay::Id(id),
-                _ => Replay::Dead,
+                (status, ..) => Replay::Status {
+                    status: status.map_or(DeliveryStatus::Dead, Into::into),
+                    since,
+                    until,
+                },
             };
             deliveries_replay(&config, &sink, &which, json)
         }
@@ -363,8 +371,15 @@ fn deliveries_replay(
                 "sink {sink} has no delivery of call {}",
                 render::printable(call)
             ),
-            Replay::Dead => {}
+            Replay::Status { .. } => {}
         }
+    }
+    if done.too_many {
+        anyhow::bail!(
+            "more than {REPLAY_MAX} {} to {}: nothing was replayed; choose a shorter time range with --since and --until",
+            render::printable(&which.describe()),
+            render::printable(sink)
+        );
     }
     if json {
         println!(

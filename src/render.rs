@@ -271,7 +271,10 @@ pub fn replayed(sink: &str, which: &Replay, done: &Replayed) -> String {
     let sink = printable(sink);
     if done.matched() == 0 {
         return match which {
-            Replay::Dead => format!("no dead deliveries to {sink}: nothing to replay"),
+            Replay::Status { .. } => format!(
+                "no {} to {sink}: nothing to replay",
+                printable(&which.describe())
+            ),
             Replay::CallId(_) | Replay::Id(_) => {
                 format!("no delivery to {sink} matched: nothing to replay")
             }
@@ -425,9 +428,10 @@ mod tests {
             replayed: 2,
             already_pending: 1,
             payload_gone: 3,
+            too_many: false,
             other_sinks: None,
         };
-        let text = replayed("crm", &Replay::Dead, &done);
+        let text = replayed("crm", &Replay::dead(), &done);
         assert!(
             text.starts_with("2 deliveries to crm are pending again; the running server"),
             "{text}"
@@ -437,7 +441,7 @@ mod tests {
                 && text.contains("3 deliveries that cannot be sent again: store.retention"),
             "{text}"
         );
-        let nothing = replayed("crm", &Replay::Dead, &Replayed::default());
+        let nothing = replayed("crm", &Replay::dead(), &Replayed::default());
         assert_eq!(nothing, "no dead deliveries to crm: nothing to replay");
     }
 }

@@ -1175,7 +1175,7 @@ async fn a_real_prometheus_fires_the_dead_letter_and_backlog_alerts_while_a_sink
         .await;
     assert!(dead.is_some_and(|d| d > 0.0), "dead deliveries: {dead:?}");
     let store = router.operator_store().await;
-    let done = store.replay("crm", &Replay::Dead).await.expect("replay");
+    let done = store.replay("crm", &Replay::dead()).await.expect("replay");
     store.close().await;
     assert!(done.replayed > 0, "{done:?}");
     let deadline = Instant::now() + Duration::from_secs(60);

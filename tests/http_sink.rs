@@ -397,7 +397,7 @@ async fn a_400_goes_dead_at_once_and_replay_delivers_it_once_fixed() {
     downstream.set_script(|_, _| Reply::Status(200));
     // As the operator's command does: its own handle on the same database.
     let store = router.operator_store().await;
-    let done = store.replay("crm", &Replay::Dead).await.expect("replay");
+    let done = store.replay("crm", &Replay::dead()).await.expect("replay");
     assert_eq!(done.replayed, 1, "{done:?}");
     store.close().await;
     wait_status(&router, "call-h5:call_completed", "delivered").await;

@@ -608,5 +608,52 @@ async fn events_list_filters_and_pages_and_events_show_masks_payloads_unless_rev
     assert!(!ok && text.contains("--payload"), "{text}");
     let (ok, text) = run(&config, &["events", "show", "call-nowhere", "--payload"]);
     assert!(!ok && text.contains("call-nowhere"), "{text}");
+
+    // Replay by status and time: the archive's six delivered events go out again.
+    let replay = |range: &str| {
+        run_json(
+            &config,
+            &[
+                "deliveries",
+                "replay",
+                "--sink",
+                "archive",
+                "--status",
+                "delivered",
+                range,
+                "1h",
+            ],
+        )
+    };
+    assert_eq!(replay("--until")["replayed"], 0);
+    assert_eq!(replay("--since")["replayed"], 6);
+    wait_for_lines(&router.events_file(), 12, Duration::from_secs(10)).await;
+    let dead = run_json(
+        &config,
+        &[
+            "deliveries",
+            "replay",
+            "--sink",
+            "crm",
+            "--dead",
+            "--since",
+            "1h",
+        ],
+    );
+    assert_eq!(dead["replayed"], 6);
+    let (ok, text) = run(
+        &config,
+        &[
+            "deliveries",
+            "replay",
+            "--sink",
+            "crm",
+            "--id",
+            "1",
+            "--since",
+            "1h",
+        ],
+    );
+    assert!(!ok && text.contains("--since"), "{text}");
     drop(router);
 }

@@ -266,6 +266,43 @@ async fn events_are_listed_newest_first_by_page_and_by_event_sink_status_and_tim
     })
     .await;
     assert_eq!(later, Vec::<String>::new());
+
+    // Replay by status and time range.
+    let delivered = |since, until| Replay::Status {
+        status: DeliveryStatus::Delivered,
+        since,
+        until,
+    };
+    let due = store.claim("b", 10, usize::MAX).await.expect("claim");
+    let settled = due
+        .iter()
+        .map(|d| Settlement::Delivered { id: d.id })
+        .collect();
+    store.settle(settled, Vec::new()).await.expect("settled");
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let none = store
+        .replay("b", &delivered(None, Some(now - hour)))
+        .await
+        .expect("replay");
+    assert_eq!(none.matched(), 0);
+    let again = store
+        .replay("b", &delivered(Some(now - hour), None))
+        .await
+        .expect("replay");
+    assert_eq!(again.replayed, due.len());
+    let dead = store
+        .replay(
+            "a",
+            &Replay::Status {
+                status: DeliveryStatus::Dead,
+                since: Some(now - hour),
+                until: Some(now + hour),
+            },
+        )
+        .await
+        .expect("replay");
+    assert_eq!(dead.replayed, 1);
     store.close().await;
 }
 
@@ -564,7 +601,10 @@ async fn a_router_on_postgres_acknowledges_delivers_and_answers_operator_command
         .await
         .expect("replay");
     assert_eq!((missing.matched(), missing.other_sinks), (0, None));
-    let unknown = store.replay("nosuch", &Replay::Dead).await.expect("replay");
+    let unknown = store
+        .replay("nosuch", &Replay::dead())
+        .await
+        .expect("replay");
     assert_eq!(unknown.other_sinks, Some(vec!["archive".to_owned()]));
     store.close().await;
     router.stop().await;

@@ -23,7 +23,7 @@ impl<'a> Chosen<'a> {
                 id.parse()
                     .map_err(|_| Refusal::BadRequest(format!("id {id:?} is not a delivery id")))?,
             ),
-            (None, Some("dead")) => Replay::Dead,
+            (None, Some("dead")) => Replay::dead(),
             _ => {
                 return Err(Refusal::BadRequest(
                     "choose one delivery (id) or all dead ones (all=dead)".into(),
@@ -36,7 +36,11 @@ impl<'a> Chosen<'a> {
     fn describe(&self) -> String {
         match &self.which {
             Replay::Id(id) => format!("delivery {id} of sink {}", self.sink),
-            Replay::Dead => format!("every dead delivery of sink {}", self.sink),
+            Replay::Status { .. } => format!(
+                "every one of the {} of sink {}",
+                self.which.describe(),
+                self.sink
+            ),
             Replay::CallId(call) => format!("the deliveries of call {call} to sink {}", self.sink),
         }
     }

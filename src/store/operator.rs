@@ -87,10 +87,64 @@ impl EventFilter {
 /// Which rows of a sink `deliveries replay` puts back to pending.
 #[derive(Debug, Clone)]
 pub enum Replay {
-    Dead,
+    /// Every delivery in `status` (dead, or delivered to send again) whose event was
+    /// received in the range.
+    Status {
+        status: DeliveryStatus,
+        since: Option<SystemTime>,
+        until: Option<SystemTime>,
+    },
     CallId(String),
     Id(i64),
 }
+
+impl Replay {
+    /// Every dead delivery.
+    pub fn dead() -> Replay {
+        Replay::Status {
+            status: DeliveryStatus::Dead,
+            since: None,
+            until: None,
+        }
+    }
+
+    /// The deliveries chosen, in words: "dead deliveries received since ...".
+    pub fn describe(&self) -> String {
+        let at = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        match self {
+            Replay::Status {
+                status,
+                since,
+                until,
+            } => {
+                let mut text = format!("{} deliveries", status.as_str());
+                match (since, until) {
+                    (Some(s), Some(u)) => {
+                        text.push_str(&format!(
+                            " of events received from {} to {}",
+                            at(*s),
+                            at(*u)
+                        ));
+                    }
+                    (Some(s), None) => {
+                        text.push_str(&format!(" of events received since {}", at(*s)))
+                    }
+                    (None, Some(u)) => {
+                        text.push_str(&format!(" of events received before {}", at(*u)))
+                    }
+                    (None, None) => {}
+                }
+                text
+            }
+            Replay::CallId(call) => format!("deliveries of call {call}"),
+            Replay::Id(id) => format!("delivery {id}"),
+        }
+    }
+}
+
+/// Deliveries one replay puts back to pending at most: a larger range is refused, so one
+/// command cannot hold the store's writer for long or flood a sink by mistake.
+pub const REPLAY_MAX: usize = 100_000;
 
 /// What `deliveries replay` did with the deliveries of the sink that it chose.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
@@ -102,6 +156,9 @@ pub struct Replayed {
     /// Left as they were: `store.retention` emptied the event's payload, so there is
     /// nothing to send again.
     pub payload_gone: usize,
+    /// More than [`REPLAY_MAX`] deliveries matched: none was changed.
+    #[serde(skip)]
+    pub too_many: bool,
     /// `Some` when the store holds no delivery at all for the sink: the sinks it does hold
     /// deliveries for, so that a misspelt name is told from a sink with nothing to replay.
     #[serde(skip)]

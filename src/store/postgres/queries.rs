@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::store::operator::{
     AttemptRow, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow, EventSummary,
-    ListFilter, PollRow, Replay, Replayed, SinkStatus,
+    ListFilter, PollRow, REPLAY_MAX, Replay, Replayed, SinkStatus,
 };
 use crate::store::{
     Kept, PollUpdate, Pruned, Quarantined, Role, SinkStats, Stats, StoreError, TrackedCall,
@@ -457,6 +457,7 @@ pub(super) async fn replay(db: &Db, sink: &str, which: &Replay) -> Result<Replay
                         octet_length(e.payload) = 0 AS emptied
                  FROM {{schema}}.deliveries d JOIN {{schema}}.events e ON e.id = d.event_id
                  WHERE d.sink = $1 AND {selection}
+                 LIMIT {limit}
              ), reset AS (
                  UPDATE {{schema}}.deliveries d SET status = 'pending', attempts = 0,
                      next_attempt_at = now(), last_error = NULL, updated_at = now(),
@@ -467,13 +468,27 @@ pub(super) async fn replay(db: &Db, sink: &str, which: &Replay) -> Result<Replay
              )
              SELECT count(*), (SELECT count(*) FROM reset),
                     count(*) FILTER (WHERE emptied AND NOT pending)
-             FROM chosen"
+             FROM chosen",
+            limit = REPLAY_MAX + 1
         ))
     };
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let counts = match which {
-        Replay::Dead => tx.query_one(&chosen("d.status = 'dead'"), &[&sink]).await?,
+        Replay::Status {
+            status,
+            since,
+            until,
+        } => {
+            tx.query_one(
+                &chosen(
+                    "d.status = $2 AND ($3::timestamptz IS NULL OR e.received_at >= $3)
+                     AND ($4::timestamptz IS NULL OR e.received_at < $4)",
+                ),
+                &[&sink, &status.as_str(), since, until],
+            )
+            .await?
+        }
         Replay::CallId(call) => {
             tx.query_one(&chosen("d.call_id = $2"), &[&sink, call])
                 .await?
@@ -482,10 +497,18 @@ pub(super) async fn replay(db: &Db, sink: &str, which: &Replay) -> Result<Replay
     };
     let count = |i: usize| usize::try_from(counts.get::<_, i64>(i)).unwrap_or(0);
     let (matched, replayed, payload_gone) = (count(0), count(1), count(2));
+    if matched > REPLAY_MAX {
+        tx.rollback().await?;
+        return Ok(Replayed {
+            too_many: true,
+            ..Replayed::default()
+        });
+    }
     let mut out = Replayed {
         replayed,
         payload_gone,
         already_pending: matched.saturating_sub(replayed + payload_gone),
+        too_many: false,
         other_sinks: None,
     };
     if replayed > 0 {

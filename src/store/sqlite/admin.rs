@@ -15,7 +15,7 @@ use super::millis::to_millis;
 use super::sink_list::sink_names;
 use crate::store::operator::{
     AttemptRow, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow, EventSummary,
-    ListFilter, PollRow, Replay, Replayed, SinkPause, SinkStatus,
+    ListFilter, PollRow, REPLAY_MAX, Replay, Replayed, SinkPause, SinkStatus,
 };
 
 fn at_millis(ms: i64) -> std::time::SystemTime {
@@ -124,17 +124,34 @@ pub(super) fn replay(
                     length(e.payload) = 0
              FROM events e JOIN cursors c ON c.sink = ?1
              LEFT JOIN retries r ON r.sink = ?1 AND r.event_id = e.id
-             WHERE {events} AND instr(e.sinks, ',' || ?1 || ',') > 0"
+             WHERE {events} AND instr(e.sinks, ',' || ?1 || ',') > 0
+             LIMIT {}",
+            REPLAY_MAX + 1
         )
     };
     let pick = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
     let found: Vec<(i64, Option<String>, bool, bool)> = match which {
-        Replay::Dead => tx
-            .prepare(&chosen(
-                "e.id IN (SELECT event_id FROM retries WHERE sink = ?1 AND status = 'dead')",
-            ))?
-            .query_map(params![sink], pick)?
-            .collect::<rusqlite::Result<_>>()?,
+        Replay::Status {
+            status,
+            since,
+            until,
+        } => {
+            let in_status = if *status == DeliveryStatus::Dead {
+                "e.id IN (SELECT event_id FROM retries WHERE sink = ?1 AND status = 'dead')"
+            } else {
+                // Delivered: passed by the cursor with no row, or a row that says so.
+                "e.id <= c.position AND COALESCE(r.status, 'delivered') = 'delivered'"
+            };
+            tx.prepare(&chosen(&format!(
+                "{in_status} AND (?2 IS NULL OR e.received_at >= ?2)
+                 AND (?3 IS NULL OR e.received_at < ?3)"
+            )))?
+            .query_map(
+                params![sink, since.map(to_millis), until.map(to_millis)],
+                pick,
+            )?
+            .collect::<rusqlite::Result<_>>()?
+        }
         Replay::CallId(call) => {
             let (low, high) = call_range(call);
             tx.prepare(&chosen(&format!(
@@ -157,6 +174,10 @@ pub(super) fn replay(
              next_attempt_at = ?4, last_error = NULL, updated_at = ?4",
     )?;
     let mut out = Replayed::default();
+    if found.len() > REPLAY_MAX {
+        out.too_many = true;
+        return Ok(out);
+    }
     for (event_id, call_id, pending, emptied) in &found {
         if *pending {
             out.already_pending += 1;
