@@ -185,6 +185,26 @@ pub enum DeliveriesCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Give a sink the stored events its route takes and it never had (a sink added
+    /// after them, or a filter widened); the running server delivers them. Run twice,
+    /// the second run adds nothing.
+    Backfill {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        sink: String,
+        /// Events received at or after: an RFC 3339 time, or a duration ago ("2d").
+        #[arg(long, value_parser = parse_time)]
+        since: SystemTime,
+        /// Events received before this.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<SystemTime>,
+        /// Only this event.
+        #[arg(long)]
+        event: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

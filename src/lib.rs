@@ -26,7 +26,7 @@
 //! - `app`: starts all of the above, applies reloads ([`live`]), prunes, refreshes the
 //!   backlog gauges of [`metrics`], and shuts down in order.
 //! - [`config`]: the file and its overrides, checked section by section; [`cli`],
-//!   [`render`] and [`trigger`] serve the commands in `main.rs`.
+//!   [`render`], [`trigger`] and [`backfill`] serve the commands in `main.rs`.
 //!
 //! # The dependency rule
 //!
@@ -40,11 +40,12 @@
 //! 3. [`config`], which knows every component's settings.
 //! 4. [`store`] and [`live`].
 //! 5. The moving parts: [`server`] (which serves [`console`]), [`dispatch`], `poller`.
-//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`]) and `main.rs`; only
-//!    `app` and `main.rs` import [`server`].
+//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`], [`backfill`]) and
+//!    `main.rs`; only `app` and `main.rs` import [`server`].
 
 pub mod api;
 mod app;
+pub mod backfill;
 mod backoff;
 mod body;
 pub mod cli;

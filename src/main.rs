@@ -27,7 +27,7 @@ use vyora_router::render;
 use vyora_router::server::{HealthError, check_health};
 use vyora_router::signature::Secret;
 use vyora_router::store::operator::{
-    DeliveryStatus, EventFilter, ListFilter, REPLAY_MAX, Replay, SinkPause,
+    BackfillFrom, DeliveryStatus, EventFilter, ListFilter, REPLAY_MAX, Replay, SinkPause,
 };
 use vyora_router::store::{Store, StoreError};
 use vyora_router::trigger::{self, Trigger};
@@ -97,6 +97,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             };
             deliveries_replay(&config, &sink, &which, json)
+        }
+        Command::Deliveries(DeliveriesCommand::Backfill {
+            config,
+            sink,
+            since,
+            until,
+            event,
+            json,
+        }) => {
+            let from = BackfillFrom {
+                since: Some(since),
+                until,
+                event,
+                ..BackfillFrom::default()
+            };
+            deliveries_backfill(&config, &sink, from, json)
         }
         Command::Events(EventsCommand::List {
             config,
@@ -429,6 +445,33 @@ fn events_show(
             println!("\n{} {}:", render::printable(&event.event), payload.label());
             println!("{}", render::payload(&payload.json(&event.payload)));
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `deliveries backfill`: a sink given the stored events its route takes and it never
+/// had. The sink must be in the config: its route decides.
+fn deliveries_backfill(
+    arg: &ConfigArg,
+    sink: &str,
+    from: BackfillFrom,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(route) = Config::route(&arg.source(), sink)? else {
+        anyhow::bail!(
+            "no sink named {} in {} (configured: {})",
+            render::printable(sink),
+            arg.source(),
+            arg.sink_names()?.join(", ")
+        );
+    };
+    let done = with_store(arg, async |store| {
+        vyora_router::backfill::backfill(store, &route, from).await
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    } else {
+        println!("{}", render::backfilled(sink, &done));
     }
     Ok(ExitCode::SUCCESS)
 }

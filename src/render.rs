@@ -266,6 +266,33 @@ fn attempts(rows: &[EventRow]) -> String {
     if any { t.to_string() } else { String::new() }
 }
 
+/// What `deliveries backfill` did.
+pub fn backfilled(sink: &str, done: &crate::backfill::Backfilled) -> String {
+    let sink = printable(sink);
+    let mut text = if done.added == 0 {
+        format!(
+            "nothing to backfill: {sink} has every stored event of the range that its route takes"
+        )
+    } else {
+        format!(
+            "{} to {sink} created; the running server delivers them",
+            deliveries_count(done.added)
+        )
+    };
+    text.push_str(&format!(
+        " ({} stored events it had none of examined, {} taken by its route",
+        done.examined, done.matched
+    ));
+    if done.payload_gone > 0 {
+        text.push_str(&format!(
+            ", {} left out: store.retention emptied their payloads",
+            done.payload_gone
+        ));
+    }
+    text.push(')');
+    text
+}
+
 /// What `deliveries replay` did, and why it left what it left.
 pub fn replayed(sink: &str, which: &Replay, done: &Replayed) -> String {
     let sink = printable(sink);

@@ -156,6 +156,13 @@ pub struct Route {
     pub filter: Filter,
 }
 
+impl Route {
+    /// Whether this route sends `event` to its sink.
+    pub fn takes(&self, event: &Event) -> bool {
+        self.events.matches(&event.name) && self.filter.matches(&event.attributes)
+    }
+}
+
 /// The routing table built from the configured sinks.
 #[derive(Debug, Clone)]
 pub struct Router {
@@ -174,7 +181,7 @@ impl Router {
     pub fn sinks_for(&self, event: &Event) -> Vec<Arc<str>> {
         self.routes
             .iter()
-            .filter(|r| r.events.matches(&event.name) && r.filter.matches(&event.attributes))
+            .filter(|r| r.takes(event))
             .map(|r| Arc::clone(&r.sink))
             .collect()
     }

@@ -657,3 +657,95 @@ async fn events_list_filters_and_pages_and_events_show_masks_payloads_unless_rev
     assert!(!ok && text.contains("--since"), "{text}");
     drop(router);
 }
+
+#[tokio::test]
+async fn backfill_gives_a_new_sink_the_stored_events_its_route_takes_and_a_second_run_adds_nothing()
+{
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let router = TestRouter::start_with(Arc::clone(&dir), &base_config(dir.path())).await;
+    for call in ["call-b0", "call-b1"] {
+        for event in ["call_started", "call_completed"] {
+            assert_eq!(router.post_signed(&payload(call, event)).await.status, 200);
+        }
+    }
+    // A sink added afterwards, taking only call_completed.
+    let late = dir.path().join("late.jsonl");
+    let config_text = format!(
+        "{}\n[[sinks]]\nname = \"late\"\ntype = \"file\"\npath = \"{}\"\nevents = [\"call_completed\"]\n",
+        base_config(dir.path()),
+        late.display()
+    );
+    let config = dir.path().join("operator.toml");
+    std::fs::write(&config, &config_text).expect("write");
+    router.reload(&config_text).await;
+
+    let none = run_json(
+        &config,
+        &[
+            "deliveries",
+            "backfill",
+            "--sink",
+            "late",
+            "--since",
+            "1h",
+            "--until",
+            "1h",
+        ],
+    );
+    assert_eq!(none["added"], 0);
+    let first = run_json(
+        &config,
+        &["deliveries", "backfill", "--sink", "late", "--since", "1h"],
+    );
+    assert_eq!(
+        (&first["examined"], &first["matched"], &first["added"]),
+        (&4.into(), &2.into(), &2.into()),
+        "{first}"
+    );
+    let lines = wait_for_lines(&late, 2, Duration::from_secs(10)).await;
+    let mut events: Vec<&str> = lines
+        .iter()
+        .map(|l| l["event"].as_str().expect("event"))
+        .collect();
+    events.dedup();
+    assert_eq!(events, ["call_completed"], "the route's filter decides");
+
+    let second = run_json(
+        &config,
+        &["deliveries", "backfill", "--sink", "late", "--since", "1h"],
+    );
+    assert_eq!(
+        (&second["examined"], &second["added"]),
+        (&2.into(), &0.into()),
+        "{second}"
+    );
+    let (ok, text) = run(
+        &config,
+        &["deliveries", "backfill", "--sink", "late", "--since", "1h"],
+    );
+    assert!(ok && text.contains("nothing to backfill"), "{text}");
+    let (ok, text) = run(
+        &config,
+        &[
+            "deliveries",
+            "backfill",
+            "--sink",
+            "nosuch",
+            "--since",
+            "1h",
+        ],
+    );
+    assert!(
+        !ok && text.contains("nosuch") && text.contains("archive, late"),
+        "{text}"
+    );
+    let (ok, text) = run(&config, &["deliveries", "backfill", "--sink", "late"]);
+    assert!(!ok && text.contains("--since"), "{text}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        read_lines(&late).len(),
+        2,
+        "each backfilled event went out once"
+    );
+    drop(router);
+}

@@ -308,6 +308,43 @@ async fn events_are_listed_newest_first_by_page_and_by_event_sink_status_and_tim
 
 #[tokio::test]
 #[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
+async fn backfill_gives_a_sink_the_stored_events_its_route_takes_once() {
+    let db = TestDb::create().await;
+    let store = open(&db, Duration::from_secs(30)).await;
+    for call in ["c1", "c2"] {
+        for name in ["call_started", "call_completed"] {
+            store
+                .ingest(event(call, name), sinks(&["a"]))
+                .await
+                .expect("stored");
+        }
+    }
+    let route = vyora_router::routing::Route {
+        sink: "late".into(),
+        events: vyora_router::routing::EventSelector::parse(&["call_completed".into()], &[])
+            .expect("events"),
+        filter: vyora_router::routing::Filter::default(),
+    };
+    let from = || vyora_router::store::operator::BackfillFrom {
+        since: Some(std::time::SystemTime::now() - Duration::from_secs(3600)),
+        ..Default::default()
+    };
+    let first = vyora_router::backfill::backfill(&store, &route, from())
+        .await
+        .expect("backfill");
+    assert_eq!((first.examined, first.matched, first.added), (4, 2, 2));
+    let again = vyora_router::backfill::backfill(&store, &route, from())
+        .await
+        .expect("backfill");
+    assert_eq!((again.examined, again.added), (2, 0));
+    let due = store.claim("late", 10, usize::MAX).await.expect("claim");
+    let keys: Vec<_> = due.iter().map(|d| d.dedup_key.as_str()).collect();
+    assert_eq!(keys, ["c1:call_completed", "c2:call_completed"]);
+    store.close().await;
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set VYORA_TEST_PG_URL, run with --include-ignored"]
 async fn a_claim_whose_rows_cannot_be_read_gives_them_back_at_once() {
     let db = TestDb::create().await;
     // A lease far longer than the test: only a release frees the row in time.

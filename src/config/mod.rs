@@ -35,6 +35,7 @@ use figment::providers::{Env, Format, Toml};
 
 pub use crate::api::API_KEY_ENV;
 use crate::api::ApiConfig;
+use crate::routing::Route;
 use crate::signature::Secret;
 pub use crate::sinks::{SinkConfig, SinkKind};
 pub use admin::AdminToken;
@@ -282,6 +283,12 @@ impl Config {
             .into_iter()
             .map(|sink| sink.name)
             .collect())
+    }
+
+    /// One sink's route (its events and filter), for `deliveries backfill`; `None` when
+    /// the config has no sink of that name. Needs no secret.
+    pub fn route(source: &ConfigSource, sink: &str) -> Result<Option<Route>, ConfigError> {
+        validate::route(&Config::raw(source)?, sink)
     }
 
     /// Only `[api]`, for the `calls` and `agents` commands.

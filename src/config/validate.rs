@@ -28,7 +28,7 @@ use super::{
 use crate::api::{API_KEY_ENV, ApiConfig};
 use crate::protocol::RESERVED_PATHS;
 use crate::redact::Redaction;
-use crate::routing::{EventSelector, Filter, is_event_name};
+use crate::routing::{EventSelector, Filter, Route, is_event_name};
 use crate::signature::Secret;
 use crate::sinks::amqp::AmqpOptions;
 use crate::sinks::file::FileOptions;
@@ -646,7 +646,22 @@ fn sinks(raw: &mut RawConfig, errors: &mut Errors) -> Vec<SinkConfig> {
     sinks
 }
 
-/// One `[[sinks]]` table: the keys every sink has here, its type's own keys by the
+/// The route of the sink named `name` (its events and filter), checked as `sink` checks
+/// them; `None` when no sink has that name.
+pub(super) fn route(raw: &RawConfig, name: &str) -> Result<Option<Route>, ConfigError> {
+    let Some(sink) = raw.sinks.iter().find(|s| s.name == name) else {
+        return Ok(None);
+    };
+    let at = format!("sinks[{}]", sink.index);
+    Ok(Some(Route {
+        sink: name.into(),
+        events: EventSelector::parse(&sink.events, &raw.webhook.extra_events)
+            .at(&format!("{at}.events"))?,
+        filter: Filter::parse(&sink.filter).at(&format!("{at}.filter"))?,
+    }))
+}
+
+/// One `[[sinks]]` table: the keys every sink has here/// One `[[sinks]]` table: the keys every sink has here, its type's own keys by the
 /// type's options struct, which names them below `sinks[i]`.
 fn sink(raw: &mut RawSink, extra_events: &[String]) -> Result<SinkConfig, ConfigError> {
     let at = format!("sinks[{}]", raw.index);

@@ -30,7 +30,8 @@ use crate::config::{StoreBackend, StoreConfig};
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
 use operator::{
-    DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+    BackfillFrom, DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay,
+    Replayed, SinkPause, Stored,
 };
 
 /// The futures engines return: the ecosystem's one type, shared with the sinks'.
@@ -134,6 +135,18 @@ pub trait Operator: Send + Sync + 'static {
     /// are; the answer counts each kind, and names the sinks the store knows when it
     /// holds no delivery for `sink` at all.
     fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>>;
+
+    /// Stored events that `sink` has no delivery of, oldest first: `deliveries backfill`
+    /// routes them through the sink's filters.
+    fn backfill_candidates<'a>(
+        &'a self,
+        sink: &'a str,
+        from: &'a BackfillFrom,
+    ) -> BoxFuture<'a, Result<Vec<Stored>>>;
+
+    /// Gives `sink` a pending delivery of each event of `ids` that it has none of yet
+    /// (and whose payload is still stored); returns how many it added.
+    fn backfill<'a>(&'a self, sink: &'a str, ids: Vec<i64>) -> BoxFuture<'a, Result<usize>>;
 
     /// The stored events of a call with their payloads, and their deliveries with status
     /// and attempts per sink.

@@ -84,6 +84,27 @@ impl EventFilter {
     }
 }
 
+/// Which stored events `deliveries backfill` looks at next.
+#[derive(Debug, Default, Clone)]
+pub struct BackfillFrom {
+    /// Events after this id: 0 at first, then the last id of the batch before.
+    pub after: i64,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    pub event: Option<String>,
+    /// Events in one batch at most.
+    pub limit: usize,
+}
+
+/// A stored event as `deliveries backfill` routes it.
+#[derive(Debug)]
+pub struct Stored {
+    pub id: i64,
+    pub event: String,
+    /// Empty when `store.retention` emptied it: nothing to send.
+    pub payload: bytes::Bytes,
+}
+
 /// Which rows of a sink `deliveries replay` puts back to pending.
 #[derive(Debug, Clone)]
 pub enum Replay {

@@ -29,7 +29,8 @@ use crate::event::{Delivery, DeliveryId, Event};
 use crate::metrics::Metrics;
 use crate::store::export::Export;
 use crate::store::operator::{
-    DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+    BackfillFrom, DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay,
+    Replayed, SinkPause, Stored,
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
@@ -449,6 +450,18 @@ impl Operator for PostgresStore {
 
     fn replay<'a>(&'a self, sink: &'a str, which: &'a Replay) -> BoxFuture<'a, Result<Replayed>> {
         Box::pin(queries::replay(&self.db, sink, which))
+    }
+
+    fn backfill_candidates<'a>(
+        &'a self,
+        sink: &'a str,
+        from: &'a BackfillFrom,
+    ) -> BoxFuture<'a, Result<Vec<Stored>>> {
+        Box::pin(queries::backfill_candidates(&self.db, sink, from))
+    }
+
+    fn backfill<'a>(&'a self, sink: &'a str, ids: Vec<i64>) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move { queries::backfill(&self.db, sink, &ids).await })
     }
 
     fn list_events<'a>(&'a self, filter: &'a EventFilter) -> BoxFuture<'a, Result<EventPage>> {

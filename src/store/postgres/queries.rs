@@ -7,8 +7,8 @@ use super::db::Db;
 use sha2::{Digest, Sha256};
 
 use crate::store::operator::{
-    AttemptRow, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow, EventSummary,
-    ListFilter, PollRow, REPLAY_MAX, Replay, Replayed, SinkStatus,
+    AttemptRow, BackfillFrom, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow,
+    EventSummary, ListFilter, PollRow, REPLAY_MAX, Replay, Replayed, SinkStatus, Stored,
 };
 use crate::store::{
     Kept, PollUpdate, Pruned, Quarantined, Role, SinkStats, Stats, StoreError, TrackedCall,
@@ -600,6 +600,73 @@ pub(super) async fn show_events(db: &Db, call_id: &str) -> Result<Vec<EventRow>,
         });
     }
     Ok(out)
+}
+
+/// `deliveries backfill`'s candidates: stored events after `from.after` that `sink` has no
+/// delivery of, oldest first, with their payloads.
+pub(super) async fn backfill_candidates(
+    db: &Db,
+    sink: &str,
+    from: &BackfillFrom,
+) -> Result<Vec<Stored>, StoreError> {
+    let limit = i64::try_from(from.limit).unwrap_or(i64::MAX);
+    Ok(db
+        .get()
+        .await?
+        .query(
+            &db.sql(
+                "SELECT e.id, e.event, e.payload FROM {schema}.events e
+                 WHERE e.id > $1
+                   AND ($2::timestamptz IS NULL OR e.received_at >= $2)
+                   AND ($3::timestamptz IS NULL OR e.received_at < $3)
+                   AND ($4::text IS NULL OR e.event = $4)
+                   AND NOT EXISTS (SELECT 1 FROM {schema}.deliveries d
+                                   WHERE d.event_id = e.id AND d.sink = $5)
+                 ORDER BY e.id LIMIT $6",
+            ),
+            &[
+                &from.after,
+                &from.since,
+                &from.until,
+                &from.event,
+                &sink,
+                &limit,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| Stored {
+            id: r.get(0),
+            event: r.get(1),
+            payload: bytes::Bytes::from(r.get::<_, Vec<u8>>(2)),
+        })
+        .collect())
+}
+
+/// Gives `sink` a pending delivery of each event of `ids` it has none of (with its
+/// payload still stored); returns how many were added.
+pub(super) async fn backfill(db: &Db, sink: &str, ids: &[i64]) -> Result<usize, StoreError> {
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    let added = tx
+        .execute(
+            &db.sql(
+                "INSERT INTO {schema}.deliveries (event_id, sink, call_id, status, attempts,
+                                                  next_attempt_at, updated_at)
+                 SELECT e.id, $1, e.call_id, 'pending', 0, now(), now() FROM {schema}.events e
+                 WHERE e.id = ANY($2) AND octet_length(e.payload) > 0
+                   AND NOT EXISTS (SELECT 1 FROM {schema}.deliveries d
+                                   WHERE d.event_id = e.id AND d.sink = $1)",
+            ),
+            &[&sink, &ids],
+        )
+        .await?;
+    if added > 0 {
+        tx.execute("SELECT pg_notify($1, $2)", &[&&*db.channel, &sink])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(usize::try_from(added).unwrap_or(0))
 }
 
 /// `events list`: newest first, by id (keyset pagination: `before`).

@@ -7,15 +7,15 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::codec::decompress;
 use super::keys::{call_range, keyed};
 use super::millis::to_millis;
 use super::sink_list::sink_names;
 use crate::store::operator::{
-    AttemptRow, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow, EventSummary,
-    ListFilter, PollRow, REPLAY_MAX, Replay, Replayed, SinkPause, SinkStatus,
+    AttemptRow, BackfillFrom, DeliveryRow, DeliveryStatus, EventFilter, EventPage, EventRow,
+    EventSummary, ListFilter, PollRow, REPLAY_MAX, Replay, Replayed, SinkPause, SinkStatus, Stored,
 };
 
 fn at_millis(ms: i64) -> std::time::SystemTime {
@@ -204,6 +204,81 @@ pub(super) fn replay(
         );
     }
     Ok(out)
+}
+
+/// `deliveries backfill`'s candidates: stored events after `from.after` that `sink` has no
+/// delivery of, oldest first, with their payloads for the sink's filters to choose from.
+pub(super) fn backfill_candidates(
+    conn: &Connection,
+    sink: &str,
+    from: &BackfillFrom,
+) -> rusqlite::Result<Vec<Stored>> {
+    let millis = |at: Option<std::time::SystemTime>| at.map(to_millis);
+    conn.prepare_cached(
+        "SELECT id, event, codec, payload FROM events
+         WHERE id > ?1 AND (?2 IS NULL OR received_at >= ?2) AND (?3 IS NULL OR received_at < ?3)
+           AND (?4 IS NULL OR event = ?4) AND instr(sinks, ',' || ?5 || ',') = 0
+         ORDER BY id LIMIT ?6",
+    )?
+    .query_map(
+        params![
+            from.after,
+            millis(from.since),
+            millis(from.until),
+            from.event,
+            sink,
+            i64::try_from(from.limit).unwrap_or(i64::MAX)
+        ],
+        |r| {
+            Ok(Stored {
+                id: r.get(0)?,
+                event: r.get(1)?,
+                // One that cannot be read back is left out, as one emptied by retention.
+                payload: decompress(r.get(2)?, r.get(3)?).unwrap_or_default(),
+            })
+        },
+    )?
+    .collect()
+}
+
+/// Gives `sink` a pending delivery of each of the events `ids` that it has none of:
+/// routed to it in the log, with a row of its own, so it goes out whether the sink's
+/// cursor has passed the event or not. Returns how many were added.
+pub(super) fn backfill(
+    tx: &rusqlite::Transaction<'_>,
+    sink: &str,
+    ids: &[i64],
+    now: i64,
+) -> rusqlite::Result<usize> {
+    // A sink that never had an event starts its cursor at the log's end: what it gets
+    // from before is what is backfilled.
+    tx.prepare_cached(
+        "INSERT INTO cursors (sink, position) SELECT ?1, COALESCE(MAX(id), 0) FROM events
+         WHERE true ON CONFLICT (sink) DO NOTHING",
+    )?
+    .execute(params![sink])?;
+    let mut route = tx.prepare_cached(
+        "UPDATE events SET sinks = CASE WHEN sinks = '' THEN ',' ELSE sinks END || ?1 || ','
+         WHERE id = ?2 AND instr(sinks, ',' || ?1 || ',') = 0 AND length(payload) > 0
+         RETURNING call_id",
+    )?;
+    let mut pending = tx.prepare_cached(
+        "INSERT INTO retries (sink, event_id, call_id, status, attempts, next_attempt_at,
+                              last_error, updated_at)
+         VALUES (?1, ?2, ?3, 'pending', 0, ?4, NULL, ?4)
+         ON CONFLICT (sink, event_id) DO NOTHING",
+    )?;
+    let mut added = 0;
+    for id in ids {
+        let call_id: Option<Option<String>> = route
+            .query_row(params![sink, id], |r| r.get(0))
+            .optional()?;
+        if let Some(call_id) = call_id {
+            pending.execute(params![sink, id, call_id, now])?;
+            added += 1;
+        }
+    }
+    Ok(added)
 }
 
 /// Each delivery's status (and, when asked, its attempts), read for one event at a time.

@@ -35,7 +35,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::config::StoreConfig;
 use crate::event::{Delivery, DeliveryId, Event};
 use crate::store::operator::{
-    DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay, Replayed, SinkPause,
+    BackfillFrom, DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay,
+    Replayed, SinkPause, Stored,
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
@@ -502,6 +503,31 @@ impl Operator for SqliteStore {
                 sink: sink.to_owned(),
                 which: which.clone(),
                 outcome: Replayed::default(),
+                reply,
+            };
+            self.submit(op, rx).await
+        })
+    }
+
+    fn backfill_candidates<'a>(
+        &'a self,
+        sink: &'a str,
+        from: &'a BackfillFrom,
+    ) -> BoxFuture<'a, Result<Vec<Stored>>> {
+        let (sink, from) = (sink.to_owned(), from.clone());
+        Box::pin(
+            self.readers
+                .with(move |conn| admin::backfill_candidates(conn, &sink, &from)),
+        )
+    }
+
+    fn backfill<'a>(&'a self, sink: &'a str, ids: Vec<i64>) -> BoxFuture<'a, Result<usize>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Backfill {
+                sink: sink.to_owned(),
+                ids,
+                outcome: 0,
                 reply,
             };
             self.submit(op, rx).await

@@ -84,6 +84,13 @@ pub(super) enum Op {
         outcome: Replayed,
         reply: oneshot::Sender<Result<Replayed, StoreError>>,
     },
+    Backfill {
+        sink: String,
+        ids: Vec<i64>,
+        /// Set by `apply`, answered after commit.
+        outcome: usize,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
     /// Commit what came before, then stop: the store is closing.
     Close,
 }
@@ -99,6 +106,7 @@ impl Op {
             }
             Op::Prune { reply, .. } => reply.is_closed(),
             Op::Replay { reply, .. } => reply.is_closed(),
+            Op::Backfill { reply, .. } => reply.is_closed(),
             Op::Close => false,
         }
     }
@@ -173,6 +181,12 @@ impl Op {
                 *outcome = admin::replay(tx, sink, which, now)?;
                 Ok(())
             }
+            Op::Backfill {
+                sink, ids, outcome, ..
+            } => {
+                *outcome = admin::backfill(tx, sink, ids, now)?;
+                Ok(())
+            }
             Op::Close => Ok(()),
             Op::Poll {
                 call_id, update, ..
@@ -240,6 +254,9 @@ impl Op {
                 let _ = reply.send(result.map(|()| outcome));
             }
             Op::Replay { outcome, reply, .. } => {
+                let _ = reply.send(result.map(|()| outcome));
+            }
+            Op::Backfill { outcome, reply, .. } => {
                 let _ = reply.send(result.map(|()| outcome));
             }
             Op::Close => {}
