@@ -48,6 +48,22 @@ pub enum Command {
     /// Inspect stored events.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Stream a running router's events as they are stored and deliveries as they
+    /// settle (names and outcomes, no payload), until interrupted. Reads the console's
+    /// live stream on the admin listener (with admin.token when set).
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only events routed to this sink, and deliveries to it.
+        #[arg(long)]
+        sink: Option<String>,
+        /// Only this event.
+        #[arg(long)]
+        event: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Vyora calls, from the REST API.
     #[command(subcommand)]
     Calls(CallsCommand),

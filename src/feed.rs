@@ -4,6 +4,7 @@
 //! Publishing never waits and costs nothing while nobody watches: the channel is bounded,
 //! and a viewer that falls behind skips what it missed instead of holding anyone up.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use tokio::sync::broadcast;
@@ -22,8 +23,8 @@ pub struct Happening {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum What {
-    /// The event was stored, for this many sinks.
-    Stored { sinks: usize },
+    /// The event was stored, for these sinks.
+    Stored { sinks: Vec<Arc<str>> },
     /// A delivery to `sink` settled: `delivered`, `retried`, `postponed` or `dead`.
     Settled { sink: String, outcome: &'static str },
 }
@@ -65,7 +66,9 @@ mod tests {
             at: SystemTime::UNIX_EPOCH,
             call_id: Some(format!("c{n}")),
             event: "call_completed".into(),
-            what: What::Stored { sinks: 1 },
+            what: What::Stored {
+                sinks: vec![Arc::from("archive")],
+            },
         }
     }
 

@@ -26,7 +26,7 @@
 //! - `app`: starts all of the above, applies reloads ([`live`]), prunes, refreshes the
 //!   backlog gauges of [`metrics`], and shuts down in order.
 //! - [`config`]: the file and its overrides, checked section by section; [`cli`],
-//!   [`render`], [`trigger`] and [`backfill`] serve the commands in `main.rs`.
+//!   [`render`], [`trigger`], [`backfill`] and [`tail`] serve the commands in `main.rs`.
 //!
 //! # The dependency rule
 //!
@@ -40,8 +40,8 @@
 //! 3. [`config`], which knows every component's settings.
 //! 4. [`store`] and [`live`].
 //! 5. The moving parts: [`server`] (which serves [`console`]), [`dispatch`], `poller`.
-//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`], [`backfill`]) and
-//!    `main.rs`; only `app` and `main.rs` import [`server`].
+//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`], [`backfill`],
+//!    [`tail`]) and `main.rs`; only `app` and `main.rs` import [`server`].
 
 pub mod api;
 mod app;
@@ -66,6 +66,7 @@ pub mod server;
 pub mod signature;
 pub mod sinks;
 pub mod store;
+pub mod tail;
 pub mod trigger;
 
 pub use app::{BindError, Listeners, RunError, run};

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -30,6 +29,7 @@ use vyora_router::store::operator::{
     BackfillFrom, DeliveryStatus, EventFilter, ListFilter, REPLAY_MAX, Replay, SinkPause,
 };
 use vyora_router::store::{Store, StoreError};
+use vyora_router::tail::{TailFilter, Tailed};
 use vyora_router::trigger::{self, Trigger};
 
 /// Log lines waiting for stdout at most.
@@ -150,6 +150,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             events_show(&config, &call_id, payload, json)
         }
+        Command::Tail {
+            config,
+            sink,
+            event,
+            json,
+        } => tail(&config, &TailFilter { sink, event }, json),
         Command::Calls(CallsCommand::Get { config, call_id }) => calls_get(&config, &call_id),
         Command::Agents(AgentsCommand::List {
             config,
@@ -296,7 +302,7 @@ async fn check_store(config: &StoreConfig) -> Result<String, String> {
 fn healthcheck(arg: &ConfigArg) -> anyhow::Result<ExitCode> {
     let config = arg.load()?;
     // Probes run beside the router, so they use the operator's listener.
-    let addr = loopback_for(config.admin.listen);
+    let addr = vyora_router::net::loopback_for(config.admin.listen);
     let answer = runtime()?
         .block_on(async { tokio::time::timeout(HEALTHCHECK_TIMEOUT, check_health(addr)).await });
     let why = match answer {
@@ -476,6 +482,24 @@ fn deliveries_backfill(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `tail`: the running router's happenings, one line each, until interrupted or the
+/// router stops (an error: the stream was expected to go on).
+fn tail(arg: &ConfigArg, filter: &TailFilter, json: bool) -> anyhow::Result<ExitCode> {
+    let admin = Config::admin(&arg.source())?;
+    runtime()?.block_on(vyora_router::tail::tail(
+        &admin,
+        filter,
+        |tailed| match tailed {
+            Tailed::Happened(h) if json => {
+                println!("{}", serde_json::to_string(&h).unwrap_or_default());
+            }
+            Tailed::Happened(h) => println!("{}", h.line()),
+            Tailed::Missed(n) => eprintln!("({n} skipped: this reader fell behind)"),
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `events list`: stored events, newest first, a page at a time. A sink that neither the
 /// config names nor any listed event was routed to is an error: a typo must not read as
 /// "no events".
@@ -599,7 +623,7 @@ fn trigger(
         (Some(url), _) => url,
         (None, Some(config)) => format!(
             "http://{}{}",
-            loopback_for(config.server.listen),
+            vyora_router::net::loopback_for(config.server.listen),
             config.server.webhook_path
         ),
         (None, None) => DEFAULT_TRIGGER_URL.to_owned(),
@@ -767,17 +791,4 @@ fn init_logging(config: &Config) -> anyhow::Result<tracing_appender::non_blockin
         LogFormat::Text => builder.finish().with(cap).init(),
     }
     Ok(guard)
-}
-
-/// The address to probe for a listen address: an unspecified one is reached on loopback.
-fn loopback_for(listen: SocketAddr) -> SocketAddr {
-    match listen.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port())
-        }
-        _ => listen,
-    }
 }

@@ -1,5 +1,7 @@
-//! Shared pieces of our outgoing connections: the TLS crypto provider and `Retry-After`.
+//! Shared pieces of our outgoing connections: the TLS crypto provider, `Retry-After`, and
+//! where to reach one of our own listeners.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderValue;
@@ -34,6 +36,19 @@ pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The address to reach a listen address at: an unspecified one is reached on loopback.
+pub fn loopback_for(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port())
+        }
+        _ => listen,
+    }
 }
 
 #[cfg(test)]

@@ -487,7 +487,9 @@ async fn receive<B: RequestBody>(
         at: SystemTime::now(),
         call_id: event.call_id.clone(),
         event: event.name.clone(),
-        what: What::Stored { sinks: sinks.len() },
+        what: What::Stored {
+            sinks: sinks.clone(),
+        },
     });
     let ingested = store_within(state.ack_timeout, state.store.ingest(event, sinks)).await?;
     if let (Some(happening), Ingested::Stored { .. }) = (happening, &ingested) {

@@ -291,6 +291,12 @@ impl Config {
         validate::route(&Config::raw(source)?, sink)
     }
 
+    /// Only `[admin]` (and `server.listen`, which it must differ from), for `tail`.
+    pub fn admin(source: &ConfigSource) -> Result<AdminConfig, ConfigError> {
+        let raw = Config::raw(source)?;
+        validate::admin(&raw.admin, Some(&validate::server(&raw.server)?))
+    }
+
     /// Only `[api]`, for the `calls` and `agents` commands.
     pub fn api(source: &ConfigSource) -> Result<ApiConfig, ConfigError> {
         let mut raw = Config::raw(source)?;

@@ -224,7 +224,10 @@ pub(super) fn server(s: &RawServer) -> Result<ServerConfig, ConfigError> {
 }
 
 /// `server`: the webhook listener's checked settings, when they were valid.
-fn admin(a: &RawAdmin, server: Option<&ServerConfig>) -> Result<AdminConfig, ConfigError> {
+pub(super) fn admin(
+    a: &RawAdmin,
+    server: Option<&ServerConfig>,
+) -> Result<AdminConfig, ConfigError> {
     let listen = listen_address("admin.listen", &a.listen, "127.0.0.1:9464")?;
     if server.is_some_and(|s| listen == s.listen) && listen.port() != 0 {
         return Err(ConfigError::invalid(

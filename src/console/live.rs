@@ -90,7 +90,8 @@ fn event(h: &Happening) -> Bytes {
     let at = humantime::format_rfc3339_millis(h.at).to_string();
     let json = match &h.what {
         What::Stored { sinks } => serde_json::json!({
-            "at": at, "kind": "stored", "call_id": h.call_id, "event": h.event, "sinks": sinks,
+            "at": at, "kind": "stored", "call_id": h.call_id, "event": h.event,
+            "sinks": sinks.iter().map(|s| &**s).collect::<Vec<&str>>(),
         }),
         What::Settled { sink, outcome } => serde_json::json!({
             "at": at, "kind": "settled", "call_id": h.call_id, "event": h.event,

@@ -20,7 +20,7 @@
     try { h = JSON.parse(e.data); } catch (err) { return; }
     var call = h.call_id === null ? "-" : h.call_id;
     if (h.kind === "stored") {
-      add(h.at + "  stored   " + h.event + "  call " + call + "  for " + h.sinks + " sinks", "");
+      add(h.at + "  stored   " + h.event + "  call " + call + "  for " + (h.sinks.length ? h.sinks.join(", ") : "no sink"), "");
     } else {
       add(h.at + "  " + h.outcome + "  " + h.event + "  call " + call + "  -> " + h.sink, h.outcome);
     }
