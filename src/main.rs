@@ -448,7 +448,7 @@ fn events_show(
     println!("{}", render::events(&events));
     if payload != render::Payload::Hidden {
         for event in &events {
-            println!("\n{} {}:", render::printable(&event.event), payload.label());
+            println!("\n{}", render::payload_heading(&event.event, payload));
             println!("{}", render::payload(&payload.json(&event.payload)));
         }
     }

@@ -127,6 +127,30 @@ pub fn masked(payload: &[u8]) -> Result<Value, serde_json::Error> {
     Ok(doc)
 }
 
+/// Whether `events show` and the console show a payload, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Hidden,
+    /// Personal data masked (`--payload`).
+    Masked,
+    /// Whole (`--payload --reveal`).
+    Revealed,
+}
+
+impl Payload {
+    /// The payload as shown: JSON, or a note of why there is none to show.
+    pub fn json(self, stored: &[u8]) -> serde_json::Value {
+        if stored.is_empty() {
+            return serde_json::Value::String("[emptied by store.retention]".into());
+        }
+        let shown = match self {
+            Payload::Revealed => serde_json::from_slice(stored),
+            _ => masked(stored),
+        };
+        shown.unwrap_or_else(|_| serde_json::Value::String("[not JSON]".into()))
+    }
+}
+
 /// `+919876543210` -> `+********3210`: every digit but the last four becomes `*`.
 fn mask_phone(number: &str) -> String {
     let digits = number.chars().filter(char::is_ascii_digit).count();

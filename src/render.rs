@@ -6,6 +6,7 @@ use comfy_table::Table;
 use comfy_table::presets::UTF8_FULL_CONDENSED;
 
 use crate::api::Agent;
+pub use crate::redact::Payload;
 use crate::store::operator::{DeliveryRow, EventPage, EventRow, PollRow, Replay, Replayed};
 
 pub fn polls(rows: &[PollRow]) -> String {
@@ -201,35 +202,13 @@ pub fn event_page(page: &EventPage) -> String {
     out
 }
 
-/// Whether `events show` prints payloads, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Payload {
-    Hidden,
-    /// Personal data masked (`--payload`).
-    Masked,
-    /// Whole (`--payload --reveal`).
-    Revealed,
-}
-
-impl Payload {
-    pub fn label(self) -> &'static str {
-        match self {
-            Payload::Masked => "payload (personal data masked; --reveal shows it)",
-            _ => "payload",
-        }
-    }
-
-    /// The payload as shown: JSON, or a note of why there is none to show.
-    pub fn json(self, stored: &[u8]) -> serde_json::Value {
-        if stored.is_empty() {
-            return serde_json::Value::String("[emptied by store.retention]".into());
-        }
-        let shown = match self {
-            Payload::Revealed => serde_json::from_slice(stored),
-            _ => crate::redact::masked(stored),
-        };
-        shown.unwrap_or_else(|_| serde_json::Value::String("[not JSON]".into()))
-    }
+/// The line above a payload `events show --payload` prints.
+pub fn payload_heading(event: &str, view: Payload) -> String {
+    let what = match view {
+        Payload::Masked => "payload (personal data masked; --reveal shows it)",
+        _ => "payload",
+    };
+    format!("{} {what}:", printable(event))
 }
 
 /// A payload as `events show --payload` prints it: pretty JSON, each line's control

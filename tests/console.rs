@@ -374,3 +374,53 @@ async fn the_live_view_streams_events_as_they_are_stored_and_settled() {
     assert!(text.contains(r#""sink":"archive""#), "{text}");
     assert!(!text.contains("phone_number"), "no payload: {text}");
 }
+
+#[tokio::test]
+async fn a_calls_payload_is_masked_until_revealed_and_shown_as_text_either_way() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let router =
+        TestRouter::start_with(Arc::clone(&dir), &with_token(base_config(dir.path()))).await;
+    let mut body: serde_json::Value =
+        serde_json::from_str(&payload("call-p1", "call_completed")).expect("json");
+    body["contact_name"] = HOSTILE.into();
+    body["analysis"]["classification"] = HOSTILE.into();
+    assert_eq!(
+        post_signed(router.addr, &body.to_string()).await.status,
+        200
+    );
+    let cookie = login(router.admin).await;
+
+    let page = get(router.admin, "/ui/call?id=call-p1", Some(&cookie)).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("+********3210"), "{}", page.body);
+    assert!(
+        !page.body.contains("+919876543210") && !page.body.contains("alert(1)</script>"),
+        "masked: {}",
+        page.body
+    );
+    // A field that is no personal data is shown, as text.
+    assert!(
+        page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{}",
+        page.body
+    );
+    let reveal = format!(
+        "/ui/call?{}",
+        encode(&[("id", "call-p1"), ("reveal", "call-p1:call_completed")])
+    );
+    assert!(
+        page.body.contains(&reveal.replace('&', "&amp;")),
+        "{}",
+        page.body
+    );
+
+    let revealed = get(router.admin, &reveal, Some(&cookie)).await;
+    assert!(revealed.body.contains("+919876543210"), "{}", revealed.body);
+    assert!(revealed.body.contains("Payload (revealed)"));
+    assert!(
+        !revealed.body.contains("<script>alert(1)"),
+        "{}",
+        revealed.body
+    );
+    drop(router);
+}

@@ -9,7 +9,8 @@ use hyper::StatusCode;
 use maud::{DOCTYPE, Markup, html};
 
 use super::{Console, Query, Refusal};
-use crate::store::operator::{DeliveryRow, DeliveryStatus, ListFilter, SinkPause};
+use crate::redact::Payload;
+use crate::store::operator::{DeliveryRow, DeliveryStatus, EventRow, ListFilter, SinkPause};
 
 /// Rows a list shows at most.
 const LIST_LIMIT: usize = 200;
@@ -175,6 +176,11 @@ impl View<'_> {
             .get("id")
             .ok_or_else(|| Refusal::BadRequest("which call? (id is missing)".into()))?;
         let events = self.console.store.show_events(id).await?;
+        let revealed = query.get("reveal");
+        if let Some(event) = revealed.filter(|key| events.iter().any(|e| e.id == *key)) {
+            // Who looked at what is worth keeping; what they saw is not logged.
+            tracing::info!(call_id = %id, event = %event, "a payload was revealed in the console");
+        }
         let filter = ListFilter {
             call_id: Some(id.to_owned()),
             limit: LIST_LIMIT,
@@ -189,6 +195,7 @@ impl View<'_> {
                 section.event {
                     h2 { (event.event) }
                     p.meta { "received " (event.received_at) " from " (event.source) }
+                    (payload(id, event, revealed == Some(event.id.as_str())))
                     table {
                         thead { tr { th { "sink" } th { "status" } th { "attempts" } th { "last error" } } }
                         tbody {
@@ -361,6 +368,30 @@ fn sink_state(
                 None => span.meta { "not configured (deliveries left in the store)" },
                 Some(Some(reason)) => { span.bad { "not ready" } ": " (reason) },
                 Some(None) => span.ok { "ready" },
+            }
+        }
+    }
+}
+
+/// An event's payload on its call's page: personal data masked, unless revealed.
+fn payload(call_id: &str, event: &EventRow, revealed: bool) -> Markup {
+    let view = if revealed {
+        Payload::Revealed
+    } else {
+        Payload::Masked
+    };
+    let pretty = serde_json::to_string_pretty(&view.json(&event.payload)).unwrap_or_default();
+    html! {
+        details.payload open[revealed] {
+            summary {
+                @if revealed { "Payload (revealed)" } @else { "Payload (personal data masked)" }
+            }
+            pre.payload { (pretty) }
+            @if !revealed && !event.payload.is_empty() {
+                a.button href=(link("/ui/call", &[("id", call_id), ("reveal", &event.id)])) {
+                    "Reveal personal data"
+                }
+                " " span.meta { "(each reveal is logged, without the payload)" }
             }
         }
     }
