@@ -424,3 +424,46 @@ async fn a_calls_payload_is_masked_until_revealed_and_shown_as_text_either_way()
     );
     drop(router);
 }
+
+#[tokio::test]
+async fn wrong_tokens_are_taken_ten_a_minute_and_a_session_goes_on_meanwhile() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let router =
+        TestRouter::start_with(Arc::clone(&dir), &with_token(base_config(dir.path()))).await;
+    let admin = router.admin;
+    let cookie = login(admin).await;
+    let origin = format!("http://{admin}");
+    for _ in 0..10 {
+        let wrong = post(
+            admin,
+            "/ui/login",
+            Some(&origin),
+            None,
+            &[("token", "guess")],
+        )
+        .await;
+        assert_eq!(wrong.status, 401);
+    }
+    // The right token waits too: an answer would tell a guesser what it told anyone.
+    let paced = post(admin, "/ui/login", Some(&origin), None, &[("token", TOKEN)]).await;
+    assert_eq!(paced.status, 429, "{}", paced.body);
+    let wait: u64 = paced.headers["retry-after"]
+        .to_str()
+        .expect("ASCII")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&wait), "{wait}");
+    let bearer = send(
+        admin,
+        Request::get("/ui")
+            .header("host", admin.to_string())
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(bearer.status, 429);
+    // Logged in before, still in.
+    assert_eq!(get(admin, "/ui", Some(&cookie)).await.status, 200);
+    drop(router);
+}

@@ -7,7 +7,9 @@
 //! signs the CSRF tokens, and requests must name a loopback host, so that a web page
 //! whose name was pointed at 127.0.0.1 (DNS rebinding) cannot use the console.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::VecDeque;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
 use hyper::HeaderMap;
@@ -35,6 +37,9 @@ pub(super) enum Denied {
     ForeignOrigin,
     #[error("the form's CSRF token is missing or wrong")]
     Csrf,
+    /// Too many wrong tokens lately: no token is checked for this many seconds.
+    #[error("too many wrong tokens: try again in {0} s")]
+    Throttled(u64),
 }
 
 /// What an allowed request may do: the CSRF token its forms carry.
@@ -43,11 +48,20 @@ pub(super) struct Session {
     pub(super) csrf: String,
 }
 
+/// Wrong tokens (logins, bearer tokens, forged cookies) taken in any minute, from every
+/// client together; past that no token is checked until the oldest is a minute old. A
+/// token of at least 16 characters cannot be guessed at this pace. Logged-in sessions
+/// go on meanwhile: only new credentials wait.
+const WRONG_PER_MINUTE: usize = 10;
+const WINDOW: Duration = Duration::from_secs(60);
+
 /// The keys of the console's access checks.
 pub(super) struct Auth {
     token: Option<AdminToken>,
     /// Signs sessions and CSRF tokens: the token's bytes, or drawn at start without one.
     key: Vec<u8>,
+    /// When the latest wrong tokens came, at most [`WRONG_PER_MINUTE`].
+    wrong: Mutex<VecDeque<Instant>>,
 }
 
 /// The system's random source failed; without it no CSRF token can be unguessable.
@@ -61,7 +75,40 @@ impl Auth {
             Some(t) => t.key().to_vec(),
             None => random_bytes::<32>()?.to_vec(),
         };
-        Ok(Auth { token, key })
+        Ok(Auth {
+            token,
+            key,
+            wrong: Mutex::new(VecDeque::with_capacity(WRONG_PER_MINUTE)),
+        })
+    }
+
+    /// Refused while [`WRONG_PER_MINUTE`] wrong tokens came in the last minute.
+    fn check_pace(&self) -> Result<(), Denied> {
+        let mut wrong = self.wrong.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        while wrong
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= WINDOW)
+        {
+            wrong.pop_front();
+        }
+        match wrong.front() {
+            Some(oldest) if wrong.len() >= WRONG_PER_MINUTE => {
+                let left = WINDOW.saturating_sub(now.duration_since(*oldest));
+                Err(Denied::Throttled(left.as_secs() + 1))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a wrong token, and says it was wrong.
+    fn wrong(&self) -> Denied {
+        let mut wrong = self.wrong.lock().unwrap_or_else(PoisonError::into_inner);
+        if wrong.len() >= WRONG_PER_MINUTE {
+            wrong.pop_front();
+        }
+        wrong.push_back(Instant::now());
+        Denied::Wrong
     }
 
     /// Whether a token is configured (a login page, and a way to log out).
@@ -79,6 +126,7 @@ impl Auth {
             return Ok(self.session_of("open"));
         };
         if let Some(value) = headers.get(AUTHORIZATION) {
+            self.check_pace()?;
             let offered = value
                 .as_bytes()
                 .strip_prefix(b"Bearer ")
@@ -86,14 +134,16 @@ impl Auth {
             return if token.matches(offered) {
                 Ok(self.session_of("bearer"))
             } else {
-                Err(Denied::Wrong)
+                Err(self.wrong())
             };
         }
         let cookie = cookie(headers, COOKIE_NAME).ok_or(Denied::NoCredentials)?;
         let (nonce, mac) = cookie.split_once('.').ok_or(Denied::Wrong)?;
         let expected = hex::encode(self.mac("session", nonce));
         if !bool::from(expected.as_bytes().ct_eq(mac.as_bytes())) {
-            return Err(Denied::Wrong);
+            // A forged cookie is a guess too; a session signed by the token is not.
+            self.check_pace()?;
+            return Err(self.wrong());
         }
         let issued = nonce
             .split_once('-')
@@ -111,8 +161,9 @@ impl Auth {
             .token
             .as_ref()
             .ok_or(LoginError::Denied(Denied::Wrong))?;
+        self.check_pace().map_err(LoginError::Denied)?;
         if !token.matches(offered) {
-            return Err(LoginError::Denied(Denied::Wrong));
+            return Err(LoginError::Denied(self.wrong()));
         }
         let nonce = format!(
             "{}-{}",

@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Body;
 use hyper::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue, LOCATION, REFERRER_POLICY,
-    SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+    RETRY_AFTER, SET_COOKIE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use maud::Markup;
@@ -172,6 +172,9 @@ where
                     );
                     Ok(page)
                 }
+                Err(LoginError::Denied(Denied::Throttled(wait))) => {
+                    Err(Refusal::Denied(Denied::Throttled(wait)))
+                }
                 Err(LoginError::Denied(_)) => {
                     tracing::warn!("console login refused: wrong token");
                     Ok(html(
@@ -251,6 +254,15 @@ fn refused(refusal: Refusal, get: bool, has_token: bool) -> Page {
         Refusal::Denied(Denied::NoCredentials | Denied::Wrong) => StatusCode::UNAUTHORIZED,
         Refusal::Denied(Denied::ForeignHost | Denied::ForeignOrigin | Denied::Csrf) => {
             StatusCode::FORBIDDEN
+        }
+        Refusal::Denied(Denied::Throttled(wait)) => {
+            let mut page = html(
+                StatusCode::TOO_MANY_REQUESTS,
+                pages::problem(StatusCode::TOO_MANY_REQUESTS, &refusal.to_string()),
+            );
+            page.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(*wait));
+            return page;
         }
         Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
         Refusal::Store(e) => {
