@@ -193,10 +193,10 @@ pub enum DeliveriesCommand {
         which: ReplayWhich,
         /// With --dead or --status: only deliveries of events received at or after this
         /// (an RFC 3339 time, or a duration ago: "2h").
-        #[arg(long, value_parser = parse_time, conflicts_with_all = ["call_id", "id"])]
+        #[arg(long, value_parser = crate::store::operator::parse_time, conflicts_with_all = ["call_id", "id"])]
         since: Option<SystemTime>,
         /// With --dead or --status: only deliveries of events received before this.
-        #[arg(long, value_parser = parse_time, conflicts_with_all = ["call_id", "id"])]
+        #[arg(long, value_parser = crate::store::operator::parse_time, conflicts_with_all = ["call_id", "id"])]
         until: Option<SystemTime>,
         #[arg(long)]
         json: bool,
@@ -210,10 +210,10 @@ pub enum DeliveriesCommand {
         #[arg(long)]
         sink: String,
         /// Events received at or after: an RFC 3339 time, or a duration ago ("2d").
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = crate::store::operator::parse_time)]
         since: SystemTime,
         /// Events received before this.
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = crate::store::operator::parse_time)]
         until: Option<SystemTime>,
         /// Only this event.
         #[arg(long)]
@@ -247,10 +247,10 @@ pub enum EventsCommand {
         #[command(flatten)]
         config: ConfigArg,
         /// Received at or after: an RFC 3339 time, or a duration ago ("2h", "30m").
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = crate::store::operator::parse_time)]
         since: Option<SystemTime>,
         /// Received before: an RFC 3339 time, or a duration ago.
-        #[arg(long, value_parser = parse_time)]
+        #[arg(long, value_parser = crate::store::operator::parse_time)]
         until: Option<SystemTime>,
         /// Only this event (call_started, call_completed, all_processing_completed).
         #[arg(long)]
@@ -284,20 +284,6 @@ pub enum EventsCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-/// A time on the command line: RFC 3339 (`2026-05-24T10:30:00Z`, or without the zone as
-/// UTC), or a duration before now (`2h`, `1d 6h`).
-pub fn parse_time(text: &str) -> Result<SystemTime, String> {
-    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
-        return Ok(at);
-    }
-    humantime::parse_duration(text)
-        .ok()
-        .and_then(|ago| SystemTime::now().checked_sub(ago))
-        .ok_or_else(|| {
-            format!("{text:?} is neither an RFC 3339 time (2026-05-24T10:30:00Z) nor a duration ago (2h, 30m)")
-        })
 }
 
 #[derive(Debug, Args)]

@@ -39,9 +39,10 @@
 //!    import the store).
 //! 3. [`config`], which knows every component's settings.
 //! 4. [`store`] and [`live`].
-//! 5. The moving parts: [`server`] (which serves [`console`]), [`dispatch`], `poller`.
-//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`], [`backfill`],
-//!    [`tail`]) and `main.rs`; only `app` and `main.rs` import [`server`].
+//! 5. The moving parts: [`server`] (which serves [`console`]), [`dispatch`], `poller`,
+//!    [`backfill`] (for the console and the command).
+//! 6. `app`, the commands' helpers ([`cli`], [`render`], [`trigger`], [`tail`]) and
+//!    `main.rs`; only `app` and `main.rs` import [`server`].
 
 pub mod api;
 mod app;

@@ -177,6 +177,11 @@ impl Router {
         }
     }
 
+    /// The route of the sink named `sink`, if it is configured.
+    pub fn route(&self, sink: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| &*r.sink == sink)
+    }
+
     /// The names of the sinks that receive `event`, in config order.
     pub fn sinks_for(&self, event: &Event) -> Vec<Arc<str>> {
         self.routes

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::downstream::{Downstream, Reply};
-use common::{Answer, TestRouter, base_config, payload, post_signed, send};
+use common::{Answer, TestRouter, base_config, payload, post_signed, send, wait_for_lines};
 use http_body_util::Full;
 use hyper::Request;
 
@@ -465,5 +465,97 @@ async fn wrong_tokens_are_taken_ten_a_minute_and_a_session_goes_on_meanwhile() {
     assert_eq!(bearer.status, 429);
     // Logged in before, still in.
     assert_eq!(get(admin, "/ui", Some(&cookie)).await.status, 200);
+    drop(router);
+}
+
+/// Confirms the change the GET page `path` asks about by posting its form as a browser
+/// would; the answer's page.
+async fn confirm(admin: SocketAddr, cookie: &str, path: &str, action: &str) -> Answer {
+    let page = get(admin, path, Some(cookie)).await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let mut fields: Vec<(String, String)> = Vec::new();
+    for input in page.body.split("<input type=\"hidden\" ").skip(1) {
+        let attr = |name: &str| {
+            let start = input.find(&format!("{name}=\"")).expect("attribute") + name.len() + 2;
+            input[start..]
+                .split('"')
+                .next()
+                .expect("value")
+                .replace("&amp;", "&")
+        };
+        fields.push((attr("name"), attr("value")));
+    }
+    let form: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let origin = format!("http://{admin}");
+    post(admin, action, Some(&origin), Some(cookie), &form).await
+}
+
+#[tokio::test]
+async fn delivered_events_are_replayed_by_time_and_a_new_sink_backfilled_after_confirmation() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let config = with_token(base_config(dir.path()));
+    let router = TestRouter::start_with(Arc::clone(&dir), &config).await;
+    for event in ["call_started", "call_completed"] {
+        assert_eq!(
+            post_signed(router.addr, &payload("call-r1", event))
+                .await
+                .status,
+            200
+        );
+    }
+    wait_for_lines(&router.events_file(), 2, Duration::from_secs(10)).await;
+    let admin = router.admin;
+    let cookie = login(admin).await;
+
+    let dead = get(admin, "/ui/dead", Some(&cookie)).await;
+    assert!(dead.body.contains("Replay by time") && dead.body.contains("Backfill"));
+    let replayed = confirm(
+        admin,
+        &cookie,
+        "/ui/replay?sink=archive&all=delivered&since=1h&until=",
+        "/ui/replay",
+    )
+    .await;
+    assert!(replayed.body.contains("2 replayed"), "{}", replayed.body);
+    wait_for_lines(&router.events_file(), 4, Duration::from_secs(10)).await;
+
+    let late = dir.path().join("late.jsonl");
+    router
+        .reload(&format!(
+            "{config}\n[[sinks]]\nname = \"late\"\ntype = \"file\"\npath = \"{}\"\nevents = [\"call_completed\"]\n",
+            late.display()
+        ))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !get(admin, "/ui/dead", Some(&cookie))
+        .await
+        .body
+        .contains("<option>late</option>")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reload never came"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = get(admin, "/ui/backfill?sink=late&since=", Some(&cookie)).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let backfilled = confirm(
+        admin,
+        &cookie,
+        "/ui/backfill?sink=late&since=1h",
+        "/ui/backfill",
+    )
+    .await;
+    assert!(
+        backfilled.body.contains("1 deliveries created"),
+        "{}",
+        backfilled.body
+    );
+    let lines = wait_for_lines(&late, 1, Duration::from_secs(10)).await;
+    assert_eq!(lines[0]["event"], "call_completed");
     drop(router);
 }

@@ -208,6 +208,7 @@ where
         (&Method::GET, "/ui/call") => view.call(&query).await?,
         (&Method::GET, "/ui/dead") => view.dead(&query).await?,
         (&Method::GET, "/ui/replay") => view.confirm_replay(&query)?,
+        (&Method::GET, "/ui/backfill") => view.confirm_backfill(&query)?,
         (&Method::GET, "/ui/live") => view.live(),
         (&Method::GET, "/ui/live/events") => {
             let stream = live::stream(console.feed.subscribe(), console.closing.clone());
@@ -221,6 +222,11 @@ where
             changes(&form)?;
             view.replay(&form).await?
         }
+        (&Method::POST, "/ui/backfill") => {
+            let form = read_form(body).await?;
+            changes(&form)?;
+            view.backfill(&form).await?
+        }
         (&Method::POST, "/ui/logout") => {
             let form = read_form(body).await?;
             changes(&form)?;
@@ -233,8 +239,8 @@ where
         }
         (
             _,
-            PREFIX | "/ui/events" | "/ui/call" | "/ui/dead" | "/ui/replay" | "/ui/logout"
-            | "/ui/live" | "/ui/live/events",
+            PREFIX | "/ui/events" | "/ui/call" | "/ui/dead" | "/ui/replay" | "/ui/backfill"
+            | "/ui/logout" | "/ui/live" | "/ui/live/events",
         ) => {
             return Err(Refusal::MethodNotAllowed);
         }

@@ -258,8 +258,35 @@ impl View<'_> {
                 }
             }
             (self.delivery_table(&rows, true))
+            (self.bulk_forms())
         };
         Ok(self.layout("Dead letters", body))
+    }
+
+    /// Replay of a sink's dead or delivered deliveries in a time range, and backfill: each
+    /// asks for confirmation before it changes anything.
+    fn bulk_forms(&self) -> Markup {
+        let sinks = self.console.live.sink_names();
+        let times = "RFC 3339, or a duration ago: 2h";
+        html! {
+            h2 { "Replay by time" }
+            form.filters method="get" action="/ui/replay" {
+                label { "Sink " select name="sink" { @for s in &sinks { option { (s) } } } }
+                label { "Status " select name="all" { option value="dead" { "dead" } option value="delivered" { "delivered" } } }
+                label { "Received since " input type="text" name="since" placeholder=(times); }
+                label { "until " input type="text" name="until" placeholder=(times); }
+                button type="submit" { "Replay…" }
+            }
+            h2 { "Backfill" }
+            p.meta { "Gives a sink the stored events its route takes and it never had: a sink added after them, or a filter widened. Running it again adds nothing." }
+            form.filters method="get" action="/ui/backfill" {
+                label { "Sink " select name="sink" { @for s in &sinks { option { (s) } } } }
+                label { "Received since " input type="text" name="since" required placeholder=(times); }
+                label { "until " input type="text" name="until" placeholder=(times); }
+                label { "Event " input type="text" name="event" placeholder="any"; }
+                button type="submit" { "Backfill…" }
+            }
+        }
     }
 
     async fn rows(&self, filter: &ListFilter) -> Result<Vec<DeliveryRow>, Refusal> {

@@ -5,6 +5,21 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+/// A time an operator gives (the commands' `--since`, the console's forms): RFC 3339
+/// (`2026-05-24T10:30:00Z`, or without the zone as UTC), or a duration before now (`2h`,
+/// `1d 6h`).
+pub fn parse_time(text: &str) -> Result<SystemTime, String> {
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        return Ok(at);
+    }
+    humantime::parse_duration(text)
+        .ok()
+        .and_then(|ago| SystemTime::now().checked_sub(ago))
+        .ok_or_else(|| {
+            format!("{text:?} is neither an RFC 3339 time (2026-05-24T10:30:00Z) nor a duration ago (2h, 30m)")
+        })
+}
+
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryStatus {
