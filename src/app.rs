@@ -17,6 +17,7 @@ use crate::console::{self, Console};
 use crate::dispatch::flow::Guarded;
 use crate::dispatch::{Dispatcher, RetryPolicy};
 use crate::feed::Feed;
+use crate::history::{self, History};
 use crate::live::{Live, LiveHandle};
 use crate::metrics::Metrics;
 use crate::poller::{Poller, PollerHealth};
@@ -29,6 +30,8 @@ use crate::store::{self, Role, Store, StoreError, StoreOptions};
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// How often the backlog gauges are read from the store.
 const STATS_EVERY: Duration = Duration::from_secs(10);
+/// The console's plots move a minute at a time.
+const HISTORY_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -296,6 +299,13 @@ pub async fn run(
         config.store.dedup_window,
         stop.clone(),
     )));
+    let history = Arc::new(History::default());
+    background.push(tokio::spawn(keep_history(
+        Arc::clone(&metrics),
+        Arc::clone(&history),
+        live.clone(),
+        stop.clone(),
+    )));
 
     // One signal stops both listeners (and the console's live streams).
     let stop_serving = CancellationToken::new();
@@ -305,6 +315,7 @@ pub async fn run(
             live: live.clone(),
             poller: poller_health.clone(),
             feed: sinks.feed.clone(),
+            history,
             closing: stop_serving.clone(),
         };
         Some(Console::new(config.admin.token.clone(), parts)?)
@@ -442,6 +453,44 @@ async fn prune(store: Store, retention: Duration, dedup_window: Duration, stop: 
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
         }
+    }
+}
+
+/// Samples the running totals into `history` once a minute until `stop`.
+async fn keep_history(
+    metrics: Arc<Metrics>,
+    history: Arc<History>,
+    live: LiveHandle,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(HISTORY_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        // Accepted, duplicates, and every refusal together.
+        let mut kinds = [0u64; 3];
+        for (outcome, total) in metrics.webhook_totals() {
+            let kind = match outcome {
+                "accepted" => 0,
+                "duplicate" => 1,
+                _ => 2,
+            };
+            kinds[kind] += total;
+        }
+        let mut totals: Vec<(String, u64)> = history::WEBHOOK_KINDS
+            .iter()
+            .zip(kinds)
+            .map(|(kind, total)| (history::webhooks(kind), total))
+            .collect();
+        for sink in live.sink_names() {
+            for outcome in history::SINK_OUTCOMES {
+                let total = metrics.delivery_total(&sink, outcome);
+                totals.push((history::sink(&sink, outcome), total));
+            }
+        }
+        history.sample(totals);
     }
 }
 

@@ -34,7 +34,7 @@
 //!
 //! 1. Leaves, which import nothing of the crate: `protocol` (header names, event names,
 //!    reserved paths), [`event`], [`signature`], `backoff`, [`metrics`], [`net`], `body`,
-//!    [`feed`] and `config::error`.
+//!    [`feed`], [`history`] and `config::error`.
 //! 2. Rules and destinations: [`routing`], `redact`, [`api`], [`sinks`] (which never
 //!    import the store).
 //! 3. [`config`], which knows every component's settings.
@@ -55,6 +55,7 @@ pub mod console;
 pub mod dispatch;
 pub mod event;
 pub mod feed;
+pub mod history;
 pub mod live;
 pub mod metrics;
 pub mod net;

@@ -5,7 +5,7 @@
 //! a large backlog never slows the request path. A leaf: it knows nothing of the crate.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pub struct Metrics {
     /// reload is removed from both, not left frozen at its last value.
     ready_sinks: Mutex<BTreeSet<String>>,
     backlog_sinks: Mutex<BTreeSet<String>>,
+    /// Webhooks by outcome alone (in [`WEBHOOK_OUTCOMES`]' order), for the console's plot.
+    webhook_outcomes: [AtomicU64; WEBHOOK_OUTCOMES.len()],
 }
 
 /// Every outcome a webhook can have; each is created at 0, so the first of its kind
@@ -280,6 +282,7 @@ impl Metrics {
             settlements_rejected,
             ready_sinks: Mutex::new(BTreeSet::new()),
             backlog_sinks: Mutex::new(BTreeSet::new()),
+            webhook_outcomes: Default::default(),
             poller_restarts,
         }
     }
@@ -288,6 +291,27 @@ impl Metrics {
         self.webhooks
             .get_or_create(&[("event", event.to_owned()), ("outcome", outcome.to_owned())])
             .inc();
+        if let Some(i) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome)
+            && let Some(count) = self.webhook_outcomes.get(i)
+        {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Webhooks so far by outcome, every outcome named.
+    pub fn webhook_totals(&self) -> Vec<(&'static str, u64)> {
+        WEBHOOK_OUTCOMES
+            .iter()
+            .zip(&self.webhook_outcomes)
+            .map(|(outcome, count)| (*outcome, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Delivery attempts to `sink` so far with `outcome`.
+    pub fn delivery_total(&self, sink: &str, outcome: &str) -> u64 {
+        self.deliveries
+            .get_or_create(&[("sink", sink.to_owned()), ("outcome", outcome.to_owned())])
+            .get()
     }
 
     pub fn secret_verified(&self, index: usize) {

@@ -510,6 +510,12 @@ async fn delivered_events_are_replayed_by_time_and_a_new_sink_backfilled_after_c
     let admin = router.admin;
     let cookie = login(admin).await;
 
+    let overview = get(admin, "/ui", Some(&cookie)).await;
+    assert!(
+        overview.body.contains("Attempts to archive") && overview.body.contains("<polyline"),
+        "the overview's plots: {}",
+        overview.body
+    );
     let dead = get(admin, "/ui/dead", Some(&cookie)).await;
     assert!(dead.body.contains("Replay by time") && dead.body.contains("Backfill"));
     let replayed = confirm(

@@ -9,6 +9,7 @@
 mod auth;
 mod live;
 mod pages;
+mod plots;
 mod replay;
 
 use std::convert::Infallible;
@@ -31,6 +32,7 @@ pub use self::auth::NoRandom;
 use self::auth::{Auth, COOKIE_NAME, Denied, LoginError};
 use crate::config::AdminToken;
 use crate::feed::Feed;
+use crate::history::History;
 use crate::live::LiveHandle;
 use crate::poller::PollerHealth;
 use crate::store::{Store, StoreError};
@@ -61,6 +63,8 @@ pub struct Console {
     auth: Auth,
     /// What the live view streams.
     feed: Feed,
+    /// The last day's counts, for the overview's plots.
+    history: Arc<History>,
     /// Cancelled when the listener stops, ending the live view's streams.
     closing: CancellationToken,
 }
@@ -71,6 +75,7 @@ pub struct Parts {
     pub live: LiveHandle,
     pub poller: Option<Arc<PollerHealth>>,
     pub feed: Feed,
+    pub history: Arc<History>,
     pub closing: CancellationToken,
 }
 
@@ -81,6 +86,7 @@ impl Console {
             live,
             poller,
             feed,
+            history,
             closing,
         } = parts;
         Ok(Console {
@@ -89,6 +95,7 @@ impl Console {
             poller,
             auth: Auth::new(token)?,
             feed,
+            history,
             closing,
         })
     }

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use hyper::StatusCode;
 use maud::{DOCTYPE, Markup, html};
 
-use super::{Console, Query, Refusal};
+use super::{Console, Query, Refusal, plots};
 use crate::redact::Payload;
 use crate::store::operator::{DeliveryRow, DeliveryStatus, EventRow, ListFilter, SinkPause};
 
@@ -108,6 +108,16 @@ impl View<'_> {
                             }
                         }
                     }
+                }
+            }
+            section {
+                h2 { "Activity" }
+                p.meta { "Counted by this process since it started, a minute at a time." }
+                h3 { "Webhooks" }
+                (plots::webhooks(&self.console.history))
+                @for name in &names {
+                    h3 { "Attempts to " (name) }
+                    (plots::sink(&self.console.history, name))
                 }
             }
             section {

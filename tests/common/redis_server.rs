@@ -37,9 +37,13 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub async fn connect(url: &str) -> MultiplexedConnection {
+    // Reading a stream of thousands of entries on a loaded machine can take longer than
+    // the client's default response timeout; the test waits rather than fails.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(url)
         .expect("Redis URL")
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .expect("the test connects to Redis")
 }
