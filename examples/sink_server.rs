@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
                     // Read the body, as a real receiver would, then answer.
                     let _ = req.into_body().collect().await;
                     let mut answer = Response::new(Full::new(Bytes::from_static(b"ok")));
-                    if refuse_every.is_some_and(|every| every > 0 && n % every == 0) {
+                    if refuse_every.is_some_and(|every| every > 0 && n.is_multiple_of(every)) {
                         *answer.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
                     }
                     Ok::<_, Infallible>(answer)
