@@ -92,15 +92,20 @@ async fn tail_streams_stored_events_and_settled_deliveries_of_the_chosen_event_w
     drop(router);
 }
 
-#[tokio::test]
-async fn tail_says_why_when_the_token_is_wrong_or_nothing_listens() {
-    let (router, config) = router_and_config("not-the-token-0123456789").await;
-    let out = tail(&config, &[])
+/// Runs `tail`, which must fail; what it said.
+async fn failing_tail(config: &std::path::Path) -> String {
+    let out = tail(config, &[])
         .wait_with_output()
         .await
         .expect("tail ends");
-    let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn tail_says_why_when_the_token_is_wrong_or_nothing_listens() {
+    let (router, config) = router_and_config("not-the-token-0123456789").await;
+    let text = failing_tail(&config).await;
     assert!(
         text.contains("refused") && text.contains("admin.token"),
         "{text}"
@@ -108,12 +113,7 @@ async fn tail_says_why_when_the_token_is_wrong_or_nothing_listens() {
 
     let addr = router.admin.to_string();
     let _dir = router.stop().await;
-    let out = tail(&config, &[])
-        .wait_with_output()
-        .await
-        .expect("tail ends");
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let text = failing_tail(&config).await;
     assert!(
         text.contains("cannot reach") && text.contains(&addr),
         "{text}"

@@ -29,20 +29,27 @@ async fn history(store: &Store, call: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_that_ended_them() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A store keeping `attempts_kept` attempts per delivery, holding one event of call
+/// `c1` for sink `a`.
+async fn with_one_event(dir: &std::path::Path, attempts_kept: usize) -> Store {
     let options = StoreOptions {
-        attempts_kept: 3,
+        attempts_kept,
         ..StoreOptions::default()
     };
-    let store = Store::open(&config(dir.path()), options)
+    let store = Store::open(&config(dir), options)
         .await
         .expect("store opens");
     store
         .ingest(event("c1", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
+    store
+}
+
+#[tokio::test]
+async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_that_ended_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = with_one_event(dir.path(), 3).await;
     for number in 1..=4 {
         let due = store.claim("a", 10, usize::MAX).await.expect("due");
         let id = due[0].id;
@@ -97,17 +104,7 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
 #[tokio::test]
 async fn with_no_attempts_kept_nothing_is_written_to_the_history() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let options = StoreOptions {
-        attempts_kept: 0,
-        ..StoreOptions::default()
-    };
-    let store = Store::open(&config(dir.path()), options)
-        .await
-        .expect("store opens");
-    store
-        .ingest(event("c1", "call_completed"), sinks(&["a"]))
-        .await
-        .expect("stored");
+    let store = with_one_event(dir.path(), 0).await;
     let due = store.claim("a", 10, usize::MAX).await.expect("due");
     let id = due[0].id;
     let dead = Settlement::Dead {
