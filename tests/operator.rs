@@ -147,6 +147,9 @@ fn replay_needs_exactly_one_selection() {
     assert!(!ok);
 }
 
+/// The SQLite schema version this build writes.
+const CURRENT: i64 = 9;
+
 /// A store of this build with one event, its schema version then set to `version`.
 fn store_at_version(dir: &std::path::Path, version: i64) -> std::path::PathBuf {
     let path = dir.join("router.db");
@@ -196,7 +199,7 @@ fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_a
         assert!(!ok, "{text}");
         for needed in [
             "schema version 5",
-            "this build uses version 8",
+            &format!("this build uses version {CURRENT}"),
             "vyora-router serve",
         ] {
             assert!(text.contains(needed), "{needed} missing: {text}");
@@ -204,16 +207,17 @@ fn an_operator_command_refuses_a_store_of_another_schema_version_and_leaves_it_a
         assert_eq!(version_of(&path), 5, "the command migrated the store");
     }
 
-    set_version(&path, 9);
+    set_version(&path, CURRENT + 1);
     let (ok, text) = run(&config, &["deliveries", "list"]);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("schema version 9") && text.contains("use the build that wrote it"),
+        text.contains(&format!("schema version {}", CURRENT + 1))
+            && text.contains("use the build that wrote it"),
         "{text}"
     );
-    assert_eq!(version_of(&path), 9);
+    assert_eq!(version_of(&path), CURRENT + 1);
 
-    set_version(&path, 8);
+    set_version(&path, CURRENT);
     let (ok, text) = run(&config, &["events", "show", "call-v"]);
     assert!(ok && text.contains("call_completed"), "{text}");
 }
@@ -238,7 +242,8 @@ fn store_migrate_reads_a_source_of_another_schema_version_never_migrates_it() {
     );
     assert!(!ok, "{text}");
     assert!(
-        text.contains("schema version 5") && text.contains("this build uses version 8"),
+        text.contains("schema version 5")
+            && text.contains(&format!("this build uses version {CURRENT}")),
         "{text}"
     );
     assert_eq!(version_of(&path), 5, "the source was migrated");

@@ -83,17 +83,23 @@ pub(super) fn list(conn: &Connection, filter: &ListFilter) -> rusqlite::Result<V
             .query_map(params![&low[..], &high[..], call, sink, status, limit], row)?
             .collect()
         }
-        // Dead ones are all in `retries`: no need to walk the log.
-        (None, Some(DeliveryStatus::Dead)) => conn
-            .prepare(
+        // Dead ones are all in `retries`, newest first along an index of dead rows (by
+        // sink, or of every sink), so a page reads its own rows and no others.
+        (None, Some(DeliveryStatus::Dead)) => {
+            let (index, which) = match sink {
+                Some(_) => ("retries_dead", "r.sink = ?1"),
+                None => ("retries_dead_all", "?1 IS NULL"),
+            };
+            conn.prepare_cached(&format!(
                 "SELECT r.event_id, e.call_id, e.event, r.sink, r.status, r.attempts,
                         r.next_attempt_at, r.last_error
-                 FROM retries r JOIN events e ON e.id = r.event_id
-                 WHERE r.status = 'dead' AND (?1 IS NULL OR r.sink = ?1)
-                 ORDER BY r.event_id DESC LIMIT ?2",
-            )?
+                 FROM retries r INDEXED BY {index} JOIN events e ON e.id = r.event_id
+                 WHERE r.status = 'dead' AND {which}
+                 ORDER BY r.event_id DESC LIMIT ?2"
+            ))?
             .query_map(params![sink, limit], row)?
-            .collect(),
+            .collect()
+        }
         (None, _) => conn
             .prepare(&format!(
                 "{DELIVERIES} WHERE (?1 IS NULL OR o.sink = ?1) AND (?2 IS NULL OR o.status = ?2)

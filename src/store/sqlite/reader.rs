@@ -282,14 +282,25 @@ pub(super) fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
         } else {
             behind
         };
-        let (retrying, dead, retry_oldest): (i64, i64, Option<i64>) = conn
+        // Each count reads one partial index, not the sink's rows: delivered ones stay in
+        // `retries` until pruned. The oldest retry is the one of the lowest event id (ids
+        // follow arrival), found without joining every pending row to its event.
+        // The status is written out, not bound: SQLite picks a partial index only for the
+        // literal its definition names.
+        let count = |status: &str| -> rusqlite::Result<i64> {
+            conn.prepare_cached(&format!(
+                "SELECT COUNT(*) FROM retries WHERE sink = ?1 AND status = '{status}'"
+            ))?
+            .query_row(params![sink], |r| r.get(0))
+        };
+        let (retrying, dead) = (count("pending")?, count("dead")?);
+        let retry_oldest: Option<i64> = conn
             .prepare_cached(
-                "SELECT COUNT(*) FILTER (WHERE r.status = 'pending'),
-                        COUNT(*) FILTER (WHERE r.status = 'dead'),
-                        MIN(e.received_at) FILTER (WHERE r.status = 'pending')
-                 FROM retries r JOIN events e ON e.id = r.event_id WHERE r.sink = ?1",
+                "SELECT received_at FROM events WHERE id =
+                     (SELECT MIN(event_id) FROM retries WHERE sink = ?1 AND status = 'pending')",
             )?
-            .query_row(params![sink], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            .query_row(params![sink], |r| r.get(0))
+            .optional()?;
         let fresh_oldest: Option<i64> = conn
             .prepare_cached(
                 "SELECT received_at FROM events WHERE id > ?1 AND instr(sinks, ?2) > 0

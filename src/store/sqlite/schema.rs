@@ -15,7 +15,8 @@ use crate::store::StoreError;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema versions 1 to 4, applied in order; `PRAGMA user_version` records how many ran.
-/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`V7`], version 8 [`V8`].
+/// Version 5 is [`to_event_log`], version 6 [`to_runs`], version 7 [`V7`], version 8 [`V8`],
+/// version 9 [`V9`].
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE events (
@@ -194,8 +195,15 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_by_delivery ON attempts (event_id, sink, id);";
 
+/// Version 9: dead rows indexed by event id, per sink and for every sink, so the dead
+/// letters are listed newest first a page at a time, without reading and sorting them all.
+const V9: &str = "
+DROP INDEX retries_dead;
+CREATE INDEX retries_dead ON retries (sink, event_id) WHERE status = 'dead';
+CREATE INDEX retries_dead_all ON retries (event_id) WHERE status = 'dead';";
+
 /// The versions after the event log and the dedup runs, in order.
-const LATER: [&str; 2] = [V7, V8];
+const LATER: [&str; 3] = [V7, V8, V9];
 
 /// The schema versions this build knows.
 const VERSIONS: usize = MIGRATIONS.len() + 2 + LATER.len();
@@ -466,7 +474,7 @@ mod tests {
                 e,
                 StoreError::SchemaMismatch {
                     found: 5,
-                    current: 8,
+                    current: 9,
                     ..
                 }
             ),

@@ -542,3 +542,93 @@ fn a_stored_payload_comes_back_byte_identical_and_a_damaged_frame_is_an_error() 
     damaged.truncate(damaged.len() / 2);
     assert!(super::codec::decompress(super::codec::CODEC_ZSTD, damaged).is_err());
 }
+
+#[tokio::test]
+async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_counted_per_sink() {
+    use crate::store::operator::{DeliveryStatus, ListFilter};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir.path().join("s")).await;
+    for n in 1..=6 {
+        store
+            .ingest(
+                event(&format!("c{n}"), "call_completed"),
+                sinks(&["a", "b"]),
+            )
+            .await
+            .expect("stored");
+    }
+    // Calls 1, 2 and 4 die at `a`, call 3 at `b`; the rest are delivered.
+    for (sink, dying) in [("a", ["c1", "c2", "c4"].as_slice()), ("b", &["c3"])] {
+        let due = store.claim(sink, 10, usize::MAX).await.expect("due");
+        let settled = due
+            .iter()
+            .map(|d| match d.call_id.as_deref() {
+                Some(call) if dying.contains(&call) => Settlement::Dead {
+                    id: d.id,
+                    error: "gone".into(),
+                },
+                _ => Settlement::Delivered { id: d.id },
+            })
+            .collect();
+        store.settle(settled, Vec::new()).await.expect("settled");
+    }
+    let dead = |sink: Option<&str>, limit| {
+        let filter = ListFilter {
+            sink: sink.map(str::to_owned),
+            status: Some(DeliveryStatus::Dead),
+            limit,
+            ..ListFilter::default()
+        };
+        let store = &store;
+        async move {
+            store
+                .list_deliveries(&filter)
+                .await
+                .expect("listed")
+                .into_iter()
+                .map(|row| (row.call_id.unwrap_or_default(), row.sink))
+                .collect::<Vec<_>>()
+        }
+    };
+    let pair = |call: &str, sink: &str| (call.to_owned(), sink.to_owned());
+    assert_eq!(dead(None, 2).await, [pair("c4", "a"), pair("c3", "b")]);
+    assert_eq!(
+        dead(Some("a"), 10).await,
+        [pair("c4", "a"), pair("c2", "a"), pair("c1", "a")]
+    );
+    assert_eq!(dead(Some("b"), 10).await, [pair("c3", "b")]);
+    let stats = store.stats().await.expect("stats");
+    let counted: Vec<(&str, i64, i64)> = stats
+        .sinks
+        .iter()
+        .map(|s| (s.sink.as_str(), s.dead, s.pending))
+        .collect();
+    assert_eq!(counted, [("a", 3, 0), ("b", 1, 0)]);
+
+    // A retry waiting for its time is pending, as old as its event.
+    let received = now();
+    store
+        .ingest(event("c7", "call_completed"), sinks(&["a"]))
+        .await
+        .expect("stored");
+    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let retry = Settlement::Retry {
+        id: due[0].id,
+        at: now() + Duration::from_secs(3600),
+        error: "boom".into(),
+    };
+    store
+        .settle(vec![retry], Vec::new())
+        .await
+        .expect("settled");
+    let stats = store.stats().await.expect("stats");
+    let a = &stats.sinks[0];
+    assert_eq!((a.pending, a.dead), (1, 3));
+    let oldest = a
+        .oldest_pending
+        .expect("the retry's event is the oldest pending");
+    assert!(
+        oldest >= received - Duration::from_secs(1) && oldest <= now(),
+        "{oldest:?}"
+    );
+}
