@@ -494,7 +494,7 @@ fn tail(arg: &ConfigArg, filter: &TailFilter, json: bool) -> anyhow::Result<Exit
                 println!("{}", serde_json::to_string(&h).unwrap_or_default());
             }
             Tailed::Happened(h) => println!("{}", h.line()),
-            Tailed::Missed(n) => eprintln!("({n} skipped: this reader fell behind)"),
+            Tailed::Missed(n) => eprintln!("({n} not shown: this reader fell behind, or the router sampled its feed under load)"),
         },
     ))?;
     Ok(ExitCode::SUCCESS)

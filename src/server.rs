@@ -483,7 +483,7 @@ async fn receive<B: RequestBody>(
     seen.call_id = event.call_id.clone();
     check_age(state, &live, &event)?;
     let sinks = live.router.sinks_for(&event);
-    let happening = state.feed.watched().then(|| Happening {
+    let happening = state.feed.admit().then(|| Happening {
         at: SystemTime::now(),
         call_id: event.call_id.clone(),
         event: event.name.clone(),

@@ -65,8 +65,8 @@ impl Happened {
     }
 }
 
-/// What `tail` reads: a happening, or a count of those the router dropped because this
-/// reader fell behind.
+/// What `tail` reads: a happening, or a count of those the router did not send: this
+/// reader fell behind, or the feed's sample left them out under load.
 #[derive(Debug)]
 pub enum Tailed {
     Happened(Happened),

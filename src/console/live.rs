@@ -2,8 +2,9 @@
 //! they are stored, deliveries as they settle), names and outcomes only.
 //!
 //! Each viewer has a task that forwards the feed into a small bounded channel that the
-//! response body reads; a viewer that falls behind is told how many it missed, and the
-//! task ends when the viewer leaves or the listener shuts down.
+//! response body reads; a viewer that falls behind, or whose feed was sampled under load,
+//! is told how many it missed, and the task ends when the viewer leaves or the listener
+//! shuts down.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,12 +18,14 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::pages::View;
-use crate::feed::{Happening, What};
+use crate::feed::{Feed, Happening, What};
 
 /// Frames buffered for one viewer; the feed itself absorbs longer stalls.
 const BUFFERED: usize = 16;
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEPALIVE: Duration = Duration::from_secs(15);
+/// How often a viewer is told how many happenings the feed's sample left out.
+const SAMPLED: Duration = Duration::from_secs(1);
 
 impl View<'_> {
     pub(super) fn live(&self) -> Markup {
@@ -54,34 +57,46 @@ impl Body for Stream {
 }
 
 /// Starts forwarding `feed` to a new viewer until it leaves or `closing` is cancelled.
-pub(super) fn stream(
-    mut feed: broadcast::Receiver<Happening>,
-    closing: CancellationToken,
-) -> Stream {
+pub(super) fn stream(feed: &Feed, closing: CancellationToken) -> Stream {
     let (tx, rx) = mpsc::channel(BUFFERED);
+    let (feed, mut happenings) = (feed.clone(), feed.subscribe());
     tokio::spawn(async move {
         let mut keepalive = tokio::time::interval(KEEPALIVE);
+        let mut sampled = tokio::time::interval(SAMPLED);
+        let mut skipped = feed.skipped();
         // Sent at once, so the browser knows the stream is open.
-        let mut frame = Bytes::from_static(b": connected\n\n");
+        let mut frame = Some(Bytes::from_static(b": connected\n\n"));
         loop {
-            if tx.send(frame).await.is_err() {
+            if let Some(bytes) = frame.take()
+                && tx.send(bytes).await.is_err()
+            {
                 return;
             }
             frame = tokio::select! {
                 () = closing.cancelled() => return,
                 () = tx.closed() => return,
-                _ = keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
-                received = feed.recv() => match received {
-                    Ok(happening) => event(&happening),
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        Bytes::from(format!("event: missed\ndata: {missed}\n\n"))
-                    }
+                _ = keepalive.tick() => Some(Bytes::from_static(b": keepalive\n\n")),
+                _ = sampled.tick() => {
+                    let now = feed.skipped();
+                    let left_out = now.saturating_sub(skipped);
+                    skipped = now;
+                    (left_out > 0).then(|| missed(left_out))
+                }
+                received = happenings.recv() => match received {
+                    Ok(happening) => Some(event(&happening)),
+                    Err(broadcast::error::RecvError::Lagged(lost)) => Some(missed(lost)),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             };
         }
     });
     Stream(rx)
+}
+
+/// A count of happenings this viewer did not get: it fell behind, or the feed's sample
+/// left them out under load.
+fn missed(count: u64) -> Bytes {
+    Bytes::from(format!("event: missed\ndata: {count}\n\n"))
 }
 
 /// One happening as a server-sent event: JSON on one `data:` line (JSON escapes line

@@ -218,7 +218,7 @@ where
         (&Method::GET, "/ui/backfill") => view.confirm_backfill(&query)?,
         (&Method::GET, "/ui/live") => view.live(),
         (&Method::GET, "/ui/live/events") => {
-            let stream = live::stream(console.feed.subscribe(), console.closing.clone());
+            let stream = live::stream(&console.feed, console.closing.clone());
             let mut page = Response::new(stream.boxed_unsync());
             page.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

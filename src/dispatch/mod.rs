@@ -403,10 +403,12 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
     } = &*shared;
     let mut settled = Vec::with_capacity(batch.len());
     let mut ready = Vec::with_capacity(batch.len());
-    // What the live view shows of each delivery, taken only while somebody watches.
+    // What the live view shows of the deliveries its sample takes (none while nobody
+    // watches).
     let names: Vec<Named> = if shared.feed.watched() {
         batch
             .iter()
+            .filter(|_| shared.feed.admit())
             .map(|d| (d.id, d.call_id.clone(), d.event.clone()))
             .collect()
     } else {

@@ -14,7 +14,7 @@
   var source = new EventSource("/ui/live/events");
   source.onopen = function () { status.textContent = "Connected: new events and settlements appear below."; };
   source.onerror = function () { status.textContent = "Disconnected; reconnecting..."; };
-  source.addEventListener("missed", function (e) { add("(" + e.data + " skipped: this view fell behind)", "bad"); });
+  source.addEventListener("missed", function (e) { add("(" + e.data + " not shown: this view fell behind, or the router is busier than a view can show)", "bad"); });
   source.onmessage = function (e) {
     var h;
     try { h = JSON.parse(e.data); } catch (err) { return; }
