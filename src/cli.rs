@@ -158,7 +158,7 @@ pub enum PollerCommand {
     Status {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = crate::store::operator::parse_page_size)]
         limit: usize,
         #[arg(long)]
         json: bool,
@@ -177,7 +177,7 @@ pub enum DeliveriesCommand {
         status: Option<Status>,
         #[arg(long)]
         call_id: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = crate::store::operator::parse_page_size)]
         limit: usize,
         /// Machine-readable output.
         #[arg(long)]
@@ -264,7 +264,7 @@ pub enum EventsCommand {
         /// The next page: events stored before this id (a list ends saying which).
         #[arg(long, value_name = "ID")]
         before: Option<i64>,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = crate::store::operator::parse_page_size)]
         limit: usize,
         #[arg(long)]
         json: bool,

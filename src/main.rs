@@ -564,12 +564,13 @@ fn store_migrate(
         println!("{}", serde_json::to_string_pretty(&migrated)?);
     } else {
         println!(
-            "copied {} events ({} were there already) with {} pending, {} delivered and {} dead deliveries, {} tracked calls and {} quarantined bodies",
+            "copied {} events ({} were there already) with {} pending, {} delivered and {} dead deliveries ({} kept attempts), {} tracked calls and {} quarantined bodies",
             migrated.events,
             migrated.skipped,
             migrated.pending,
             migrated.delivered,
             migrated.dead,
+            migrated.attempts,
             migrated.polls,
             migrated.quarantined
         );

@@ -569,6 +569,13 @@ async fn events_list_filters_and_pages_and_events_show_masks_payloads_unless_rev
     );
     let (ok, text) = run(&config, &["events", "list", "--since", "yesterday-ish"]);
     assert!(!ok && text.contains("yesterday-ish"), "{text}");
+    for limit in ["0", "10001"] {
+        let (ok, text) = run(&config, &["events", "list", "--limit", limit]);
+        assert!(
+            !ok && text.contains(&format!("\"{limit}\" is not a page size from 1 to 10000")),
+            "{text}"
+        );
+    }
 
     // Payloads: masked by default, whole only when revealed.
     let (ok, shown) = run(&config, &["events", "show", "call-e0", "--payload"]);

@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::pg::TestDb;
@@ -681,7 +681,16 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
                         error: "gone".into(),
                     },
                 ],
-                Vec::new(),
+                vec![vyora_router::store::Attempt {
+                    id: dead,
+                    number: 1,
+                    started_at: SystemTime::now(),
+                    duration: Duration::from_millis(12),
+                    outcome: vyora_router::store::AttemptOutcome::Dead,
+                    code: Some(410),
+                    error: Some("answered 410".into()),
+                    response: Some("gone for good".into()),
+                }],
             )
             .await
             .expect("settled");
@@ -718,6 +727,18 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
     );
     assert_eq!(report["polls"], 3);
     assert_eq!(report["quarantined"], 1);
+    assert_eq!(report["attempts"], 1);
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+             WHERE d.status = 'dead' AND a.number = 1 AND a.outcome = 'dead' AND a.code = 410
+               AND a.duration_ms = 12 AND a.error = 'answered 410'
+               AND a.response = 'gone for good'"
+        )
+        .await,
+        1,
+        "the dead letter's attempt came over with it"
+    );
     let again = migrate(&["--json"]);
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).expect("json");
     assert_eq!(

@@ -1,5 +1,6 @@
 //! What one store hands another in `store migrate`: its events (payloads as signed) with
-//! each sink's delivery state, its poll schedule and its quarantine, in plain rows. The
+//! each sink's delivery state and attempt history, its poll schedule and its quarantine,
+//! in plain rows. The
 //! engine being read writes them ([`Export`]); the one being filled reads them, so
 //! neither knows the other's tables or encodings.
 
@@ -29,6 +30,21 @@ pub struct ExportedDelivery {
     pub next_attempt_at: SystemTime,
     pub last_error: Option<String>,
     pub updated_at: SystemTime,
+    /// The attempts kept for it, oldest first.
+    pub history: Vec<ExportedAttempt>,
+}
+
+/// One kept attempt of a delivery.
+#[derive(Debug, Clone)]
+pub struct ExportedAttempt {
+    pub number: i32,
+    pub started_at: SystemTime,
+    pub duration_ms: i64,
+    /// `delivered`, `retried` or `dead`.
+    pub outcome: String,
+    pub code: Option<i32>,
+    pub error: Option<String>,
+    pub response: Option<String>,
 }
 
 /// A call the poller tracks.

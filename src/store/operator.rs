@@ -20,6 +20,18 @@ pub fn parse_time(text: &str) -> Result<SystemTime, String> {
         })
 }
 
+/// The most rows one page of a list command shows: a page is read whole into memory,
+/// on either backend, so `--limit` cannot ask for the whole store at once.
+pub const PAGE_MAX: usize = 10_000;
+
+/// A list command's `--limit`: from 1 to [`PAGE_MAX`].
+pub fn parse_page_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=PAGE_MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a page size from 1 to {PAGE_MAX}")),
+    }
+}
+
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryStatus {

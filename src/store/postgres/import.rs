@@ -1,6 +1,6 @@
 //! `store migrate`: fills PostgreSQL from another store's export (`store::export`), so a
 //! team that outgrows one sidecar keeps its backlog (pending deliveries stay pending), its
-//! dead letters and its dedup history. Events go over in their original order, in
+//! dead letters with their attempt histories, and its dedup history. Events go over in their original order, in
 //! batches, each batch with its deliveries in one transaction; an event already there is
 //! skipped with its deliveries, so running it again (after an interruption) copies only
 //! what is missing.
@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::db::Db;
 use crate::store::StoreError;
-use crate::store::export::{Export, ExportedDelivery, ExportedEvent};
+use crate::store::export::{Export, ExportedAttempt, ExportedDelivery, ExportedEvent};
 
 /// Events copied per transaction.
 const BATCH: usize = 500;
@@ -25,6 +25,8 @@ pub struct Migrated {
     pub pending: u64,
     pub delivered: u64,
     pub dead: u64,
+    /// Kept attempts of the deliveries copied.
+    pub attempts: u64,
     pub polls: u64,
     pub quarantined: u64,
 }
@@ -93,11 +95,12 @@ async fn copy_batch(
         }
     }
     if !deliveries.is_empty() {
-        tx.execute(
+        let inserted = tx.query(
             &db.sql("INSERT INTO {schema}.deliveries (event_id, sink, call_id, status, attempts, next_attempt_at,
                                      last_error, updated_at)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[],
-                                  $6::timestamptz[], $7::text[], $8::timestamptz[])"),
+                                  $6::timestamptz[], $7::text[], $8::timestamptz[])
+             RETURNING id, event_id, sink"),
             &[
                 &deliveries.iter().map(|(id, _, _)| *id).collect::<Vec<_>>(),
                 &deliveries.iter().map(|(_, _, d)| d.sink.as_str()).collect::<Vec<_>>(),
@@ -110,8 +113,69 @@ async fn copy_batch(
             ],
         )
         .await?;
+        let delivery_id: HashMap<(i64, &str), i64> = inserted
+            .iter()
+            .map(|r| ((r.get(1), r.get(2)), r.get(0)))
+            .collect();
+        let history: Vec<(i64, &ExportedAttempt)> = deliveries
+            .iter()
+            .filter_map(|(event, _, d)| Some((*delivery_id.get(&(*event, d.sink.as_str()))?, d)))
+            .flat_map(|(id, d)| d.history.iter().map(move |a| (id, a)))
+            .collect();
+        done.attempts += u64::try_from(history.len()).unwrap_or(0);
+        copy_history(db, &tx, &history).await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// Each delivery's kept attempts, in the order they were made.
+async fn copy_history(
+    db: &Db,
+    tx: &deadpool_postgres::Transaction<'_>,
+    history: &[(i64, &ExportedAttempt)],
+) -> Result<(), StoreError> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        &db.sql(
+            "INSERT INTO {schema}.attempts (delivery_id, number, started_at, duration_ms, outcome,
+                                code, error, response)
+         SELECT delivery_id, number, started_at, duration_ms, outcome, code, error, response
+         FROM unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::bigint[],
+                     $5::text[], $6::int[], $7::text[], $8::text[])
+              WITH ORDINALITY
+              AS a(delivery_id, number, started_at, duration_ms, outcome, code, error, response, n)
+         ORDER BY n",
+        ),
+        &[
+            &history.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            &history.iter().map(|(_, a)| a.number).collect::<Vec<_>>(),
+            &history
+                .iter()
+                .map(|(_, a)| a.started_at)
+                .collect::<Vec<_>>(),
+            &history
+                .iter()
+                .map(|(_, a)| a.duration_ms)
+                .collect::<Vec<_>>(),
+            &history
+                .iter()
+                .map(|(_, a)| a.outcome.as_str())
+                .collect::<Vec<_>>(),
+            &history.iter().map(|(_, a)| a.code).collect::<Vec<_>>(),
+            &history
+                .iter()
+                .map(|(_, a)| a.error.as_deref())
+                .collect::<Vec<_>>(),
+            &history
+                .iter()
+                .map(|(_, a)| a.response.as_deref())
+                .collect::<Vec<_>>(),
+        ],
+    )
+    .await?;
     Ok(())
 }
 

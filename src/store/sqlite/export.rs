@@ -1,5 +1,6 @@
 //! A SQLite store read out for `store migrate` (see `store::export`): events with their
-//! payloads decompressed and each sink's delivery as the `outbox` view shows it.
+//! payloads decompressed and each sink's delivery as the `outbox` view shows it, with its
+//! kept attempts.
 
 use std::path::Path;
 
@@ -8,7 +9,7 @@ use rusqlite::{Connection, OpenFlags, params};
 use super::codec::decompress;
 use super::millis::from_millis;
 use crate::store::export::{
-    Export, ExportedDelivery, ExportedEvent, ExportedPoll, ExportedQuarantined,
+    Export, ExportedAttempt, ExportedDelivery, ExportedEvent, ExportedPoll, ExportedQuarantined,
 };
 use crate::store::{Result, StoreError};
 
@@ -46,6 +47,30 @@ impl SqliteExport {
                 next_attempt_at: from_millis(r.get(3)?),
                 last_error: r.get(4)?,
                 updated_at: from_millis(r.get(5)?),
+                history: Vec::new(),
+            })
+        })?;
+        let mut deliveries = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        for delivery in &mut deliveries {
+            delivery.history = self.history(event_id, &delivery.sink)?;
+        }
+        Ok(deliveries)
+    }
+
+    fn history(&self, event_id: i64, sink: &str) -> Result<Vec<ExportedAttempt>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT number, started_at, duration_ms, outcome, code, error, response
+             FROM attempts WHERE event_id = ?1 AND sink = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![event_id, sink], |r| {
+            Ok(ExportedAttempt {
+                number: r.get(0)?,
+                started_at: from_millis(r.get(1)?),
+                duration_ms: r.get(2)?,
+                outcome: r.get(3)?,
+                code: r.get(4)?,
+                error: r.get(5)?,
+                response: r.get(6)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
