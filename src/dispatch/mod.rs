@@ -8,7 +8,6 @@ pub mod flow;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::task::{self, JoinSet};
@@ -194,27 +193,55 @@ impl Claim {
     }
 }
 
+/// One sink's dispatcher: its loop is the only part of it that talks to the store. It
+/// claims batches, hands each to a delivery task, and records what the tasks hand back
+/// (the shape of Vector's stream driver), so the sink's claims and outcomes have one
+/// owner and no task settles behind another's back.
 pub struct Dispatcher {
-    shared: Arc<Shared>,
-}
-
-/// What every delivery task of one sink needs.
-struct Shared {
-    /// The destination; it knows its batch size and concurrency.
-    sink: Arc<dyn Sink>,
+    deliverer: Arc<Deliverer>,
     /// Where deliveries are claimed from and their outcomes recorded.
     store: Store,
+    /// Outcomes counted per sink.
+    metrics: Arc<Metrics>,
+    /// Whether the store may hold a pause of this sink that a delivery should clear. True
+    /// at start, so that a pause left by an earlier run is cleared by the first delivery.
+    paused: bool,
+}
+
+/// What every delivery task of one sink needs; the store is not among it.
+struct Deliverer {
+    /// The destination; it knows its batch size and concurrency.
+    sink: Arc<dyn Sink>,
     /// When a failure is retried and when it goes dead.
     policy: RetryPolicy,
     /// This sink's redaction, applied to each payload before it is handed over.
     redaction: Redaction,
-    /// Outcomes counted per sink.
-    metrics: Arc<Metrics>,
     /// Outcomes as they settle, for the console's live view.
     feed: Feed,
-    /// Whether the store may hold a pause of this sink that a delivery should clear. True
-    /// at start, so that a pause left by an earlier run is cleared by the first delivery.
-    paused: AtomicBool,
+}
+
+/// What a delivery task hands back: each delivery's outcome, the attempts for the
+/// history, and the deliveries the live view's sample took.
+#[derive(Default)]
+struct Outcomes {
+    settlements: Vec<Settlement>,
+    attempts: Vec<Attempt>,
+    names: Vec<Named>,
+}
+
+impl Outcomes {
+    fn add(&mut self, settled: impl IntoIterator<Item = (Settlement, Option<Attempt>)>) {
+        for (settlement, attempt) in settled {
+            self.settlements.push(settlement);
+            self.attempts.extend(attempt);
+        }
+    }
+
+    fn append(&mut self, other: Outcomes) {
+        self.settlements.extend(other.settlements);
+        self.attempts.extend(other.attempts);
+        self.names.extend(other.names);
+    }
 }
 
 impl Dispatcher {
@@ -227,29 +254,30 @@ impl Dispatcher {
         feed: Feed,
     ) -> Dispatcher {
         Dispatcher {
-            shared: Arc::new(Shared {
+            deliverer: Arc::new(Deliverer {
                 sink,
-                store,
                 policy,
                 redaction,
-                metrics,
                 feed,
-                paused: AtomicBool::new(true),
             }),
+            store,
+            metrics,
+            paused: true,
         }
     }
 
     /// Runs until `stop` is cancelled, then gives in-flight deliveries up to `drain` to
     /// finish. Whatever is still unfinished is released: it stays pending and is
     /// delivered by the next dispatcher of this sink (after a reload or a restart).
-    pub async fn run(self, stop: CancellationToken, drain: Duration) {
-        let name = self.shared.sink.name().to_owned();
-        let waker = self.shared.store.waker(&name);
-        let slots = self.shared.sink.concurrency().max(1);
-        let mut in_flight: JoinSet<()> = JoinSet::new();
+    pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
+        let sink = Arc::clone(&self.deliverer.sink);
+        let name = sink.name();
+        let waker = self.store.waker(name);
+        let slots = sink.concurrency().max(1);
+        let mut in_flight: JoinSet<Outcomes> = JoinSet::new();
         // The rows each task holds: a task that dies frees its own rows, never another's.
         let mut claims: HashMap<task::Id, Vec<Claim>> = HashMap::new();
-        let batch_size = self.shared.sink.batch_size().max(1);
+        let batch_size = sink.batch_size().max(1);
         let mut last_fetch: Option<Instant> = None;
         let mut backlog = false;
         loop {
@@ -265,12 +293,7 @@ impl Dispatcher {
             let mut store_failed = false;
             while lingering.is_none() && in_flight.len() < slots {
                 last_fetch = Some(Instant::now());
-                match self
-                    .shared
-                    .store
-                    .claim(&name, batch_size, MAX_BATCH_BYTES)
-                    .await
-                {
+                match self.store.claim(name, batch_size, MAX_BATCH_BYTES).await {
                     Ok(batch) if batch.is_empty() => {
                         backlog = false;
                         break;
@@ -278,7 +301,7 @@ impl Dispatcher {
                     Ok(batch) => {
                         backlog = batch.len() == batch_size;
                         let claimed: Vec<Claim> = batch.iter().map(Claim::of).collect();
-                        let task = in_flight.spawn(attempt(Arc::clone(&self.shared), batch));
+                        let task = in_flight.spawn(attempt(Arc::clone(&self.deliverer), batch));
                         claims.insert(task.id(), claimed);
                     }
                     Err(e) => {
@@ -293,19 +316,21 @@ impl Dispatcher {
             } else if store_failed {
                 STORE_RETRY
             } else {
-                self.until_next_due(&name).await
+                self.until_next_due(name).await
             };
 
             tokio::select! {
                 () = stop.cancelled() => break,
                 Some(done) = in_flight.join_next_with_id() => {
-                    let (task, failure) = match done {
-                        Ok((task, ())) => (task, None),
-                        Err(e) => (e.id(), Some(e)),
-                    };
-                    let claimed = claims.remove(&task).unwrap_or_default();
-                    if let Some(e) = failure {
-                        self.settle_failed_task(&claimed, e).await;
+                    // Every task finished by now is recorded in one write.
+                    let mut outcomes = Outcomes::default();
+                    let mut tasks = vec![self.take(done, &claims, &mut outcomes)];
+                    while let Some(done) = in_flight.try_join_next_with_id() {
+                        tasks.push(self.take(done, &claims, &mut outcomes));
+                    }
+                    self.record(outcomes).await;
+                    for task in tasks {
+                        claims.remove(&task);
                     }
                 },
                 () = &mut notified => {}
@@ -314,20 +339,12 @@ impl Dispatcher {
         }
         let drained = tokio::time::timeout(drain, async {
             while let Some(done) = in_flight.join_next_with_id().await {
-                let task = match done {
-                    Ok((task, ())) => task,
-                    Err(e) => {
-                        let task = e.id();
-                        // A task that panicked settled nothing: its claims are recorded
-                        // as a failed attempt, and stay listed until then, so that a drain
-                        // timeout meanwhile releases them below rather than leave them
-                        // held by nobody.
-                        if let Some(claimed) = claims.get(&task) {
-                            self.settle_failed_task(claimed, e).await;
-                        }
-                        task
-                    }
-                };
+                // A task's claims stay listed until its outcomes are recorded, so that a
+                // drain timeout meanwhile releases them below rather than leave them held
+                // by nobody.
+                let mut outcomes = Outcomes::default();
+                let task = self.take(done, &claims, &mut outcomes);
+                self.record(outcomes).await;
                 claims.remove(&task);
             }
         })
@@ -337,18 +354,44 @@ impl Dispatcher {
             in_flight.abort_all();
             while in_flight.join_next().await.is_some() {}
         }
-        // Claims of tasks that ended without settling (abandoned above).
+        // Claims of tasks whose outcomes were not recorded (abandoned above).
         let abandoned: Vec<DeliveryId> = claims.into_values().flatten().map(|c| c.id).collect();
         if !abandoned.is_empty() {
-            self.shared.store.release(abandoned);
+            self.store.release(abandoned);
         }
     }
 
-    /// A delivery task that panicked recorded nothing: its rows count a failed attempt and
-    /// wait for their backoff like any failure, so a sink that panics on some input goes
-    /// neither into a busy loop nor past `max_attempts`.
-    async fn settle_failed_task(&self, claimed: &[Claim], e: task::JoinError) {
-        let name = self.shared.sink.name();
+    /// Adds what a finished task handed back to `outcomes`, and returns the task.
+    fn take(
+        &self,
+        done: Result<(task::Id, Outcomes), task::JoinError>,
+        claims: &HashMap<task::Id, Vec<Claim>>,
+        outcomes: &mut Outcomes,
+    ) -> task::Id {
+        match done {
+            Ok((task, handed)) => {
+                outcomes.append(handed);
+                task
+            }
+            Err(e) => {
+                let task = e.id();
+                let claimed = claims.get(&task).map(Vec::as_slice).unwrap_or_default();
+                outcomes.add(self.failed_task(claimed, e));
+                task
+            }
+        }
+    }
+
+    /// A delivery task that panicked handed nothing back: its rows count a failed attempt
+    /// and wait for their backoff like any failure, so a sink that panics on some input
+    /// goes neither into a busy loop nor past `max_attempts`.
+    fn failed_task(
+        &self,
+        claimed: &[Claim],
+        e: task::JoinError,
+    ) -> Vec<(Settlement, Option<Attempt>)> {
+        let Deliverer { sink, policy, .. } = &*self.deliverer;
+        let name = sink.name();
         let reason = if e.is_panic() {
             panic_message(e.into_panic())
         } else {
@@ -356,20 +399,16 @@ impl Dispatcher {
         };
         tracing::error!(sink = %name, rows = claimed.len(), reason, "a delivery task failed");
         let timing = Timing::now();
-        let (settlements, attempts) = claimed
+        claimed
             .iter()
-            .map(|c| {
-                let error = SinkError::Panicked(reason.clone());
-                self.shared.policy.settle(c, Err(error), name, timing)
-            })
-            .unzip();
-        record(&self.shared, settlements, attempts, &[]).await;
+            .map(|c| policy.settle(c, Err(SinkError::Panicked(reason.clone())), name, timing))
+            .collect()
     }
 
     /// How long until a pending row that is not due yet becomes due (rows due now are either
     /// being delivered or wait for a free slot, and a finishing task wakes us for those).
     async fn until_next_due(&self, name: &str) -> Duration {
-        match self.shared.store.next_due(name).await {
+        match self.store.next_due(name).await {
             Ok(Some(at)) => at
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
@@ -379,6 +418,91 @@ impl Dispatcher {
                 tracing::error!(sink = %name, error = %e, "cannot read the sink's queue");
                 STORE_RETRY
             }
+        }
+    }
+
+    /// Counts the outcomes, writes them (and the attempts for the history) to the store,
+    /// and publishes those the live view's sample took to the feed.
+    async fn record(&mut self, outcomes: Outcomes) {
+        let Outcomes {
+            settlements,
+            attempts,
+            names,
+        } = outcomes;
+        if settlements.is_empty() {
+            return;
+        }
+        let deliverer = Arc::clone(&self.deliverer);
+        let sink = deliverer.sink.name();
+        for s in &settlements {
+            self.metrics.delivery(sink, outcome_of(s));
+        }
+        self.record_pause(&settlements).await;
+        let mut published: Vec<Happening> = settlements
+            .iter()
+            .filter_map(|s| {
+                let (_, call_id, event) = names.iter().find(|(id, ..)| *id == s.id())?;
+                Some(Happening {
+                    at: SystemTime::now(),
+                    call_id: call_id.clone(),
+                    event: event.clone(),
+                    what: What::Settled {
+                        sink: sink.to_owned(),
+                        outcome: outcome_of(s),
+                    },
+                })
+            })
+            .collect();
+        for tries in 1..=SETTLE_TRIES {
+            match self
+                .store
+                .settle(settlements.clone(), attempts.clone())
+                .await
+            {
+                Ok(()) => {
+                    for happening in std::mem::take(&mut published) {
+                        deliverer.feed.publish(happening);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    // Unrecorded outcomes leave the rows pending: they are sent again
+                    // later, which at-least-once allows and the sinks' ids make harmless.
+                    tracing::error!(sink, error = %e, tries, "cannot record delivery outcomes");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        }
+    }
+
+    /// Keeps the store's record of the sink's pause in step, for `deliveries list`: set
+    /// while the destination cannot be reached, cleared by the first delivery after. A
+    /// failure to record is logged only: the pause itself does not depend on it.
+    async fn record_pause(&mut self, settlements: &[Settlement]) {
+        let name = self.deliverer.sink.name();
+        let postponed = settlements.iter().rev().find_map(|s| match s {
+            Settlement::Postpone { at, error, .. } => Some(SinkPause {
+                sink: name.to_owned(),
+                until: *at,
+                reason: error.clone(),
+            }),
+            _ => None,
+        });
+        let result = if let Some(pause) = &postponed {
+            self.paused = true;
+            self.store.record_pause(name, Some(pause)).await
+        } else if self.paused
+            && settlements
+                .iter()
+                .any(|s| matches!(s, Settlement::Delivered { .. }))
+        {
+            self.paused = false;
+            self.store.record_pause(name, None).await
+        } else {
+            return;
+        };
+        if let Err(e) = result {
+            tracing::error!(sink = name, error = %e, "cannot record the sink's pause");
         }
     }
 }
@@ -393,36 +517,38 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     format!("the sink panicked: {text}")
 }
 
-/// Delivers one batch and records the outcome.
-async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
-    let Shared {
+/// Delivers one batch and hands back its outcomes; the dispatcher's loop records them.
+async fn attempt(deliverer: Arc<Deliverer>, batch: Vec<Delivery>) -> Outcomes {
+    let Deliverer {
         sink,
         policy,
         redaction,
-        ..
-    } = &*shared;
-    let mut settled = Vec::with_capacity(batch.len());
-    let mut ready = Vec::with_capacity(batch.len());
-    // What the live view shows of the deliveries its sample takes (none while nobody
-    // watches).
-    let names: Vec<Named> = if shared.feed.watched() {
-        batch
-            .iter()
-            .filter(|_| shared.feed.admit())
-            .map(|d| (d.id, d.call_id.clone(), d.event.clone()))
-            .collect()
-    } else {
-        Vec::new()
+        feed,
+    } = &*deliverer;
+    let mut out = Outcomes {
+        // What the live view shows of the deliveries its sample takes (none while nobody
+        // watches).
+        names: if feed.watched() {
+            batch
+                .iter()
+                .filter(|_| feed.admit())
+                .map(|d| (d.id, d.call_id.clone(), d.event.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        },
+        ..Outcomes::default()
     };
+    let mut ready = Vec::with_capacity(batch.len());
     for mut d in batch {
         if d.payload.is_empty() {
             // Only a replay of an event older than store.retention gets here.
-            settled.push(policy.settle(
+            out.add([policy.settle(
                 &Claim::of(&d),
                 Err(SinkError::Pruned),
                 sink.name(),
                 Timing::now(),
-            ));
+            )]);
             continue;
         }
         // Redacted per sink at delivery time: the stored original stays whole, and what
@@ -431,12 +557,12 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
             match redaction.apply(&d.payload) {
                 Ok(redacted) => d.payload = redacted,
                 Err(e) => {
-                    settled.push(policy.settle(
+                    out.add([policy.settle(
                         &Claim::of(&d),
                         Err(SinkError::NotJson(Arc::new(e))),
                         sink.name(),
                         Timing::now(),
-                    ));
+                    )]);
                     continue;
                 }
             }
@@ -451,71 +577,17 @@ async fn attempt(shared: Arc<Shared>, batch: Vec<Delivery>) {
     };
     // Rows a sink did not answer for (there should be none) get no settlement: they stay
     // pending and are tried again.
-    settled.extend(
+    out.add(
         ready
             .iter()
             .zip(results)
             .map(|(d, result)| policy.settle(&Claim::of(d), result, sink.name(), timing)),
     );
-    let (settlements, attempts): (Vec<Settlement>, Vec<Option<Attempt>>) =
-        settled.into_iter().unzip();
-    record(&shared, settlements, attempts, &names).await;
+    out
 }
 
 /// A delivery as the live view names it: its call and event.
 type Named = (DeliveryId, Option<String>, String);
-
-/// Counts the outcomes, writes them (and the attempts for the history) to the store, and
-/// publishes those of `names` (the deliveries the live view may show) to the feed.
-async fn record(
-    shared: &Shared,
-    settlements: Vec<Settlement>,
-    attempts: Vec<Option<Attempt>>,
-    names: &[Named],
-) {
-    let Shared {
-        sink,
-        store,
-        metrics,
-        ..
-    } = shared;
-    for s in &settlements {
-        metrics.delivery(sink.name(), outcome_of(s));
-    }
-    record_pause(shared, &settlements).await;
-    let mut published: Vec<Happening> = settlements
-        .iter()
-        .filter_map(|s| {
-            let (_, call_id, event) = names.iter().find(|(id, ..)| *id == s.id())?;
-            Some(Happening {
-                at: SystemTime::now(),
-                call_id: call_id.clone(),
-                event: event.clone(),
-                what: What::Settled {
-                    sink: sink.name().to_owned(),
-                    outcome: outcome_of(s),
-                },
-            })
-        })
-        .collect();
-    let attempts: Vec<Attempt> = attempts.into_iter().flatten().collect();
-    for tries in 1..=SETTLE_TRIES {
-        match store.settle(settlements.clone(), attempts.clone()).await {
-            Ok(()) => {
-                for happening in std::mem::take(&mut published) {
-                    shared.feed.publish(happening);
-                }
-                break;
-            }
-            Err(e) => {
-                // Unrecorded outcomes leave the rows pending: they are sent again later,
-                // which at-least-once allows and the sinks' ids make harmless.
-                tracing::error!(sink = sink.name(), error = %e, tries, "cannot record delivery outcomes");
-                tokio::time::sleep(STORE_RETRY).await;
-            }
-        }
-    }
-}
 
 /// The outcome label of metrics and the live view.
 fn outcome_of(settlement: &Settlement) -> &'static str {
@@ -524,36 +596,6 @@ fn outcome_of(settlement: &Settlement) -> &'static str {
         Settlement::Retry { .. } => "retried",
         Settlement::Postpone { .. } => "postponed",
         Settlement::Dead { .. } => "dead",
-    }
-}
-
-/// Keeps the store's record of the sink's pause in step, for `deliveries list`: set while
-/// the destination cannot be reached, cleared by the first delivery after. A failure to
-/// record is logged only: the pause itself does not depend on it.
-async fn record_pause(shared: &Shared, settlements: &[Settlement]) {
-    let name = shared.sink.name();
-    let postponed = settlements.iter().rev().find_map(|s| match s {
-        Settlement::Postpone { at, error, .. } => Some(SinkPause {
-            sink: name.to_owned(),
-            until: *at,
-            reason: error.clone(),
-        }),
-        _ => None,
-    });
-    let result = if let Some(pause) = &postponed {
-        shared.paused.store(true, Ordering::Relaxed);
-        shared.store.record_pause(name, Some(pause)).await
-    } else if settlements
-        .iter()
-        .any(|s| matches!(s, Settlement::Delivered { .. }))
-        && shared.paused.swap(false, Ordering::Relaxed)
-    {
-        shared.store.record_pause(name, None).await
-    } else {
-        return;
-    };
-    if let Err(e) = result {
-        tracing::error!(sink = name, error = %e, "cannot record the sink's pause");
     }
 }
 
