@@ -255,7 +255,7 @@ async fn router(
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         sink,
-        store.clone(),
+        store.sink_queue(),
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
         Arc::new(Metrics::new()),

@@ -80,18 +80,34 @@ impl Timestamp {
     }
 }
 
-/// Which delivery a sink is handed: the (event, sink) pair, and the claim it was handed out
-/// under (a store shared by several replicas refuses an outcome whose claim has expired).
+/// Which delivery a sink is handed: the event's row, and the claim the store handed it
+/// out under. Only the store that made the id reads its claim; to everyone else it is
+/// opaque (a store shared by several replicas refuses an outcome whose lease expired).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct DeliveryId {
     pub row: i64,
-    pub claim: u64,
+    pub(crate) claim: Claim,
+}
+
+/// What a store handed a delivery out under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Claim {
+    /// Made up outside a store (a test's or a benchmark's delivery).
+    Unclaimed,
+    /// SQLite: the sink's slot in this process's claims, and whether the delivery is a
+    /// row of `retries` rather than a first attempt.
+    Slot { sink: u32, retry: bool },
+    /// PostgreSQL: the lease token of the claim.
+    Lease(i64),
 }
 
 impl DeliveryId {
-    /// A row handed out without a claim token (a store with a single process).
+    /// A delivery of `row` handed out by no store.
     pub fn row(row: i64) -> DeliveryId {
-        DeliveryId { row, claim: 0 }
+        DeliveryId {
+            row,
+            claim: Claim::Unclaimed,
+        }
     }
 }
 

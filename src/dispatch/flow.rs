@@ -263,7 +263,7 @@ mod tests {
 
     fn delivery(n: i64) -> Delivery {
         Delivery {
-            id: DeliveryId { row: n, claim: 0 },
+            id: DeliveryId::row(n),
             attempts: 0,
             event: "call_completed".into(),
             call_id: Some(format!("c{n}")),

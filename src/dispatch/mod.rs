@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::redact::Redaction;
 use crate::sinks::{Sink, SinkError};
 use crate::store::operator::SinkPause;
-use crate::store::{self, Attempt, AttemptOutcome, Settlement, Store};
+use crate::store::{self, Attempt, AttemptOutcome, Settlement, SinkQueue};
 
 /// Payload bytes fetched for one batch at most (at least one row is always taken).
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -199,8 +199,9 @@ impl Claim {
 /// owner and no task settles behind another's back.
 pub struct Dispatcher {
     deliverer: Arc<Deliverer>,
-    /// Where deliveries are claimed from and their outcomes recorded.
-    store: Store,
+    /// Where deliveries are claimed from and their outcomes recorded: the store's
+    /// queue of this sink, and nothing else of it.
+    queue: Arc<dyn SinkQueue>,
     /// Outcomes counted per sink.
     metrics: Arc<Metrics>,
     /// Whether the store may hold a pause of this sink that a delivery should clear. True
@@ -247,7 +248,7 @@ impl Outcomes {
 impl Dispatcher {
     pub fn new(
         sink: Arc<dyn Sink>,
-        store: Store,
+        queue: Arc<dyn SinkQueue>,
         policy: RetryPolicy,
         redaction: Redaction,
         metrics: Arc<Metrics>,
@@ -260,7 +261,7 @@ impl Dispatcher {
                 redaction,
                 feed,
             }),
-            store,
+            queue,
             metrics,
             paused: true,
         }
@@ -272,7 +273,7 @@ impl Dispatcher {
     pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
         let sink = Arc::clone(&self.deliverer.sink);
         let name = sink.name();
-        let waker = self.store.waker(name);
+        let waker = self.queue.waker(name);
         let slots = sink.concurrency().max(1);
         let mut in_flight: JoinSet<Outcomes> = JoinSet::new();
         // The rows each task holds: a task that dies frees its own rows, never another's.
@@ -293,7 +294,7 @@ impl Dispatcher {
             let mut store_failed = false;
             while lingering.is_none() && in_flight.len() < slots {
                 last_fetch = Some(Instant::now());
-                match self.store.claim(name, batch_size, MAX_BATCH_BYTES).await {
+                match self.queue.claim(name, batch_size, MAX_BATCH_BYTES).await {
                     Ok(batch) if batch.is_empty() => {
                         backlog = false;
                         break;
@@ -357,7 +358,7 @@ impl Dispatcher {
         // Claims of tasks whose outcomes were not recorded (abandoned above).
         let abandoned: Vec<DeliveryId> = claims.into_values().flatten().map(|c| c.id).collect();
         if !abandoned.is_empty() {
-            self.store.release(abandoned);
+            self.queue.release(abandoned);
         }
     }
 
@@ -408,7 +409,7 @@ impl Dispatcher {
     /// How long until a pending row that is not due yet becomes due (rows due now are either
     /// being delivered or wait for a free slot, and a finishing task wakes us for those).
     async fn until_next_due(&self, name: &str) -> Duration {
-        match self.store.next_due(name).await {
+        match self.queue.next_due(name).await {
             Ok(Some(at)) => at
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
@@ -455,7 +456,7 @@ impl Dispatcher {
             .collect();
         for tries in 1..=SETTLE_TRIES {
             match self
-                .store
+                .queue
                 .settle(settlements.clone(), attempts.clone())
                 .await
             {
@@ -490,14 +491,14 @@ impl Dispatcher {
         });
         let result = if let Some(pause) = &postponed {
             self.paused = true;
-            self.store.record_pause(name, Some(pause)).await
+            self.queue.record_pause(name, Some(pause)).await
         } else if self.paused
             && settlements
                 .iter()
                 .any(|s| matches!(s, Settlement::Delivered { .. }))
         {
             self.paused = false;
-            self.store.record_pause(name, None).await
+            self.queue.record_pause(name, None).await
         } else {
             return;
         };

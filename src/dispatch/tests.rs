@@ -8,6 +8,7 @@ use super::*;
 use crate::config::{StoreConfig, Synchronous};
 use crate::event::Event;
 use crate::sinks::BoxFuture;
+use crate::store::Store;
 
 /// Fails the first `failures` deliveries, then records what it delivered.
 struct Flaky {
@@ -77,7 +78,7 @@ async fn setup(
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         sink.clone(),
-        store.clone(),
+        store.sink_queue(),
         policy(max_attempts),
         Redaction::default(),
         Arc::new(Metrics::new()),
@@ -171,7 +172,7 @@ fn dispatch_with_a_minute_of_backoff(
     };
     let dispatcher = Dispatcher::new(
         sink,
-        store.clone(),
+        store.sink_queue(),
         policy,
         Redaction::default(),
         Arc::new(Metrics::new()),
@@ -302,7 +303,7 @@ async fn a_delivery_that_panics_while_the_dispatcher_drains_counts_a_failed_atte
 #[test]
 fn the_history_keeps_failures_and_the_success_after_them_but_not_a_first_success_or_a_wait() {
     let claim = |attempts| Claim {
-        id: DeliveryId { row: 1, claim: 0 },
+        id: DeliveryId::row(1),
         attempts,
         dedup_key: "c1:call_completed".into(),
     };

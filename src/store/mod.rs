@@ -200,6 +200,11 @@ impl Deref for Store {
 }
 
 impl Store {
+    /// The store as a sink's dispatcher sees it: the sinks' queues, and nothing else.
+    pub fn sink_queue(&self) -> Arc<dyn SinkQueue> {
+        self.0.clone()
+    }
+
     /// Opens the store `config` names, creating and migrating it as needed, and starts
     /// what it needs in the background (SQLite: its writer and checkpointer threads;
     /// PostgreSQL: its writers, its listener and the heartbeat of its claims).

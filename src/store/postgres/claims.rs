@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use super::db::Db;
 use bytes::Bytes;
 
-use crate::event::{Delivery, DeliveryId, Source};
+use crate::event::{Claim, Delivery, DeliveryId, Source};
 use crate::store::{Attempt, Settlement, StoreError};
 
 /// Claims, in one statement: due deliveries of a sink that nobody holds, none whose call
@@ -124,8 +124,12 @@ impl Held {
     }
 }
 
+/// The lease a delivery was claimed under; one handed out by no lease matches none.
 fn token_of(id: DeliveryId) -> i64 {
-    i64::from_ne_bytes(id.claim.to_ne_bytes())
+    match id.claim {
+        Claim::Lease(token) => token,
+        Claim::Unclaimed | Claim::Slot { .. } => 0,
+    }
 }
 
 /// Claims up to `limit` due deliveries of `sink`, about `max_bytes` of payload at most
@@ -184,7 +188,6 @@ pub(super) async fn claim(
         }
     };
     held.insert(&rows, token);
-    let claim = u64::from_ne_bytes(token.to_ne_bytes());
     claimed
         .iter()
         .map(|row| {
@@ -195,7 +198,7 @@ pub(super) async fn claim(
             Ok(Delivery {
                 id: DeliveryId {
                     row: row.get(0),
-                    claim,
+                    claim: Claim::Lease(token),
                 },
                 attempts: u32::try_from(attempts).unwrap_or(0),
                 event: row.get(2),
@@ -344,7 +347,7 @@ pub(super) async fn release_all(db: &Db, held: &Held) -> Result<(), StoreError> 
         .zip(&tokens)
         .map(|(row, token)| DeliveryId {
             row: *row,
-            claim: u64::from_ne_bytes(token.to_ne_bytes()),
+            claim: Claim::Lease(*token),
         })
         .collect();
     release(db, held, &ids).await

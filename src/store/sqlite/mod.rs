@@ -227,25 +227,15 @@ impl SqliteStore {
         Ok(done)
     }
 
-    /// Writes what settling came to, under [`Claims::writing`]'s guard: unless the write
-    /// is confirmed (it failed, or this future was dropped while it waited), the failed
-    /// first attempts are handed back to go out again. Returns the cursor move the
-    /// written rows allow.
-    async fn write_settled(&self, outcome: Outcome) -> Result<Option<Outcome>> {
+    /// Writes what settling (or a claim) came to, with the cursor moves its rows allow,
+    /// in one transaction, under [`Claims::writing`]'s guard: unless the write is
+    /// confirmed (it failed, or this future was dropped while it waited), the failed
+    /// first attempts are handed back to go out again.
+    async fn write_settled(&self, outcome: Outcome) -> Result<()> {
         let writing = self.claims.writing(&outcome);
         let (reply, rx) = oneshot::channel();
-        self.submit(Op::Settle { outcome, reply }, rx).await?;
-        Ok(writing.committed())
-    }
-
-    /// [`Self::write_settled`], then the cursor move its rows allow: not written now,
-    /// that move is made by the sink's next one.
-    async fn write_and_move(&self, outcome: Outcome) -> Result<()> {
-        if let Some(moved) = self.write_settled(outcome).await?
-            && let Err(e) = self.write_settled(moved).await
-        {
-            tracing::warn!(error = %e, "cannot move a cursor");
-        }
+        let written = self.submit(Op::Settle { outcome, reply }, rx).await?;
+        writing.committed(&written);
         Ok(())
     }
 
@@ -284,7 +274,7 @@ impl SqliteStore {
         };
         let (claim, moved) = self.claims.record(sink, claimed, &skipped);
         if let Some(outcome) = moved
-            && let Err(e) = self.write_and_move(outcome).await
+            && let Err(e) = self.write_settled(outcome).await
         {
             // Held back events not written are handed out again by a later claim.
             tracing::warn!(sink, error = %e, "cannot record held back events or move the cursor");
@@ -402,7 +392,7 @@ impl SinkQueue for SqliteStore {
             {
                 return Ok(());
             }
-            self.write_and_move(outcome).await
+            self.write_settled(outcome).await
         })
     }
 

@@ -15,11 +15,11 @@ pub(super) const WAITING: i64 = i64::MAX;
 const WAITING_NOTE: &str = "waiting for an earlier event of its call";
 
 /// Writes what settling came to: retry rows for failed first attempts, updated or
-/// removed ones for retries, the cursors that moved, and the attempts, at most `keep`
-/// per delivery.
+/// removed ones for retries, the attempts (at most `keep` per delivery), and the cursor
+/// moves these rows allow, which it leaves in `outcome.cursors`.
 pub(super) fn settle(
     tx: &rusqlite::Transaction<'_>,
-    outcome: &Outcome,
+    outcome: &mut Outcome,
     now: i64,
     claims: &Claims,
     keep: usize,
@@ -124,6 +124,7 @@ pub(super) fn settle(
                 .execute(params![sink, call_id, now, WAITING])?,
         };
     }
+    outcome.cursors = claims.cursors_with(outcome);
     let mut cursor = tx.prepare_cached(
         "INSERT INTO cursors (sink, position) VALUES (?1, ?2)
          ON CONFLICT (sink) DO UPDATE SET position = MAX(position, excluded.position)",

@@ -57,8 +57,9 @@ pub(super) enum Op {
         reply: oneshot::Sender<Result<Kept, StoreError>>,
     },
     Settle {
+        /// Its `cursors` set by `apply` to those written.
         outcome: Outcome,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        reply: oneshot::Sender<Result<Vec<(String, i64)>, StoreError>>,
     },
     Poll {
         call_id: String,
@@ -101,9 +102,8 @@ impl Op {
         match self {
             Op::Ingest { reply, .. } => reply.is_closed(),
             Op::Quarantine { reply, .. } => reply.is_closed(),
-            Op::Settle { reply, .. } | Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
-                reply.is_closed()
-            }
+            Op::Settle { reply, .. } => reply.is_closed(),
+            Op::Poll { reply, .. } | Op::Pause { reply, .. } => reply.is_closed(),
             Op::Prune { reply, .. } => reply.is_closed(),
             Op::Replay { reply, .. } => reply.is_closed(),
             Op::Backfill { reply, .. } => reply.is_closed(),
@@ -247,7 +247,10 @@ impl Op {
             Op::Quarantine { outcome, reply, .. } => {
                 let _ = reply.send(result.map(|()| outcome));
             }
-            Op::Settle { reply, .. } | Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
+            Op::Settle { outcome, reply } => {
+                let _ = reply.send(result.map(|()| outcome.cursors));
+            }
+            Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
                 let _ = reply.send(result);
             }
             Op::Prune { outcome, reply, .. } => {

@@ -1,7 +1,7 @@
 //! The guard over a write that carries settled deliveries' rows: committed, it lets the
 //! cursor pass them; dropped unconfirmed, it hands their events out again.
 
-use super::{Claims, Outcome};
+use super::Claims;
 
 /// See [`Claims::writing`].
 pub(in crate::store::sqlite) struct Writing<'a> {
@@ -15,10 +15,10 @@ pub(in crate::store::sqlite) struct Writing<'a> {
 }
 
 impl Writing<'_> {
-    /// The write is committed. Returns the cursor move its failed first attempts no
-    /// longer stand in the way of, to write now rather than at the sink's next claim
-    /// (until then the `outbox` view still shows them pending).
-    pub(in crate::store::sqlite) fn committed(mut self) -> Option<Outcome> {
+    /// The write is committed, with the cursors `written` in its transaction (see
+    /// [`Claims::cursors_with`]): its rows are no longer being written, and the cursors
+    /// as stored are at least those.
+    pub(in crate::store::sqlite) fn committed(mut self, written: &[(String, i64)]) {
         self.committed = true;
         let mut state = self.claims.lock();
         for (sink, event_id) in self.rows.drain(..) {
@@ -27,13 +27,13 @@ impl Writing<'_> {
                 state.sinks[index].ending.remove(&event_id);
             }
         }
-        let mut out = Outcome::default();
-        for (sink, _) in &self.failed {
+        for (sink, position) in written {
             if let Some(index) = state.index.get(sink).copied() {
-                state.sinks[index].advance_into(index, &mut out);
+                let s = &mut state.sinks[index];
+                s.persisted = s.persisted.max(*position);
+                s.advance();
             }
         }
-        (!out.cursors.is_empty()).then_some(out)
     }
 }
 

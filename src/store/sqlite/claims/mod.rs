@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
-use crate::event::DeliveryId;
+use crate::event::{Claim, DeliveryId};
 use crate::store::{Attempt, Settlement};
 
 mod guard;
@@ -24,9 +24,6 @@ mod guard;
 mod tests;
 
 pub(super) use guard::Writing;
-
-/// The claim's low bit: a retry (a row in `retries`) rather than a first attempt.
-const RETRY: u64 = 1;
 
 #[derive(Default)]
 pub(super) struct Claims(Mutex<State>);
@@ -69,13 +66,15 @@ impl SinkState {
     /// hand, unexamined, or whose retry row is still being written. Passing that last kind
     /// early would lose the event if its write failed or never came while another write
     /// (with the cursor past it) went through.
-    fn floor(&self, position: i64) -> i64 {
+    /// Rows in `written` are taken as written: they are in the transaction that would
+    /// move the cursor.
+    fn floor(&self, position: i64, written: &BTreeSet<i64>) -> i64 {
         let blocked = [
             self.fresh.keys().next().copied(),
             self.writing
                 .range(position.saturating_add(1)..)
-                .next()
-                .map(|(id, _)| *id),
+                .map(|(id, _)| *id)
+                .find(|id| !written.contains(id)),
             Some(self.scanned_to.saturating_add(1)),
         ];
         blocked.into_iter().flatten().min().unwrap_or(i64::MAX) - 1
@@ -83,7 +82,7 @@ impl SinkState {
 
     fn advance(&mut self) {
         if let Some(position) = self.position {
-            let next = position.max(self.floor(position));
+            let next = position.max(self.floor(position, &BTreeSet::new()));
             self.position = Some(next);
             self.done = self.done.split_off(&(next + 1));
         }
@@ -192,6 +191,19 @@ pub(super) enum Change {
     Release { sink: String, call_id: String },
 }
 
+impl Change {
+    /// The delivery whose row in `retries` this change writes, if it writes one.
+    fn row(&self) -> Option<(&str, i64)> {
+        match self {
+            Change::Failed { sink, event_id, .. }
+            | Change::Held { sink, event_id, .. }
+            | Change::Again { sink, event_id, .. }
+            | Change::Delivered { sink, event_id } => Some((sink, *event_id)),
+            Change::Release { .. } => None,
+        }
+    }
+}
+
 /// What a batch of settlements comes to: retry rows to write, cursors to move.
 #[derive(Debug, Default)]
 pub(super) struct Outcome {
@@ -261,7 +273,7 @@ impl Claims {
         sink: &str,
         claim: Claimed<'_>,
         skipped: &BTreeSet<i64>,
-    ) -> (u64, Option<Outcome>) {
+    ) -> (u32, Option<Outcome>) {
         let Claimed {
             fresh,
             retries,
@@ -303,20 +315,21 @@ impl Claims {
         }
         s.advance_into(index, &mut moved);
         let moved = (!moved.cursors.is_empty() || !moved.changes.is_empty()).then_some(moved);
-        (u64::try_from(index).unwrap_or(0) << 1, moved)
+        (u32::try_from(index).unwrap_or(u32::MAX), moved)
     }
 
-    /// The claim of a delivery handed out for `sink`.
-    pub(super) fn id(claim: u64, event_id: i64, retry: bool) -> DeliveryId {
+    /// The id of a delivery of event `event_id` handed out for the sink in slot `sink`
+    /// (as [`Claims::record`] answered it), a first attempt or a retry.
+    pub(super) fn id(sink: u32, event_id: i64, retry: bool) -> DeliveryId {
         DeliveryId {
             row: event_id,
-            claim: claim | if retry { RETRY } else { 0 },
+            claim: Claim::Slot { sink, retry },
         }
     }
 
     /// The sink a delivery was handed out for, while this process knows it.
     pub(super) fn sink_of(&self, id: DeliveryId) -> Option<String> {
-        let index = usize::try_from(id.claim >> 1).ok()?;
+        let (index, _) = slot(id)?;
         Some(self.lock().sinks.get(index)?.name.clone())
     }
 
@@ -328,7 +341,7 @@ impl Claims {
         let mut touched = BTreeSet::new();
         for settlement in settlements {
             let id = settlement.id();
-            let Ok(index) = usize::try_from(id.claim >> 1) else {
+            let Some((index, retry)) = slot(id) else {
                 continue;
             };
             let Some(s) = state.sinks.get_mut(index) else {
@@ -337,7 +350,7 @@ impl Claims {
             touched.insert(index);
             let sink = s.name.clone();
             let event_id = id.row;
-            if id.claim & RETRY == 0 {
+            if !retry {
                 let Some(call_id) = s.fresh.remove(&event_id) else {
                     continue;
                 };
@@ -443,15 +456,11 @@ impl Claims {
         let mut rows = Vec::with_capacity(outcome.changes.len());
         let mut failed = Vec::new();
         for change in &outcome.changes {
-            match change {
-                Change::Failed { sink, event_id, .. } | Change::Held { sink, event_id, .. } => {
-                    rows.push((sink.clone(), *event_id));
-                    failed.push((sink.clone(), *event_id));
+            if let Some((sink, event_id)) = change.row() {
+                rows.push((sink.to_owned(), event_id));
+                if matches!(change, Change::Failed { .. } | Change::Held { .. }) {
+                    failed.push((sink.to_owned(), event_id));
                 }
-                Change::Again { sink, event_id, .. } | Change::Delivered { sink, event_id } => {
-                    rows.push((sink.clone(), *event_id));
-                }
-                Change::Release { .. } => {}
             }
         }
         Writing {
@@ -463,17 +472,52 @@ impl Claims {
         }
     }
 
+    /// The cursors to write with `outcome`, in its transaction: each sink it touches may
+    /// move past the rows it carries (and whatever was settled before them), but not past
+    /// a row another write still carries, nor an event in hand or unexamined. The writer
+    /// asks it as it writes, so that settling and the move it allows are one commit.
+    pub(super) fn cursors_with(&self, outcome: &Outcome) -> Vec<(String, i64)> {
+        let mut rows: BTreeMap<&str, BTreeSet<i64>> = BTreeMap::new();
+        for (sink, event_id) in outcome.changes.iter().filter_map(Change::row) {
+            rows.entry(sink).or_default().insert(event_id);
+        }
+        for (sink, _) in &outcome.cursors {
+            rows.entry(sink).or_default();
+        }
+        let state = self.lock();
+        let mut out = Vec::new();
+        for (sink, written) in rows {
+            let Some(s) = state.index.get(sink).map(|i| &state.sinks[*i]) else {
+                continue;
+            };
+            let Some(position) = s.position else {
+                continue;
+            };
+            let asked = outcome
+                .cursors
+                .iter()
+                .filter(|(name, _)| name == sink)
+                .map(|(_, p)| *p)
+                .max();
+            let next = position.max(s.floor(position, &written));
+            let next = asked.map_or(next, |p| p.max(next));
+            if asked.is_some() || next > s.persisted {
+                out.push((sink.to_owned(), next));
+            }
+        }
+        out
+    }
+
     /// Ends claims without an outcome: the events are handed out again later.
     pub(super) fn release(&self, ids: &[DeliveryId]) {
         let mut state = self.lock();
         for id in ids {
-            let Some(s) = usize::try_from(id.claim >> 1)
-                .ok()
-                .and_then(|i| state.sinks.get_mut(i))
+            let Some((s, retry)) =
+                slot(*id).and_then(|(i, retry)| Some((state.sinks.get_mut(i)?, retry)))
             else {
                 continue;
             };
-            if id.claim & RETRY == 0 {
+            if !retry {
                 if s.fresh.remove(&id.row).is_some() {
                     s.scanned_to = s.scanned_to.min(id.row - 1);
                 }
@@ -499,6 +543,15 @@ impl Claims {
         let (_, s) = Claims::sink(&mut state, sink);
         let left = s.paused_until?.checked_duration_since(Instant::now())?;
         Some(SystemTime::now() + left)
+    }
+}
+
+/// The slot of the sink a delivery was handed out for by this store, and whether it is a
+/// retry.
+fn slot(id: DeliveryId) -> Option<(usize, bool)> {
+    match id.claim {
+        Claim::Slot { sink, retry } => Some((usize::try_from(sink).ok()?, retry)),
+        Claim::Unclaimed | Claim::Lease(_) => None,
     }
 }
 

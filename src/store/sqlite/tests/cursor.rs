@@ -71,6 +71,37 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
 }
 
 #[tokio::test]
+async fn a_failures_retry_row_and_the_cursor_move_past_it_commit_together_or_not_at_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with_started(dir.path(), &["c1", "c2"]).await;
+    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let db = Connection::open(dir.path().join("router.db")).expect("open");
+    fail_writes_of(&db, "cursors");
+    let settled = store
+        .settle(
+            vec![
+                Settlement::Retry {
+                    id: due[0].id,
+                    at: now(),
+                    error: "500".into(),
+                },
+                Settlement::Delivered { id: due[1].id },
+            ],
+            Vec::new(),
+        )
+        .await;
+    assert!(settled.is_err(), "the cursor's write was refused");
+    let rows: i64 = db
+        .query_row("SELECT COUNT(*) FROM retries", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(rows, 0, "the retry row went in without the cursor move");
+    db.execute_batch("DROP TRIGGER fail_cursors").expect("drop");
+    let again = store.claim("a", 10, usize::MAX).await.expect("due");
+    let again: Vec<_> = again.iter().map(|d| (d.id.row, d.attempts)).collect();
+    assert_eq!(again, [(1, 0)], "event 1 goes out again as a first attempt");
+}
+
+#[tokio::test]
 async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
