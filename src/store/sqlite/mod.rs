@@ -16,6 +16,8 @@ pub(super) mod export;
 mod keys;
 mod millis;
 mod prune;
+mod quarantine;
+mod queue;
 mod reader;
 pub(super) mod schema;
 mod settle;
@@ -44,10 +46,11 @@ use crate::store::{
     Pruned, Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions,
     TrackedCall,
 };
-use claims::{Claimed, Claims, Outcome};
-use codec::{compress, decompress};
+use claims::Claims;
+use codec::compress;
 use millis::to_millis;
 use prune::{PruneRange, PruneStep};
+use queue::Queues;
 use reader::Readers;
 use writer::{Op, WriterContext};
 
@@ -72,9 +75,9 @@ pub(super) struct SqliteStore {
     writable: Arc<AtomicBool>,
     /// Set when the poller runs: how long after a call's latest event to poll it.
     track_calls: Option<Duration>,
-    readers: Readers,
-    /// What each sink has in hand, and where its cursor is.
-    claims: Arc<Claims>,
+    readers: Arc<Readers>,
+    /// The sinks' queues.
+    queues: Queues,
     /// The writer thread, joined by `close`.
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -150,13 +153,14 @@ impl SqliteStore {
             .name("store-writer".into())
             .spawn(move || writer::write_loop(conn, rx, &context))
             .map_err(StoreError::Thread)?;
+        let readers = Arc::new(Readers::new(path));
         Ok(SqliteStore {
+            queues: Queues::new(tx.clone(), Arc::clone(&readers), claims),
             tx,
             wakers,
             writable,
             track_calls,
-            readers: Readers::new(path),
-            claims,
+            readers,
             writer: Mutex::new(Some(handle)),
         })
     }
@@ -166,8 +170,7 @@ impl SqliteStore {
         op: Op,
         rx: oneshot::Receiver<Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        self.tx.send(op).await.map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        writer::submit(&self.tx, op, rx).await
     }
 
     /// One pruning step through the writer.
@@ -226,95 +229,6 @@ impl SqliteStore {
         }
         Ok(done)
     }
-
-    /// Writes what settling (or a claim) came to, with the cursor moves its rows allow,
-    /// in one transaction, under [`Claims::writing`]'s guard: unless the write is
-    /// confirmed (it failed, or this future was dropped while it waited), the failed
-    /// first attempts are handed back to go out again.
-    async fn write_settled(&self, outcome: Outcome) -> Result<()> {
-        let writing = self.claims.writing(&outcome);
-        let (reply, rx) = oneshot::channel();
-        let written = self.submit(Op::Settle { outcome, reply }, rx).await?;
-        writing.committed(&written);
-        Ok(())
-    }
-
-    async fn claim_for(&self, sink: &str, limit: usize, max_bytes: usize) -> Result<Vec<Delivery>> {
-        let Some(mut snapshot) = self.claims.snapshot(sink) else {
-            return Ok(Vec::new());
-        };
-        let position = match snapshot.position {
-            Some(position) => position,
-            None => {
-                let name = sink.to_owned();
-                let position = self
-                    .readers
-                    .with(move |conn| reader::position(conn, &name))
-                    .await?;
-                self.claims.set_position(sink, position);
-                snapshot.position = Some(position);
-                position
-            }
-        };
-        let name = sink.to_owned();
-        let skipped = snapshot.skip.clone();
-        let found = self
-            .readers
-            .with(move |conn| reader::scan(conn, &name, position, limit, max_bytes, &snapshot))
-            .await?;
-        let in_hand = |rows: &[reader::Row]| -> Vec<(i64, Option<String>)> {
-            rows.iter().map(|r| (r.id, r.call_id.clone())).collect()
-        };
-        let (fresh, retries) = (in_hand(&found.fresh), in_hand(&found.retries));
-        let claimed = Claimed {
-            fresh: &fresh,
-            retries: &retries,
-            held: found.held,
-            examined_to: found.examined_to,
-        };
-        let (claim, moved) = self.claims.record(sink, claimed, &skipped);
-        if let Some(outcome) = moved
-            && let Err(e) = self.write_settled(outcome).await
-        {
-            // Held back events not written are handed out again by a later claim.
-            tracing::warn!(sink, error = %e, "cannot record held back events or move the cursor");
-        }
-        let retries = found.retries.into_iter().map(|r| (r, true));
-        let fresh = found.fresh.into_iter().map(|r| (r, false));
-        let mut deliveries = Vec::with_capacity(fresh.len() + retries.len());
-        let mut damaged = Vec::new();
-        for (r, retry) in retries.chain(fresh) {
-            let id = Claims::id(claim, r.id, retry);
-            match decompress(r.codec, r.payload) {
-                Ok(payload) => deliveries.push(Delivery {
-                    id,
-                    attempts: r.attempts,
-                    event: r.event,
-                    call_id: r.call_id,
-                    dedup_key: r.dedup_key,
-                    source: r.source,
-                    received_at: r.received_at,
-                    payload,
-                }),
-                // No attempt can deliver it, and failing the claim would stop the sink's
-                // other events behind it: it goes to the dead letters, saying why.
-                Err(e) => {
-                    tracing::error!(sink, event_id = r.id, error = %e, "a stored payload is damaged; its delivery is dead");
-                    damaged.push(Settlement::Dead {
-                        id,
-                        error: format!("the stored payload is damaged: {e}"),
-                    });
-                }
-            }
-        }
-        if !damaged.is_empty()
-            && let Err(e) = SinkQueue::settle(self, damaged, Vec::new()).await
-        {
-            // Unwritten, the damaged events are handed out again, and tried again, later.
-            tracing::warn!(sink, error = %e, "cannot record damaged payloads");
-        }
-        Ok(deliveries)
-    }
 }
 
 impl Ingest for SqliteStore {
@@ -372,7 +286,7 @@ impl SinkQueue for SqliteStore {
         limit: usize,
         max_bytes: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
-        Box::pin(self.claim_for(sink, limit, max_bytes))
+        Box::pin(self.queues.claim(sink, limit, max_bytes))
     }
 
     fn settle(
@@ -380,38 +294,15 @@ impl SinkQueue for SqliteStore {
         settlements: Vec<Settlement>,
         attempts: Vec<Attempt>,
     ) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            let mut outcome = self.claims.settle(&settlements);
-            outcome.attempts = attempts
-                .into_iter()
-                .filter_map(|a| Some((self.claims.sink_of(a.id)?, a)))
-                .collect();
-            if outcome.changes.is_empty()
-                && outcome.cursors.is_empty()
-                && outcome.attempts.is_empty()
-            {
-                return Ok(());
-            }
-            self.write_settled(outcome).await
-        })
+        Box::pin(self.queues.settle(settlements, attempts))
     }
 
     fn release(&self, ids: Vec<DeliveryId>) {
-        self.claims.release(&ids);
+        self.queues.release(&ids);
     }
 
     fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
-        let name = sink.to_owned();
-        Box::pin(async move {
-            let retry = self
-                .readers
-                .with(move |conn| reader::next_due(conn, &name))
-                .await?;
-            Ok([retry, self.claims.paused_until(sink)]
-                .into_iter()
-                .flatten()
-                .min())
-        })
+        Box::pin(self.queues.next_due(sink))
     }
 
     fn waker(&self, sink: &str) -> Arc<Notify> {

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use sha2::{Digest, Sha256};
+use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
@@ -21,6 +20,7 @@ use super::dedup::Dedup;
 use super::keys::key;
 use super::millis::to_millis;
 use super::prune::{PruneRange, PruneStep, prune};
+use super::quarantine::quarantine;
 use super::settle::settle;
 use super::sink_list::sinks_text;
 use super::wal::{WAL_LIMIT_BYTES, WAL_TARGET_BYTES, limit_wal};
@@ -267,49 +267,6 @@ impl Op {
     }
 }
 
-/// Inserts a quarantined body unless the same bytes are kept already, then drops the
-/// oldest bodies until the quarantine fits `max_bytes`.
-fn quarantine(
-    tx: &rusqlite::Transaction<'_>,
-    entry: &Quarantined,
-    now: i64,
-    max_bytes: u64,
-) -> rusqlite::Result<Kept> {
-    let hash = Sha256::digest(&entry.body);
-    let stored =
-        tx.prepare_cached(
-            "INSERT INTO quarantine (received_at, reason, event_header, body, body_hash)
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (body_hash) DO NOTHING",
-        )?
-        .execute(params![
-            now,
-            entry.reason,
-            entry.event_header,
-            &entry.body[..],
-            &hash[..]
-        ])? > 0;
-    let mut dropped = 0;
-    if stored {
-        let mut total: i64 = tx
-            .prepare_cached("SELECT COALESCE(SUM(length(body)), 0) FROM quarantine")?
-            .query_row([], |r| r.get(0))?;
-        let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
-        let mut oldest = tx.prepare_cached(
-            "DELETE FROM quarantine WHERE id = (SELECT MIN(id) FROM quarantine) RETURNING length(body)",
-        )?;
-        while total > limit {
-            match oldest.query_row([], |r| r.get::<_, i64>(0)).optional()? {
-                Some(freed) => {
-                    total -= freed;
-                    dropped += 1;
-                }
-                None => break,
-            }
-        }
-    }
-    Ok(Kept { stored, dropped })
-}
-
 /// Keeps a call's poll schedule in step with its events: `all_processing_completed` ends
 /// it (whatever its source), any other event (re)starts the wait for the analysis.
 fn track_call(
@@ -408,6 +365,16 @@ fn apply_all(
         op.apply(&tx, now, limits, index, claims)?;
     }
     tx.commit()
+}
+
+/// Queues `op` for the writer and waits for its answer, given after the commit.
+pub(super) async fn submit<T>(
+    tx: &mpsc::Sender<Op>,
+    op: Op,
+    rx: oneshot::Receiver<Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tx.send(op).await.map_err(|_| StoreError::WriterGone)?;
+    rx.await.map_err(|_| StoreError::WriterGone)?
 }
 
 /// What the writer thread shares with the rest of the store.

@@ -17,12 +17,14 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use crate::event::{Claim, DeliveryId};
-use crate::store::{Attempt, Settlement};
+use crate::store::Settlement;
 
+mod changes;
 mod guard;
 #[cfg(test)]
 mod tests;
 
+pub(super) use changes::{Change, Claimed, HeldBack, Outcome, Snapshot};
 pub(super) use guard::Writing;
 
 #[derive(Default)]
@@ -124,96 +126,6 @@ impl SinkState {
                 && !self.done.contains(&id)
                 && !self.writing.contains_key(&id))
     }
-}
-
-/// What a claim starts from, read under the lock.
-pub(super) struct Snapshot {
-    pub(super) position: Option<i64>,
-    pub(super) skip: BTreeSet<i64>,
-    pub(super) retries_in_hand: BTreeSet<i64>,
-    pub(super) calls_in_hand: BTreeMap<String, i64>,
-}
-
-/// A first attempt the scan held back for its call's order, and the earlier event of the
-/// call it waits for.
-#[derive(Debug, Clone)]
-pub(super) struct HeldBack {
-    pub(super) id: i64,
-    pub(super) call_id: String,
-    pub(super) behind: i64,
-}
-
-/// What one claim found (see [`Claims::record`]).
-pub(super) struct Claimed<'a> {
-    /// First attempts handed out: event id -> call.
-    pub(super) fresh: &'a [(i64, Option<String>)],
-    /// Retries handed out.
-    pub(super) retries: &'a [(i64, Option<String>)],
-    /// First attempts held back to keep a call's order: each gets a waiting row.
-    pub(super) held: Vec<HeldBack>,
-    /// How far the scan of first attempts looked, if it looked at all.
-    pub(super) examined_to: Option<i64>,
-}
-
-/// A change to `retries` that settling asks of the writer.
-#[derive(Debug, Clone)]
-pub(super) enum Change {
-    /// A first attempt failed: the delivery gets its retry row.
-    Failed {
-        sink: String,
-        event_id: i64,
-        call_id: Option<String>,
-        dead: bool,
-        next: SystemTime,
-        error: String,
-    },
-    /// A retry failed again (or was postponed, `counted` false).
-    Again {
-        sink: String,
-        event_id: i64,
-        dead: bool,
-        counted: bool,
-        next: SystemTime,
-        error: String,
-    },
-    /// A retry went through: its row says so.
-    Delivered { sink: String, event_id: i64 },
-    /// A first attempt held back for its call's order gets a row that waits, unless what
-    /// it waited for has ended by the time the row is written.
-    Held {
-        sink: String,
-        event_id: i64,
-        call_id: String,
-        behind: i64,
-    },
-    /// A delivery of the call ended (delivered or dead): the call's next waiting row, if
-    /// the earliest pending one waits, becomes due.
-    Release { sink: String, call_id: String },
-}
-
-impl Change {
-    /// The delivery whose row in `retries` this change writes, if it writes one.
-    fn row(&self) -> Option<(&str, i64)> {
-        match self {
-            Change::Failed { sink, event_id, .. }
-            | Change::Held { sink, event_id, .. }
-            | Change::Again { sink, event_id, .. }
-            | Change::Delivered { sink, event_id } => Some((sink, *event_id)),
-            Change::Release { .. } => None,
-        }
-    }
-}
-
-/// What a batch of settlements comes to: retry rows to write, cursors to move.
-#[derive(Debug, Default)]
-pub(super) struct Outcome {
-    pub(super) changes: Vec<Change>,
-    pub(super) cursors: Vec<(String, i64)>,
-    /// Attempts for the deliveries' histories, each with its sink.
-    pub(super) attempts: Vec<(String, Attempt)>,
-    /// Each sink whose cursor moves, and its cursor as written before, should the write
-    /// fail.
-    pub(super) before: Vec<(usize, i64)>,
 }
 
 impl Claims {
