@@ -24,6 +24,7 @@ mod settle;
 mod sink_list;
 #[cfg(test)]
 mod tests;
+mod waiting;
 mod wal;
 mod writer;
 
@@ -130,6 +131,7 @@ impl SqliteStore {
             .spawn(move || wal::checkpoint_loop(&checkpointer, &commits))
             .map_err(StoreError::Thread)?;
 
+        let waiting = waiting::Waiting::load(&conn)?;
         let (tx, rx) = mpsc::channel(writer::QUEUE_DEPTH);
         let claims = Arc::new(Claims::default());
         let wakers = Arc::new(Wakers::default());
@@ -151,7 +153,7 @@ impl SqliteStore {
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::write_loop(conn, rx, &context))
+            .spawn(move || writer::write_loop(conn, rx, &context, waiting))
             .map_err(StoreError::Thread)?;
         let readers = Arc::new(Readers::new(path));
         Ok(SqliteStore {

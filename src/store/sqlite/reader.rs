@@ -11,7 +11,7 @@ use super::claims::{HeldBack, Snapshot};
 use super::keys::{key, keyed};
 use super::millis::{from_millis, to_millis};
 use super::schema;
-use super::settle::WAITING;
+use super::waiting::WAITING;
 use crate::event::Source;
 use crate::store::{SinkStats, Stats, StoreError, TrackedCall};
 

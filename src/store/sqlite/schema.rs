@@ -153,7 +153,7 @@ pub(super) fn restrict_to_owner(db: &Path) -> Result<(), StoreError> {
 /// Version 7: sinks waiting for their destination, with why, for `deliveries list` (the
 /// deliveries themselves use no attempt while they wait, so their rows show nothing);
 /// and `outbox` shows a row waiting for an earlier event of its call (its
-/// `next_attempt_at` is `settle::WAITING`, no time) as due when it was received.
+/// `next_attempt_at` is `waiting::WAITING`, no time) as due when it was received.
 const V7: &str = "
 CREATE TABLE pauses (
     sink     TEXT    PRIMARY KEY,
@@ -174,8 +174,8 @@ SELECT e.id AS event_id, c.sink AS sink, e.call_id AS call_id,
 FROM events e
 JOIN cursors c ON instr(e.sinks, ',' || c.sink || ',') > 0
 LEFT JOIN retries r ON r.sink = c.sink AND r.event_id = e.id;";
-// The view above spells `settle::WAITING` out.
-const _: () = assert!(super::settle::WAITING == 9_223_372_036_854_775_807);
+// The view above spells `waiting::WAITING` out.
+const _: () = assert!(super::waiting::WAITING == 9_223_372_036_854_775_807);
 
 /// Version 8: each delivery's attempts, for `events show` and the console: failures
 /// (and the success that ends them, or every success with `delivery.record_successes`),

@@ -6,11 +6,9 @@ use rusqlite::params;
 
 use super::claims::{Change, Claims, Outcome};
 use super::millis::to_millis;
+use super::waiting::{WAITING, Waiting};
 use crate::store::Attempt;
 
-/// `next_attempt_at` of a row waiting for an earlier event of its call: never due by
-/// itself; [`Change::Release`] makes it due once that event is delivered or dead.
-pub(super) const WAITING: i64 = i64::MAX;
 /// What a waiting row shows as its last error, to say why nothing happens to it.
 const WAITING_NOTE: &str = "waiting for an earlier event of its call";
 
@@ -22,6 +20,7 @@ pub(super) fn settle(
     outcome: &mut Outcome,
     now: i64,
     claims: &Claims,
+    waiting: &mut Waiting,
     keep: usize,
 ) -> rusqlite::Result<()> {
     if keep > 0 {
@@ -102,6 +101,7 @@ pub(super) fn settle(
                         )?
                         .exists(params![sink, call_id, event_id])?;
                 let (next, note) = if waits {
+                    waiting.mark(sink);
                     (WAITING, Some(WAITING_NOTE))
                 } else {
                     (now, None)
@@ -114,14 +114,20 @@ pub(super) fn settle(
                 )?
                 .execute(params![sink, event_id, call_id, next, note, now])?
             }
-            Change::Release { sink, call_id } => tx
-                .prepare_cached(
-                    "UPDATE retries SET next_attempt_at = ?3, last_error = NULL, updated_at = ?3
-                     WHERE sink = ?1 AND next_attempt_at = ?4 AND event_id = (
-                         SELECT MIN(event_id) FROM retries
-                         WHERE sink = ?1 AND call_id = ?2 AND status = 'pending')",
-                )?
-                .execute(params![sink, call_id, now, WAITING])?,
+            // Most sinks hold no waiting row at all: nothing to release, no statement.
+            Change::Release { sink, .. } if !waiting.may_hold(sink) => 0,
+            Change::Release { sink, call_id } => {
+                let released = tx
+                    .prepare_cached(
+                        "UPDATE retries SET next_attempt_at = ?3, last_error = NULL, updated_at = ?3
+                         WHERE sink = ?1 AND next_attempt_at = ?4 AND event_id = (
+                             SELECT MIN(event_id) FROM retries
+                             WHERE sink = ?1 AND call_id = ?2 AND status = 'pending')",
+                    )?
+                    .execute(params![sink, call_id, now, WAITING])?;
+                waiting.look(tx, sink)?;
+                released
+            }
         };
     }
     outcome.cursors = claims.cursors_with(outcome);

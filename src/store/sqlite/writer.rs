@@ -23,6 +23,7 @@ use super::prune::{PruneRange, PruneStep, prune};
 use super::quarantine::quarantine;
 use super::settle::settle;
 use super::sink_list::sinks_text;
+use super::waiting::Waiting;
 use super::wal::{WAL_LIMIT_BYTES, WAL_TARGET_BYTES, limit_wal};
 use crate::event::{Event, Source};
 use crate::metrics::Metrics;
@@ -116,7 +117,7 @@ impl Op {
         tx: &rusqlite::Transaction<'_>,
         now: i64,
         limits: &Limits,
-        index: &mut Index,
+        memory: &mut Memory,
         claims: &Claims,
     ) -> rusqlite::Result<()> {
         match self {
@@ -130,7 +131,7 @@ impl Op {
                 ..
             } => {
                 let key = key(&event.dedup_key);
-                let dedup = index.get(tx)?;
+                let dedup = memory.get(tx)?;
                 if dedup.seen(tx, &key, &event.dedup_key)? {
                     *outcome = Ingested::Duplicate;
                     return Ok(());
@@ -169,7 +170,7 @@ impl Op {
                 Ok(())
             }
             Op::Prune { range, outcome, .. } => {
-                *outcome = prune(tx, range, index.get(tx)?)?;
+                *outcome = prune(tx, range, memory.get(tx)?)?;
                 Ok(())
             }
             Op::Replay {
@@ -225,7 +226,14 @@ impl Op {
                 *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
             }
-            Op::Settle { outcome, .. } => settle(tx, outcome, now, claims, limits.attempts_kept),
+            Op::Settle { outcome, .. } => settle(
+                tx,
+                outcome,
+                now,
+                claims,
+                &mut memory.waiting,
+                limits.attempts_kept,
+            ),
         }
     }
 
@@ -309,15 +317,17 @@ pub(super) struct Limits {
     pub(super) attempts_kept: usize,
 }
 
-/// The dedup index, read on first use: operator commands that never ingest or prune
-/// (a replay) do not wait for its Bloom filters.
-struct Index {
+/// What the writer keeps in memory across transactions: the dedup index, read on first
+/// use (operator commands that never ingest or prune, a replay, do not wait for its Bloom
+/// filters), and which sinks may hold a waiting row.
+struct Memory {
     run_size: usize,
     run_chunk: usize,
     loaded: Option<Dedup>,
+    waiting: Waiting,
 }
 
-impl Index {
+impl Memory {
     fn get(&mut self, conn: &Connection) -> rusqlite::Result<&mut Dedup> {
         let dedup = match self.loaded.take() {
             Some(dedup) => dedup,
@@ -331,18 +341,22 @@ fn commit(
     conn: &mut Connection,
     ops: &mut [Op],
     limits: &Limits,
-    index: &mut Index,
+    memory: &mut Memory,
     claims: &Claims,
 ) -> rusqlite::Result<()> {
-    if let Some(dedup) = &mut index.loaded {
+    if let Some(dedup) = &mut memory.loaded {
         dedup.begin();
     }
-    let result = apply_all(conn, ops, limits, index, claims);
-    if let Some(dedup) = &mut index.loaded {
+    let result = apply_all(conn, ops, limits, memory, claims);
+    if let Some(dedup) = &mut memory.loaded {
         match result {
             Ok(()) => dedup.committed(),
             Err(_) => dedup.rolled_back(),
         }
+    }
+    match result {
+        Ok(()) => memory.waiting.committed(),
+        Err(_) => memory.waiting.rolled_back(),
     }
     result
 }
@@ -351,18 +365,18 @@ fn apply_all(
     conn: &mut Connection,
     ops: &mut [Op],
     limits: &Limits,
-    index: &mut Index,
+    memory: &mut Memory,
     claims: &Claims,
 ) -> rusqlite::Result<()> {
     let now = to_millis(now());
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if let Some(dedup) = &mut index.loaded {
+    if let Some(dedup) = &mut memory.loaded {
         dedup.write_chunk(&mut tx);
     }
     // Checked once the write lock is ours, which can take a while when another process
     // holds it: a caller that has since answered 503 must not see its event stored.
     for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
-        op.apply(&tx, now, limits, index, claims)?;
+        op.apply(&tx, now, limits, memory, claims)?;
     }
     tx.commit()
 }
@@ -392,7 +406,12 @@ pub(super) struct WriterContext {
     pub(super) claims: Arc<Claims>,
 }
 
-pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: &WriterContext) {
+pub(super) fn write_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    ctx: &WriterContext,
+    waiting: Waiting,
+) {
     let WriterContext {
         wakers,
         wal,
@@ -402,10 +421,11 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
         limits,
         claims,
     } = ctx;
-    let mut index = Index {
+    let mut memory = Memory {
         run_size: limits.run_size,
         run_chunk: limits.run_chunk,
         loaded: None,
+        waiting,
     };
     let mut group: Vec<Op> = Vec::with_capacity(MAX_GROUP);
     let mut woken = HashSet::new();
@@ -443,7 +463,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
         }
         let started = std::time::Instant::now();
         last_commit = Some(started);
-        let committed = commit(&mut conn, &mut group, limits, &mut index, claims);
+        let committed = commit(&mut conn, &mut group, limits, &mut memory, claims);
         if let Some(m) = metrics {
             m.commit_latency.observe(started.elapsed().as_secs_f64());
         }
@@ -463,7 +483,7 @@ pub(super) fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, ctx: 
                         &mut conn,
                         std::slice::from_mut(&mut op),
                         limits,
-                        &mut index,
+                        &mut memory,
                         claims,
                     );
                     any |= result.is_ok();

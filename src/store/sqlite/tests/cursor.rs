@@ -317,7 +317,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .expect("the held event's row");
-    assert_eq!((status.as_str(), at), ("pending", settle::WAITING));
+    assert_eq!((status.as_str(), at), ("pending", waiting::WAITING));
     assert!(note.contains("earlier event of its call"), "{note}");
     let shown: (String, String) = db
         .query_row(

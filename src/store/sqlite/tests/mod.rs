@@ -8,7 +8,7 @@ use bytes::Bytes;
 use rusqlite::Connection;
 
 use super::millis::{from_millis, to_millis};
-use super::{schema, settle, wal};
+use super::{schema, waiting, wal};
 use crate::config::{StoreConfig, Synchronous};
 use crate::event::Event;
 use crate::store::{Ingested, Settlement, Store, StoreOptions, now};
