@@ -186,9 +186,10 @@ max_in_flight = {window}
 
     let sink = vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max).await?;
     let stop = CancellationToken::new();
+    let sink_queue = store.queue(sink.name());
     let dispatcher = Dispatcher::new(
         sink,
-        store.sink_queue(),
+        sink_queue,
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
         Arc::new(Metrics::new()),

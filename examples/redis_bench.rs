@@ -253,9 +253,10 @@ async fn router(
         _ => vyora_router::sinks::build(&config.sinks[0], config.delivery.backoff_max).await?,
     };
     let stop = CancellationToken::new();
+    let queue = store.queue(sink.name());
     let dispatcher = Dispatcher::new(
         sink,
-        store.sink_queue(),
+        queue,
         RetryPolicy::from(&config.delivery),
         config.sinks[0].redact.clone(),
         Arc::new(Metrics::new()),

@@ -100,7 +100,7 @@ impl SinkSet {
         for (config, sink) in fresh {
             let dispatcher = Dispatcher::new(
                 Arc::clone(&sink),
-                self.store.sink_queue(),
+                self.store.queue(&config.name),
                 self.policy.clone(),
                 config.redact.clone(),
                 Arc::clone(&self.metrics),

@@ -94,9 +94,9 @@ pub struct DeliveryId {
 pub(crate) enum Claim {
     /// Made up outside a store (a test's or a benchmark's delivery).
     Unclaimed,
-    /// SQLite: the sink's slot in this process's claims, and whether the delivery is a
-    /// row of `retries` rather than a first attempt.
-    Slot { sink: u32, retry: bool },
+    /// SQLite: read from the event log after the sink's cursor, or (`retry`) from a row
+    /// of `retries`.
+    Log { retry: bool },
     /// PostgreSQL: the lease token of the claim.
     Lease(i64),
 }

@@ -96,17 +96,18 @@ async fn a_claim_is_exclusive_and_a_later_event_of_the_call_waits_across_replica
     a.ingest(event("c2", "call_completed"), sinks(&["s"]))
         .await
         .expect("stored");
-    let first = a.claim("s", 1, usize::MAX).await.expect("claim");
+    let first = a.queue("s").claim(1, usize::MAX).await.expect("claim");
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].dedup_key, "c1:call_completed");
     // The other replica gets neither the claimed row nor the call's later event.
-    let other = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let other = b.queue("s").claim(10, usize::MAX).await.expect("claim");
     let keys: Vec<_> = other.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c2:call_completed"]);
-    a.settle(vec![Settlement::Delivered { id: first[0].id }], Vec::new())
+    a.queue("s")
+        .settle(vec![Settlement::Delivered { id: first[0].id }], Vec::new())
         .await
         .expect("settled");
-    let next = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let next = b.queue("s").claim(10, usize::MAX).await.expect("claim");
     let keys: Vec<_> = next.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c1:all_processing_completed"]);
     a.close().await;
@@ -147,7 +148,7 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_loses_them_wit
         response: Some(format!("busy {number}")),
     };
     for number in 1..=4 {
-        let due = store.claim("s", 10, usize::MAX).await.expect("claim");
+        let due = store.queue("s").claim(10, usize::MAX).await.expect("claim");
         let id = due[0].id;
         let retry = Settlement::Retry {
             id,
@@ -156,14 +157,16 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_loses_them_wit
         };
         let kept = attempt(id, number, AttemptOutcome::Retried);
         store
+            .queue("s")
             .settle(vec![retry], vec![kept])
             .await
             .expect("settled");
     }
-    let due = store.claim("s", 10, usize::MAX).await.expect("claim");
+    let due = store.queue("s").claim(10, usize::MAX).await.expect("claim");
     let id = due[0].id;
     let delivered = attempt(id, 5, AttemptOutcome::Delivered);
     store
+        .queue("s")
         .settle(vec![Settlement::Delivered { id }], vec![delivered])
         .await
         .expect("settled");
@@ -205,8 +208,9 @@ async fn events_are_listed_newest_first_by_page_and_by_event_sink_status_and_tim
                 .expect("stored");
         }
     }
-    let due = store.claim("a", 1, usize::MAX).await.expect("claim");
+    let due = store.queue("a").claim(1, usize::MAX).await.expect("claim");
     store
+        .queue("a")
         .settle(
             vec![Settlement::Dead {
                 id: due[0].id,
@@ -273,12 +277,16 @@ async fn events_are_listed_newest_first_by_page_and_by_event_sink_status_and_tim
         since,
         until,
     };
-    let due = store.claim("b", 10, usize::MAX).await.expect("claim");
+    let due = store.queue("b").claim(10, usize::MAX).await.expect("claim");
     let settled = due
         .iter()
         .map(|d| Settlement::Delivered { id: d.id })
         .collect();
-    store.settle(settled, Vec::new()).await.expect("settled");
+    store
+        .queue("b")
+        .settle(settled, Vec::new())
+        .await
+        .expect("settled");
     let now = std::time::SystemTime::now();
     let hour = Duration::from_secs(3600);
     let none = store
@@ -337,7 +345,11 @@ async fn backfill_gives_a_sink_the_stored_events_its_route_takes_once() {
         .await
         .expect("backfill");
     assert_eq!((again.examined, again.added), (2, 0));
-    let due = store.claim("late", 10, usize::MAX).await.expect("claim");
+    let due = store
+        .queue("late")
+        .claim(10, usize::MAX)
+        .await
+        .expect("claim");
     let keys: Vec<_> = due.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c1:call_completed", "c2:call_completed"]);
     store.close().await;
@@ -359,12 +371,12 @@ async fn a_claim_whose_rows_cannot_be_read_gives_them_back_at_once() {
         .batch_execute("ALTER TABLE events RENAME COLUMN source TO source_away")
         .await
         .expect("rename");
-    assert!(a.claim("s", 10, usize::MAX).await.is_err());
+    assert!(a.queue("s").claim(10, usize::MAX).await.is_err());
     admin
         .batch_execute("ALTER TABLE events RENAME COLUMN source_away TO source")
         .await
         .expect("rename back");
-    let got = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let got = b.queue("s").claim(10, usize::MAX).await.expect("claim");
     assert_eq!(
         got.len(),
         1,
@@ -400,15 +412,16 @@ async fn an_earlier_event_committed_after_a_later_one_waits_while_the_later_is_i
     a.ingest(event("c1", "all_processing_completed"), sinks(&["s"]))
         .await
         .expect("stored");
-    let later = a.claim("s", 10, usize::MAX).await.expect("claim");
+    let later = a.queue("s").claim(10, usize::MAX).await.expect("claim");
     assert_eq!(later.len(), 1);
     first.commit().await.expect("commit");
-    let earlier = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let earlier = b.queue("s").claim(10, usize::MAX).await.expect("claim");
     assert!(earlier.is_empty(), "two events of the call in hand at once");
-    a.settle(vec![Settlement::Delivered { id: later[0].id }], Vec::new())
+    a.queue("s")
+        .settle(vec![Settlement::Delivered { id: later[0].id }], Vec::new())
         .await
         .expect("settled");
-    let earlier = b.claim("s", 10, usize::MAX).await.expect("claim");
+    let earlier = b.queue("s").claim(10, usize::MAX).await.expect("claim");
     let keys: Vec<_> = earlier.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c1:call_completed"]);
     a.close().await;
@@ -431,11 +444,16 @@ async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result(
         .ingest(event("c1", "call_completed"), sinks(&["s"]))
         .await
         .expect("stored");
-    let late = paused.claim("s", 10, usize::MAX).await.expect("claim");
+    let late = paused
+        .queue("s")
+        .claim(10, usize::MAX)
+        .await
+        .expect("claim");
     assert_eq!(late.len(), 1);
     assert!(
         other
-            .claim("s", 10, usize::MAX)
+            .queue("s")
+            .claim(10, usize::MAX)
             .await
             .expect("claim")
             .is_empty(),
@@ -450,7 +468,7 @@ async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result(
         )
         .await
         .expect("expire");
-    let taken = other.claim("s", 10, usize::MAX).await.expect("claim");
+    let taken = other.queue("s").claim(10, usize::MAX).await.expect("claim");
     assert_eq!(
         taken.len(),
         1,
@@ -458,11 +476,13 @@ async fn a_replica_paused_past_its_lease_cannot_overwrite_the_new_owners_result(
     );
     assert_ne!(taken[0].id, late[0].id, "a new claim, a new token");
     other
+        .queue("s")
         .settle(vec![Settlement::Delivered { id: taken[0].id }], Vec::new())
         .await
         .expect("settled");
     // The paused replica wakes up and reports its (stale) failure.
     paused
+        .queue("s")
         .settle(
             vec![Settlement::Dead {
                 id: late[0].id,
@@ -670,9 +690,14 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
             let e = Event::from_webhook(None, Bytes::from(body)).expect("event");
             store.ingest(e, sinks(&["archive"])).await.expect("stored");
         }
-        let rows = store.claim("archive", 10, usize::MAX).await.expect("claim");
+        let rows = store
+            .queue("archive")
+            .claim(10, usize::MAX)
+            .await
+            .expect("claim");
         let (delivered, dead) = (rows[0].id, rows[1].id);
         store
+            .queue("archive")
             .settle(
                 vec![
                     Settlement::Delivered { id: delivered },
@@ -694,7 +719,7 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
             )
             .await
             .expect("settled");
-        store.release(vec![rows[2].id]);
+        store.queue("archive").release(vec![rows[2].id]);
         store
             .quarantine(vyora_router::store::Quarantined {
                 reason: "not json".into(),
@@ -780,7 +805,11 @@ async fn a_claim_takes_what_fits_in_its_byte_budget_and_always_at_least_one() {
         store.ingest(e, sinks(&["s"])).await.expect("stored");
     }
     // Rows are taken while what was taken before them is under the budget.
-    let batch = store.claim("s", 10, 2 * size + 1).await.expect("claim");
+    let batch = store
+        .queue("s")
+        .claim(10, 2 * size + 1)
+        .await
+        .expect("claim");
     let keys: Vec<_> = batch.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(
         keys,
@@ -790,14 +819,14 @@ async fn a_claim_takes_what_fits_in_its_byte_budget_and_always_at_least_one() {
             "c2:call_completed"
         ]
     );
-    let one = store.claim("s", 10, 1).await.expect("claim");
+    let one = store.queue("s").claim(10, 1).await.expect("claim");
     assert_eq!(
         one.len(),
         1,
         "a payload larger than the budget still goes alone"
     );
     assert_eq!(one[0].dedup_key, "c3:call_completed");
-    let rest = store.claim("s", 10, usize::MAX).await.expect("claim");
+    let rest = store.queue("s").claim(10, usize::MAX).await.expect("claim");
     assert_eq!(rest.len(), 1);
     store.close().await;
 }
@@ -1204,7 +1233,8 @@ async fn a_sinks_pause_recorded_by_one_replica_is_seen_by_every_other_until_it_d
         until: std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         reason: "cannot connect".to_owned(),
     };
-    one.record_pause("crm", Some(&pause))
+    one.queue("crm")
+        .record_pause(Some(&pause))
         .await
         .expect("recorded");
     assert_eq!(
@@ -1217,12 +1247,13 @@ async fn a_sinks_pause_recorded_by_one_replica_is_seen_by_every_other_until_it_d
         ..pause
     };
     other
-        .record_pause("crm", Some(&later))
+        .queue("crm")
+        .record_pause(Some(&later))
         .await
         .expect("recorded");
     assert_eq!(one.pauses().await.expect("read"), [later]);
 
-    one.record_pause("crm", None).await.expect("cleared");
+    one.queue("crm").record_pause(None).await.expect("cleared");
     assert_eq!(other.pauses().await.expect("read"), []);
     one.close().await;
     other.close().await;

@@ -200,8 +200,8 @@ impl Claim {
 pub struct Dispatcher {
     deliverer: Arc<Deliverer>,
     /// Where deliveries are claimed from and their outcomes recorded: the store's
-    /// queue of this sink, and nothing else of it.
-    queue: Arc<dyn SinkQueue>,
+    /// queue of this sink, and nothing else of it, owned by this dispatcher alone.
+    queue: Box<dyn SinkQueue>,
     /// Outcomes counted per sink.
     metrics: Arc<Metrics>,
     /// Whether the store may hold a pause of this sink that a delivery should clear. True
@@ -248,7 +248,7 @@ impl Outcomes {
 impl Dispatcher {
     pub fn new(
         sink: Arc<dyn Sink>,
-        queue: Arc<dyn SinkQueue>,
+        queue: Box<dyn SinkQueue>,
         policy: RetryPolicy,
         redaction: Redaction,
         metrics: Arc<Metrics>,
@@ -273,7 +273,7 @@ impl Dispatcher {
     pub async fn run(mut self, stop: CancellationToken, drain: Duration) {
         let sink = Arc::clone(&self.deliverer.sink);
         let name = sink.name();
-        let waker = self.queue.waker(name);
+        let waker = self.queue.waker();
         let slots = sink.concurrency().max(1);
         let mut in_flight: JoinSet<Outcomes> = JoinSet::new();
         // The rows each task holds: a task that dies frees its own rows, never another's.
@@ -294,7 +294,7 @@ impl Dispatcher {
             let mut store_failed = false;
             while lingering.is_none() && in_flight.len() < slots {
                 last_fetch = Some(Instant::now());
-                match self.queue.claim(name, batch_size, MAX_BATCH_BYTES).await {
+                match self.queue.claim(batch_size, MAX_BATCH_BYTES).await {
                     Ok(batch) if batch.is_empty() => {
                         backlog = false;
                         break;
@@ -408,8 +408,8 @@ impl Dispatcher {
 
     /// How long until a pending row that is not due yet becomes due (rows due now are either
     /// being delivered or wait for a free slot, and a finishing task wakes us for those).
-    async fn until_next_due(&self, name: &str) -> Duration {
-        match self.queue.next_due(name).await {
+    async fn until_next_due(&mut self, name: &str) -> Duration {
+        match self.queue.next_due().await {
             Ok(Some(at)) => at
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
@@ -491,14 +491,14 @@ impl Dispatcher {
         });
         let result = if let Some(pause) = &postponed {
             self.paused = true;
-            self.queue.record_pause(name, Some(pause)).await
+            self.queue.record_pause(Some(pause)).await
         } else if self.paused
             && settlements
                 .iter()
                 .any(|s| matches!(s, Settlement::Delivered { .. }))
         {
             self.paused = false;
-            self.queue.record_pause(name, None).await
+            self.queue.record_pause(None).await
         } else {
             return;
         };

@@ -78,7 +78,7 @@ async fn setup(
     let stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         sink.clone(),
-        store.sink_queue(),
+        store.queue("flaky"),
         policy(max_attempts),
         Redaction::default(),
         Arc::new(Metrics::new()),
@@ -171,8 +171,8 @@ fn dispatch_with_a_minute_of_backoff(
         record_successes: false,
     };
     let dispatcher = Dispatcher::new(
-        sink,
-        store.sink_queue(),
+        Arc::clone(&sink),
+        store.queue(sink.name()),
         policy,
         Redaction::default(),
         Arc::new(Metrics::new()),

@@ -58,44 +58,48 @@ pub trait Ingest: Send + Sync + 'static {
     fn has_event<'a>(&'a self, dedup_key: &'a str) -> BoxFuture<'a, Result<bool>>;
 }
 
-/// One sink's deliveries, as its dispatcher takes and settles them.
-pub trait SinkQueue: Send + Sync + 'static {
-    /// Up to `limit` due deliveries of `sink` (and at most about `max_bytes` of payload,
-    /// at least one), oldest first, none already claimed and none whose call has an
-    /// earlier delivery pending on this sink. They stay claimed until settled or released.
-    fn claim<'a>(
-        &'a self,
-        sink: &'a str,
-        limit: usize,
-        max_bytes: usize,
-    ) -> BoxFuture<'a, Result<Vec<Delivery>>>;
+/// Hands out each sink's queue.
+pub trait Queues: Send + Sync + 'static {
+    /// The queue of `sink`, for its dispatcher to own. On SQLite, where what is in hand is
+    /// kept in this process's memory, a sink has one queue at a time: a second one claims
+    /// nothing until the first is dropped, and then goes on from where it left off.
+    fn queue(self: Arc<Self>, sink: &str) -> Box<dyn SinkQueue>;
+
+    /// Signalled when deliveries for `sink` were stored (or may have been): what wakes
+    /// its dispatcher after an operator's replay.
+    fn waker(&self, sink: &str) -> Arc<Notify>;
+}
+
+/// One sink's deliveries, as its dispatcher takes and settles them. The dispatcher owns
+/// it: every call takes it whole (`&mut`), so no two of them overlap.
+pub trait SinkQueue: Send + 'static {
+    /// Up to `limit` due deliveries (and at most about `max_bytes` of payload, at least
+    /// one), oldest first, none already claimed and none whose call has an earlier
+    /// delivery pending on this sink. They stay claimed until settled or released.
+    fn claim(&mut self, limit: usize, max_bytes: usize) -> BoxFuture<'_, Result<Vec<Delivery>>>;
 
     /// Records the outcome of delivery attempts and ends their claims, and keeps
     /// `attempts` in each delivery's history (in the same transaction), at most
     /// [`StoreOptions::attempts_kept`] per delivery, the oldest dropped first.
     fn settle(
-        &self,
+        &mut self,
         settlements: Vec<Settlement>,
         attempts: Vec<Attempt>,
     ) -> BoxFuture<'_, Result<()>>;
 
     /// Ends claims without an outcome (a dispatcher stopped with deliveries in flight):
     /// the rows are claimed again later, as if never handed out.
-    fn release(&self, ids: Vec<DeliveryId>);
+    fn release(&mut self, ids: Vec<DeliveryId>);
 
-    /// When the earliest pending delivery of `sink` that is not due yet becomes due.
-    fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>>;
+    /// When the earliest pending delivery that is not due yet becomes due.
+    fn next_due(&mut self) -> BoxFuture<'_, Result<Option<SystemTime>>>;
 
-    /// Signalled when deliveries for `sink` were stored (or may have been).
-    fn waker(&self, sink: &str) -> Arc<Notify>;
+    /// Signalled when deliveries for the sink were stored (or may have been).
+    fn waker(&self) -> Arc<Notify>;
 
-    /// Records that `sink` waits until `pause.until` because its destination cannot be
+    /// Records that the sink waits until `pause.until` because its destination cannot be
     /// reached (`Some`), or that it delivers again (`None`), for `deliveries list`.
-    fn record_pause<'a>(
-        &'a self,
-        sink: &'a str,
-        pause: Option<&'a SinkPause>,
-    ) -> BoxFuture<'a, Result<()>>;
+    fn record_pause<'a>(&'a mut self, pause: Option<&'a SinkPause>) -> BoxFuture<'a, Result<()>>;
 }
 
 /// The poller's schedule of calls whose analysis has not arrived, and its API budget.
@@ -183,9 +187,9 @@ pub trait Maintenance: Send + Sync + 'static {
 
 /// What a store does, whatever the engine, in one role per part of the router that uses
 /// it. See the module documentation for the promises every implementation keeps.
-pub trait Backend: Ingest + SinkQueue + PollSchedule + Operator + Maintenance {}
+pub trait Backend: Ingest + Queues + PollSchedule + Operator + Maintenance {}
 
-impl<T: Ingest + SinkQueue + PollSchedule + Operator + Maintenance> Backend for T {}
+impl<T: Ingest + Queues + PollSchedule + Operator + Maintenance> Backend for T {}
 
 /// A handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -200,9 +204,9 @@ impl Deref for Store {
 }
 
 impl Store {
-    /// The store as a sink's dispatcher sees it: the sinks' queues, and nothing else.
-    pub fn sink_queue(&self) -> Arc<dyn SinkQueue> {
-        self.0.clone()
+    /// The store as a sink's dispatcher sees it: that sink's queue, and nothing else.
+    pub fn queue(&self, sink: &str) -> Box<dyn SinkQueue> {
+        Arc::clone(&self.0).queue(sink)
     }
 
     /// Opens the store `config` names, creating and migrating it as needed, and starts

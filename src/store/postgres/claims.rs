@@ -128,7 +128,7 @@ impl Held {
 fn token_of(id: DeliveryId) -> i64 {
     match id.claim {
         Claim::Lease(token) => token,
-        Claim::Unclaimed | Claim::Slot { .. } => 0,
+        Claim::Unclaimed | Claim::Log { .. } => 0,
     }
 }
 

@@ -35,8 +35,8 @@ use crate::store::operator::{
 use crate::store::wakers::Wakers;
 use crate::store::{
     Attempt, BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate,
-    Pruned, Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions,
-    TrackedCall,
+    Pruned, Quarantined, Queues, Result, Role, Settlement, SinkQueue, Stats, StoreError,
+    StoreOptions, TrackedCall,
 };
 use claims::Held;
 
@@ -339,44 +339,49 @@ impl Ingest for PostgresStore {
     }
 }
 
-impl SinkQueue for PostgresStore {
-    fn claim<'a>(
-        &'a self,
-        sink: &'a str,
-        limit: usize,
-        max_bytes: usize,
-    ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
+impl Queues for PostgresStore {
+    fn queue(self: Arc<Self>, sink: &str) -> Box<dyn SinkQueue> {
+        Box::new(Queue {
+            store: self,
+            sink: sink.to_owned(),
+        })
+    }
+
+    fn waker(&self, sink: &str) -> Arc<Notify> {
+        self.wakers.get(sink)
+    }
+}
+
+/// One sink's queue: leases in the shared database, so any number of them, in any
+/// number of replicas, may claim from one sink at once.
+struct Queue {
+    store: Arc<PostgresStore>,
+    sink: String,
+}
+
+impl SinkQueue for Queue {
+    fn claim(&mut self, limit: usize, max_bytes: usize) -> BoxFuture<'_, Result<Vec<Delivery>>> {
+        let s = &self.store;
         Box::pin(claims::claim(
-            &self.db,
-            &self.held,
-            &self.owner,
-            self.lease,
-            sink,
-            limit,
-            max_bytes,
+            &s.db, &s.held, &s.owner, s.lease, &self.sink, limit, max_bytes,
         ))
     }
 
     fn settle(
-        &self,
+        &mut self,
         settlements: Vec<Settlement>,
         attempts: Vec<Attempt>,
     ) -> BoxFuture<'_, Result<()>> {
+        let s = &self.store;
         Box::pin(async move {
-            let rejected = claims::settle(
-                &self.db,
-                &self.held,
-                &settlements,
-                &attempts,
-                self.attempts_kept,
-            )
-            .await?;
+            let rejected =
+                claims::settle(&s.db, &s.held, &settlements, &attempts, s.attempts_kept).await?;
             if rejected > 0 {
                 tracing::warn!(
                     rejected,
                     "outcomes not recorded: another replica took these deliveries over after this one's claim expired"
                 );
-                if let Some(m) = &self.metrics {
+                if let Some(m) = &s.metrics {
                     m.settlements_rejected.inc_by(rejected);
                 }
             }
@@ -384,8 +389,8 @@ impl SinkQueue for PostgresStore {
         })
     }
 
-    fn release(&self, ids: Vec<DeliveryId>) {
-        let (db, held) = (self.db.clone(), Arc::clone(&self.held));
+    fn release(&mut self, ids: Vec<DeliveryId>) {
+        let (db, held) = (self.store.db.clone(), Arc::clone(&self.store.held));
         tokio::spawn(async move {
             if let Err(e) = claims::release(&db, &held, &ids).await {
                 tracing::warn!(error = %e, "cannot release claims; they expire with their lease");
@@ -393,20 +398,16 @@ impl SinkQueue for PostgresStore {
         });
     }
 
-    fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
-        Box::pin(queries::next_due(&self.db, sink))
+    fn next_due(&mut self) -> BoxFuture<'_, Result<Option<SystemTime>>> {
+        Box::pin(queries::next_due(&self.store.db, &self.sink))
     }
 
-    fn waker(&self, sink: &str) -> Arc<Notify> {
-        self.wakers.get(sink)
+    fn waker(&self) -> Arc<Notify> {
+        self.store.wakers.get(&self.sink)
     }
 
-    fn record_pause<'a>(
-        &'a self,
-        sink: &'a str,
-        pause: Option<&'a SinkPause>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(pauses::record(&self.db, sink, pause))
+    fn record_pause<'a>(&'a mut self, pause: Option<&'a SinkPause>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(pauses::record(&self.store.db, &self.sink, pause))
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! Every write goes through one writer thread that commits in groups ([`writer`]); reads
 //! use a pool of their own connections ([`reader`]) and never wait for the writer.
-//! Claims live in this process's memory ([`claims`]): one process owns the file.
+//! What each sink has in hand lives in its queue ([`queue`], [`claims`]), owned by the
+//! sink's dispatcher: one process owns the file.
 
 mod admin;
 mod claims;
@@ -36,22 +37,19 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::StoreConfig;
-use crate::event::{Delivery, DeliveryId, Event};
+use crate::event::Event;
 use crate::store::operator::{
     BackfillFrom, DeliveryRow, EventFilter, EventPage, EventRow, ListFilter, PollRow, Replay,
     Replayed, SinkPause, Stored,
 };
 use crate::store::wakers::Wakers;
 use crate::store::{
-    Attempt, BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate,
-    Pruned, Quarantined, Result, Role, Settlement, SinkQueue, Stats, StoreError, StoreOptions,
-    TrackedCall,
+    BoxFuture, Ingest, Ingested, Kept, Maintenance, Operator, PollSchedule, PollUpdate, Pruned,
+    Quarantined, Queues, Result, Role, SinkQueue, Stats, StoreError, StoreOptions, TrackedCall,
 };
-use claims::Claims;
 use codec::compress;
-use millis::to_millis;
 use prune::{PruneRange, PruneStep};
-use queue::Queues;
+use queue::{Queue, Shared};
 use reader::Readers;
 use writer::{Op, WriterContext};
 
@@ -78,7 +76,7 @@ pub(super) struct SqliteStore {
     track_calls: Option<Duration>,
     readers: Arc<Readers>,
     /// The sinks' queues.
-    queues: Queues,
+    queues: Arc<Shared>,
     /// The writer thread, joined by `close`.
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -133,7 +131,6 @@ impl SqliteStore {
 
         let waiting = waiting::Waiting::load(&conn)?;
         let (tx, rx) = mpsc::channel(writer::QUEUE_DEPTH);
-        let claims = Arc::new(Claims::default());
         let wakers = Arc::new(Wakers::default());
         let writable = Arc::new(AtomicBool::new(true));
         let context = WriterContext {
@@ -149,7 +146,6 @@ impl SqliteStore {
                 commit_interval: config.commit_interval,
                 attempts_kept,
             },
-            claims: Arc::clone(&claims),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -157,7 +153,11 @@ impl SqliteStore {
             .map_err(StoreError::Thread)?;
         let readers = Arc::new(Readers::new(path));
         Ok(SqliteStore {
-            queues: Queues::new(tx.clone(), Arc::clone(&readers), claims),
+            queues: Arc::new(Shared::new(
+                tx.clone(),
+                Arc::clone(&readers),
+                Arc::clone(&wakers),
+            )),
             tx,
             wakers,
             writable,
@@ -281,50 +281,13 @@ impl Ingest for SqliteStore {
     }
 }
 
-impl SinkQueue for SqliteStore {
-    fn claim<'a>(
-        &'a self,
-        sink: &'a str,
-        limit: usize,
-        max_bytes: usize,
-    ) -> BoxFuture<'a, Result<Vec<Delivery>>> {
-        Box::pin(self.queues.claim(sink, limit, max_bytes))
-    }
-
-    fn settle(
-        &self,
-        settlements: Vec<Settlement>,
-        attempts: Vec<Attempt>,
-    ) -> BoxFuture<'_, Result<()>> {
-        Box::pin(self.queues.settle(settlements, attempts))
-    }
-
-    fn release(&self, ids: Vec<DeliveryId>) {
-        self.queues.release(&ids);
-    }
-
-    fn next_due<'a>(&'a self, sink: &'a str) -> BoxFuture<'a, Result<Option<SystemTime>>> {
-        Box::pin(self.queues.next_due(sink))
+impl Queues for SqliteStore {
+    fn queue(self: Arc<Self>, sink: &str) -> Box<dyn SinkQueue> {
+        Box::new(Queue::new(Arc::clone(&self.queues), sink))
     }
 
     fn waker(&self, sink: &str) -> Arc<Notify> {
         self.wakers.get(sink)
-    }
-
-    fn record_pause<'a>(
-        &'a self,
-        sink: &'a str,
-        pause: Option<&'a SinkPause>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let (reply, rx) = oneshot::channel();
-            let op = Op::Pause {
-                sink: sink.to_owned(),
-                pause: pause.map(|p| (to_millis(p.until), p.reason.clone())),
-                reply,
-            };
-            self.submit(op, rx).await
-        })
     }
 }
 

@@ -1,114 +1,121 @@
 //! Each sink's queue on SQLite: deliveries claimed from the log after the sink's cursor
-//! and from its retry rows, what is in hand kept in this process's claims, and outcomes
-//! settled through the writer, each batch's rows and cursor move in one transaction.
+//! and from its retry rows, what is in hand kept in the queue's own claims, and outcomes
+//! written through the writer, each batch's rows and cursor move in one transaction.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::claims::{Claimed, Claims, Outcome};
 use super::codec::decompress;
+use super::millis::to_millis;
 use super::reader::{self, Readers};
 use super::writer::{Op, submit};
 use crate::event::{Delivery, DeliveryId};
-use crate::store::{Attempt, Settlement, StoreError};
+use crate::store::operator::SinkPause;
+use crate::store::wakers::Wakers;
+use crate::store::{Attempt, BoxFuture, Result, Settlement, SinkQueue};
 
-type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// The sinks' queues of one store.
-pub(super) struct Queues {
+/// What the sinks' queues of one store share.
+pub(super) struct Shared {
     /// The writer's queue.
-    tx: mpsc::Sender<Op>,
-    readers: Arc<Readers>,
-    /// What each sink has in hand, and where its cursor is (the writer reads it too, as
-    /// it writes held rows and cursor moves).
-    claims: Arc<Claims>,
+    pub(super) tx: mpsc::Sender<Op>,
+    pub(super) readers: Arc<Readers>,
+    pub(super) wakers: Arc<Wakers>,
+    /// Each sink's claims while no queue has them: `None` while one does. A queue takes
+    /// its sink's when it first needs them and puts them back when dropped, so the next
+    /// queue of the sink (after a reload) goes on from there.
+    parked: Mutex<HashMap<String, Option<Claims>>>,
 }
 
-impl Queues {
-    pub(super) fn new(tx: mpsc::Sender<Op>, readers: Arc<Readers>, claims: Arc<Claims>) -> Queues {
-        Queues {
+impl Shared {
+    pub(super) fn new(tx: mpsc::Sender<Op>, readers: Arc<Readers>, wakers: Arc<Wakers>) -> Shared {
+        Shared {
             tx,
             readers,
-            claims,
+            wakers,
+            parked: Mutex::default(),
+        }
+    }
+}
+
+/// One sink's queue; see [`SinkQueue`].
+pub(super) struct Queue {
+    shared: Arc<Shared>,
+    sink: String,
+    /// This sink's claims, once taken from [`Shared::parked`].
+    claims: Option<Claims>,
+}
+
+impl Queue {
+    pub(super) fn new(shared: Arc<Shared>, sink: &str) -> Queue {
+        Queue {
+            shared,
+            sink: sink.to_owned(),
+            claims: None,
         }
     }
 
-    /// See [`crate::store::SinkQueue::settle`].
-    pub(super) async fn settle(
-        &self,
-        settlements: Vec<Settlement>,
-        attempts: Vec<Attempt>,
-    ) -> Result<()> {
-        let mut outcome = self.claims.settle(&settlements);
-        outcome.attempts = attempts
-            .into_iter()
-            .filter_map(|a| Some((self.claims.sink_of(a.id)?, a)))
-            .collect();
-        if outcome.changes.is_empty() && outcome.cursors.is_empty() && outcome.attempts.is_empty() {
+    /// The sink's claims, unless another queue of the sink still has them.
+    fn claims(&mut self) -> Option<&mut Claims> {
+        if self.claims.is_none() {
+            let mut parked = self
+                .shared
+                .parked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.claims = match parked.get_mut(&self.sink) {
+                Some(slot) => slot.take(),
+                None => {
+                    parked.insert(self.sink.clone(), None);
+                    Some(Claims::default())
+                }
+            };
+        }
+        self.claims.as_mut()
+    }
+
+    /// Writes what settling (or a claim) came to, with the cursor move its rows allow, in
+    /// one transaction, under [`Claims::writing`]'s guard: unless the write is confirmed
+    /// (it failed, or this future was dropped while it waited), the failed first attempts
+    /// are handed back to go out again.
+    async fn write(&mut self, outcome: Outcome) -> Result<()> {
+        let Some(claims) = self.claims.as_mut() else {
             return Ok(());
-        }
-        self.write_settled(outcome).await
-    }
-
-    /// See [`crate::store::SinkQueue::release`].
-    pub(super) fn release(&self, ids: &[DeliveryId]) {
-        self.claims.release(ids);
-    }
-
-    /// See [`crate::store::SinkQueue::next_due`]: a retry row's time, or the end of the
-    /// sink's pause.
-    pub(super) async fn next_due(&self, sink: &str) -> Result<Option<SystemTime>> {
-        let name = sink.to_owned();
-        let retry = self
-            .readers
-            .with(move |conn| reader::next_due(conn, &name))
-            .await?;
-        Ok([retry, self.claims.paused_until(sink)]
-            .into_iter()
-            .flatten()
-            .min())
-    }
-
-    /// Writes what settling (or a claim) came to, with the cursor moves its rows allow,
-    /// in one transaction, under [`Claims::writing`]'s guard: unless the write is
-    /// confirmed (it failed, or this future was dropped while it waited), the failed
-    /// first attempts are handed back to go out again.
-    async fn write_settled(&self, outcome: Outcome) -> Result<()> {
-        let writing = self.claims.writing(&outcome);
+        };
+        let writing = claims.writing(&outcome);
         let (reply, rx) = oneshot::channel();
-        let written = submit(&self.tx, Op::Settle { outcome, reply }, rx).await?;
-        writing.committed(&written);
+        submit(&self.shared.tx, Op::Settle { outcome, reply }, rx).await?;
+        writing.committed();
         Ok(())
     }
 
-    /// See [`crate::store::SinkQueue::claim`].
-    pub(super) async fn claim(
-        &self,
-        sink: &str,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Delivery>> {
-        let Some(mut snapshot) = self.claims.snapshot(sink) else {
+    async fn claim_batch(&mut self, limit: usize, max_bytes: usize) -> Result<Vec<Delivery>> {
+        let Some(mut snapshot) = self.claims().and_then(Claims::snapshot) else {
             return Ok(Vec::new());
         };
+        let sink = self.sink.clone();
         let position = match snapshot.position {
             Some(position) => position,
             None => {
-                let name = sink.to_owned();
+                let name = sink.clone();
                 let position = self
+                    .shared
                     .readers
                     .with(move |conn| reader::position(conn, &name))
                     .await?;
-                self.claims.set_position(sink, position);
+                if let Some(claims) = self.claims() {
+                    claims.set_position(position);
+                }
                 snapshot.position = Some(position);
                 position
             }
         };
-        let name = sink.to_owned();
-        let skipped = snapshot.skip.clone();
+        let name = sink.clone();
         let found = self
+            .shared
             .readers
             .with(move |conn| reader::scan(conn, &name, position, limit, max_bytes, &snapshot))
             .await?;
@@ -122,9 +129,12 @@ impl Queues {
             held: found.held,
             examined_to: found.examined_to,
         };
-        let (claim, moved) = self.claims.record(sink, claimed, &skipped);
-        if let Some(outcome) = moved
-            && let Err(e) = self.write_settled(outcome).await
+        let Some(claims) = self.claims() else {
+            return Ok(Vec::new());
+        };
+        let moved = claims.record(&sink, claimed);
+        if !moved.is_empty()
+            && let Err(e) = self.write(moved).await
         {
             // Held back events not written are handed out again by a later claim.
             tracing::warn!(sink, error = %e, "cannot record held back events or move the cursor");
@@ -134,7 +144,7 @@ impl Queues {
         let mut deliveries = Vec::with_capacity(fresh.len() + retries.len());
         let mut damaged = Vec::new();
         for (r, retry) in retries.chain(fresh) {
-            let id = Claims::id(claim, r.id, retry);
+            let id = Claims::id(r.id, retry);
             match decompress(r.codec, r.payload) {
                 Ok(payload) => deliveries.push(Delivery {
                     id,
@@ -158,11 +168,91 @@ impl Queues {
             }
         }
         if !damaged.is_empty()
-            && let Err(e) = self.settle(damaged, Vec::new()).await
+            && let Err(e) = self.settle_all(damaged, Vec::new()).await
         {
             // Unwritten, the damaged events are handed out again, and tried again, later.
             tracing::warn!(sink, error = %e, "cannot record damaged payloads");
         }
         Ok(deliveries)
+    }
+
+    async fn settle_all(
+        &mut self,
+        settlements: Vec<Settlement>,
+        attempts: Vec<Attempt>,
+    ) -> Result<()> {
+        let sink = self.sink.clone();
+        let Some(claims) = self.claims() else {
+            return Ok(());
+        };
+        let mut outcome = claims.settle(&sink, &settlements);
+        outcome.attempts = attempts;
+        if outcome.is_empty() {
+            return Ok(());
+        }
+        self.write(outcome).await
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        if let Some(claims) = self.claims.take() {
+            let mut parked = self
+                .shared
+                .parked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            parked.insert(self.sink.clone(), Some(claims));
+        }
+    }
+}
+
+impl SinkQueue for Queue {
+    fn claim(&mut self, limit: usize, max_bytes: usize) -> BoxFuture<'_, Result<Vec<Delivery>>> {
+        Box::pin(self.claim_batch(limit, max_bytes))
+    }
+
+    fn settle(
+        &mut self,
+        settlements: Vec<Settlement>,
+        attempts: Vec<Attempt>,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.settle_all(settlements, attempts))
+    }
+
+    fn release(&mut self, ids: Vec<DeliveryId>) {
+        if let Some(claims) = self.claims() {
+            claims.release(&ids);
+        }
+    }
+
+    /// A retry row's time, or the end of the sink's pause.
+    fn next_due(&mut self) -> BoxFuture<'_, Result<Option<SystemTime>>> {
+        Box::pin(async move {
+            let name = self.sink.clone();
+            let retry = self
+                .shared
+                .readers
+                .with(move |conn| reader::next_due(conn, &name))
+                .await?;
+            let paused = self.claims().and_then(|c| c.paused_until());
+            Ok([retry, paused].into_iter().flatten().min())
+        })
+    }
+
+    fn waker(&self) -> Arc<Notify> {
+        self.shared.wakers.get(&self.sink)
+    }
+
+    fn record_pause<'a>(&'a mut self, pause: Option<&'a SinkPause>) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let op = Op::Pause {
+                sink: self.sink.clone(),
+                pause: pause.map(|p| (to_millis(p.until), p.reason.clone())),
+                reply,
+            };
+            submit(&self.shared.tx, op, rx).await
+        })
     }
 }

@@ -4,7 +4,7 @@
 
 use rusqlite::params;
 
-use super::claims::{Change, Claims, Outcome};
+use super::claims::{Change, Outcome};
 use super::millis::to_millis;
 use super::waiting::{WAITING, Waiting};
 use crate::store::Attempt;
@@ -12,31 +12,32 @@ use crate::store::Attempt;
 /// What a waiting row shows as its last error, to say why nothing happens to it.
 const WAITING_NOTE: &str = "waiting for an earlier event of its call";
 
-/// Writes what settling came to: retry rows for failed first attempts, updated or
-/// removed ones for retries, the attempts (at most `keep` per delivery), and the cursor
-/// moves these rows allow, which it leaves in `outcome.cursors`.
+/// Writes what settling (or a claim) of one sink came to: retry rows for failed first
+/// attempts, updated ones for retries, waiting rows for held events, releases, the
+/// attempts (at most `keep` per delivery), and the cursor move these rows allow.
 pub(super) fn settle(
     tx: &rusqlite::Transaction<'_>,
-    outcome: &mut Outcome,
+    outcome: &Outcome,
     now: i64,
-    claims: &Claims,
     waiting: &mut Waiting,
     keep: usize,
 ) -> rusqlite::Result<()> {
+    let sink = outcome.sink.as_str();
     if keep > 0 {
-        for (sink, attempt) in &outcome.attempts {
+        for attempt in &outcome.attempts {
             record_attempt(tx, sink, attempt, keep)?;
         }
     }
     for change in &outcome.changes {
         match change {
             Change::Failed {
-                sink,
                 event_id,
                 call_id,
+                first: true,
                 dead,
                 next,
                 error,
+                ..
             } => tx
                 .prepare_cached(
                     "INSERT INTO retries (sink, event_id, call_id, status, attempts,
@@ -56,13 +57,13 @@ pub(super) fn settle(
                     error,
                     now
                 ])?,
-            Change::Again {
-                sink,
+            Change::Failed {
                 event_id,
                 dead,
                 counted,
                 next,
                 error,
+                ..
             } => tx
                 .prepare_cached(
                     "UPDATE retries SET status = ?3, attempts = attempts + ?4,
@@ -78,7 +79,7 @@ pub(super) fn settle(
                     error,
                     now
                 ])?,
-            Change::Delivered { sink, event_id } => tx
+            Change::Delivered { event_id } => tx
                 .prepare_cached(
                     "UPDATE retries SET status = 'delivered', attempts = attempts + 1,
                          last_error = NULL, updated_at = ?3
@@ -86,14 +87,13 @@ pub(super) fn settle(
                 )?
                 .execute(params![sink, event_id, now])?,
             Change::Held {
-                sink,
                 event_id,
                 call_id,
-                behind,
+                waits,
             } => {
-                // Decided here, in the writer's order, not when the scan held it back: what
-                // it waited for may have ended since, its own release already written.
-                let waits = claims.may_come_later(sink, *behind)
+                // An earlier event of the call with a pending row (a failure, a replay, or
+                // another held event) is waited for too, as this transaction sees it.
+                let waits = *waits
                     || tx
                         .prepare_cached(
                             "SELECT 1 FROM retries WHERE sink = ?1 AND call_id = ?2
@@ -115,8 +115,8 @@ pub(super) fn settle(
                 .execute(params![sink, event_id, call_id, next, note, now])?
             }
             // Most sinks hold no waiting row at all: nothing to release, no statement.
-            Change::Release { sink, .. } if !waiting.may_hold(sink) => 0,
-            Change::Release { sink, call_id } => {
+            Change::Release { .. } if !waiting.may_hold(sink) => 0,
+            Change::Release { call_id } => {
                 let released = tx
                     .prepare_cached(
                         "UPDATE retries SET next_attempt_at = ?3, last_error = NULL, updated_at = ?3
@@ -130,13 +130,12 @@ pub(super) fn settle(
             }
         };
     }
-    outcome.cursors = claims.cursors_with(outcome);
-    let mut cursor = tx.prepare_cached(
-        "INSERT INTO cursors (sink, position) VALUES (?1, ?2)
-         ON CONFLICT (sink) DO UPDATE SET position = MAX(position, excluded.position)",
-    )?;
-    for (sink, position) in &outcome.cursors {
-        cursor.execute(params![sink, position])?;
+    if let Some(position) = outcome.cursor {
+        tx.prepare_cached(
+            "INSERT INTO cursors (sink, position) VALUES (?1, ?2)
+             ON CONFLICT (sink) DO UPDATE SET position = MAX(position, excluded.position)",
+        )?
+        .execute(params![sink, position])?;
     }
     Ok(())
 }

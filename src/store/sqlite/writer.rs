@@ -15,7 +15,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admin;
-use super::claims::{Claims, Outcome};
+use super::claims::Outcome;
 use super::dedup::Dedup;
 use super::keys::key;
 use super::millis::to_millis;
@@ -58,9 +58,8 @@ pub(super) enum Op {
         reply: oneshot::Sender<Result<Kept, StoreError>>,
     },
     Settle {
-        /// Its `cursors` set by `apply` to those written.
         outcome: Outcome,
-        reply: oneshot::Sender<Result<Vec<(String, i64)>, StoreError>>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Poll {
         call_id: String,
@@ -118,7 +117,6 @@ impl Op {
         now: i64,
         limits: &Limits,
         memory: &mut Memory,
-        claims: &Claims,
     ) -> rusqlite::Result<()> {
         match self {
             Op::Ingest {
@@ -226,14 +224,9 @@ impl Op {
                 *outcome = quarantine(tx, entry, now, limits.quarantine_max_bytes)?;
                 Ok(())
             }
-            Op::Settle { outcome, .. } => settle(
-                tx,
-                outcome,
-                now,
-                claims,
-                &mut memory.waiting,
-                limits.attempts_kept,
-            ),
+            Op::Settle { outcome, .. } => {
+                settle(tx, outcome, now, &mut memory.waiting, limits.attempts_kept)
+            }
         }
     }
 
@@ -255,10 +248,7 @@ impl Op {
             Op::Quarantine { outcome, reply, .. } => {
                 let _ = reply.send(result.map(|()| outcome));
             }
-            Op::Settle { outcome, reply } => {
-                let _ = reply.send(result.map(|()| outcome.cursors));
-            }
-            Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
+            Op::Settle { reply, .. } | Op::Poll { reply, .. } | Op::Pause { reply, .. } => {
                 let _ = reply.send(result);
             }
             Op::Prune { outcome, reply, .. } => {
@@ -342,12 +332,11 @@ fn commit(
     ops: &mut [Op],
     limits: &Limits,
     memory: &mut Memory,
-    claims: &Claims,
 ) -> rusqlite::Result<()> {
     if let Some(dedup) = &mut memory.loaded {
         dedup.begin();
     }
-    let result = apply_all(conn, ops, limits, memory, claims);
+    let result = apply_all(conn, ops, limits, memory);
     if let Some(dedup) = &mut memory.loaded {
         match result {
             Ok(()) => dedup.committed(),
@@ -366,7 +355,6 @@ fn apply_all(
     ops: &mut [Op],
     limits: &Limits,
     memory: &mut Memory,
-    claims: &Claims,
 ) -> rusqlite::Result<()> {
     let now = to_millis(now());
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -376,7 +364,7 @@ fn apply_all(
     // Checked once the write lock is ours, which can take a while when another process
     // holds it: a caller that has since answered 503 must not see its event stored.
     for op in ops.iter_mut().filter(|op| !op.withdrawn()) {
-        op.apply(&tx, now, limits, memory, claims)?;
+        op.apply(&tx, now, limits, memory)?;
     }
     tx.commit()
 }
@@ -401,9 +389,6 @@ pub(super) struct WriterContext {
     /// Tells the checkpointer there is something to copy.
     pub(super) commit_signal: std::sync::mpsc::SyncSender<()>,
     pub(super) limits: Limits,
-    /// What each sink has in hand: a held event's row is written as waiting only while
-    /// what it waits for may still come later.
-    pub(super) claims: Arc<Claims>,
 }
 
 pub(super) fn write_loop(
@@ -419,7 +404,6 @@ pub(super) fn write_loop(
         metrics,
         commit_signal,
         limits,
-        claims,
     } = ctx;
     let mut memory = Memory {
         run_size: limits.run_size,
@@ -463,7 +447,7 @@ pub(super) fn write_loop(
         }
         let started = std::time::Instant::now();
         last_commit = Some(started);
-        let committed = commit(&mut conn, &mut group, limits, &mut memory, claims);
+        let committed = commit(&mut conn, &mut group, limits, &mut memory);
         if let Some(m) = metrics {
             m.commit_latency.observe(started.elapsed().as_secs_f64());
         }
@@ -484,7 +468,6 @@ pub(super) fn write_loop(
                         std::slice::from_mut(&mut op),
                         limits,
                         &mut memory,
-                        claims,
                     );
                     any |= result.is_ok();
                     op.answer(result.map_err(StoreError::from), &mut woken);

@@ -1,4 +1,4 @@
-//! What a claim finds and what settling comes to: the rows and cursor moves the claims
+//! What a claim finds and what settling comes to: the rows and cursor move the claims
 //! ask the writer to make.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use crate::store::Attempt;
 
-/// What a claim starts from, read under the lock.
+/// What a claim starts from.
 pub(in crate::store::sqlite) struct Snapshot {
     pub(in crate::store::sqlite) position: Option<i64>,
     pub(in crate::store::sqlite) skip: BTreeSet<i64>,
@@ -35,63 +35,58 @@ pub(in crate::store::sqlite) struct Claimed<'a> {
     pub(in crate::store::sqlite) examined_to: Option<i64>,
 }
 
-/// A change to `retries` that settling asks of the writer.
+/// A change to `retries` that settling or a claim asks of the writer.
 #[derive(Debug, Clone)]
 pub(in crate::store::sqlite) enum Change {
-    /// A first attempt failed: the delivery gets its retry row.
+    /// An attempt failed (or was postponed, `counted` false): a first attempt gets its
+    /// retry row, a retry's row is updated.
     Failed {
-        sink: String,
         event_id: i64,
         call_id: Option<String>,
-        dead: bool,
-        next: SystemTime,
-        error: String,
-    },
-    /// A retry failed again (or was postponed, `counted` false).
-    Again {
-        sink: String,
-        event_id: i64,
+        first: bool,
         dead: bool,
         counted: bool,
         next: SystemTime,
         error: String,
     },
     /// A retry went through: its row says so.
-    Delivered { sink: String, event_id: i64 },
-    /// A first attempt held back for its call's order gets a row that waits, unless what
-    /// it waited for has ended by the time the row is written.
+    Delivered { event_id: i64 },
+    /// A first attempt held back for its call's order gets a row that waits if what it
+    /// waits for may still come later (`waits`: as far as the claims know; the writer
+    /// also looks for an earlier pending row of the call), or is due at once.
     Held {
-        sink: String,
         event_id: i64,
         call_id: String,
-        behind: i64,
+        waits: bool,
     },
     /// A delivery of the call ended (delivered or dead): the call's next waiting row, if
     /// the earliest pending one waits, becomes due.
-    Release { sink: String, call_id: String },
+    Release { call_id: String },
 }
 
-impl Change {
-    /// The delivery whose row in `retries` this change writes, if it writes one.
-    pub(super) fn row(&self) -> Option<(&str, i64)> {
-        match self {
-            Change::Failed { sink, event_id, .. }
-            | Change::Held { sink, event_id, .. }
-            | Change::Again { sink, event_id, .. }
-            | Change::Delivered { sink, event_id } => Some((sink, *event_id)),
-            Change::Release { .. } => None,
+/// What a claim or a batch of settlements of one sink comes to: rows to write, the
+/// cursor move they allow, and attempts for the deliveries' histories, in one
+/// transaction.
+#[derive(Debug)]
+pub(in crate::store::sqlite) struct Outcome {
+    pub(in crate::store::sqlite) sink: String,
+    pub(in crate::store::sqlite) changes: Vec<Change>,
+    pub(in crate::store::sqlite) cursor: Option<i64>,
+    pub(in crate::store::sqlite) attempts: Vec<Attempt>,
+}
+
+impl Outcome {
+    pub(super) fn new(sink: &str) -> Outcome {
+        Outcome {
+            sink: sink.to_owned(),
+            changes: Vec::new(),
+            cursor: None,
+            attempts: Vec::new(),
         }
     }
-}
 
-/// What a batch of settlements comes to: retry rows to write, cursors to move.
-#[derive(Debug, Default)]
-pub(in crate::store::sqlite) struct Outcome {
-    pub(in crate::store::sqlite) changes: Vec<Change>,
-    pub(in crate::store::sqlite) cursors: Vec<(String, i64)>,
-    /// Attempts for the deliveries' histories, each with its sink.
-    pub(in crate::store::sqlite) attempts: Vec<(String, Attempt)>,
-    /// Each sink whose cursor moves, and its cursor as written before, should the write
-    /// fail.
-    pub(in crate::store::sqlite) before: Vec<(usize, i64)>,
+    /// Whether there is nothing to write.
+    pub(in crate::store::sqlite) fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.cursor.is_none() && self.attempts.is_empty()
+    }
 }

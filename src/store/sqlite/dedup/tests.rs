@@ -130,13 +130,17 @@ async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
     store_new(&store, (0..9).map(|i| format!("c{i}"))).await;
-    let due = store.claim("a", 100, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(100, usize::MAX).await.expect("due");
     assert_eq!(due.len(), 9);
     let delivered = due
         .iter()
         .map(|d| Settlement::Delivered { id: d.id })
         .collect();
-    store.settle(delivered, Vec::new()).await.expect("settled");
+    store
+        .queue("a")
+        .settle(delivered, Vec::new())
+        .await
+        .expect("settled");
     assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
     let latest = count(dir.path(), "SELECT MAX(id) FROM events");
 
@@ -156,7 +160,7 @@ async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
         Ingested::Stored { .. }
     ));
     assert_eq!(count(dir.path(), "SELECT MAX(id) FROM events"), latest + 1);
-    let due = store.claim("a", 100, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(100, usize::MAX).await.expect("due");
     assert_eq!(due.len(), 1, "the new event is due");
     assert_eq!(ingest(&store, "c0").await, Ingested::Duplicate);
 }

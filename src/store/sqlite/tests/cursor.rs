@@ -4,7 +4,11 @@ use super::*;
 
 /// Row ids of a claim's deliveries.
 async fn claim_rows(store: &Store, sink: &str, limit: usize) -> Vec<i64> {
-    let due = store.claim(sink, limit, usize::MAX).await.expect("claim");
+    let due = store
+        .queue(sink)
+        .claim(limit, usize::MAX)
+        .await
+        .expect("claim");
     due.iter().map(|d| d.id.row).collect()
 }
 
@@ -33,28 +37,33 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("router.db");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let ids: Vec<_> = due.iter().map(|d| d.id).collect();
     let db = Connection::open(&path).expect("open");
     fail_writes_of(&db, "retries");
-    // Two deliveries finish together: the first failed (its retry row cannot be
+    // Two batches finish one after the other: the first failed (its retry row cannot be
     // written), the others went through (a cursor move, which can).
-    let failed = store.settle(
-        vec![Settlement::Retry {
-            id: ids[0],
-            at: now(),
-            error: "500".into(),
-        }],
-        Vec::new(),
-    );
-    let delivered = store.settle(
-        ids[1..]
-            .iter()
-            .map(|id| Settlement::Delivered { id: *id })
-            .collect(),
-        Vec::new(),
-    );
-    let (failed, delivered) = tokio::join!(failed, delivered);
+    let mut queue = store.queue("a");
+    let failed = queue
+        .settle(
+            vec![Settlement::Retry {
+                id: ids[0],
+                at: now(),
+                error: "500".into(),
+            }],
+            Vec::new(),
+        )
+        .await;
+    let delivered = queue
+        .settle(
+            ids[1..]
+                .iter()
+                .map(|id| Settlement::Delivered { id: *id })
+                .collect(),
+            Vec::new(),
+        )
+        .await;
+    drop(queue);
     assert!(failed.is_err(), "the retry row was refused");
     delivered.expect("nothing of it was refused");
     assert!(
@@ -74,10 +83,11 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
 async fn a_failures_retry_row_and_the_cursor_move_past_it_commit_together_or_not_at_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2"]).await;
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     fail_writes_of(&db, "cursors");
     let settled = store
+        .queue("a")
         .settle(
             vec![
                 Settlement::Retry {
@@ -96,16 +106,16 @@ async fn a_failures_retry_row_and_the_cursor_move_past_it_commit_together_or_not
         .expect("count");
     assert_eq!(rows, 0, "the retry row went in without the cursor move");
     db.execute_batch("DROP TRIGGER fail_cursors").expect("drop");
-    let again = store.claim("a", 10, usize::MAX).await.expect("due");
+    let again = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let again: Vec<_> = again.iter().map(|d| (d.id.row, d.attempts)).collect();
     assert_eq!(again, [(1, 0)], "event 1 goes out again as a first attempt");
 }
 
 #[tokio::test]
-async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in() {
+async fn two_failed_writes_hand_back_every_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let ids: Vec<_> = due.iter().map(|d| d.id).collect();
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     fail_writes_of(&db, "retries");
@@ -114,15 +124,20 @@ async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in()
         at: now(),
         error: "500".into(),
     };
-    let first = store.settle(
-        vec![retry(0), Settlement::Delivered { id: ids[1] }],
-        Vec::new(),
-    );
-    let second = store.settle(
-        vec![retry(2), Settlement::Delivered { id: ids[3] }],
-        Vec::new(),
-    );
-    let (first, second) = tokio::join!(first, second);
+    let mut queue = store.queue("a");
+    let first = queue
+        .settle(
+            vec![retry(0), Settlement::Delivered { id: ids[1] }],
+            Vec::new(),
+        )
+        .await;
+    let second = queue
+        .settle(
+            vec![retry(2), Settlement::Delivered { id: ids[3] }],
+            Vec::new(),
+        )
+        .await;
+    drop(queue);
     assert!(first.is_err() && second.is_err());
     db.execute_batch("DROP TRIGGER fail_retries").expect("drop");
     assert_eq!(claim_rows(&store, "a", 10).await, [1, 3]);
@@ -132,14 +147,14 @@ async fn two_failed_writes_hand_back_every_failure_whatever_order_they_fail_in()
 async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2"]).await;
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     // The write waits for a lock someone else holds; the delivery task is cancelled
     // meanwhile (a sink reload's drain timeout).
     let lock = Connection::open(dir.path().join("router.db")).expect("open");
     lock.execute_batch("BEGIN IMMEDIATE").expect("lock");
     let settled = tokio::time::timeout(
         Duration::from_millis(200),
-        store.settle(
+        store.queue("a").settle(
             vec![Settlement::Retry {
                 id: due[0].id,
                 at: now(),
@@ -152,6 +167,7 @@ async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     assert!(settled.is_err(), "cancelled while waiting");
     lock.execute_batch("COMMIT").expect("unlock");
     store
+        .queue("a")
         .settle(vec![Settlement::Delivered { id: due[1].id }], Vec::new())
         .await
         .expect("settled");
@@ -178,7 +194,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
         [super::super::codec::CODEC_ZSTD],
     )
     .expect("damage");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1, 3]);
     let (status, error): (String, String) = db
         .query_row(
@@ -190,6 +206,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
     assert_eq!(status, "dead");
     assert!(error.contains("damaged"), "{error}");
     store
+        .queue("a")
         .settle(
             due.iter()
                 .map(|d| Settlement::Delivered { id: d.id })
@@ -216,8 +233,13 @@ async fn the_cursor_of_a_sink_that_rarely_gets_an_event_moves_past_the_others() 
             .await
             .expect("stored");
     }
-    let due = store.claim("rare", 10, usize::MAX).await.expect("due");
+    let due = store
+        .queue("rare")
+        .claim(10, usize::MAX)
+        .await
+        .expect("due");
     store
+        .queue("rare")
         .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
@@ -242,9 +264,10 @@ async fn events_held_behind_pending_retries_do_not_stop_other_calls() {
             .await
             .expect("stored");
     }
-    let failing = store.claim("a", 100, usize::MAX).await.expect("due");
+    let failing = store.queue("a").claim(100, usize::MAX).await.expect("due");
     let in_an_hour = now() + Duration::from_secs(3600);
     store
+        .queue("a")
         .settle(
             failing
                 .iter()
@@ -290,7 +313,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
             .await
             .expect("stored");
     }
-    let due = store.claim("a", 100, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(100, usize::MAX).await.expect("due");
     assert_eq!(due.len(), 51, "all but the held event");
     let in_an_hour = now() + Duration::from_secs(3600);
     let settled = due
@@ -307,7 +330,11 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
             }
         })
         .collect();
-    store.settle(settled, Vec::new()).await.expect("settled");
+    store
+        .queue("a")
+        .settle(settled, Vec::new())
+        .await
+        .expect("settled");
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     assert_eq!(cursor_of(&db, "a"), 52, "the cursor passed the held event");
     let (status, at, note): (String, i64, String) = db
@@ -328,7 +355,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
         .expect("the outbox view shows it");
     assert_eq!(shown.0, "pending");
     assert_eq!(
-        store.next_due("a").await.expect("next due"),
+        store.queue("a").next_due().await.expect("next due"),
         Some(in_an_hour).map(|t| from_millis(to_millis(t))),
         "a waiting row has no time of its own"
     );
@@ -341,13 +368,14 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
         [],
     )
     .expect("due now");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
     store
+        .queue("a")
         .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [2]);
     assert_eq!(due[0].attempts, 0, "waiting used no attempt");
 }
@@ -370,9 +398,10 @@ async fn an_event_held_behind_one_in_hand_at_a_crash_goes_out_after_it_not_befor
     drop(store);
 
     let store = open(dir.path()).await;
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
     store
+        .queue("a")
         .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");

@@ -51,7 +51,7 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
     let dir = tempfile::tempdir().expect("tempdir");
     let store = with_one_event(dir.path(), 3).await;
     for number in 1..=4 {
-        let due = store.claim("a", 10, usize::MAX).await.expect("due");
+        let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
         let id = due[0].id;
         let retry = Settlement::Retry {
             id,
@@ -60,14 +60,16 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
         };
         let kept = attempt(id, number, AttemptOutcome::Retried);
         store
+            .queue("a")
             .settle(vec![retry], vec![kept])
             .await
             .expect("settled");
     }
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let id = due[0].id;
     let delivered = attempt(id, 5, AttemptOutcome::Delivered);
     store
+        .queue("a")
         .settle(vec![Settlement::Delivered { id }], vec![delivered])
         .await
         .expect("settled");
@@ -105,14 +107,18 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
 async fn with_no_attempts_kept_nothing_is_written_to_the_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = with_one_event(dir.path(), 0).await;
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let id = due[0].id;
     let dead = Settlement::Dead {
         id,
         error: "answered 400".into(),
     };
     let kept = attempt(id, 1, AttemptOutcome::Dead);
-    store.settle(vec![dead], vec![kept]).await.expect("settled");
+    store
+        .queue("a")
+        .settle(vec![dead], vec![kept])
+        .await
+        .expect("settled");
     let events = store.show_events("c1").await.expect("shown");
     assert_eq!(events[0].deliveries[0].status, "dead");
     assert_eq!(history(&store, "c1").await, []);

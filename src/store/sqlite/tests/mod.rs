@@ -164,11 +164,21 @@ async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
         .await;
     assert_eq!(got.expect("stored"), Ingested::Stored { deliveries: 2 });
     assert_eq!(
-        store.claim("a", 10, usize::MAX).await.expect("due").len(),
+        store
+            .queue("a")
+            .claim(10, usize::MAX)
+            .await
+            .expect("due")
+            .len(),
         1
     );
     assert_eq!(
-        store.claim("b", 10, usize::MAX).await.expect("due").len(),
+        store
+            .queue("b")
+            .claim(10, usize::MAX)
+            .await
+            .expect("due")
+            .len(),
         1
     );
 }
@@ -195,7 +205,12 @@ async fn concurrent_copies_of_one_event_store_exactly_one_row() {
     }
     assert_eq!(stored, 1);
     assert_eq!(
-        store.claim("a", 100, usize::MAX).await.expect("due").len(),
+        store
+            .queue("a")
+            .claim(100, usize::MAX)
+            .await
+            .expect("due")
+            .len(),
         1
     );
 }
@@ -204,9 +219,10 @@ async fn concurrent_copies_of_one_event_store_exactly_one_row() {
 async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3"]).await;
-    let rows = store.claim("a", 10, usize::MAX).await.expect("due");
+    let rows = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let later = now() + Duration::from_secs(3600);
     store
+        .queue("a")
         .settle(
             vec![
                 Settlement::Delivered { id: rows[0].id },
@@ -226,13 +242,15 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
         .expect("settled");
     assert!(
         store
-            .claim("a", 10, usize::MAX)
+            .queue("a")
+            .claim(10, usize::MAX)
             .await
             .expect("due")
             .is_empty()
     );
     let next = store
-        .next_due("a")
+        .queue("a")
+        .next_due()
         .await
         .expect("next due")
         .expect("one pending");
@@ -243,12 +261,14 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
 async fn busy_rows_are_skipped_and_batches_stop_at_the_byte_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
-    let first = store.claim("a", 1, usize::MAX).await.expect("due");
-    let rest = store.claim("a", 10, usize::MAX).await.expect("due");
+    let first = store.queue("a").claim(1, usize::MAX).await.expect("due");
+    let rest = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert_eq!(rest.len(), 3);
     assert!(rest.iter().all(|d| d.id != first[0].id));
-    store.release(first.iter().chain(&rest).map(|d| d.id).collect());
-    let one = store.claim("a", 10, 1).await.expect("due");
+    store
+        .queue("a")
+        .release(first.iter().chain(&rest).map(|d| d.id).collect());
+    let one = store.queue("a").claim(10, 1).await.expect("due");
     assert_eq!(one.len(), 1);
 }
 
@@ -298,7 +318,7 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         .ingest(event("c2", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let keys: Vec<_> = due.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c1:call_completed", "c2:call_completed"]);
 
@@ -310,10 +330,11 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         error: "down".into(),
     };
     store
+        .queue("a")
         .settle(vec![retry], Vec::new())
         .await
         .expect("settled");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert!(
         due.iter()
             .all(|d| d.dedup_key != "c1:all_processing_completed")
@@ -328,8 +349,12 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         id: retried.id,
         error: "gone".into(),
     };
-    store.settle(vec![dead], Vec::new()).await.expect("settled");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    store
+        .queue("a")
+        .settle(vec![dead], Vec::new())
+        .await
+        .expect("settled");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     assert!(
         due.iter()
             .any(|d| d.dedup_key == "c1:all_processing_completed")
@@ -399,7 +424,8 @@ async fn a_database_in_the_outbox_layout_moves_to_the_event_log_with_its_deliver
 
     let store = open(dir.path()).await;
     let mut due: Vec<_> = store
-        .claim("a", 10, usize::MAX)
+        .queue("a")
+        .claim(10, usize::MAX)
         .await
         .expect("due")
         .into_iter()
@@ -422,7 +448,7 @@ async fn a_database_in_the_outbox_layout_moves_to_the_event_log_with_its_deliver
         ],
         "pending stay pending with their attempts; delivered and dead are not handed out"
     );
-    let b = store.claim("b", 10, usize::MAX).await.expect("due");
+    let b = store.queue("b").claim(10, usize::MAX).await.expect("due");
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].dedup_key, "c4:call_completed");
     let dead: String = Connection::open(&path)
@@ -471,12 +497,16 @@ async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
         .ingest(event("c0", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
-    let dead = store.claim("a", 1, usize::MAX).await.expect("due");
+    let dead = store.queue("a").claim(1, usize::MAX).await.expect("due");
     let dead = Settlement::Dead {
         id: dead[0].id,
         error: "gone".into(),
     };
-    store.settle(vec![dead], Vec::new()).await.expect("settled");
+    store
+        .queue("a")
+        .settle(vec![dead], Vec::new())
+        .await
+        .expect("settled");
     // Behind it, more than three ranges of events that pruning deletes, then one kept
     // (pending) so the deleted ids stay a hole instead of being reused.
     many(1..1601).await;
@@ -559,7 +589,7 @@ async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_count
     }
     // Calls 1, 2 and 4 die at `a`, call 3 at `b`; the rest are delivered.
     for (sink, dying) in [("a", ["c1", "c2", "c4"].as_slice()), ("b", &["c3"])] {
-        let due = store.claim(sink, 10, usize::MAX).await.expect("due");
+        let due = store.queue(sink).claim(10, usize::MAX).await.expect("due");
         let settled = due
             .iter()
             .map(|d| match d.call_id.as_deref() {
@@ -570,7 +600,11 @@ async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_count
                 _ => Settlement::Delivered { id: d.id },
             })
             .collect();
-        store.settle(settled, Vec::new()).await.expect("settled");
+        store
+            .queue(sink)
+            .settle(settled, Vec::new())
+            .await
+            .expect("settled");
     }
     let dead = |sink: Option<&str>, limit| {
         let filter = ListFilter {
@@ -611,13 +645,14 @@ async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_count
         .ingest(event("c7", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
-    let due = store.claim("a", 10, usize::MAX).await.expect("due");
+    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
     let retry = Settlement::Retry {
         id: due[0].id,
         at: now() + Duration::from_secs(3600),
         error: "boom".into(),
     };
     store
+        .queue("a")
         .settle(vec![retry], Vec::new())
         .await
         .expect("settled");

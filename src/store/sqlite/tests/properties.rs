@@ -43,7 +43,11 @@ async fn claim_checked(
     fates: &Fates,
     in_hand: &mut Vec<(&'static str, crate::event::Delivery)>,
 ) {
-    let due = store.claim(sink, limit, usize::MAX).await.expect("claim");
+    let due = store
+        .queue(sink)
+        .claim(limit, usize::MAX)
+        .await
+        .expect("claim");
     for d in due {
         let row = d.id.row;
         assert!(
@@ -133,17 +137,17 @@ proptest::proptest! {
                                     Settlement::Dead { .. } => Fate::Dead,
                                     _ => Fate::Open,
                                 };
-                                store.settle(vec![s], Vec::new()).await.expect("settled");
+                                store.queue(sink).settle(vec![s], Vec::new()).await.expect("settled");
                                 fates.insert((sink, id.row), fate);
                             }
-                            None => store.release(vec![id]),
+                            None => store.queue(sink).release(vec![id]),
                         }
                     }
                 }
             }
             // Drain: everything still open goes out and is delivered.
-            for (_, d) in in_hand.drain(..) {
-                store.release(vec![d.id]);
+            for (sink, d) in in_hand.drain(..) {
+                store.queue(sink).release(vec![d.id]);
             }
             for _ in 0..200 {
                 if fates.values().all(|f| *f != Fate::Open) {
@@ -153,7 +157,7 @@ proptest::proptest! {
                     claim_checked(&store, sink, 10, &events, &fates, &mut in_hand).await;
                 }
                 for (sink, d) in in_hand.drain(..) {
-                    store.settle(vec![Settlement::Delivered { id: d.id }], Vec::new()).await.expect("settled");
+                    store.queue(sink).settle(vec![Settlement::Delivered { id: d.id }], Vec::new()).await.expect("settled");
                     fates.insert((sink, d.id.row), Fate::Delivered);
                 }
             }
