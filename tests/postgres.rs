@@ -690,14 +690,10 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
             let e = Event::from_webhook(None, Bytes::from(body)).expect("event");
             store.ingest(e, sinks(&["archive"])).await.expect("stored");
         }
-        let rows = store
-            .queue("archive")
-            .claim(10, usize::MAX)
-            .await
-            .expect("claim");
+        let mut queue = store.queue("archive");
+        let rows = queue.claim(10, usize::MAX).await.expect("claim");
         let (delivered, dead) = (rows[0].id, rows[1].id);
-        store
-            .queue("archive")
+        queue
             .settle(
                 vec![
                     Settlement::Delivered { id: delivered },
@@ -719,7 +715,8 @@ async fn store_migrate_carries_a_sidecars_backlog_dead_letters_and_dedup_history
             )
             .await
             .expect("settled");
-        store.queue("archive").release(vec![rows[2].id]);
+        queue.release(vec![rows[2].id]);
+        drop(queue);
         store
             .quarantine(vyora_router::store::Quarantined {
                 reason: "not json".into(),

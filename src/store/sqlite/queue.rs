@@ -195,8 +195,11 @@ impl Queue {
 }
 
 impl Drop for Queue {
+    /// Parks the claims for the sink's next queue. What is still in hand goes out again:
+    /// a dispatcher releases what it abandons, but one that failed may not have.
     fn drop(&mut self) {
-        if let Some(claims) = self.claims.take() {
+        if let Some(mut claims) = self.claims.take() {
+            claims.release_all();
             let mut parked = self
                 .shared
                 .parked

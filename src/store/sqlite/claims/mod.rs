@@ -198,6 +198,16 @@ impl Claims {
         }
     }
 
+    /// Ends every claim without an outcome, as [`Claims::release`] does: their owner is
+    /// gone, and nobody else could settle them.
+    pub(super) fn release_all(&mut self) {
+        if let Some(first) = self.fresh.keys().next() {
+            self.scanned_to = self.scanned_to.min(first - 1);
+        }
+        self.fresh.clear();
+        self.retries.clear();
+    }
+
     /// When the sink's pause ends, if it is paused.
     pub(super) fn paused_until(&self) -> Option<SystemTime> {
         let left = self.paused_until?.checked_duration_since(Instant::now())?;

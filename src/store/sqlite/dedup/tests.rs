@@ -129,18 +129,15 @@ async fn a_run_cut_short_by_a_stop_is_written_again_from_the_log_without_stray_k
 async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
+    let mut queue = store.queue("a");
     store_new(&store, (0..9).map(|i| format!("c{i}"))).await;
-    let due = store.queue("a").claim(100, usize::MAX).await.expect("due");
+    let due = queue.claim(100, usize::MAX).await.expect("due");
     assert_eq!(due.len(), 9);
     let delivered = due
         .iter()
         .map(|d| Settlement::Delivered { id: d.id })
         .collect();
-    store
-        .queue("a")
-        .settle(delivered, Vec::new())
-        .await
-        .expect("settled");
+    queue.settle(delivered, Vec::new()).await.expect("settled");
     assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 2);
     let latest = count(dir.path(), "SELECT MAX(id) FROM events");
 
@@ -150,17 +147,19 @@ async fn pruning_deletes_a_run_with_its_last_event_and_ids_are_never_reused() {
     assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup_runs"), 0);
     assert_eq!(count(dir.path(), "SELECT COUNT(*) FROM dedup"), 0);
     store.close().await;
+    drop(queue);
     drop(store);
 
     // Past the window a key is forgotten, as before; with every event gone, the next
     // one still gets a new id, after the sink's cursor, so it is delivered.
     let store = open(dir.path());
+    let mut queue = store.queue("a");
     assert!(matches!(
         ingest(&store, "c0").await,
         Ingested::Stored { .. }
     ));
     assert_eq!(count(dir.path(), "SELECT MAX(id) FROM events"), latest + 1);
-    let due = store.queue("a").claim(100, usize::MAX).await.expect("due");
+    let due = queue.claim(100, usize::MAX).await.expect("due");
     assert_eq!(due.len(), 1, "the new event is due");
     assert_eq!(ingest(&store, "c0").await, Ingested::Duplicate);
 }

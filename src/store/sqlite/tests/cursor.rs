@@ -3,12 +3,8 @@
 use super::*;
 
 /// Row ids of a claim's deliveries.
-async fn claim_rows(store: &Store, sink: &str, limit: usize) -> Vec<i64> {
-    let due = store
-        .queue(sink)
-        .claim(limit, usize::MAX)
-        .await
-        .expect("claim");
+async fn claim_rows(queue: &mut Box<dyn SinkQueue>, limit: usize) -> Vec<i64> {
+    let due = queue.claim(limit, usize::MAX).await.expect("claim");
     due.iter().map(|d| d.id.row).collect()
 }
 
@@ -37,13 +33,13 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("router.db");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let ids: Vec<_> = due.iter().map(|d| d.id).collect();
     let db = Connection::open(&path).expect("open");
     fail_writes_of(&db, "retries");
     // Two batches finish one after the other: the first failed (its retry row cannot be
     // written), the others went through (a cursor move, which can).
-    let mut queue = store.queue("a");
     let failed = queue
         .settle(
             vec![Settlement::Retry {
@@ -63,7 +59,6 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
             Vec::new(),
         )
         .await;
-    drop(queue);
     assert!(failed.is_err(), "the retry row was refused");
     delivered.expect("nothing of it was refused");
     assert!(
@@ -71,23 +66,25 @@ async fn a_failure_whose_retry_row_was_not_written_goes_out_again_though_a_later
         "the stored cursor passed event 1, whose retry row is not written"
     );
     db.execute_batch("DROP TRIGGER fail_retries").expect("drop");
-    assert_eq!(claim_rows(&store, "a", 10).await, [1], "handed out again");
+    assert_eq!(claim_rows(&mut queue, 10).await, [1], "handed out again");
     // And after a restart (a crash now would find the same), with the others again:
     // the cursor could not pass them before event 1.
+    drop(queue);
     drop(store);
     let store = open(dir.path()).await;
-    assert_eq!(claim_rows(&store, "a", 10).await, [1, 2, 3, 4]);
+    let mut queue = store.queue("a");
+    assert_eq!(claim_rows(&mut queue, 10).await, [1, 2, 3, 4]);
 }
 
 #[tokio::test]
 async fn a_failures_retry_row_and_the_cursor_move_past_it_commit_together_or_not_at_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2"]).await;
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     fail_writes_of(&db, "cursors");
-    let settled = store
-        .queue("a")
+    let settled = queue
         .settle(
             vec![
                 Settlement::Retry {
@@ -106,7 +103,7 @@ async fn a_failures_retry_row_and_the_cursor_move_past_it_commit_together_or_not
         .expect("count");
     assert_eq!(rows, 0, "the retry row went in without the cursor move");
     db.execute_batch("DROP TRIGGER fail_cursors").expect("drop");
-    let again = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let again = queue.claim(10, usize::MAX).await.expect("due");
     let again: Vec<_> = again.iter().map(|d| (d.id.row, d.attempts)).collect();
     assert_eq!(again, [(1, 0)], "event 1 goes out again as a first attempt");
 }
@@ -115,7 +112,8 @@ async fn a_failures_retry_row_and_the_cursor_move_past_it_commit_together_or_not
 async fn two_failed_writes_hand_back_every_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let ids: Vec<_> = due.iter().map(|d| d.id).collect();
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     fail_writes_of(&db, "retries");
@@ -124,7 +122,6 @@ async fn two_failed_writes_hand_back_every_failure() {
         at: now(),
         error: "500".into(),
     };
-    let mut queue = store.queue("a");
     let first = queue
         .settle(
             vec![retry(0), Settlement::Delivered { id: ids[1] }],
@@ -137,24 +134,24 @@ async fn two_failed_writes_hand_back_every_failure() {
             Vec::new(),
         )
         .await;
-    drop(queue);
     assert!(first.is_err() && second.is_err());
     db.execute_batch("DROP TRIGGER fail_retries").expect("drop");
-    assert_eq!(claim_rows(&store, "a", 10).await, [1, 3]);
+    assert_eq!(claim_rows(&mut queue, 10).await, [1, 3]);
 }
 
 #[tokio::test]
 async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2"]).await;
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     // The write waits for a lock someone else holds; the delivery task is cancelled
     // meanwhile (a sink reload's drain timeout).
     let lock = Connection::open(dir.path().join("router.db")).expect("open");
     lock.execute_batch("BEGIN IMMEDIATE").expect("lock");
     let settled = tokio::time::timeout(
         Duration::from_millis(200),
-        store.queue("a").settle(
+        queue.settle(
             vec![Settlement::Retry {
                 id: due[0].id,
                 at: now(),
@@ -166,8 +163,7 @@ async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     .await;
     assert!(settled.is_err(), "cancelled while waiting");
     lock.execute_batch("COMMIT").expect("unlock");
-    store
-        .queue("a")
+    queue
         .settle(vec![Settlement::Delivered { id: due[1].id }], Vec::new())
         .await
         .expect("settled");
@@ -175,7 +171,7 @@ async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
     // first attempt handed out again, or through its retry row.
     let mut again = Vec::new();
     for _ in 0..50 {
-        again = claim_rows(&store, "a", 10).await;
+        again = claim_rows(&mut queue, 10).await;
         if !again.is_empty() {
             break;
         }
@@ -188,13 +184,14 @@ async fn a_failure_whose_caller_stopped_waiting_for_its_write_is_not_lost() {
 async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_goes_out() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3"]).await;
+    let mut queue = store.queue("a");
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     db.execute(
         "UPDATE events SET codec = ?1, payload = X'00010203' WHERE id = 2",
         [super::super::codec::CODEC_ZSTD],
     )
     .expect("damage");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1, 3]);
     let (status, error): (String, String) = db
         .query_row(
@@ -205,8 +202,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
         .expect("a dead row");
     assert_eq!(status, "dead");
     assert!(error.contains("damaged"), "{error}");
-    store
-        .queue("a")
+    queue
         .settle(
             due.iter()
                 .map(|d| Settlement::Delivered { id: d.id })
@@ -215,7 +211,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
         )
         .await
         .expect("settled");
-    assert!(claim_rows(&store, "a", 10).await.is_empty());
+    assert!(claim_rows(&mut queue, 10).await.is_empty());
     assert_eq!(cursor_of(&db, "a"), 3, "the sink goes on past it");
 }
 
@@ -223,6 +219,7 @@ async fn a_damaged_payload_goes_to_the_dead_letters_and_the_rest_of_its_batch_go
 async fn the_cursor_of_a_sink_that_rarely_gets_an_event_moves_past_the_others() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut rare = store.queue("rare");
     store
         .ingest(event("c0", "call_started"), sinks(&["rare"]))
         .await
@@ -233,17 +230,11 @@ async fn the_cursor_of_a_sink_that_rarely_gets_an_event_moves_past_the_others() 
             .await
             .expect("stored");
     }
-    let due = store
-        .queue("rare")
-        .claim(10, usize::MAX)
-        .await
-        .expect("due");
-    store
-        .queue("rare")
-        .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
+    let due = rare.claim(10, usize::MAX).await.expect("due");
+    rare.settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
-    assert!(claim_rows(&store, "rare", 10).await.is_empty());
+    assert!(claim_rows(&mut rare, 10).await.is_empty());
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     assert_eq!(
         cursor_of(&db, "rare"),
@@ -256,6 +247,7 @@ async fn the_cursor_of_a_sink_that_rarely_gets_an_event_moves_past_the_others() 
 async fn events_held_behind_pending_retries_do_not_stop_other_calls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     // A hundred calls whose first event fails for an hour, each with a later event that
     // must wait for it: far more held events than one claim returns.
     for n in 0..100 {
@@ -264,10 +256,9 @@ async fn events_held_behind_pending_retries_do_not_stop_other_calls() {
             .await
             .expect("stored");
     }
-    let failing = store.queue("a").claim(100, usize::MAX).await.expect("due");
+    let failing = queue.claim(100, usize::MAX).await.expect("due");
     let in_an_hour = now() + Duration::from_secs(3600);
-    store
-        .queue("a")
+    queue
         .settle(
             failing
                 .iter()
@@ -291,7 +282,7 @@ async fn events_held_behind_pending_retries_do_not_stop_other_calls() {
         .ingest(event("other", "call_started"), sinks(&["a"]))
         .await
         .expect("stored");
-    assert_eq!(claim_rows(&store, "a", 10).await, [201]);
+    assert_eq!(claim_rows(&mut queue, 10).await, [201]);
 }
 
 #[tokio::test]
@@ -299,6 +290,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
 {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     store
         .ingest(event("c1", "call_completed"), sinks(&["a"]))
         .await
@@ -313,7 +305,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
             .await
             .expect("stored");
     }
-    let due = store.queue("a").claim(100, usize::MAX).await.expect("due");
+    let due = queue.claim(100, usize::MAX).await.expect("due");
     assert_eq!(due.len(), 51, "all but the held event");
     let in_an_hour = now() + Duration::from_secs(3600);
     let settled = due
@@ -330,11 +322,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
             }
         })
         .collect();
-    store
-        .queue("a")
-        .settle(settled, Vec::new())
-        .await
-        .expect("settled");
+    queue.settle(settled, Vec::new()).await.expect("settled");
     let db = Connection::open(dir.path().join("router.db")).expect("open");
     assert_eq!(cursor_of(&db, "a"), 52, "the cursor passed the held event");
     let (status, at, note): (String, i64, String) = db
@@ -355,27 +343,28 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
         .expect("the outbox view shows it");
     assert_eq!(shown.0, "pending");
     assert_eq!(
-        store.queue("a").next_due().await.expect("next due"),
+        queue.next_due().await.expect("next due"),
         Some(in_an_hour).map(|t| from_millis(to_millis(t))),
         "a waiting row has no time of its own"
     );
+    drop(queue);
     drop(store);
 
     // After a restart, the failing event's success lets the held one go, in order.
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     db.execute(
         "UPDATE retries SET next_attempt_at = 0 WHERE event_id = 1",
         [],
     )
     .expect("due now");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
-    store
-        .queue("a")
+    queue
         .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [2]);
     assert_eq!(due[0].attempts, 0, "waiting used no attempt");
 }
@@ -384,6 +373,7 @@ async fn an_event_held_behind_its_calls_failing_event_gets_a_waiting_row_and_the
 async fn an_event_held_behind_one_in_hand_at_a_crash_goes_out_after_it_not_before() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     store
         .ingest(event("c1", "call_completed"), sinks(&["a"]))
         .await
@@ -393,17 +383,18 @@ async fn an_event_held_behind_one_in_hand_at_a_crash_goes_out_after_it_not_befor
         .await
         .expect("stored");
     // 1 is in hand and never settled (the process dies); 2 is held back behind it.
-    assert_eq!(claim_rows(&store, "a", 10).await, [1]);
-    assert!(claim_rows(&store, "a", 10).await.is_empty());
+    assert_eq!(claim_rows(&mut queue, 10).await, [1]);
+    assert!(claim_rows(&mut queue, 10).await.is_empty());
+    drop(queue);
     drop(store);
 
     let store = open(dir.path()).await;
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
-    store
-        .queue("a")
+    queue
         .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
         .await
         .expect("settled");
-    assert_eq!(claim_rows(&store, "a", 10).await, [2]);
+    assert_eq!(claim_rows(&mut queue, 10).await, [2]);
 }

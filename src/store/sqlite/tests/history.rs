@@ -50,8 +50,9 @@ async fn with_one_event(dir: &std::path::Path, attempts_kept: usize) -> Store {
 async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_that_ended_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = with_one_event(dir.path(), 3).await;
+    let mut queue = store.queue("a");
     for number in 1..=4 {
-        let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+        let due = queue.claim(10, usize::MAX).await.expect("due");
         let id = due[0].id;
         let retry = Settlement::Retry {
             id,
@@ -59,17 +60,15 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
             error: "answered 503".into(),
         };
         let kept = attempt(id, number, AttemptOutcome::Retried);
-        store
-            .queue("a")
+        queue
             .settle(vec![retry], vec![kept])
             .await
             .expect("settled");
     }
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let id = due[0].id;
     let delivered = attempt(id, 5, AttemptOutcome::Delivered);
-    store
-        .queue("a")
+    queue
         .settle(vec![Settlement::Delivered { id }], vec![delivered])
         .await
         .expect("settled");
@@ -91,6 +90,7 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
 
     // Kept across a restart, and gone with the payload once the event is past retention.
     store.close().await;
+    drop(queue);
     drop(store);
     let store = super::open(dir.path()).await;
     assert_eq!(history(&store, "c1").await.len(), 3);
@@ -107,18 +107,15 @@ async fn a_delivery_keeps_its_latest_attempts_up_to_the_limit_and_the_success_th
 async fn with_no_attempts_kept_nothing_is_written_to_the_history() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = with_one_event(dir.path(), 0).await;
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let id = due[0].id;
     let dead = Settlement::Dead {
         id,
         error: "answered 400".into(),
     };
     let kept = attempt(id, 1, AttemptOutcome::Dead);
-    store
-        .queue("a")
-        .settle(vec![dead], vec![kept])
-        .await
-        .expect("settled");
+    queue.settle(vec![dead], vec![kept]).await.expect("settled");
     let events = store.show_events("c1").await.expect("shown");
     assert_eq!(events[0].deliveries[0].status, "dead");
     assert_eq!(history(&store, "c1").await, []);

@@ -11,7 +11,7 @@ use super::millis::{from_millis, to_millis};
 use super::{schema, waiting, wal};
 use crate::config::{StoreConfig, Synchronous};
 use crate::event::Event;
-use crate::store::{Ingested, Settlement, Store, StoreOptions, now};
+use crate::store::{Ingested, Settlement, SinkQueue, Store, StoreOptions, now};
 
 mod cursor;
 mod history;
@@ -156,30 +156,45 @@ async fn webhooks_arriving_within_the_commit_interval_share_one_commit() {
 }
 
 #[tokio::test]
-async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
+async fn a_new_event_is_stored_once_and_due_on_each_of_its_sinks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
+    let mut queue_b = store.queue("b");
     let got = store
         .ingest(event("c1", "call_completed"), sinks(&["a", "b"]))
         .await;
     assert_eq!(got.expect("stored"), Ingested::Stored { deliveries: 2 });
-    assert_eq!(
-        store
-            .queue("a")
-            .claim(10, usize::MAX)
-            .await
-            .expect("due")
-            .len(),
-        1
+    assert_eq!(queue.claim(10, usize::MAX).await.expect("due").len(), 1);
+    assert_eq!(queue_b.claim(10, usize::MAX).await.expect("due").len(), 1);
+}
+
+#[tokio::test]
+async fn a_second_queue_of_a_sink_claims_nothing_until_the_first_is_dropped_then_goes_on_from_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_with_started(dir.path(), &["c1", "c2", "c3"]).await;
+    let mut first = store.queue("a");
+    let in_hand = first.claim(2, usize::MAX).await.expect("due");
+    first
+        .settle(
+            vec![Settlement::Delivered { id: in_hand[0].id }],
+            Vec::new(),
+        )
+        .await
+        .expect("settled");
+    // A reloaded dispatcher's queue, while the old one still drains.
+    let mut second = store.queue("a");
+    assert!(
+        second.claim(10, usize::MAX).await.expect("due").is_empty(),
+        "two owners of one sink's claims would hand out the same event twice"
     );
+    drop(first);
+    let rest = second.claim(10, usize::MAX).await.expect("due");
+    let rows: Vec<_> = rest.iter().map(|d| d.id.row).collect();
     assert_eq!(
-        store
-            .queue("b")
-            .claim(10, usize::MAX)
-            .await
-            .expect("due")
-            .len(),
-        1
+        rows,
+        [in_hand[1].id.row, in_hand[1].id.row + 1],
+        "the delivered event is not handed out again; the one dropped in hand is"
     );
 }
 
@@ -187,6 +202,7 @@ async fn a_new_event_is_stored_with_one_outbox_row_per_sink() {
 async fn concurrent_copies_of_one_event_store_exactly_one_row() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let store = store.clone();
@@ -204,25 +220,17 @@ async fn concurrent_copies_of_one_event_store_exactly_one_row() {
         }
     }
     assert_eq!(stored, 1);
-    assert_eq!(
-        store
-            .queue("a")
-            .claim(100, usize::MAX)
-            .await
-            .expect("due")
-            .len(),
-        1
-    );
+    assert_eq!(queue.claim(100, usize::MAX).await.expect("due").len(), 1);
 }
 
 #[tokio::test]
 async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3"]).await;
-    let rows = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let rows = queue.claim(10, usize::MAX).await.expect("due");
     let later = now() + Duration::from_secs(3600);
-    store
-        .queue("a")
+    queue
         .settle(
             vec![
                 Settlement::Delivered { id: rows[0].id },
@@ -240,16 +248,8 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
         )
         .await
         .expect("settled");
-    assert!(
-        store
-            .queue("a")
-            .claim(10, usize::MAX)
-            .await
-            .expect("due")
-            .is_empty()
-    );
-    let next = store
-        .queue("a")
+    assert!(queue.claim(10, usize::MAX).await.expect("due").is_empty());
+    let next = queue
         .next_due()
         .await
         .expect("next due")
@@ -261,14 +261,13 @@ async fn settled_rows_are_no_longer_due_and_retries_wait_for_their_time() {
 async fn busy_rows_are_skipped_and_batches_stop_at_the_byte_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_with_started(dir.path(), &["c1", "c2", "c3", "c4"]).await;
-    let first = store.queue("a").claim(1, usize::MAX).await.expect("due");
-    let rest = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let first = queue.claim(1, usize::MAX).await.expect("due");
+    let rest = queue.claim(10, usize::MAX).await.expect("due");
     assert_eq!(rest.len(), 3);
     assert!(rest.iter().all(|d| d.id != first[0].id));
-    store
-        .queue("a")
-        .release(first.iter().chain(&rest).map(|d| d.id).collect());
-    let one = store.queue("a").claim(10, 1).await.expect("due");
+    queue.release(first.iter().chain(&rest).map(|d| d.id).collect());
+    let one = queue.claim(10, 1).await.expect("due");
     assert_eq!(one.len(), 1);
 }
 
@@ -306,6 +305,7 @@ fn a_wal_past_its_limit_is_truncated() {
 async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     store
         .ingest(event("c1", "call_completed"), sinks(&["a"]))
         .await
@@ -318,7 +318,7 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         .ingest(event("c2", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let keys: Vec<_> = due.iter().map(|d| d.dedup_key.as_str()).collect();
     assert_eq!(keys, ["c1:call_completed", "c2:call_completed"]);
 
@@ -329,12 +329,11 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         at: now(),
         error: "down".into(),
     };
-    store
-        .queue("a")
+    queue
         .settle(vec![retry], Vec::new())
         .await
         .expect("settled");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     assert!(
         due.iter()
             .all(|d| d.dedup_key != "c1:all_processing_completed")
@@ -349,12 +348,8 @@ async fn a_later_event_of_a_call_waits_until_the_earlier_one_is_settled() {
         id: retried.id,
         error: "gone".into(),
     };
-    store
-        .queue("a")
-        .settle(vec![dead], Vec::new())
-        .await
-        .expect("settled");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    queue.settle(vec![dead], Vec::new()).await.expect("settled");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     assert!(
         due.iter()
             .any(|d| d.dedup_key == "c1:all_processing_completed")
@@ -423,8 +418,9 @@ async fn a_database_in_the_outbox_layout_moves_to_the_event_log_with_its_deliver
     }
 
     let store = open(dir.path()).await;
-    let mut due: Vec<_> = store
-        .queue("a")
+    let mut queue = store.queue("a");
+    let mut queue_b = store.queue("b");
+    let mut due: Vec<_> = queue
         .claim(10, usize::MAX)
         .await
         .expect("due")
@@ -448,7 +444,7 @@ async fn a_database_in_the_outbox_layout_moves_to_the_event_log_with_its_deliver
         ],
         "pending stay pending with their attempts; delivered and dead are not handed out"
     );
-    let b = store.queue("b").claim(10, usize::MAX).await.expect("due");
+    let b = queue_b.claim(10, usize::MAX).await.expect("due");
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].dedup_key, "c4:call_completed");
     let dead: String = Connection::open(&path)
@@ -474,6 +470,7 @@ async fn a_database_in_the_outbox_layout_moves_to_the_event_log_with_its_deliver
 async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
     let many = |calls: std::ops::Range<usize>| {
         let tasks: Vec<_> = calls
             .map(|call| {
@@ -497,16 +494,12 @@ async fn pruning_goes_on_past_ranges_emptied_behind_a_dead_delivery() {
         .ingest(event("c0", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
-    let dead = store.queue("a").claim(1, usize::MAX).await.expect("due");
+    let dead = queue.claim(1, usize::MAX).await.expect("due");
     let dead = Settlement::Dead {
         id: dead[0].id,
         error: "gone".into(),
     };
-    store
-        .queue("a")
-        .settle(vec![dead], Vec::new())
-        .await
-        .expect("settled");
+    queue.settle(vec![dead], Vec::new()).await.expect("settled");
     // Behind it, more than three ranges of events that pruning deletes, then one kept
     // (pending) so the deleted ids stay a hole instead of being reused.
     many(1..1601).await;
@@ -589,7 +582,8 @@ async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_count
     }
     // Calls 1, 2 and 4 die at `a`, call 3 at `b`; the rest are delivered.
     for (sink, dying) in [("a", ["c1", "c2", "c4"].as_slice()), ("b", &["c3"])] {
-        let due = store.queue(sink).claim(10, usize::MAX).await.expect("due");
+        let mut queue = store.queue(sink);
+        let due = queue.claim(10, usize::MAX).await.expect("due");
         let settled = due
             .iter()
             .map(|d| match d.call_id.as_deref() {
@@ -600,11 +594,7 @@ async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_count
                 _ => Settlement::Delivered { id: d.id },
             })
             .collect();
-        store
-            .queue(sink)
-            .settle(settled, Vec::new())
-            .await
-            .expect("settled");
+        queue.settle(settled, Vec::new()).await.expect("settled");
     }
     let dead = |sink: Option<&str>, limit| {
         let filter = ListFilter {
@@ -645,14 +635,14 @@ async fn dead_deliveries_are_listed_newest_first_for_a_sink_or_for_all_and_count
         .ingest(event("c7", "call_completed"), sinks(&["a"]))
         .await
         .expect("stored");
-    let due = store.queue("a").claim(10, usize::MAX).await.expect("due");
+    let mut queue = store.queue("a");
+    let due = queue.claim(10, usize::MAX).await.expect("due");
     let retry = Settlement::Retry {
         id: due[0].id,
         at: now() + Duration::from_secs(3600),
         error: "boom".into(),
     };
-    store
-        .queue("a")
+    queue
         .settle(vec![retry], Vec::new())
         .await
         .expect("settled");

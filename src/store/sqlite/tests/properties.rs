@@ -34,17 +34,23 @@ enum Fate {
 
 type Fates = std::collections::HashMap<(&'static str, i64), Fate>;
 
+/// Each sink's queue, as its dispatcher would own it.
+type Queues = std::collections::HashMap<&'static str, Box<dyn SinkQueue>>;
+
+fn queue_of<'q>(queues: &'q mut Queues, sink: &str) -> &'q mut Box<dyn SinkQueue> {
+    queues.get_mut(sink).expect("a queue for every sink")
+}
+
 /// Claims for `sink` and checks what came out against what the property knows.
 async fn claim_checked(
-    store: &Store,
+    queues: &mut Queues,
     sink: &'static str,
     limit: usize,
     events: &[(i64, String, Vec<&'static str>)],
     fates: &Fates,
     in_hand: &mut Vec<(&'static str, crate::event::Delivery)>,
 ) {
-    let due = store
-        .queue(sink)
+    let due = queue_of(queues, sink)
         .claim(limit, usize::MAX)
         .await
         .expect("claim");
@@ -88,6 +94,7 @@ proptest::proptest! {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = open(dir.path()).await;
             let names = ["a", "b"];
+            let mut queues: Queues = names.iter().map(|n| (*n, store.queue(n))).collect();
             let db = Connection::open(dir.path().join("router.db")).expect("open");
             // (event id, call, sinks) in ingest order; fates per (sink, event id).
             let mut events: Vec<(i64, String, Vec<&'static str>)> = Vec::new();
@@ -113,7 +120,7 @@ proptest::proptest! {
                     }
                     Step::Claim { sink, limit } => {
                         let sink = names[usize::from(sink)];
-                        claim_checked(&store, sink, limit, &events, &fates, &mut in_hand).await;
+                        claim_checked(&mut queues, sink, limit, &events, &fates, &mut in_hand).await;
                     }
                     Step::Settle { pick, outcome } => {
                         if in_hand.is_empty() {
@@ -137,27 +144,27 @@ proptest::proptest! {
                                     Settlement::Dead { .. } => Fate::Dead,
                                     _ => Fate::Open,
                                 };
-                                store.queue(sink).settle(vec![s], Vec::new()).await.expect("settled");
+                                queue_of(&mut queues, sink).settle(vec![s], Vec::new()).await.expect("settled");
                                 fates.insert((sink, id.row), fate);
                             }
-                            None => store.queue(sink).release(vec![id]),
+                            None => queue_of(&mut queues, sink).release(vec![id]),
                         }
                     }
                 }
             }
             // Drain: everything still open goes out and is delivered.
             for (sink, d) in in_hand.drain(..) {
-                store.queue(sink).release(vec![d.id]);
+                queue_of(&mut queues, sink).release(vec![d.id]);
             }
             for _ in 0..200 {
                 if fates.values().all(|f| *f != Fate::Open) {
                     break;
                 }
                 for sink in names {
-                    claim_checked(&store, sink, 10, &events, &fates, &mut in_hand).await;
+                    claim_checked(&mut queues, sink, 10, &events, &fates, &mut in_hand).await;
                 }
                 for (sink, d) in in_hand.drain(..) {
-                    store.queue(sink).settle(vec![Settlement::Delivered { id: d.id }], Vec::new()).await.expect("settled");
+                    queue_of(&mut queues, sink).settle(vec![Settlement::Delivered { id: d.id }], Vec::new()).await.expect("settled");
                     fates.insert((sink, d.id.row), Fate::Delivered);
                 }
             }
@@ -170,6 +177,7 @@ proptest::proptest! {
                 let expected = if *fate == Fate::Dead { "dead" } else { "delivered" };
                 assert_eq!(status, expected, "event {id} on {sink}");
             }
+            drop(queues);
             store.close().await;
         });
     }
