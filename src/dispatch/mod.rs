@@ -467,8 +467,10 @@ impl Dispatcher {
                     break;
                 }
                 Err(e) => {
-                    // Unrecorded outcomes leave the rows pending: they are sent again
-                    // later, which at-least-once allows and the sinks' ids make harmless.
+                    // Unrecorded outcomes are sent again later, which at-least-once allows
+                    // and the sinks' ids make harmless: a queue that cannot record them
+                    // hands them back (SQLite) or keeps their rows pending (PostgreSQL,
+                    // where a later try may still record them under this lease).
                     tracing::error!(sink, error = %e, tries, "cannot record delivery outcomes");
                     tokio::time::sleep(STORE_RETRY).await;
                 }
@@ -571,13 +573,22 @@ async fn attempt(deliverer: Arc<Deliverer>, batch: Vec<Delivery>) -> Outcomes {
         ready.push(d);
     }
     let (started_at, clock) = (SystemTime::now(), Instant::now());
-    let results = sink.deliver(&ready).await;
+    let mut results = sink.deliver(&ready).await;
     let timing = Timing {
         started_at,
         duration: clock.elapsed(),
     };
-    // Rows a sink did not answer for (there should be none) get no settlement: they stay
-    // pending and are tried again.
+    if results.len() < ready.len() {
+        // A sink's bug: left unsettled, the rest would stay in hand for good and hold
+        // the sink's cursor. They fail like a panicking batch, and are tried again.
+        let reason = format!(
+            "the sink gave {} results for {} deliveries",
+            results.len(),
+            ready.len()
+        );
+        tracing::error!(sink = %sink.name(), reason, "a sink did not answer for every delivery");
+        results.resize_with(ready.len(), || Err(SinkError::Panicked(reason.clone())));
+    }
     out.add(
         ready
             .iter()

@@ -254,6 +254,51 @@ async fn a_panicking_sink_counts_a_failed_attempt_and_frees_only_its_own_rows() 
     running.await.expect("dispatcher ends");
 }
 
+/// Answers for none of the deliveries it is given.
+struct Silent;
+
+impl Sink for Silent {
+    fn name(&self) -> &str {
+        "silent"
+    }
+
+    fn deliver<'a>(&'a self, _batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async { Vec::new() })
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_a_sink_gives_no_result_for_counts_a_failed_attempt_instead_of_staying_in_hand()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&dir).await;
+    let event = Event::from_webhook(
+        None,
+        Bytes::from_static(br#"{"event":"call_completed","call_id":"c1"}"#),
+    )
+    .expect("event");
+    store
+        .ingest(event, vec![Arc::from("silent")])
+        .await
+        .expect("stored");
+    let (stop, running) =
+        dispatch_with_a_minute_of_backoff(Arc::new(Silent), &store, Duration::from_millis(100));
+    for _ in 0..500 {
+        if delivery(&store, "silent").await.1 > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, attempts, error) = delivery(&store, "silent").await;
+    assert_eq!((status.as_str(), attempts), ("pending", 1));
+    assert!(
+        error.unwrap_or_default().contains("gave 0 results for 1"),
+        "the reason is recorded"
+    );
+    stop.cancel();
+    running.await.expect("dispatcher ends");
+}
+
 /// Panics once released: the panic comes while the dispatcher drains.
 struct PanicsWhenReleased {
     started: tokio::sync::Notify,

@@ -146,7 +146,8 @@ pub enum SinkError {
     Nats { reason: String, permanent: bool },
     #[error("the payload was emptied by store.retention; the event cannot be sent again")]
     Pruned,
-    /// The sink's code panicked on this batch: a bug, retried with backoff like a failure.
+    /// The sink's code panicked on this batch, or gave no result for a delivery: a bug,
+    /// retried with backoff like a failure.
     #[error("{0}")]
     Panicked(String),
     /// The destination as a whole cannot be reached; rows wait without using up attempts.
