@@ -130,11 +130,11 @@ pub(super) fn scan(
                    AND p.status = 'pending' AND p.event_id < r.event_id)
              ORDER BY r.next_attempt_at, r.event_id LIMIT ?3"
         ))?;
-        let fetch = i64::try_from(limit + snapshot.retries_in_hand.len()).unwrap_or(i64::MAX);
+        let fetch = i64::try_from(limit + snapshot.in_hand.len()).unwrap_or(i64::MAX);
         let mut rows = due.query(params![sink, now, fetch])?;
         while let Some(r) = rows.next()? {
             let retry = row(r, r.get(8)?)?;
-            if snapshot.retries_in_hand.contains(&retry.id) {
+            if snapshot.in_hand.contains(&retry.id) {
                 continue;
             }
             if let Some(call) = &retry.call_id {
@@ -154,8 +154,8 @@ pub(super) fn scan(
     let last: i64 = conn
         .prepare_cached("SELECT COALESCE(MAX(id), 0) FROM events")?
         .query_row([], |r| r.get(0))?;
-    // An event with a retry row here is that row's to deliver: a failed first attempt
-    // whose cursor move was not written yet, or a replay.
+    // An event with a retry row here is that row's to deliver: a failure or a held event
+    // behind an event still in hand, a replay, or a backfill.
     let mut fresh = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM events e
          WHERE e.id > ?1 AND instr(e.sinks, ?2) > 0

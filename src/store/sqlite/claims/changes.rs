@@ -10,13 +10,15 @@ use crate::store::Attempt;
 pub(in crate::store::sqlite) struct Snapshot {
     pub(in crate::store::sqlite) position: Option<i64>,
     pub(in crate::store::sqlite) skip: BTreeSet<i64>,
-    pub(in crate::store::sqlite) retries_in_hand: BTreeSet<i64>,
+    /// Events in hand, as first attempts or retries: their retry rows are not handed out
+    /// (a row a write that was given up on still committed may meet its first attempt).
+    pub(in crate::store::sqlite) in_hand: BTreeSet<i64>,
     pub(in crate::store::sqlite) calls_in_hand: BTreeMap<String, i64>,
 }
 
 /// A first attempt the scan held back for its call's order, and the earlier event of the
 /// call it waits for.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(in crate::store::sqlite) struct HeldBack {
     pub(in crate::store::sqlite) id: i64,
     pub(in crate::store::sqlite) call_id: String,
@@ -36,7 +38,7 @@ pub(in crate::store::sqlite) struct Claimed<'a> {
 }
 
 /// A change to `retries` that settling or a claim asks of the writer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(in crate::store::sqlite) enum Change {
     /// An attempt failed (or was postponed, `counted` false): a first attempt gets its
     /// retry row, a retry's row is updated.

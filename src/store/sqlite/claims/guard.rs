@@ -1,5 +1,6 @@
 //! The guard over a write that carries settled deliveries' rows: committed, the cursor is
-//! where the write put it; dropped unconfirmed, the failed first attempts go out again.
+//! where the write put it; dropped unconfirmed, the failed first attempts go out again
+//! and its releases wait for the next write.
 
 use super::Claims;
 
@@ -8,15 +9,23 @@ pub(in crate::store::sqlite) struct Writing<'a> {
     claims: &'a mut Claims,
     /// First attempts whose rows (retrying or waiting) the write carries.
     failed: Vec<i64>,
+    /// Calls whose release the write carries.
+    releases: Vec<String>,
     cursor: Option<i64>,
     committed: bool,
 }
 
 impl<'a> Writing<'a> {
-    pub(super) fn new(claims: &'a mut Claims, failed: Vec<i64>, cursor: Option<i64>) -> Self {
+    pub(super) fn new(
+        claims: &'a mut Claims,
+        failed: Vec<i64>,
+        releases: Vec<String>,
+        cursor: Option<i64>,
+    ) -> Self {
         Writing {
             claims,
             failed,
+            releases,
             cursor,
             committed: false,
         }
@@ -41,5 +50,8 @@ impl Drop for Writing<'_> {
         for event_id in &self.failed {
             self.claims.unwritten(*event_id);
         }
+        self.claims
+            .unreleased
+            .extend(std::mem::take(&mut self.releases));
     }
 }

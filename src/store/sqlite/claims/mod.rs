@@ -11,7 +11,7 @@
 //! cursor back no more than a delivered event does. The cursor moves in the transaction
 //! that writes the rows it passes, and stops at the first claimed or unexamined event.
 //! After a crash, everything after the stored cursor is delivered again: at least once,
-//! and no more than what was in hand.
+//! and no more than what was in hand and what settled after the first of it.
 //!
 //! Nothing here is shared: the owner's calls take it whole, one at a time, so a write in
 //! flight is the only one, and what a claim or a settlement decides holds until it is
@@ -46,6 +46,9 @@ pub(super) struct Claims {
     retries: BTreeMap<i64, Option<String>>,
     /// The sink said it is unavailable: nothing is handed out before this.
     paused_until: Option<Instant>,
+    /// Calls whose release a write that did not land carried: the next write carries
+    /// them, since the cursor may pass the ended event without it.
+    unreleased: BTreeSet<String>,
 }
 
 impl Claims {
@@ -61,7 +64,12 @@ impl Claims {
         Some(Snapshot {
             position: self.position,
             skip: self.fresh.keys().chain(&self.done).copied().collect(),
-            retries_in_hand: self.retries.keys().copied().collect(),
+            in_hand: self
+                .fresh
+                .keys()
+                .chain(self.retries.keys())
+                .copied()
+                .collect(),
             calls_in_hand: self.calls_in_hand(),
         })
     }
@@ -89,7 +97,7 @@ impl Claims {
         if let Some(to) = examined_to {
             self.scanned_to = self.scanned_to.max(to);
         }
-        let mut out = Outcome::new(sink);
+        let mut out = self.outcome(sink);
         // A claim filled by retries looked at no first attempt: what the last scan held
         // back stays held.
         for h in held {
@@ -115,7 +123,7 @@ impl Claims {
     /// Turns outcomes into the rows and cursor move to write, and ends their claims. A
     /// first attempt that succeeded writes no row: the cursor passes it.
     pub(super) fn settle(&mut self, sink: &str, settlements: &[Settlement]) -> Outcome {
-        let mut out = Outcome::new(sink);
+        let mut out = self.outcome(sink);
         for settlement in settlements {
             let id = settlement.id();
             let event_id = id.row;
@@ -217,22 +225,36 @@ impl Claims {
     /// Until the guard is confirmed or dropped, `outcome` is being written. Dropped
     /// unconfirmed (the write failed, or the caller gave up waiting), it hands the
     /// outcome's failed and held first attempts back, to go out again rather than be
-    /// skipped; confirmed, the cursor is where the write put it.
+    /// skipped, and keeps its releases for the next write; confirmed, the cursor is where
+    /// the write put it.
     pub(super) fn writing(&mut self, outcome: &Outcome) -> Writing<'_> {
-        let failed = outcome
-            .changes
-            .iter()
-            .filter_map(|change| match change {
+        let mut failed = Vec::new();
+        let mut releases = Vec::new();
+        for change in &outcome.changes {
+            match change {
                 Change::Failed {
                     event_id,
                     first: true,
                     ..
                 }
-                | Change::Held { event_id, .. } => Some(*event_id),
-                _ => None,
-            })
-            .collect();
-        Writing::new(self, failed, outcome.cursor)
+                | Change::Held { event_id, .. } => failed.push(*event_id),
+                Change::Release { call_id } => releases.push(call_id.clone()),
+                Change::Failed { .. } | Change::Delivered { .. } => {}
+            }
+        }
+        Writing::new(self, failed, releases, outcome.cursor)
+    }
+
+    /// An outcome to fill, with the releases earlier writes did not land.
+    fn outcome(&mut self, sink: &str) -> Outcome {
+        let mut out = Outcome::new(sink);
+        let unreleased = std::mem::take(&mut self.unreleased);
+        out.changes.extend(
+            unreleased
+                .into_iter()
+                .map(|call_id| Change::Release { call_id }),
+        );
+        out
     }
 
     /// The cursor to write with what was just settled or claimed, if it moves: up to the

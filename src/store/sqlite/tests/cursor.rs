@@ -398,3 +398,55 @@ async fn an_event_held_behind_one_in_hand_at_a_crash_goes_out_after_it_not_befor
         .expect("settled");
     assert_eq!(claim_rows(&mut queue, 10).await, [2]);
 }
+
+#[tokio::test]
+async fn a_release_whose_write_failed_goes_with_the_next_write_and_the_call_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
+    for name in ["call_completed", "all_processing_completed"] {
+        store
+            .ingest(event("c1", name), sinks(&["a"]))
+            .await
+            .expect("stored");
+    }
+    // 2 is held behind 1, with a waiting row, while 1 is in hand.
+    let due = queue.claim(10, usize::MAX).await.expect("due");
+    assert_eq!(due.iter().map(|d| d.id.row).collect::<Vec<_>>(), [1]);
+    let db = Connection::open(dir.path().join("router.db")).expect("open");
+    fail_writes_of(&db, "cursors");
+    let settled = queue
+        .settle(vec![Settlement::Delivered { id: due[0].id }], Vec::new())
+        .await;
+    assert!(settled.is_err(), "the write with 1's release was refused");
+    db.execute_batch("DROP TRIGGER fail_cursors").expect("drop");
+    // The next claim's write carries the release (and the cursor past 1): without it, 2
+    // would wait for good once the cursor passed 1.
+    assert!(claim_rows(&mut queue, 10).await.is_empty());
+    assert_eq!(claim_rows(&mut queue, 10).await, [2]);
+    assert!(cursor_of(&db, "a") >= 1);
+}
+
+#[tokio::test]
+async fn a_retry_row_of_an_event_in_hand_is_not_handed_out_beside_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path()).await;
+    let mut queue = store.queue("a");
+    let no_call = Event::from_webhook(None, Bytes::from_static(br#"{"event":"call_started"}"#))
+        .expect("an event without a call");
+    store.ingest(no_call, sinks(&["a"])).await.expect("stored");
+    assert_eq!(claim_rows(&mut queue, 10).await, [1]);
+    // The row of a write given up on that landed after all, due at once.
+    let db = Connection::open(dir.path().join("router.db")).expect("open");
+    db.execute(
+        "INSERT INTO retries (sink, event_id, call_id, status, attempts, next_attempt_at,
+                              last_error, updated_at)
+         VALUES ('a', 1, NULL, 'pending', 1, 0, '500', 0)",
+        [],
+    )
+    .expect("a retry row");
+    assert!(
+        claim_rows(&mut queue, 10).await.is_empty(),
+        "event 1 would be out twice at once"
+    );
+}
