@@ -85,16 +85,21 @@ async fn setup(
         Feed::default(),
     );
     tokio::spawn(dispatcher.run(stop.clone(), Duration::from_secs(1)));
+    store_c1(&store, "flaky").await;
+    (dir, store, sink, stop)
+}
+
+/// Stores call `c1`'s `call_completed` for `sink`.
+async fn store_c1(store: &Store, sink: &str) {
     let event = Event::from_webhook(
         None,
         Bytes::from_static(br#"{"event":"call_completed","call_id":"c1"}"#),
     )
     .expect("event");
     store
-        .ingest(event, vec![Arc::from("flaky")])
+        .ingest(event, vec![Arc::from(sink)])
         .await
         .expect("stored");
-    (dir, store, sink, stop)
 }
 
 /// The delivery of call `c1`'s one event to `sink`, as the operator commands see it.
@@ -272,15 +277,7 @@ async fn a_delivery_a_sink_gives_no_result_for_counts_a_failed_attempt_instead_o
 {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open_store(&dir).await;
-    let event = Event::from_webhook(
-        None,
-        Bytes::from_static(br#"{"event":"call_completed","call_id":"c1"}"#),
-    )
-    .expect("event");
-    store
-        .ingest(event, vec![Arc::from("silent")])
-        .await
-        .expect("stored");
+    store_c1(&store, "silent").await;
     let (stop, running) =
         dispatch_with_a_minute_of_backoff(Arc::new(Silent), &store, Duration::from_millis(100));
     for _ in 0..500 {
