@@ -467,10 +467,11 @@ impl Dispatcher {
                     break;
                 }
                 Err(e) => {
-                    // Unrecorded outcomes are sent again later, which at-least-once allows
-                    // and the sinks' ids make harmless: a queue that cannot record them
-                    // hands them back (SQLite) or keeps their rows pending (PostgreSQL,
-                    // where a later try may still record them under this lease).
+                    // Nothing is lost: on SQLite the queue hands failures back to go out
+                    // again and a later write records what was delivered; on PostgreSQL
+                    // the rows stay leased, a later try may still record them, and once
+                    // the lease ends they are sent again (at-least-once allows it, and
+                    // the sinks' ids make it harmless).
                     tracing::error!(sink, error = %e, tries, "cannot record delivery outcomes");
                     tokio::time::sleep(STORE_RETRY).await;
                 }

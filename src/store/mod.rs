@@ -62,7 +62,8 @@ pub trait Ingest: Send + Sync + 'static {
 pub trait Queues: Send + Sync + 'static {
     /// The queue of `sink`, for its dispatcher to own. On SQLite, where what is in hand is
     /// kept in this process's memory, a sink has one queue at a time: a second one claims
-    /// nothing until the first is dropped, and then goes on from where it left off.
+    /// nothing until the first is dropped, and then goes on from where it left off (what
+    /// the first still had in hand going out again).
     fn queue(self: Arc<Self>, sink: &str) -> Box<dyn SinkQueue>;
 
     /// Signalled when deliveries for `sink` were stored (or may have been): what wakes
